@@ -1,0 +1,131 @@
+"""Distributed helpers: process group set-up under torchrun, rank queries and gathers.
+
+Gathers that must carry gradients (SimCLR's negatives, MoCo v3's keys) use
+:func:`gather_with_grad`, which is built on ``torch.distributed.nn.functional.all_gather``
+(autograd-aware: each rank receives the gradient of its own slice). Gathers that feed buffers
+(queues, memory banks) use :func:`gather_no_grad`. Both return the input unchanged when no process
+group is initialised, so every building block works in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 when not distributed."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks, 1 when not distributed."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return get_rank() == 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the gradient path to every slice.
+
+    Args:
+        x: a tensor of the same shape on every rank.
+
+    Returns:
+        ``[world_size * B, ...]``; in a single process, ``x`` itself.
+    """
+    if get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, without gradient (for buffers)."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ranks (in place on a copy); ``x`` in a single process."""
+    if get_world_size() == 1:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / get_world_size()
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Broadcast ``x`` from ``src`` to every rank in place."""
+    if get_world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What torchrun (or SLURM) told this process."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_env() -> DistEnv:
+    """Rank, local rank and world size from torchrun's variables, else from SLURM's, else single."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    return DistEnv(0, 0, 1)
+
+
+def init_distributed(device_type: str) -> DistEnv:
+    """Initialise the default process group when launched with several ranks.
+
+    NCCL on CUDA, gloo otherwise. Under SLURM without torchrun, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` must be exported by the job script.
+    """
+    denv = read_env()
+    if denv.distributed and not is_initialized():
+        os.environ.setdefault("RANK", str(denv.rank))
+        os.environ.setdefault("WORLD_SIZE", str(denv.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(denv.local_rank))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(denv.local_rank)
+        dist.init_process_group(backend=backend)
+    return denv
+
+
+def barrier() -> None:
+    """Synchronise all ranks (no-op in a single process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Tear down the process group if one exists."""
+    if is_initialized():
+        dist.destroy_process_group()
