@@ -1,1 +1,85 @@
-"""methods"""
+"""Methods: SimCLR, MoCo v1/v2, BYOL, SimSiam and the supervised baseline, and their registry.
+
+``build_method(name, backbone, feature_dim, **kwargs)`` checks the name and the keyword arguments
+against the method's constructor, so a typo in a recipe fails with the nearest valid names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from contrastlab.errors import ConfigError
+from contrastlab.methods.base import Method, StepOutput, make_param_groups
+from contrastlab.methods.byol import BYOL
+from contrastlab.methods.moco import MoCo
+from contrastlab.methods.simclr import SimCLR
+from contrastlab.methods.simsiam import SimSiam
+from contrastlab.methods.supervised import Supervised
+
+__all__ = [
+    "BYOL",
+    "METHODS",
+    "Method",
+    "MoCo",
+    "SimCLR",
+    "SimSiam",
+    "StepOutput",
+    "Supervised",
+    "build_method",
+    "make_param_groups",
+    "method_kwargs",
+]
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, BYOL, SimSiam, Supervised)}
+"""Registry name -> method class."""
+
+_POSITIONAL = ("self", "backbone", "feature_dim")
+
+
+def method_kwargs(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments method ``name`` accepts besides ``backbone`` and ``feature_dim``."""
+    params = inspect.signature(METHODS[name].__init__).parameters
+    return {k: p for k, p in params.items() if k not in _POSITIONAL}
+
+
+def build_method(name: str, backbone: nn.Module, feature_dim: int, **kwargs: Any) -> Method:
+    """Build a registered method.
+
+    Args:
+        name: a key of :data:`METHODS` (``simclr``, ``moco``, ``byol``, ``simsiam``, ``supervised``).
+        backbone: feature extractor ``[B, 3, H, W] -> [B, feature_dim]``.
+        feature_dim: its output dimension.
+        **kwargs: the method's constructor arguments.
+
+    Raises:
+        ConfigError: unknown name (with the nearest names), unknown or missing keyword arguments
+            (with the valid ones).
+
+    Example:
+        >>> from contrastlab.models import build_backbone
+        >>> net, dim = build_backbone("resnet20", width=0.25)
+        >>> method = build_method("moco", net, dim, queue_size=1024, temperature=0.2)
+    """
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint} Valid methods: {', '.join(sorted(METHODS))}")
+    accepted = method_kwargs(name)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"method {name!r} got unexpected keyword argument(s) {', '.join(hints)}; "
+            f"valid ones: {', '.join(accepted)}"
+        )
+    missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise ConfigError(f"method {name!r} needs keyword argument(s) {', '.join(missing)}")
+    return METHODS[name](backbone, feature_dim, **kwargs)

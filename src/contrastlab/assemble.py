@@ -1,0 +1,80 @@
+"""Assembly: turn a validated :class:`~contrastlab.config.schema.Config` into datasets, views and models.
+
+This is the only place that reads config sections to call the building blocks' constructors, so the
+blocks themselves stay free of config objects and usable on their own.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from contrastlab.config.schema import Config
+from contrastlab.data import build_dataset
+from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
+from contrastlab.methods import build_method
+from contrastlab.methods.base import Method
+from contrastlab.models.backbones import build_backbone
+from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
+
+
+def dataset(cfg: Config, split: str) -> Dataset:
+    """The raw dataset of ``split`` (``(PIL image, label, index)`` items)."""
+    kwargs = {"class_list": cfg.data.class_list} if cfg.data.name == "imagefolder" else {}
+    return build_dataset(cfg.data.name, cfg.data.root, split, **kwargs)
+
+
+def image_size(cfg: Config) -> int:
+    """Training crop side: ``data.image_size`` or the dataset's native size."""
+    return cfg.data.image_size or NATIVE_SIZE[cfg.data.name]
+
+
+def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-dataset mean and std."""
+    return NORMALIZATION[cfg.data.name]
+
+
+def training_views(cfg: Config, base: Dataset) -> ViewDataset:
+    """The multi-view training dataset: planner boxes, rendered, per-view photometric recipe."""
+    v = cfg.views
+    size = image_size(cfg)
+    mean, std = normalization(cfg)
+    if v.planner == "multicrop":
+        small = v.small_size or max(8, size // 2)
+        planner = make_planner("multicrop", num_large=v.num_views, num_small=v.num_small,
+                               large_scale=tuple(v.scale), small_scale=tuple(v.small_scale), ratio=tuple(v.ratio))
+        sizes = [size] * v.num_views + [small] * v.num_small
+    elif v.planner == "random_resized":
+        planner = make_planner("random_resized", num_views=v.num_views, scale=tuple(v.scale), ratio=tuple(v.ratio))
+        sizes = [size] * v.num_views
+    else:
+        planner = make_planner(v.planner, num_views=v.num_views)
+        sizes = [size] * v.num_views
+    photometrics = [make_photometric(v.photometric, view=i, mean=mean, std=std) for i in range(len(sizes))]
+    return ViewDataset(base, planner, sizes, photometrics)
+
+
+def evaluation_views(cfg: Config, base: Dataset) -> Dataset:
+    """One deterministic view per image for kNN and feature extraction."""
+    mean, std = normalization(cfg)
+    return eval_view_dataset(base, image_size(cfg), mean, std, crop_fraction=cfg.linear.crop_fraction)
+
+
+def backbone(cfg: Config) -> tuple[nn.Module, int]:
+    """The backbone and its feature dimension."""
+    m = cfg.model
+    kwargs: dict = {"zero_init_residual": m.zero_init_residual}
+    if m.width != 1.0:
+        kwargs["width"] = m.width
+    return build_backbone(m.arch, cifar_stem=m.cifar_stem, **kwargs)
+
+
+def method(cfg: Config, num_classes: int) -> Method:
+    """The method around a fresh backbone; ``num_classes`` is passed to methods that take it."""
+    from contrastlab.config.load import method_parameters
+
+    net, dim = backbone(cfg)
+    params = dict(cfg.method.params)
+    if "num_classes" in method_parameters(cfg.method.name) and "num_classes" not in params:
+        params["num_classes"] = num_classes
+    return build_method(cfg.method.name, net, dim, **params)

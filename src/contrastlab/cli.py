@@ -1,0 +1,234 @@
+"""The ``contrastlab`` command line: train, eval, recipes, demo, plot.
+
+Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
+(unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from contrastlab import __version__
+from contrastlab.errors import ContrastlabError
+
+SMOKE_OVERRIDES = [
+    "data.name=demo", "data.root=null", "data.batch_size=8", "data.workers=0",
+    "train.epochs=1", "train.max_steps=2", "train.device=cpu", "train.log_every=1",
+    "monitor.max_bank=64", "monitor.max_test=32", "monitor.knn_k=10", "monitor.plots=true",
+    "linear.epochs=1", "linear.batch_size=16", "overwrite=true",
+]
+
+
+def smoke_overrides(cfg) -> list[str]:
+    """Overrides that turn any recipe into a 2-step CPU run on the embedded demo data.
+
+    Every component of the recipe (planner, photometric recipe, backbone, method, optimiser,
+    schedules, checkpoint, kNN monitor, plots) still runs; only the data, batch, resolution and
+    length shrink. Resolution: 16 px for CIFAR stems and CIFAR ResNets, 32 px for ImageNet stems.
+    """
+    small_net = cfg.model.cifar_stem or cfg.model.arch in ("resnet20", "resnet32", "resnet56")
+    extra = [f"data.image_size={16 if small_net else 32}"]
+    if cfg.train.precision == "fp16":
+        extra.append("train.precision=fp32")  # fp16 autocast needs a GPU
+    if cfg.views.planner == "multicrop":
+        extra.append(f"views.small_size={8 if small_net else 16}")
+    return SMOKE_OVERRIDES + extra
+
+
+def _load(recipe: str, overrides: list[str], smoke: bool):
+    from contrastlab.config.load import load_config
+
+    cfg = load_config(recipe, overrides)
+    if smoke:
+        smoke_extra = smoke_overrides(cfg)
+        cfg = load_config(recipe, overrides + smoke_extra)
+        if not cfg.out:
+            cfg.out = str(Path("runs") / "smoke" / recipe.replace("/", "_").removesuffix(".yaml"))
+    return cfg
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from contrastlab.config.load import read_recipe, recipe_names
+
+    names = recipe_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {read_recipe(name).get('description', '')}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from contrastlab.config.load import dump_config
+    from contrastlab.engine.trainer import train
+
+    cfg = _load(args.recipe, args.overrides, args.smoke)
+    if args.show:
+        print(dump_config(cfg), end="")
+        return 0
+    results = train(cfg, args.recipe)
+    if results:
+        print(json.dumps(results))
+    return 0
+
+
+def random_init_knn(cfg) -> float:
+    """kNN top-1 of the recipe's backbone at its initial weights (the same seed as training)."""
+    import torch
+
+    from contrastlab import assemble
+    from contrastlab.engine.trainer import select_device
+    from contrastlab.observers.knn_monitor import KNNMonitor
+
+    device = select_device(cfg.train.device)
+    bank = assemble.dataset(cfg, cfg.data.train_split)
+    test = assemble.dataset(cfg, cfg.data.test_split)
+    torch.manual_seed(cfg.seed)
+    method = assemble.method(cfg, len(bank.classes)).to(device)
+    monitor = KNNMonitor(assemble.evaluation_views(cfg, bank), assemble.evaluation_views(cfg, test), len(bank.classes),
+                         k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature, workers=cfg.data.workers,
+                         max_bank=cfg.monitor.max_bank, max_test=cfg.monitor.max_test, device=device)
+    return monitor.evaluate(method.backbone)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from contrastlab.engine.trainer import train
+
+    overrides = ["overwrite=true"] + args.overrides
+    cfg = _load("demo", overrides, smoke=False)
+    results = train(cfg, "demo")
+    results["knn_top1_random_init"] = random_init_knn(cfg)
+    results["knn_gain"] = results["knn_top1"] - results["knn_top1_random_init"]
+    Path(results["out"], "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+    return 0
+
+
+def _eval_config(args: argparse.Namespace):
+    import yaml
+
+    from contrastlab.config.load import config_from_dict, parse_override, set_dotted
+    from contrastlab.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    tree = yaml.safe_load(ckpt["config"])
+    if args.data:
+        tree["data"]["name"] = args.data
+        tree["data"].setdefault("class_list", None)
+    for text in args.overrides:
+        set_dotted(tree, *parse_override(text))
+    return ckpt, config_from_dict(tree)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from contrastlab import assemble
+    from contrastlab.engine.checkpoint import load_backbone_weights
+    from contrastlab.engine.trainer import select_device
+
+    ckpt, cfg = _eval_config(args)
+    device = select_device(cfg.train.device)
+    net, dim = assemble.backbone(cfg)
+    load_backbone_weights(net, ckpt, str(args.checkpoint))
+    net = net.to(device)
+    train_base = assemble.dataset(cfg, cfg.data.train_split)
+    test_base = assemble.dataset(cfg, cfg.data.test_split)
+    num_classes = len(train_base.classes)
+    info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name,
+            "train_split": cfg.data.train_split, "test_split": cfg.data.test_split}
+    if args.kind == "knn":
+        from contrastlab.observers.knn_monitor import KNNMonitor
+
+        m = cfg.monitor
+        monitor = KNNMonitor(assemble.evaluation_views(cfg, train_base), assemble.evaluation_views(cfg, test_base),
+                             num_classes, k=m.knn_k, temperature=m.knn_temperature, workers=cfg.data.workers,
+                             max_bank=m.max_bank, max_test=m.max_test, device=device)
+        result = {"knn_top1": monitor.evaluate(net), **monitor.describe(), **info}
+    else:
+        from contrastlab.eval.linear import linear_probe
+        from contrastlab.views import eval_view_dataset, make_photometric, make_planner
+        from contrastlab.views.dataset import ViewDataset
+
+        mean, std = assemble.normalization(cfg)
+        size = assemble.image_size(cfg)
+        if cfg.linear.augment:
+            train_set = ViewDataset(train_base, make_planner("random_resized", num_views=1,
+                                                             scale=tuple(cfg.linear.scale)),
+                                    [size], [make_photometric("none", view=0, mean=mean, std=std)])
+        else:
+            train_set = eval_view_dataset(train_base, size, mean, std, crop_fraction=cfg.linear.crop_fraction)
+        test_set = assemble.evaluation_views(cfg, test_base)
+        torch.manual_seed(cfg.seed)
+        result = {**linear_probe(net, dim, num_classes, train_set, test_set, cfg.linear, device=device,
+                                 workers=cfg.data.workers, seed=cfg.seed,
+                                 log=lambda s: print(s, file=sys.stderr, flush=True)), **info}
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from contrastlab.observers.metrics_log import MetricsLog
+    from contrastlab.viz.curves import plot_training_curves
+
+    run = Path(args.run)
+    records = MetricsLog(run / "metrics.jsonl").read()
+    if not records:
+        raise ContrastlabError(f"{run / 'metrics.jsonl'} is missing or empty; pass a run directory written by `contrastlab train`")
+    for path in plot_training_curves(records, run / "plots"):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="contrastlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"contrastlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list recipes with a one-line description")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("train", help="train a recipe: contrastlab train RECIPE [key=value ...]")
+    p.add_argument("recipe", help="recipe name (see `contrastlab recipes`) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3 data.root=./data out=runs/a")
+    p.add_argument("--smoke", action="store_true", help="2 steps on the embedded demo data, CPU, small resolution")
+    p.add_argument("--show", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: kNN or linear probe")
+    p.add_argument("kind", choices=["knn", "linear"])
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=./data linear.epochs=100")
+    p.add_argument("--data", help="dataset name to evaluate on (default: the training dataset)")
+    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train the demo recipe on the embedded data and compare with random init")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="(re)draw training curves of a run directory")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ContrastlabError as exc:
+        print(f"contrastlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("contrastlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Values derived from a config after overrides: scaled learning rate, per-rank batch, step counts.
+
+They are computed, never written into recipes, so that changing ``data.batch_size`` or ``train.epochs``
+on the command line changes them consistently (ContrastiveCrop's config system froze them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from contrastlab.config.schema import Config
+from contrastlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the trainer computes from the config and the number of ranks."""
+
+    world_size: int
+    global_batch_size: int
+    per_rank_batch_size: int
+    lr: float  #: the learning rate actually used at the peak of the schedule
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def scaled_lr(cfg: Config) -> float:
+    """``optim.lr`` scaled linearly by ``batch_size / base_batch_size`` when ``optim.scale_lr``."""
+    if cfg.optim.scale_lr:
+        return cfg.optim.lr * cfg.data.batch_size / cfg.optim.base_batch_size
+    return cfg.optim.lr
+
+
+def derive(cfg: Config, world_size: int, dataset_len: int) -> Derived:
+    """Derive the run's numbers; ConfigError when the batch does not fit the ranks or the data."""
+    batch = cfg.data.batch_size
+    if batch <= 0:
+        raise ConfigError(f"data.batch_size must be positive, got {batch}")
+    if batch % world_size:
+        raise ConfigError(
+            f"data.batch_size={batch} is the global batch and must be divisible by the {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
+    if cfg.optim.lr < 0:
+        raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr}")
+    per_rank = batch // world_size
+    steps = dataset_len // batch  # drop_last: every step sees a full global batch
+    if steps == 0:
+        raise ConfigError(
+            f"data.batch_size={batch} is larger than the training set ({dataset_len} images); lower data.batch_size"
+        )
+    total = steps * cfg.train.epochs
+    if cfg.train.max_steps > 0:
+        total = min(total, cfg.train.max_steps)
+    warmup = int(round(cfg.optim.warmup_epochs * steps))
+    return Derived(world_size, batch, per_rank, scaled_lr(cfg), steps, total, warmup)

@@ -1,0 +1,265 @@
+"""Recipe loading: YAML files, ``base:`` inheritance, dotted ``key=value`` overrides, validation.
+
+A recipe is a YAML file under ``contrastlab/config/recipes/<dataset>/<name>.yaml`` (addressed as
+``<dataset>/<name>``) or any YAML file given by path. A recipe may start with ``base: <recipe>`` to
+inherit another and change a few keys. Every key is checked against :class:`~contrastlab.config.schema.Config`;
+an unknown key fails with a :class:`~contrastlab.errors.ConfigError` naming it and the nearest valid keys.
+
+Example:
+    >>> cfg = load_config("demo", ["optim.lr=0.1", "seed=3"])
+    >>> cfg.seed
+    3
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contrastlab.config.schema import Config
+from contrastlab.errors import ConfigError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """All shipped recipe names, ``<dataset>/<name>`` (or ``<name>`` at the top level), sorted.
+
+    Files under folders starting with ``_`` (shared bases) are not listed but can be inherited.
+    """
+    names = (p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml"))
+    return sorted(n for n in names if not n.startswith("_"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """The YAML file of a recipe name or path; ConfigError naming the nearest recipes if absent."""
+    as_path = Path(recipe)
+    if as_path.suffix in (".yaml", ".yml"):
+        if not as_path.is_file():
+            raise ConfigError(f"recipe file {as_path} does not exist")
+        return as_path
+    path = RECIPE_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(recipe, recipe_names(), n=4, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown recipe {recipe!r}.{hint} `contrastlab recipes` lists them all; a path to a .yaml file also works."
+        )
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file {path} must hold a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively by ``update`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a recipe with its ``base:`` chain merged in."""
+    if recipe in _seen:
+        raise ConfigError(f"recipe inheritance loops: {' -> '.join(_seen + (recipe,))}")
+    path = recipe_path(recipe)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return deep_merge(read_recipe(str(base), _seen + (recipe,)), data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.5"`` -> ``("optim.lr", 0.5)``; values are parsed as YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for key ``"a.b"``, creating mappings on the way."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def valid_keys(method_name: str | None = None) -> list[str]:
+    """Every dotted key a recipe or override may set (method keys for ``method_name`` included)."""
+    keys: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            ftype = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(ftype):
+                walk(ftype, f"{prefix}{f.name}.")
+            elif not (cls.__name__ == "MethodConfig" and f.name == "params"):
+                keys.append(f"{prefix}{f.name}")
+
+    walk(Config, "")
+    if method_name is not None:
+        keys.extend(f"method.{name}" for name in method_parameters(method_name))
+    return keys
+
+
+def method_parameters(method_name: str) -> dict[str, inspect.Parameter]:
+    """Keyword arguments the method's constructor accepts (besides the backbone)."""
+    from contrastlab.methods import METHODS, method_kwargs
+
+    if method_name not in METHODS:
+        close = difflib.get_close_matches(method_name, list(METHODS), n=3, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown method.name {method_name!r}.{hint} Valid: {', '.join(sorted(METHODS))}")
+    return method_kwargs(method_name)
+
+
+def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if not close:
+        leaf = key.split(".")[-1]
+        close = [c for c in candidates if c.split(".")[-1] == leaf][:3]
+    hint = f" Nearest valid keys: {', '.join(close)}." if close else ""
+    return ConfigError(f"unknown config key {key!r}.{hint} `contrastlab train RECIPE --show` prints every key.")
+
+
+def _is_instance(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a simple type annotation, converting int -> float where declared."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _is_instance(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            return False, value
+        (inner,) = typing.get_args(tp) or (Any,)
+        out = []
+        for item in value:
+            ok, conv = _is_instance(item, inner)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, out
+    if origin is dict:
+        return isinstance(value, dict), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _build_section(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + key, valid_keys())
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[key] = _build_section(ftype, value, f"{prefix}{key}.")
+            continue
+        ok, conv = _is_instance(value, ftype)
+        if not ok:
+            tname = getattr(ftype, "__name__", str(ftype)).replace("typing.", "")
+            raise ConfigError(f"config key {prefix}{key} expects {tname}, got {value!r}")
+        kwargs[key] = conv
+    return cls(**kwargs)
+
+
+def _build_method(data: Any) -> dict[str, Any]:
+    from contrastlab.config.schema import MethodConfig
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section method must be a mapping, got {data!r}")
+    data = dict(data)
+    name = data.pop("name", MethodConfig().name)
+    params = method_parameters(name)
+    for key in data:
+        if key not in params:
+            raise _unknown_key(f"method.{key}", valid_keys(name))
+    return {"name": name, "params": data}
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Validate a nested mapping and build the :class:`Config` (ConfigError on any bad key or type)."""
+    tree = copy.deepcopy(tree)
+    method = _build_method(tree.pop("method", {}))
+    cfg = _build_section(Config, tree, "")
+    cfg.method.name = method["name"]
+    cfg.method.params = method["params"]
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The nested mapping of a config, method params flattened into ``method`` (round-trips)."""
+    tree = dataclasses.asdict(cfg)
+    method = tree.pop("method")
+    tree["method"] = {"name": method["name"], **method["params"]}
+    return tree
+
+
+def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe, apply ``key=value`` overrides, validate, and return the :class:`Config`."""
+    tree = read_recipe(recipe)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config, loadable again with :func:`load_config` as a path."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

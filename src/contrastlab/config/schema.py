@@ -1,0 +1,152 @@
+"""The typed configuration schema: one dataclass per section of a recipe.
+
+A recipe YAML fills these sections; ``key=value`` overrides change single fields. Values derived from
+others (the scaled learning rate, the number of steps) are never stored here: they are computed after
+the overrides by :mod:`contrastlab.config.derived`.
+
+The ``method`` section is open: besides ``name`` it takes the keyword arguments of the chosen method's
+constructor (see :mod:`contrastlab.methods`), validated against that constructor's signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched."""
+
+    name: str = "demo"  #: dataset registry name (contrastlab.data.DATASETS)
+    root: str | None = None  #: folder holding the dataset files (unused by ``demo``)
+    train_split: str = "train"  #: split used for pre-training (and as the kNN bank)
+    test_split: str = "test"  #: split used for kNN / linear-probe accuracy
+    class_list: str | None = None  #: ImageFolder subset file (one class folder per line)
+    batch_size: int = 256  #: GLOBAL batch size, split evenly over ranks
+    workers: int = 4  #: DataLoader workers per rank
+    image_size: int | None = None  #: training crop size; None = the dataset's native size
+
+
+@dataclass
+class ViewsConfig:
+    """How the views of each image are planned (boxes) and rendered (photometric recipe)."""
+
+    planner: str = "random_resized"  #: random_resized | fixed | center | multicrop
+    num_views: int = 2
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
+    photometric: str = "small"  #: simclr | mocov2 | byol | small | none | eval
+    num_small: int = 0  #: multi-crop: number of small views
+    small_size: int = 0  #: multi-crop: side of the small views (0 = half the crop size)
+    small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
+
+
+@dataclass
+class ModelConfig:
+    """The backbone."""
+
+    arch: str = "resnet18"  #: resnet18/34/50, resnet20/32/56 (CIFAR ResNets)
+    cifar_stem: bool = False  #: 3x3 stride-1 first conv and no max-pool (torchvision ResNets)
+    width: float = 1.0  #: width multiplier (CIFAR ResNets)
+    zero_init_residual: bool = False
+    sync_bn: bool = False  #: convert BatchNorm to SyncBatchNorm under DDP
+    channels_last: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """The self-supervised method: ``name`` plus its constructor's keyword arguments."""
+
+    name: str = "simclr"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    ``lr`` is the learning rate at a global batch of ``base_batch_size``; with ``scale_lr`` the
+    learning rate used is ``lr * batch_size / base_batch_size`` (linear scaling, Goyal et al. 2017).
+    """
+
+    name: str = "sgd"  #: sgd | lars | adamw
+    lr: float = 0.1
+    base_batch_size: int = 256
+    scale_lr: bool = True
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  #: SGD / LARS momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  #: AdamW
+    nesterov: bool = False
+    exclude_bias_bn_wd: bool = False  #: no weight decay on 1-D parameters (biases, norms)
+    lars_trust_coefficient: float = 0.001
+    schedule: str = "cosine"  #: cosine | step | constant
+    warmup_epochs: float = 0.0  #: linear warm-up, per iteration
+    warmup_start_lr: float = 0.0
+    final_lr: float = 0.0  #: cosine end value
+    milestones: list[int] = field(default_factory=list)  #: step schedule: epochs
+    gamma: float = 0.1  #: step schedule factor
+    clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 100
+    max_steps: int = 0  #: stop after this many optimiser steps in total (0 = no limit)
+    device: str = "auto"  #: auto | cpu | cuda
+    precision: str = "fp32"  #: fp32 | bf16 | fp16
+    ema_momentum: float = 0.99  #: momentum encoders (MoCo, BYOL)
+    ema_schedule: str = "constant"  #: constant | cosine (to 1.0, BYOL)
+    checkpoint_every: int = 10  #: epochs between numbered checkpoints (last.pt is written every epoch)
+    log_every: int = 20  #: steps between progress lines
+    deterministic: bool = False  #: torch.use_deterministic_algorithms
+
+
+@dataclass
+class MonitorConfig:
+    """Online kNN monitor (Wu et al. 2018 weighted voting) on backbone features."""
+
+    knn_every: int = 10  #: epochs between evaluations; 0 disables; the last epoch is always evaluated
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    max_bank: int = 0  #: use at most this many training images as the bank (0 = all)
+    max_test: int = 0  #: use at most this many test images (0 = all)
+    plots: bool = True  #: training-curve PNGs at the end of the run
+
+
+@dataclass
+class LinearConfig:
+    """Linear probe on the frozen backbone (eval mode), final-epoch accuracy."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 10.0
+    optimizer: str = "sgd"  #: sgd | lars
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  #: cosine | step | constant
+    milestones: list[int] = field(default_factory=list)
+    augment: bool = True  #: RandomResizedCrop + flip each epoch; False = features computed once
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  #: RandomResizedCrop area range
+    crop_fraction: float = 1.0  #: eval views: centre crop fraction (0.875 for ImageNet)
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    description: str = ""
+    out: str = ""  #: run directory; empty = runs/<recipe name>
+    seed: int = 0
+    resume: str | None = None  #: a checkpoint path, or "auto" (the run directory's last.pt)
+    overwrite: bool = False  #: start afresh even if ``out`` already holds a run
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)

@@ -1,0 +1,115 @@
+"""Optimisers: SGD, AdamW, and LARS with MoCo v3's rules.
+
+LARS (You et al. 2017) as used by MoCo v3 (Chen et al. 2021) and BYOL: the trust ratio
+``eta * ||w|| / ||g + wd * w||`` scales each update, and neither weight decay nor the trust ratio
+applies to 1-D parameters (biases and normalisation weights), which parameter groups flag with
+``exclude_from_lars``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from contrastlab.config.schema import OptimConfig
+from contrastlab.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling.
+
+    Args:
+        params: parameters or groups; a group with ``exclude_from_lars=True`` gets plain SGD with
+            momentum and no weight decay.
+        lr: learning rate.
+        weight_decay: L2 penalty added to the gradient before the trust ratio.
+        momentum: heavy-ball momentum.
+        trust_coefficient: ``eta`` in the trust ratio.
+
+    Example:
+        >>> opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient, exclude_from_lars=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if not group["exclude_from_lars"] and p.ndim > 1:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(d_p)
+                    ratio = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["trust_coefficient"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    d_p = d_p.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(d_p).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def _split_weight_decay(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move 1-D parameters of each group into a twin group with weight decay 0."""
+    out = []
+    for group in groups:
+        params = list(group["params"])
+        multi = [p for p in params if p.ndim > 1]
+        single = [p for p in params if p.ndim <= 1]
+        if multi:
+            out.append({**group, "params": multi})
+        if single:
+            out.append({**group, "params": single, "weight_decay": 0.0})
+    return out
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.name`` over the method's parameter groups, at peak rate ``lr``.
+
+    Each group remembers its schedule factor: ``fixed_lr`` groups (SimSiam's predictor) keep ``lr``.
+    """
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.name!r}")
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if cfg.exclude_bias_bn_wd:
+        groups = _split_weight_decay(groups)
+    for g in groups:
+        g.setdefault("fixed_lr", False)
+        g.setdefault("exclude_from_lars", False)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                trust_coefficient=cfg.lars_trust_coefficient)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float) -> None:
+    """Set every group's rate to ``lr``; ``fixed_lr`` groups stay at ``peak_lr`` (SimSiam, Chen & He 2021)."""
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr if group.get("fixed_lr") else lr

@@ -1,0 +1,55 @@
+"""Per-iteration schedules: learning rate (warm-up + cosine / step / constant) and EMA momentum.
+
+All schedules are pure functions of the global step, so a resumed run recomputes them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from contrastlab.errors import ConfigError
+
+LR_SCHEDULES = ("cosine", "step", "constant")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    warmup_start_lr: float = 0.0,
+    final_lr: float = 0.0,
+    milestones_steps: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Learning rate at ``step`` (0-based, before that step's update).
+
+    Warm-up rises linearly from ``warmup_start_lr`` to ``base_lr`` over ``warmup_steps`` (Goyal et al. 2017).
+    Cosine then decays to ``final_lr`` at ``total_steps`` (Loshchilov & Hutter 2017, no restarts);
+    step multiplies by ``gamma`` at each milestone; constant keeps ``base_lr``.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if step < warmup_steps:
+        return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule == "step":
+        passed = sum(1 for m in milestones_steps if step >= m)
+        return base_lr * gamma**passed
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_momentum(step: int, *, base: float, total_steps: int, schedule: str = "constant") -> float:
+    """EMA momentum at ``step``: constant, or BYOL's cosine increase from ``base`` to 1 (Grill et al. 2020)."""
+    if schedule not in MOMENTUM_SCHEDULES:
+        raise ConfigError(f"train.ema_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return base
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0

@@ -1,0 +1,144 @@
+"""Linear probe: a linear classifier on the frozen backbone's features (Zhang et al. 2016; He et al. 2020).
+
+The backbone stays in eval mode (BatchNorm uses its running statistics) with gradients off, and is
+checked bit for bit after training to prove it did not change. The reported accuracy is the one after
+the final epoch, never the best epoch on the test set.
+
+Two modes:
+
+* ``augment=True`` (the MoCo / SimCLR protocol): each epoch re-renders RandomResizedCrop + flip views
+  and the backbone runs on every batch;
+* ``augment=False``: features of one deterministic view are computed once and the classifier trains on
+  them (much faster; a lower bound on the augmented protocol).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from contrastlab.config.schema import LinearConfig
+from contrastlab.engine.optim import LARS
+from contrastlab.eval.features import extract_features
+from contrastlab.errors import ConfigError
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in order: equal fingerprints mean identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _epoch_lr(cfg: LinearConfig, epoch: int) -> float:
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "step":
+        return cfg.lr * 0.1 ** sum(1 for m in cfg.milestones if epoch >= m)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    raise ConfigError(f"linear.schedule must be cosine, step or constant, got {cfg.schedule!r}")
+
+
+@torch.no_grad()
+def _accuracy(classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    logits = classifier(feats.to(device)).float().cpu()
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    top1 = (top[:, 0] == labels).float().mean().item() * 100
+    top5 = (top == labels[:, None]).any(dim=1).float().mean().item() * 100
+    return top1, top5
+
+
+def linear_probe(
+    backbone: nn.Module,
+    feature_dim: int,
+    num_classes: int,
+    train_set: Dataset,
+    test_set: Dataset,
+    cfg: LinearConfig,
+    *,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    seed: int = 0,
+    log=print,
+) -> dict[str, Any]:
+    """Train a linear classifier on frozen features and return final-epoch test accuracy.
+
+    Args:
+        backbone: the pre-trained encoder; frozen and kept in eval mode.
+        train_set: yields ``(views, label, index)``: augmented views when ``cfg.augment``, else one
+            deterministic view; ``test_set`` always one deterministic view.
+        cfg: epochs, lr, optimizer, schedule, batch size.
+
+    Returns:
+        ``top1``, ``top5`` (percent, final epoch), the settings, and ``backbone_unchanged``.
+    """
+    if cfg.optimizer not in ("sgd", "lars"):
+        raise ConfigError(f"linear.optimizer must be sgd or lars, got {cfg.optimizer!r}")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    backbone = backbone.to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    before = state_fingerprint(backbone)
+
+    classifier = nn.Linear(feature_dim, num_classes).to(device)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    params = classifier.parameters()
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay)
+    else:
+        opt = LARS(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    test_feats, test_labels = extract_features(backbone, DataLoader(test_set, shuffle=False, **loader_kw), device)
+    if cfg.augment:
+        g = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=g, **loader_kw)
+    else:
+        feats, labels = extract_features(backbone, DataLoader(train_set, shuffle=False, **loader_kw), device)
+        g = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(TensorDataset(feats, labels, torch.arange(len(labels))),
+                                  batch_size=cfg.batch_size, shuffle=True, generator=g)
+
+    for epoch in range(cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = _epoch_lr(cfg, epoch)
+        classifier.train()
+        total, count = 0.0, 0
+        for x, y, _ in train_loader:
+            if cfg.augment:
+                x = x[0] if isinstance(x, (list, tuple)) else x
+                with torch.no_grad():
+                    x = backbone(x.to(device, non_blocking=True)).float()
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            loss = F.cross_entropy(classifier(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        if epoch == cfg.epochs - 1 or (epoch + 1) % max(1, cfg.epochs // 5) == 0:
+            top1, _ = _accuracy(classifier, test_feats, test_labels, device)
+            log(f"linear epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(1, count):.4f}, test top-1 {top1:.2f}%")
+
+    top1, top5 = _accuracy(classifier, test_feats, test_labels, device)
+    unchanged = state_fingerprint(backbone) == before
+    if not unchanged:
+        raise RuntimeError("the backbone changed during the linear probe; this is a bug, please report it")
+    return {
+        "top1": top1, "top5": top5, "reported_epoch": cfg.epochs, "protocol": "final epoch, frozen backbone in eval mode",
+        "epochs": cfg.epochs, "lr": cfg.lr, "optimizer": cfg.optimizer, "schedule": cfg.schedule,
+        "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "augment": cfg.augment,
+        "backbone_unchanged": unchanged, "train_size": len(train_set), "test_size": len(test_set),
+    }

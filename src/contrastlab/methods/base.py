@@ -1,0 +1,130 @@
+"""The method interface: what one training step returns, parameter groups, momentum updates.
+
+A method owns its backbone (what kNN, the linear probe and export use), its heads and its objective.
+``forward(views, labels, index)`` returns a :class:`StepOutput`; observers read ``outputs`` and never
+reach into a loss. Methods with momentum encoders list them in :meth:`Method.momentum_pairs` and the
+base class's :meth:`Method.after_optimizer_step` moves them (solo-learn's ``momentum_pairs`` shape).
+
+Conventions of ``outputs`` (every tensor detached):
+
+- ``embeddings [B, P]``: the online projection of ``views[0]`` as the projector outputs it (before any
+  L2 normalisation); the backbone features for the supervised method.
+- ``pos_logits`` and ``neg_logits`` (contrastive methods): row ``a`` of both belongs to the same
+  anchor, so ``pos_logits`` is ``[A]`` and ``neg_logits`` is ``[A, K]`` for ``A`` anchors and ``K``
+  negatives per anchor. ``A = B`` for one-directional MoCo, ``2B`` for SimCLR and symmetric MoCo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from contrastlab.errors import ConfigError
+from contrastlab.models.ema import ema_update_
+
+__all__ = ["Method", "StepOutput", "make_param_groups"]
+
+
+@dataclass
+class StepOutput:
+    """What a method returns for one step.
+
+    Attributes:
+        loss: the scalar to back-propagate.
+        outputs: detached tensors for observers (embeddings, pos/neg logits, class logits, ...).
+        parts: named, detached loss terms for logging; they need not sum to ``loss``.
+    """
+
+    loss: torch.Tensor
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_param_groups(name: str, params: Iterable[nn.Parameter], **flags: Any) -> list[dict[str, Any]]:
+    """Split trainable ``params`` into a group of matrices/kernels and a group of 1-D tensors.
+
+    The 1-D group (biases, BatchNorm scales and shifts) is flagged ``exclude_from_lars=True`` and
+    ``weight_decay_exempt=True``; the other group has both ``False``. These flags only describe the
+    groups: whether weight decay really skips them is the optimiser builder's choice (SimCLR and BYOL
+    exempt them, MoCo v2 and SimSiam decay everything). Empty groups are dropped.
+
+    Args:
+        name: the group name; the 1-D group is called ``f"{name}_1d"``.
+        params: parameters; those with ``requires_grad=False`` are skipped.
+        **flags: extra keys copied into both groups (e.g. ``fixed_lr=True``).
+
+    Returns:
+        up to two dicts with ``params``, ``name``, ``exclude_from_lars``, ``weight_decay_exempt``,
+        ``fixed_lr`` (default ``False``) and the given flags.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    matrices = [p for p in trainable if p.ndim > 1]
+    vectors = [p for p in trainable if p.ndim <= 1]
+    groups = []
+    for group_name, group_params, exempt in ((name, matrices, False), (f"{name}_1d", vectors, True)):
+        if group_params:
+            group: dict[str, Any] = {
+                "params": group_params,
+                "name": group_name,
+                "exclude_from_lars": exempt,
+                "weight_decay_exempt": exempt,
+                "fixed_lr": False,
+            }
+            group.update(flags)
+            groups.append(group)
+    return groups
+
+
+class Method(nn.Module):
+    """Base of every method.
+
+    Args:
+        backbone: feature extractor ``[B, 3, H, W] -> [B, feature_dim]``.
+        feature_dim: its output dimension.
+
+    Attributes:
+        name: registry name of the method.
+        backbone: the online backbone.
+        feature_dim: the backbone's output dimension.
+    """
+
+    name: ClassVar[str] = "method"
+
+    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        if feature_dim < 1:
+            raise ConfigError(f"feature_dim must be positive, got {feature_dim}")
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        """One step on a batch: ``views`` is a list of ``[B, 3, H, W]`` tensors."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups of every trainable parameter (see :func:`make_param_groups`)."""
+        return make_param_groups(self.name, self.parameters())
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, momentum)`` module pairs that :meth:`after_optimizer_step` averages; none here."""
+        return []
+
+    @torch.no_grad()
+    def after_optimizer_step(self, momentum: float) -> None:
+        """EMA of every momentum module's parameters toward its online module (buffers untouched).
+
+        Called by the trainer after each optimiser step with the scheduled momentum; a no-op for
+        methods without momentum encoders.
+        """
+        for online, target in self.momentum_pairs():
+            ema_update_(target.parameters(), online.parameters(), momentum)
+
+    def _two_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first two views; a method that needs two fails clearly when given fewer."""
+        if len(views) < 2:
+            raise ConfigError(f"method {self.name!r} needs at least 2 views per image, got {len(views)}")
+        return views[0], views[1]

@@ -1,0 +1,147 @@
+"""MoCo v1 and v2: a query encoder contrasted against a momentum key encoder and a queue of old keys.
+
+He, Fan, Wu, Xie, Girshick, "Momentum Contrast for Unsupervised Visual Representation Learning",
+CVPR 2020 (v1: linear fc, temperature 0.07); Chen, Fan, Girshick, He, "Improved Baselines with Momentum
+Contrastive Learning", 2020 (v2: 2-layer MLP head, temperature 0.2).
+
+One step, as in the reference ``moco/builder.py``:
+
+1. ``q = normalize(projector(backbone(views[0])))`` (the online, "query" encoder);
+2. ``k = normalize(key_encoder(views[1]))`` without gradient, with shuffle-BN (below);
+3. InfoNCE of ``q`` against ``k`` and the queue, label 0;
+4. the keys are gathered from every rank and written into the queue, *after* the loss.
+
+With ``symmetric=True`` the roles of the views are also swapped, the two losses are averaged, and the
+keys of ``views[0]`` then of ``views[1]`` are enqueued (upstream CIFAR demo order: ``cat([k1, k2])``
+per rank, then gathered, so a step writes ``2 * global batch`` keys).
+
+**Momentum update.** Upstream updates the key encoder at the start of each forward; here
+:meth:`MoCo.after_optimizer_step` does it right after the optimiser step. The sequence of key encoders
+used by the forwards is the same (upstream's first update, before any step, moves nothing because the
+key encoder starts as a copy). Only parameters are averaged; the key encoder's BatchNorm running
+statistics come from its own forward passes.
+
+**Shuffle-BN.** With ``shuffle_bn=True`` and more than one rank, the key encoder's inputs are gathered,
+permuted by a random permutation drawn on rank 0 and broadcast, each rank encodes its slice, and the keys
+are gathered and un-permuted, so BatchNorm statistics of the key encoder never mix a query's own
+sub-batch (section 3.3 of the paper). In a single process it is a no-op: there is nothing to shuffle
+across. The alternative, SyncBatchNorm, is the trainer's job (convert the model and leave
+``shuffle_bn=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from contrastlab.engine.distributed import broadcast_, gather_no_grad, get_rank, get_world_size
+from contrastlab.memory.queue import FeatureQueue
+from contrastlab.methods.base import Method, StepOutput
+from contrastlab.models.ema import momentum_copy
+from contrastlab.models.heads import build_mlp
+from contrastlab.objectives.info_nce import InfoNCELoss
+
+__all__ = ["MoCo"]
+
+
+class MoCo(Method):
+    """MoCo v1/v2 with a momentum key encoder and a queue of negatives.
+
+    Args:
+        backbone: feature extractor ``[B, 3, H, W] -> [B, feature_dim]``.
+        feature_dim: its output dimension.
+        proj_hidden_dim: hidden width of the projector (v2's MLP head).
+        proj_out_dim: embedding dimension (and queue dimension).
+        proj_layers: 2 for v2's MLP head, 1 for v1's linear fc.
+        queue_size: number of negatives; a multiple of the keys written per step (global batch, twice
+            that when symmetric).
+        temperature: InfoNCE temperature (v1: 0.07, v2: 0.2).
+        symmetric: also contrast ``views[1]`` queries against ``views[0]`` keys; losses averaged.
+        shuffle_bn: batch shuffle across ranks for the key encoder (no-op in a single process).
+        gather_distributed: gather keys across ranks before enqueueing (every rank keeps the same queue).
+
+    Attributes:
+        projector: online projection head.
+        key_encoder: ``nn.Sequential(key backbone, key projector)``, no gradient.
+        queue: :class:`~contrastlab.memory.FeatureQueue` of ``[queue_size, proj_out_dim]``.
+
+    Example:
+        >>> from contrastlab.models import build_backbone
+        >>> net, dim = build_backbone("resnet20", width=0.25)
+        >>> method = MoCo(net, dim, proj_hidden_dim=32, proj_out_dim=16, queue_size=64)
+        >>> out = method([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)], None, None)
+        >>> out.outputs["neg_logits"].shape
+        torch.Size([4, 64])
+    """
+
+    name = "moco"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        proj_hidden_dim: int = 2048,
+        proj_out_dim: int = 128,
+        proj_layers: int = 2,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        symmetric: bool = False,
+        shuffle_bn: bool = True,
+        gather_distributed: bool = True,
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
+        self.key_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
+        self.queue = FeatureQueue(proj_out_dim, queue_size)
+        self.criterion = InfoNCELoss(temperature=temperature)
+        self.symmetric = symmetric
+        self.shuffle_bn = shuffle_bn
+        self.gather_distributed = gather_distributed
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.key_encoder[0]), (self.projector, self.key_encoder[1])]
+
+    @torch.no_grad()
+    def compute_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised keys of ``x`` from the key encoder, with shuffle-BN across ranks if enabled."""
+        world_size = get_world_size()
+        if not (self.shuffle_bn and world_size > 1):
+            return F.normalize(self.key_encoder(x), dim=1)
+        x_all = gather_no_grad(x)
+        perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device), src=0)
+        rank = get_rank()
+        keys = self.key_encoder(x_all[perm.view(world_size, -1)[rank]])
+        keys_all = gather_no_grad(keys)  # row i is the key of x_all[perm[i]]
+        inverse = torch.argsort(perm)
+        return F.normalize(keys_all[inverse.view(world_size, -1)[rank]], dim=1)
+
+    def _contrast(
+        self, x_query: torch.Tensor, x_key: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        z = self.projector(self.backbone(x_query))
+        k = self.compute_keys(x_key)
+        loss, info = self.criterion(z, k, negatives)
+        return loss, info, z, k
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        x1, x2 = self._two_views(views)
+        negatives = self.queue.queue.clone()  # the queue as it was before this step's keys
+        loss, info, z1, k2 = self._contrast(x1, x2, negatives)
+        parts = {"info_nce": loss.detach()}
+        pos, neg = info["pos_logits"], info["neg_logits"]
+        if self.symmetric:
+            loss_21, info_21, _, k1 = self._contrast(x2, x1, negatives)
+            parts = {"info_nce_12": loss.detach(), "info_nce_21": loss_21.detach()}
+            loss = 0.5 * (loss + loss_21)
+            pos = torch.cat([pos, info_21["pos_logits"]])
+            neg = torch.cat([neg, info_21["neg_logits"]])
+            keys = torch.cat([k1, k2], dim=0)
+        else:
+            keys = k2
+        self.queue.enqueue(keys, gather_distributed=self.gather_distributed)
+        return StepOutput(
+            loss=loss,
+            outputs={"embeddings": z1.detach(), "keys": keys, "pos_logits": pos, "neg_logits": neg},
+            parts=parts,
+        )

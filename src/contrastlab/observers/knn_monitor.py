@@ -1,0 +1,54 @@
+"""Online kNN monitor: backbone features of the training set as the bank, accuracy on the test split.
+
+Features are the backbone's pooled output in eval mode (no projector), one deterministic view per image
+(:func:`contrastlab.views.eval_view_dataset`). Every rank computes the same number; only rank 0 runs it
+when distributed, the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from contrastlab.eval.features import extract_features
+from contrastlab.eval.knn import knn_accuracy
+
+
+def _subset(ds: Dataset, limit: int, seed: int) -> Dataset:
+    if limit <= 0 or limit >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    return Subset(ds, torch.randperm(len(ds), generator=g)[:limit].tolist())
+
+
+class KNNMonitor:
+    """Computes weighted-kNN top-1 (Wu et al. 2018) of a backbone on demand.
+
+    Args:
+        bank_set / test_set: evaluation-view datasets yielding ``(views, label, index)``.
+        num_classes: number of classes.
+        k / temperature: kNN settings (reported alongside the accuracy).
+        max_bank / max_test: random subsets (fixed seed) to bound the cost; 0 = all.
+    """
+
+    def __init__(self, bank_set: Dataset, test_set: Dataset, num_classes: int, *, k: int = 200,
+                 temperature: float = 0.1, batch_size: int = 256, workers: int = 0,
+                 max_bank: int = 0, max_test: int = 0, device: torch.device | str = "cpu") -> None:
+        self.k, self.temperature, self.num_classes = k, temperature, num_classes
+        self.device = torch.device(device)
+        loader_kw = dict(batch_size=batch_size, shuffle=False, num_workers=workers,
+                         persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+        self.bank_loader = DataLoader(_subset(bank_set, max_bank, 0), **loader_kw)
+        self.test_loader = DataLoader(_subset(test_set, max_test, 1), **loader_kw)
+
+    def describe(self) -> dict:
+        """How the number is measured."""
+        return {"knn_k": self.k, "knn_temperature": self.temperature, "knn_features": "backbone",
+                "knn_bank_size": len(self.bank_loader.dataset), "knn_test_size": len(self.test_loader.dataset)}
+
+    def evaluate(self, backbone: nn.Module) -> float:
+        """Top-1 accuracy in percent."""
+        bank, bank_labels = extract_features(backbone, self.bank_loader, self.device)
+        feats, labels = extract_features(backbone, self.test_loader, self.device)
+        return knn_accuracy(feats, labels, bank, bank_labels, self.num_classes, self.k, self.temperature)

@@ -1,0 +1,115 @@
+"""``ViewDataset``: wrap a dataset of images into one of augmented views (plan, render, recipe).
+
+For each sample the planner plans every view's box, then each box is rendered at its view's size and
+passed through its view's photometric recipe. This is the CPU path of the view layer; it runs in DataLoader
+workers, drawing from torch's global RNG, which ``DataLoader`` seeds per worker (pair it with
+:func:`~contrastlab.views.seeding.seed_worker`). Two views with ``RandomResizedCropPlanner`` and the
+``"simclr"`` recipe give SimCLR's pipeline (Chen et al. 2020); ``MultiCropPlanner`` with two sizes gives
+SwAV's multi-crop (Caron et al. 2020).
+
+Example:
+    >>> views = ViewDataset(  # doctest: +SKIP
+    ...     data, RandomResizedCropPlanner(), sizes=[32, 32],
+    ...     photometrics=[make_photometric("small", v, mean, std) for v in range(2)])
+    >>> (x1, x2), label, index = views[0]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from contrastlab.errors import ConfigError
+from contrastlab.views.boxes import validate_box
+from contrastlab.views.photometric import make_photometric
+from contrastlab.views.planners import CenterCropPlanner, FixedBoxPlanner, Planner
+from contrastlab.views.render import render_box
+
+Photometric = Callable[[Image.Image], torch.Tensor]
+
+
+class ViewDataset(Dataset):
+    """A dataset of views: ``(views: list[Tensor[3, S, S]], label, index)`` per sample.
+
+    Args:
+        dataset: Returns ``(PIL image, label, index)`` (or ``(image, label)``, index taken as ``i``).
+        planner: Plans one box per view; receives the sample's ``index``.
+        sizes: Output side length of each view.
+        photometrics: Photometric recipe of each view (PIL image -> normalised tensor).
+        return_boxes: Also return the planned boxes as a float tensor ``[V, 4]`` (x0, y0, x1, y1).
+
+    Raises:
+        ConfigError: If ``sizes``, ``photometrics`` and ``planner.num_views`` disagree, or a size is invalid.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        planner: Planner,
+        sizes: Sequence[int],
+        photometrics: Sequence[Photometric],
+        return_boxes: bool = False,
+    ) -> None:
+        sizes = list(sizes)
+        photometrics = list(photometrics)
+        num_views = planner.num_views
+        if len(sizes) != num_views or len(photometrics) != num_views:
+            raise ConfigError(
+                f"the planner makes {num_views} views but {len(sizes)} sizes and {len(photometrics)} "
+                "photometric recipes were given; give one size and one recipe per view"
+            )
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"view sizes must be positive integers, got {sizes!r}")
+        self.dataset = dataset
+        self.planner = planner
+        self.sizes = sizes
+        self.photometrics = photometrics
+        self.return_boxes = return_boxes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        sample = self.dataset[i]
+        if len(sample) == 3:
+            image, label, index = sample
+        else:
+            (image, label), index = sample, i
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"ViewDataset needs PIL images, dataset gave {type(image).__name__}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        boxes = self.planner.plan(index, width, height)
+        if len(boxes) != len(self.sizes):
+            raise RuntimeError(f"planner returned {len(boxes)} boxes, expected {len(self.sizes)}")
+        boxes = [validate_box(box, width, height) for box in boxes]
+        views = [
+            recipe(render_box(image, box, size))
+            for box, size, recipe in zip(boxes, self.sizes, self.photometrics)
+        ]
+        if self.return_boxes:
+            return views, label, index, torch.tensor(boxes, dtype=torch.float32)
+        return views, label, index
+
+
+def eval_view_dataset(
+    dataset: Any,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_fraction: float | None = 1.0,
+) -> ViewDataset:
+    """One deterministic view per sample for evaluation (kNN, linear probe): centre crop, resize, normalise.
+
+    ``crop_fraction=0.875`` is the resize 256 / crop 224 convention (see ``CenterCropPlanner``);
+    ``1.0`` keeps the largest centred square (the whole image when it is square); ``None`` resizes the
+    whole image to ``size`` x ``size`` regardless of its aspect ratio. The recipe is ``"eval"`` (no flip).
+    """
+    planner: Planner = FixedBoxPlanner() if crop_fraction is None else CenterCropPlanner(crop_fraction)
+    return ViewDataset(dataset, planner, [size], [make_photometric("eval", 0, mean, std)])

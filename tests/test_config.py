@@ -1,0 +1,107 @@
+"""Config loading: recipes, inheritance, overrides, validation errors, derived values."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from contrastlab.config.derived import derive, scaled_lr
+from contrastlab.config.load import (
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_override,
+    read_recipe,
+    recipe_names,
+)
+from contrastlab.errors import ConfigError
+
+
+def test_every_recipe_loads_and_round_trips(tmp_path):
+    names = recipe_names()
+    assert "demo" in names and "cifar10/simclr_r18_500ep" in names
+    for name in names:
+        cfg = load_config(name)
+        assert read_recipe(name).get("description"), f"{name} has no description"
+        path = tmp_path / "c.yaml"
+        path.write_text(dump_config(cfg))
+        assert config_to_dict(load_config(str(path))) == config_to_dict(cfg)
+
+
+def test_base_inheritance_merges_sections():
+    cfg = load_config("cifar10/simclr_r18_500ep")
+    assert cfg.data.name == "cifar10"  # from the recipe
+    assert cfg.data.batch_size == 512  # from the base
+    assert cfg.optim.lr == 0.5 and cfg.model.cifar_stem is True
+    assert cfg.method.name == "simclr" and cfg.method.params["temperature"] == 0.5
+
+
+def test_overrides_are_typed():
+    cfg = load_config("cifar10/simclr_r18_500ep", ["optim.lr=1", "seed=7", "views.scale=[0.1, 0.9]",
+                                                   "data.root=/tmp/x", "method.temperature=0.2"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.seed == 7
+    assert cfg.views.scale == [0.1, 0.9]
+    assert cfg.data.root == "/tmp/x"
+    assert cfg.method.params["temperature"] == 0.2
+    assert parse_override("out=runs/a") == ("out", "runs/a")
+
+
+@pytest.mark.parametrize("override,key,suggestion", [
+    ("optim.lrr=0.1", "optim.lrr", "optim.lr"),
+    ("data.batchsize=4", "data.batchsize", "data.batch_size"),
+    ("method.temprature=0.1", "method.temprature", "method.temperature"),
+    ("sed=1", "sed", "seed"),
+])
+def test_unknown_key_names_it_and_the_nearest(override, key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config("cifar10/simclr_r18_500ep", [override])
+    assert repr(key) in str(err.value)
+    assert suggestion in str(err.value)
+
+
+def test_wrong_type_and_bad_override_and_unknown_recipe():
+    with pytest.raises(ConfigError, match="data.batch_size expects int"):
+        load_config("demo", ["data.batch_size=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match="cifar10/simclr_r18_500ep"):
+        load_config("cifar10/simclr_r18_50ep")
+    with pytest.raises(ConfigError, match="unknown method.name"):
+        load_config("demo", ["method.name=simclrr"])
+
+
+def test_recipe_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(str(bad))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(str(loop))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_derived_values_follow_overrides():
+    cfg = load_config("cifar10/simclr_r18_500ep", ["data.batch_size=256", "train.epochs=3", "optim.warmup_epochs=1"])
+    assert scaled_lr(cfg) == pytest.approx(0.5 * 256 / 512)
+    d = derive(cfg, world_size=2, dataset_len=50_000)
+    assert d.per_rank_batch_size == 128
+    assert d.steps_per_epoch == 50_000 // 256
+    assert d.total_steps == 3 * (50_000 // 256)
+    assert d.warmup_steps == 50_000 // 256
+    cfg = load_config("cifar10/simclr_r18_500ep", ["optim.scale_lr=false", "data.batch_size=256"])
+    assert scaled_lr(cfg) == 0.5
+    with pytest.raises(ConfigError, match="divisible by the 3 ranks"):
+        derive(cfg, world_size=3, dataset_len=1000)
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        derive(cfg, world_size=1, dataset_len=100)
+
+
+def test_config_from_dict_rejects_non_mapping_section():
+    tree = yaml.safe_load("data: 3\n")
+    with pytest.raises(ConfigError, match="section data must be a mapping"):
+        config_from_dict(tree)
