@@ -7,6 +7,7 @@ independent encoding of known pixels.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import struct
@@ -399,9 +400,14 @@ def test_fashion_mnist_gz_and_raw_layouts(tmp_path: Path) -> None:
         assert (label, index) == (labels[i], i)
     test = build_dataset("fashion_mnist", tmp_path / "tv", "test")
     assert len(test) == 4 and np.array_equal(_pixels(test[3])[:, :, 1], images[3])
+    clone = pickle.loads(pickle.dumps(test))
+    assert clone.data.shape == (4, 28, 28, 3) and np.array_equal(_pixels(clone[2])[:, :, 2], images[2])
 
 
-def test_fashion_mnist_errors_name_the_path(tmp_path: Path) -> None:
+def test_fashion_mnist_errors_name_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("contrastlab.data.fashion_mnist.DEBIAN_PATH", tmp_path / "no-debian")
+    with pytest.raises(DatasetError, match="needs a root folder"):
+        build_dataset("fashion_mnist", None, "test")
     rng = _rng(6)
     images = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
     labels = np.array([1, 2, 3], dtype=np.uint8)
@@ -435,6 +441,7 @@ def test_fashion_mnist_errors_name_the_path(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- demo
 
 
+@functools.lru_cache(maxsize=2)
 def _read_real(prefix: str) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(REAL_FASHION / f"{prefix}-images-idx3-ubyte.gz") as fh:
         images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)

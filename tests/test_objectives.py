@@ -95,7 +95,9 @@ def test_info_nce_matches_formula() -> None:
         negs = [math.exp(float(qi @ bank[j]) / t) for j in range(k)]
         total += -math.log(pos / (pos + sum(negs)))
         assert info["pos_logits"][i].item() == pytest.approx(float(qi @ ki) / t, abs=1e-5)
-        assert info["neg_logits"][i].tolist() == pytest.approx([float(qi @ bank[j]) / t for j in range(k)], abs=1e-5)
+        assert info["neg_logits"][i].tolist() == pytest.approx(
+            [float(qi @ bank[j]) / t for j in range(k)], abs=1e-5
+        )
     assert loss.item() == pytest.approx(total / b, rel=1e-5)
     assert info["logits"].shape == (b, 1 + k)
     assert info["neg_logits"].shape == (b, k)

@@ -80,7 +80,7 @@ RATIOS = [(3 / 4, 4 / 3), (0.5, 2.0), (1.0, 1.0)]
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_random_resized_matches_torchvision_get_params(scale, ratio):
     planner = RandomResizedCropPlanner(num_views=4, scale=scale, ratio=ratio)
-    for seed in range(12):
+    for seed in range(6):
         for width, height in SHAPES:
             torch.manual_seed(seed)
             expected = [tv_params(width, height, scale, ratio) for _ in range(4)]
@@ -109,7 +109,7 @@ def test_random_resized_fallback_is_central_crop():
     for seed in range(5):
         torch.manual_seed(seed)
         assert planner.plan(0, 1000, 12) == [(492.0, 0.0, 508.0, 12.0)] * 3  # w = 12 * 4/3 = 16
-        assert planner.plan(0, 12, 1000) == [(0.0, 495.0, 12.0, 504.0)] * 3  # h = 12 * 3/4 = 9
+        assert planner.plan(0, 12, 1000) == [(0.0, 492.0, 12.0, 508.0)] * 3  # h = 12 / (3/4) = 16
 
 
 def test_random_resized_box_invariants():
@@ -142,7 +142,7 @@ def test_random_resized_positions_cover_image():
     gen = torch.Generator().manual_seed(1)
     offsets = []
     for _ in range(2000):
-        (x0, y0, x1, y1), = planner.plan(0, 200, 200, gen)
+        ((x0, y0, x1, y1),) = planner.plan(0, 200, 200, gen)
         assert (x1 - x0, y1 - y0) == (100.0, 100.0)
         offsets.append((x0 / 100.0, y0 / 100.0))
     mean = np.mean(offsets, axis=0)
@@ -245,8 +245,9 @@ def test_render_box_equals_torchvision_resized_crop():
         boxes = planner.plan(0, width, height, gen) + [(0.0, 0.0, float(width), float(height))]
         for box in boxes:
             top, left, h, w = box_to_pixels(box)
-            expected = TF.resized_crop(img, top, left, h, w, [size, size], T.InterpolationMode.BILINEAR,
-                                       antialias=True)
+            expected = TF.resized_crop(
+                img, top, left, h, w, [size, size], T.InterpolationMode.BILINEAR, antialias=True
+            )
             out = render_box(img, box, size)
             assert out.size == (size, size)
             np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
@@ -298,13 +299,19 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
     kernel = max(kernel, 3)
     stages: list = []
     if name in ("simclr", "mocov2"):
-        stages = [simclr_jitter, T.RandomGrayscale(0.2),
-                  T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=0.5)]
+        stages = [
+            simclr_jitter,
+            T.RandomGrayscale(0.2),
+            T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=0.5),
+        ]
     elif name == "small":
         stages = [simclr_jitter, T.RandomGrayscale(0.2)]
     elif name == "byol":
-        stages = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-                  T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=1.0 if view == 0 else 0.1)]
+        stages = [
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=1.0 if view == 0 else 0.1),
+        ]
         if view >= 1:
             stages.append(T.RandomSolarize(128, p=0.2))
     if name != "eval":
@@ -314,11 +321,11 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
 
 @pytest.mark.parametrize("name", sorted(PHOTOMETRICS))
 def test_recipes_reproduce_torchvision_compose(name):
-    for view in (0, 1, 2):
-        for size in (32, 64):
+    for view in (0, 1, 2) if name == "byol" else (0, 1):
+        for size in (32, 48):
             recipe = make_photometric(name, view, MEAN, STD)
             reference = torchvision_pipeline(name, view, size)
-            for seed in range(12):
+            for seed in range(8):
                 img = smooth_image(size, size, seed)
                 torch.manual_seed(seed)
                 expected = reference(img)
@@ -329,33 +336,53 @@ def test_recipes_reproduce_torchvision_compose(name):
                 assert torch.equal(recipe(img, generator=g), expected)
 
 
-def count_changed(recipe, img: Image.Image, reference: np.ndarray, n: int) -> int:
+def change_rate(recipe, img: Image.Image, n: int) -> float:
+    """Fraction of ``n`` draws whose output differs from the plain normalised image."""
+    reference = normalise_by_hand(img)
     torch.manual_seed(0)
-    return sum(not np.allclose(recipe(img).numpy(), reference, atol=1e-5) for _ in range(n))
+    return sum(not np.allclose(recipe(img).numpy(), reference, atol=1e-5) for _ in range(n)) / n
 
 
-@pytest.mark.parametrize(("view", "low", "high"), [(0, 1.0, 1.0), (1, 0.05, 0.16), (3, 0.05, 0.16)])
-def test_byol_blur_probability_per_view(view, low, high):
+@pytest.mark.parametrize(
+    ("view", "n", "low", "high"), [(0, 60, 1.0, 1.0), (1, 300, 0.05, 0.16), (3, 300, 0.05, 0.16)]
+)
+def test_byol_blur_probability_per_view(view, n, low, high):
     # Jitter, grayscale, solarisation and flip off; sigma >= 1 so every blur visibly changes the image.
-    recipe = make_photometric("byol", view, MEAN, STD, jitter_prob=0.0, grayscale_prob=0.0,
-                              solarize_prob=0.0, flip_prob=0.0, blur_sigma=(1.0, 2.0))
-    img = random_image(32, 32, 0)
-    rate = count_changed(recipe, img, normalise_by_hand(img), 400) / 400
-    assert low <= rate <= high
+    recipe = make_photometric(
+        "byol",
+        view,
+        MEAN,
+        STD,
+        jitter_prob=0.0,
+        grayscale_prob=0.0,
+        solarize_prob=0.0,
+        flip_prob=0.0,
+        blur_sigma=(1.0, 2.0),
+    )
+    assert low <= change_rate(recipe, random_image(24, 24, 0), n) <= high
 
 
-@pytest.mark.parametrize(("view", "low", "high"), [(0, 0.0, 0.0), (1, 0.13, 0.27), (2, 0.13, 0.27)])
+@pytest.mark.parametrize(("view", "low", "high"), [(0, 0.0, 0.0), (1, 0.12, 0.28), (2, 0.12, 0.28)])
 def test_byol_solarize_probability_per_view(view, low, high):
-    recipe = make_photometric("byol", view, MEAN, STD, jitter_prob=0.0, grayscale_prob=0.0,
-                              blur_prob=0.0, flip_prob=0.0)
-    img = random_image(32, 32, 1)
-    rate = count_changed(recipe, img, normalise_by_hand(img), 400) / 400
+    recipe = make_photometric(
+        "byol", view, MEAN, STD, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0
+    )
+    rate = change_rate(recipe, random_image(24, 24, 1), 300)
     assert low <= rate <= high
 
 
 def test_solarize_pixel_formula():
-    recipe = make_photometric("byol", 1, MEAN, STD, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
-                              flip_prob=0.0, solarize_prob=1.0)
+    recipe = make_photometric(
+        "byol",
+        1,
+        MEAN,
+        STD,
+        jitter_prob=0.0,
+        grayscale_prob=0.0,
+        blur_prob=0.0,
+        flip_prob=0.0,
+        solarize_prob=1.0,
+    )
     img = random_image(20, 20, 2)
     x = np.asarray(img)
     solarised = Image.fromarray(np.where(x >= 128, 255 - x, x).astype(np.uint8))
@@ -374,9 +401,30 @@ def test_jitter_and_grayscale_probabilities():
     assert 0.14 < gray / 500 < 0.26
     # Jitter strength override scales the published strengths; 0 switches jitter off entirely.
     assert make_photometric("byol", 0, MEAN, STD, jitter_strength=0.5).jitter == (0.2, 0.2, 0.1, 0.05)
-    off = make_photometric("simclr", 0, MEAN, STD, jitter_strength=0.0, grayscale_prob=0.0, blur_prob=0.0,
-                           flip_prob=0.0)
+    off = make_photometric(
+        "simclr", 0, MEAN, STD, jitter_strength=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0
+    )
     np.testing.assert_allclose(off(img).numpy(), normalise_by_hand(img), atol=1e-5)
+
+
+PUBLISHED = {
+    # (recipe, view): (jitter, jitter_prob, grayscale_prob, blur_prob, solarize_prob, flip_prob)
+    ("simclr", 0): ((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0, 0.5),
+    ("mocov2", 1): ((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0, 0.5),
+    ("byol", 0): ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, 0.0, 0.5),
+    ("byol", 1): ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2, 0.5),
+    ("byol", 5): ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2, 0.5),
+    ("small", 0): ((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.0, 0.0, 0.5),
+    ("none", 0): ((0.0, 0.0, 0.0, 0.0), 0.0, 0.0, 0.0, 0.0, 0.5),
+    ("eval", 0): ((0.0, 0.0, 0.0, 0.0), 0.0, 0.0, 0.0, 0.0, 0.0),
+}
+
+
+@pytest.mark.parametrize(("key", "settings"), PUBLISHED.items())
+def test_recipe_settings_are_the_published_ones(key, settings):
+    r = make_photometric(*key, MEAN, STD)
+    assert (r.jitter, r.jitter_prob, r.grayscale_prob, r.blur_prob, r.solarize_prob, r.flip_prob) == settings
+    assert r.blur_sigma == (0.1, 2.0) and r.solarize_threshold == 128
 
 
 def test_blur_kernel_is_about_ten_percent_and_odd():
@@ -430,8 +478,13 @@ def test_view_dataset_shapes_and_reproducibility():
 def test_view_dataset_boxes_and_pixels():
     # With the "eval" recipe each view is exactly the normalised resized crop of its returned box.
     data = TinyImages([(40, 30), (70, 50)])
-    ds = ViewDataset(data, MultiCropPlanner(num_large=1, num_small=2), [20, 8, 8],
-                     [make_photometric("eval", v, MEAN, STD) for v in range(3)], return_boxes=True)
+    ds = ViewDataset(
+        data,
+        MultiCropPlanner(num_large=1, num_small=2),
+        [20, 8, 8],
+        [make_photometric("eval", v, MEAN, STD) for v in range(3)],
+        return_boxes=True,
+    )
     torch.manual_seed(0)
     views, _, index, boxes = ds[1]
     assert boxes.shape == (3, 4) and boxes.dtype == torch.float32 and index == 1
@@ -486,9 +539,13 @@ class RandomnessProbe(torch.utils.data.Dataset):
 
 def test_seed_worker_makes_loading_reproducible():
     def run(seed: int) -> list[tuple[int, float, float, float]]:
-        loader = torch.utils.data.DataLoader(RandomnessProbe(), batch_size=None, num_workers=2,
-                                             worker_init_fn=seed_worker,
-                                             generator=torch.Generator().manual_seed(seed))
+        loader = torch.utils.data.DataLoader(
+            RandomnessProbe(),
+            batch_size=None,
+            num_workers=2,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(seed),
+        )
         return [(int(s), float(a), float(b), float(c)) for s, a, b, c in loader]
 
     first, again, other = run(0), run(0), run(1)

@@ -15,7 +15,7 @@ from contrastlab import __version__
 from contrastlab.errors import ContrastlabError
 
 SMOKE_OVERRIDES = [
-    "data.name=demo", "data.root=null", "data.batch_size=8", "data.workers=0",
+    "data.name=demo", "data.root=null", "data.train_split=train", "data.test_split=test", "data.class_list=null", "data.batch_size=8", "data.workers=0",
     "train.epochs=1", "train.max_steps=2", "train.device=cpu", "train.log_every=1",
     "monitor.max_bank=64", "monitor.max_test=32", "monitor.knn_k=10", "monitor.plots=true",
     "linear.epochs=1", "linear.batch_size=16", "overwrite=true",

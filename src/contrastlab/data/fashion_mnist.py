@@ -7,6 +7,7 @@ read-only broadcast view ``[N, 28, 28, 3]`` of the ``[N, 28, 28]`` array read fr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,3 +124,13 @@ class FashionMNIST(ArrayDataset):
         self.classes = list(CLASSES)
         self.targets = [int(v) for v in labels]
         self.data = np.broadcast_to(images[..., None], (*images.shape, 3))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["data"] = np.ascontiguousarray(self.data[..., 0])  # pickle one channel, not three
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        gray = state.pop("data")
+        self.__dict__.update(state)
+        self.data = np.broadcast_to(gray[..., None], (*gray.shape, 3))

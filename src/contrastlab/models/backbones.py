@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torchvision
 from torch import nn
 
 from contrastlab.errors import ConfigError
@@ -29,6 +28,8 @@ _CIFAR_KWARGS = ("width", "zero_init_residual")
 
 def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
     def build(cifar_stem: bool, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+        import torchvision  # imported here: it costs seconds and only these backbones need it
+
         net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
         dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -42,7 +43,9 @@ def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
 
 
 def _cifar(depth: int) -> Callable[..., tuple[nn.Module, int]]:
-    def build(cifar_stem: bool, width: float = 1.0, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+    def build(
+        cifar_stem: bool, width: float = 1.0, zero_init_residual: bool = False
+    ) -> tuple[nn.Module, int]:
         del cifar_stem  # already a 3x3 stride-1 stem without max-pool
         net = cifar_resnet(depth, width=width, zero_init_residual=zero_init_residual)
         return net, net.num_features

@@ -58,7 +58,9 @@ class InfoNCELoss(nn.Module):
         k = F.normalize(k, dim=1)
         pos = (q * k).sum(dim=1, keepdim=True)  # [B, 1]
         neg = q @ negatives.to(q.dtype).T  # [B, K]
-        logits = torch.cat([pos, neg], dim=1).float() / self.temperature
+        similarity = torch.cat([pos, neg], dim=1)
+        # Softmax in at least float32 (bf16/fp16 similarities under autocast lose too much).
+        logits = similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         loss = F.cross_entropy(logits, labels)
         detached = logits.detach()

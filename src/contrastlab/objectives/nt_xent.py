@@ -64,7 +64,9 @@ class NTXentLoss(nn.Module):
         else:
             candidates = local
             offset = 0
-        logits = (local @ candidates.T).float() / self.temperature  # [2B, 2N]
+        similarity = local @ candidates.T  # [2B, 2N]
+        # Softmax in at least float32 (bf16/fp16 similarities under autocast lose too much).
+        logits = similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
         rows = torch.arange(2 * batch, device=logits.device)
         self_idx = rows + offset
         pos_idx = (rows + batch) % (2 * batch) + offset

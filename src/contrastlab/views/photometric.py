@@ -254,5 +254,7 @@ def make_photometric(
     try:
         settings["jitter"] = tuple(float(strength) * float(j) for j in jitter)  # type: ignore[union-attr, arg-type]
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"jitter_strength and jitter must be numbers, got {strength!r}, {jitter!r}") from exc
+        raise ConfigError(
+            f"jitter_strength and jitter must be numbers, got {strength!r}, {jitter!r}"
+        ) from exc
     return PhotometricRecipe(mean=tuple(mean), std=tuple(std), **settings)  # type: ignore[arg-type]

@@ -1,0 +1,154 @@
+"""Two gloo ranks on the CPU: gathered NT-Xent and the MoCo queue against single-process computations.
+
+One spawn (module-scoped fixture) runs every two-rank scenario and saves what each rank saw; the tests
+compare those files with computations on the full global batch in this process.
+
+Gradient convention (DDP): each rank's NT-Xent loss is the mean over its own ``2B`` anchors, and the
+backward of ``gather_with_grad`` sums, into each rank's slice, the gradients of *every* rank's loss. So
+rank ``r`` holds ``d(sum_s loss_s) / d z_r = W * dL / d z_r`` where ``L`` is the single-process loss on
+the global batch (``L = mean_s loss_s`` because every rank has the same number of anchors). DDP then
+averages parameter gradients over the ``W`` ranks, which divides by ``W`` and gives exactly ``dL/dθ``.
+The test therefore checks ``mean_s loss_s == L`` and ``grad_r / W == dL / d z_r``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from contrastlab.memory import FeatureQueue
+from contrastlab.methods import MoCo
+from contrastlab.models import build_backbone
+from contrastlab.objectives import NTXentLoss
+
+WORLD = 2
+B = 3  # per rank
+D = 5
+T = 0.3
+QUEUE = 24  # a multiple of the global batch of 6 keys
+
+
+def _global_embeddings() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(WORLD * B, D, generator=g, dtype=torch.float64), torch.randn(
+        WORLD * B, D, generator=g, dtype=torch.float64
+    )
+
+
+def _global_keys(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    return F.normalize(torch.randn(WORLD * B, D, generator=g), dim=1)
+
+
+def _moco() -> MoCo:
+    torch.manual_seed(0)
+    net, dim = build_backbone("resnet20", width=0.25)
+    return MoCo(net, dim, proj_hidden_dim=16, proj_out_dim=D, queue_size=QUEUE, shuffle_bn=True)
+
+
+def _global_images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(WORLD * B, 3, 8, 8, generator=g), torch.randn(WORLD * B, 3, 8, 8, generator=g)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mine = slice(rank * B, (rank + 1) * B)
+        result: dict[str, object] = {}
+
+        # (a) NT-Xent with negatives gathered from both ranks.
+        z1_all, z2_all = _global_embeddings()
+        z1 = z1_all[mine].clone().requires_grad_(True)
+        z2 = z2_all[mine].clone().requires_grad_(True)
+        loss, info = NTXentLoss(temperature=T, gather_distributed=True)(z1, z2)
+        loss.backward()
+        result.update(
+            loss=loss.detach(), grad1=z1.grad, grad2=z2.grad, pos=info["pos_logits"], neg=info["neg_logits"]
+        )
+
+        # (b) FeatureQueue: two gathered writes of the global batch.
+        queue = FeatureQueue(D, QUEUE)
+        for step in range(2):
+            queue.enqueue(_global_keys(step)[mine], gather_distributed=True)
+        result.update(queue=queue.queue.clone(), ptr=int(queue.ptr))
+
+        # (c) MoCo shuffle-BN: with the key encoder in eval mode, keys come back aligned with the inputs.
+        moco = _moco()
+        x1_all, x2_all = _global_images()
+        moco.key_encoder.eval()
+        with torch.no_grad():
+            result["shuffled_keys"] = moco.compute_keys(x2_all[mine])
+            result["direct_keys"] = F.normalize(moco.key_encoder(x2_all[mine]), dim=1)
+        moco.key_encoder.train()
+
+        # (d) One MoCo training step: the queue is written with the keys of both ranks.
+        out = moco([x1_all[mine], x2_all[mine]], torch.zeros(B, dtype=torch.long), torch.arange(B))
+        out.loss.backward()
+        result.update(
+            moco_keys=out.outputs["keys"], moco_queue=moco.queue.queue.clone(), moco_ptr=int(moco.queue.ptr)
+        )
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_gathered_nt_xent_equals_single_process(ranks: list[dict]) -> None:
+    z1 = _global_embeddings()[0].requires_grad_(True)
+    z2 = _global_embeddings()[1].requires_grad_(True)
+    loss, info = NTXentLoss(temperature=T, gather_distributed=False)(z1, z2)
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+
+    assert sum(r["loss"] for r in ranks).item() / WORLD == pytest.approx(loss.item(), rel=1e-10)
+    for rank, r in enumerate(ranks):
+        mine = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(r["grad1"] / WORLD, g1[mine])
+        torch.testing.assert_close(r["grad2"] / WORLD, g2[mine])
+        # Positives: anchor i of view 1 pairs with sample i of view 2 of the same rank.
+        global_pos = torch.cat([info["pos_logits"][: WORLD * B][mine], info["pos_logits"][WORLD * B :][mine]])
+        torch.testing.assert_close(r["pos"], global_pos)
+        assert r["neg"].shape == (2 * B, 2 * WORLD * B - 2)
+        # Same negative set as the single-process anchor (column order may differ).
+        for a in range(2 * B):
+            view, i = divmod(a, B)
+            global_row = view * WORLD * B + rank * B + i
+            torch.testing.assert_close(
+                r["neg"][a].sort().values, info["neg_logits"][global_row].sort().values
+            )
+
+
+def test_queue_gathered_before_enqueue(ranks: list[dict]) -> None:
+    single = FeatureQueue(D, QUEUE)
+    for step in range(2):
+        single.enqueue(_global_keys(step), gather_distributed=False)
+    for r in ranks:
+        assert torch.equal(r["queue"], single.queue)
+        assert r["ptr"] == int(single.ptr) == 2 * WORLD * B
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
+
+
+def test_moco_shuffle_bn_keeps_keys_aligned(ranks: list[dict]) -> None:
+    for r in ranks:
+        torch.testing.assert_close(r["shuffled_keys"], r["direct_keys"])
+
+
+def test_moco_step_enqueues_global_keys_on_every_rank(ranks: list[dict]) -> None:
+    assert torch.equal(ranks[0]["moco_queue"], ranks[1]["moco_queue"])
+    written = torch.cat([r["moco_keys"] for r in ranks])
+    torch.testing.assert_close(ranks[0]["moco_queue"][: WORLD * B], written, rtol=0, atol=0)
+    initial = _moco().queue.queue
+    assert torch.equal(ranks[0]["moco_queue"][WORLD * B :], initial[WORLD * B :])
+    assert ranks[0]["moco_ptr"] == ranks[1]["moco_ptr"] == WORLD * B

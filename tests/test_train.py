@@ -1,0 +1,135 @@
+"""End-to-end training: every recipe's smoke run, resume continuity, run directory contents, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from contrastlab.cli import _load, main
+from contrastlab.config.load import load_config, recipe_names
+from contrastlab.engine.checkpoint import load_checkpoint
+from contrastlab.engine.trainer import train
+
+torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_passes_smoke(recipe, tmp_path):
+    cfg = _load(recipe, [f"out={tmp_path / 'run'}", "monitor.plots=false"], smoke=True)
+    results = train(cfg, recipe, quiet=True)
+    assert results["steps"] == 2
+    assert torch.isfinite(torch.tensor(results["final_loss"]))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["recipe"] == recipe
+
+
+def _tiny(tmp_path, *extra):
+    return load_config("demo", [
+        f"out={tmp_path}", "data.batch_size=16", "data.workers=0", "data.image_size=16", "train.device=cpu",
+        "model.width=0.25", "train.epochs=3", "train.max_steps=0", "monitor.knn_every=0", "monitor.max_bank=64",
+        "monitor.max_test=32", "monitor.knn_k=5", "monitor.plots=true", "train.log_every=1000",
+        "method.proj_hidden_dim=32", "method.proj_out_dim=16", *extra,
+    ])
+
+
+class _Subset:
+    """Shrinks the demo set so an epoch is a handful of steps."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        import contrastlab.assemble as asm
+
+        self._orig = asm.dataset
+        n = self.n
+
+        def small(cfg, split):
+            ds = self._orig(cfg, split)
+            sub = torch.utils.data.Subset(ds, list(range(n)))
+            sub.classes, sub.targets = ds.classes, [ds.targets[i] for i in range(n)]
+            return sub
+
+        asm.dataset = small
+        return self
+
+    def __exit__(self, *exc):
+        import contrastlab.assemble as asm
+
+        asm.dataset = self._orig
+
+
+def test_resume_continues_the_same_loss_sequence(tmp_path):
+    with _Subset(64):
+        full = train(_tiny(tmp_path / "full"), quiet=True)
+        losses_full = [r["loss"] for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())]
+        # an interrupted run: stop after the first epoch, then resume=auto to the end
+        train(_tiny(tmp_path / "part", "train.epochs=1"), quiet=True)
+        cfg = _tiny(tmp_path / "part", "resume=auto")
+        resumed = train(cfg, quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["loss"] for r in records] == pytest.approx(losses_full, rel=1e-5, abs=1e-6)
+    assert resumed["steps"] == full["steps"] == 3 * 4
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["method"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["method"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_run_directory_contents(tmp_path):
+    with _Subset(64):
+        train(_tiny(tmp_path, "train.epochs=2", "monitor.knn_every=1"), quiet=True)
+    for name in ["config.yaml", "run.json", "metrics.jsonl", "results.json", "checkpoints/last.pt", "plots/loss.png",
+                 "plots/knn_top1.png"]:
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"epoch", "loss", "lr", "img_per_s", "knn_top1"} <= set(r)
+    assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+    # the saved config re-runs as a recipe
+    assert load_config(str(tmp_path / "config.yaml")).train.epochs == 2
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    with _Subset(32):
+        train(_tiny(tmp_path, "train.epochs=1"), quiet=True)
+    code = main(["train", "demo", f"out={tmp_path}", "train.epochs=1"])
+    assert code == 2
+    assert "resume=auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "demo", "optim.lrr=1"], "optim.lr"),
+    (["train", "cifar10/simclr_r18_500ep", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["eval", "knn", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
+    (["train", "no/such_recipe"], "unknown recipe"),
+])
+def test_cli_errors_are_clear(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("contrastlab: error:") and needle in err
+    assert "Traceback" not in err
+
+
+def test_cli_eval_knn_and_linear(tmp_path, capsys):
+    with _Subset(64):
+        train(_tiny(tmp_path / "run", "train.epochs=1"), quiet=True)
+        ck = str(tmp_path / "run" / "checkpoints" / "last.pt")
+        assert main(["eval", "knn", ck, "monitor.knn_k=5"]) == 0
+        knn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert 0 <= knn["knn_top1"] <= 100 and knn["knn_k"] == 5
+        assert main(["eval", "linear", ck, "linear.epochs=2", "linear.batch_size=16"]) == 0
+    lin = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lin["backbone_unchanged"] is True and lin["reported_epoch"] == 2
+    assert (tmp_path / "run" / "eval_linear_demo.json").is_file()
+
+
+def test_cli_recipes_lists_all(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(recipe_names())
+    assert all(len(line.split(None, 1)) == 2 for line in lines)
