@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine (Python >= 3.10 with venv):
+#   make demo   - create .venv, install contrastlab, train the demo on the embedded data
+#   make test   - create .venv, install contrastlab with test tools, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.contrastlab-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/contrastlab demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs
