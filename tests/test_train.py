@@ -133,3 +133,24 @@ def test_cli_recipes_lists_all(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(recipe_names())
     assert all(len(line.split(None, 1)) == 2 for line in lines)
+
+
+def test_torchrun_two_gloo_ranks_train_a_recipe(tmp_path):
+    """`torchrun --nproc-per-node 2 -m contrastlab train` runs DDP on CPU (gloo): MoCo's shuffle-BN and queue gather."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "contrastlab", "train", "cifar10/mocov2_r18_500ep", "--smoke", f"out={tmp_path}",
+           "monitor.plots=false", "method.queue_size=64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only rank 0 reports
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["derived"]["world_size"] == 2 and run["derived"]["per_rank_batch_size"] == 4
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["method"]
+    assert state["queue.queue"].shape[0] == 64
+    assert int(state["queue.ptr"]) == 2 * 8  # 2 steps, keys of the global batch (2 ranks x 4) gathered

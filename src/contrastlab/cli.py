@@ -68,8 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.show:
         print(dump_config(cfg), end="")
         return 0
+    from contrastlab.engine.distributed import is_main_process
+
     results = train(cfg, args.recipe)
-    if results:
+    if is_main_process():
         print(json.dumps(results))
     return 0
 
@@ -219,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow flags such as --smoke
+    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except ContrastlabError as exc:

@@ -56,5 +56,5 @@ def derive(cfg: Config, world_size: int, dataset_len: int) -> Derived:
     total = steps * cfg.train.epochs
     if cfg.train.max_steps > 0:
         total = min(total, cfg.train.max_steps)
-    warmup = int(round(cfg.optim.warmup_epochs * steps))
+    warmup = round(cfg.optim.warmup_epochs * steps)
     return Derived(world_size, batch, per_rank, scaled_lr(cfg), steps, total, warmup)

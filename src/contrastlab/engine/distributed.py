@@ -1,8 +1,9 @@
 """Distributed helpers: process group set-up under torchrun, rank queries and gathers.
 
 Gathers that must carry gradients (SimCLR's negatives, MoCo v3's keys) use
-:func:`gather_with_grad`, which is built on ``torch.distributed.nn.functional.all_gather``
-(autograd-aware: each rank receives the gradient of its own slice). Gathers that feed buffers
+:func:`gather_with_grad`, an autograd function of our own: the backward pass sums the gradient of the
+gathered tensor over all ranks and returns each rank the slice of its own input (the semantics of the
+now-deprecated ``torch.distributed.nn.functional.all_gather``). Gathers that feed buffers
 (queues, memory banks) use :func:`gather_no_grad`. Both return the input unchanged when no process
 group is initialised, so every building block works in a single process.
 """
@@ -47,9 +48,25 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(x)
 
-    return torch.cat(all_gather(x), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces the gradient and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.batch = x.shape[0]
+        out = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = get_rank() * ctx.batch
+        return grad[start:start + ctx.batch]
 
 
 @torch.no_grad()

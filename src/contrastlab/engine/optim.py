@@ -8,7 +8,8 @@ applies to 1-D parameters (biases and normalisation weights), which parameter gr
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -41,8 +42,8 @@ class LARS(torch.optim.Optimizer):
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
     ) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                        trust_coefficient=trust_coefficient, exclude_from_lars=False)
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                        "trust_coefficient": trust_coefficient, "exclude_from_lars": False}
         super().__init__(params, defaults)
 
     @torch.no_grad()

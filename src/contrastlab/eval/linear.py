@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from contrastlab.config.schema import LinearConfig
 from contrastlab.engine.optim import LARS
-from contrastlab.eval.features import extract_features
 from contrastlab.errors import ConfigError
+from contrastlab.eval.features import extract_features
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -100,7 +100,7 @@ def linear_probe(
     else:
         opt = LARS(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader_kw = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": device.type == "cuda"}
     test_feats, test_labels = extract_features(backbone, DataLoader(test_set, shuffle=False, **loader_kw), device)
     if cfg.augment:
         g = torch.Generator().manual_seed(seed)

@@ -37,8 +37,8 @@ class KNNMonitor:
                  max_bank: int = 0, max_test: int = 0, device: torch.device | str = "cpu") -> None:
         self.k, self.temperature, self.num_classes = k, temperature, num_classes
         self.device = torch.device(device)
-        loader_kw = dict(batch_size=batch_size, shuffle=False, num_workers=workers,
-                         persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+        loader_kw = {"batch_size": batch_size, "shuffle": False, "num_workers": workers,
+                         "persistent_workers": workers > 0, "pin_memory": self.device.type == "cuda"}
         self.bank_loader = DataLoader(_subset(bank_set, max_bank, 0), **loader_kw)
         self.test_loader = DataLoader(_subset(test_set, max_test, 1), **loader_kw)
 
