@@ -64,6 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from contrastlab.config.load import dump_config
     from contrastlab.engine.trainer import train
 
+    from contrastlab.config.load import is_linear_recipe
+
+    if is_linear_recipe(args.recipe):
+        raise ContrastlabError(f"{args.recipe} is a linear-probe recipe; run it with "
+                               f"`contrastlab eval linear CHECKPOINT --recipe {args.recipe}`")
     cfg = _load(args.recipe, args.overrides, args.smoke)
     if args.show:
         print(dump_config(cfg), end="")
@@ -111,11 +116,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _eval_config(args: argparse.Namespace):
     import yaml
 
-    from contrastlab.config.load import config_from_dict, parse_override, set_dotted
+    from contrastlab.config.load import config_from_dict, linear_section, parse_override, set_dotted
     from contrastlab.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     tree = yaml.safe_load(ckpt["config"])
+    if getattr(args, "recipe", None):
+        tree["linear"] = {**tree.get("linear", {}), **linear_section(args.recipe)}
     if args.data:
         tree["data"]["name"] = args.data
         tree["data"].setdefault("class_list", None)
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=./data linear.epochs=100")
     p.add_argument("--data", help="dataset name to evaluate on (default: the training dataset)")
+    p.add_argument("--recipe", help="linear-probe recipe (linear/<name>) whose protocol replaces the run's own")
     p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>.json)")
     p.set_defaults(func=cmd_eval)
 

@@ -39,6 +39,25 @@ def recipe_names() -> list[str]:
     return sorted(n for n in names if not n.startswith("_"))
 
 
+LINEAR_PREFIX = "linear/"
+
+
+def is_linear_recipe(recipe: str) -> bool:
+    """Linear-probe recipes (``linear/<name>``) hold only a ``linear:`` section, for ``eval linear --recipe``."""
+    return recipe.startswith(LINEAR_PREFIX)
+
+
+def linear_section(recipe: str) -> dict[str, Any]:
+    """The ``linear:`` mapping of a linear-probe recipe."""
+    if not is_linear_recipe(recipe):
+        raise ConfigError(f"{recipe!r} is not a linear-probe recipe; those are named {LINEAR_PREFIX}<name> "
+                          "(see `contrastlab recipes`)")
+    section = read_recipe(recipe).get("linear")
+    if not isinstance(section, dict):
+        raise ConfigError(f"linear-probe recipe {recipe!r} has no 'linear:' mapping")
+    return section
+
+
 def recipe_path(recipe: str) -> Path:
     """The YAML file of a recipe name or path; ConfigError naming the nearest recipes if absent."""
     as_path = Path(recipe)
