@@ -61,10 +61,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from contrastlab.config.load import dump_config
+    from contrastlab.config.load import dump_config, is_linear_recipe
     from contrastlab.engine.trainer import train
-
-    from contrastlab.config.load import is_linear_recipe
 
     if is_linear_recipe(args.recipe):
         raise ContrastlabError(f"{args.recipe} is a linear-probe recipe; run it with "
