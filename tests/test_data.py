@@ -521,3 +521,11 @@ def test_registry_names_splits_and_stats() -> None:
         build_dataset("tiny_imagenet", "/nowhere", "test")
     with pytest.raises(DatasetError, match="needs a root"):
         build_dataset("cifar100", None, "train")
+
+
+def test_unknown_dataset_option_is_a_dataset_error():
+    from contrastlab.data import build_dataset
+    from contrastlab.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="class_list"):
+        build_dataset("demo", None, "train", class_list="x.txt")

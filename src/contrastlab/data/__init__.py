@@ -8,6 +8,7 @@ expected layout and where to get the data.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,11 @@ def build_dataset(name: str, root: PathLike | None, split: str, **kwargs: Any) -
         close = difflib.get_close_matches(str(name), DATASETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DatasetError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASETS)}")
+    accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters if p not in ("root", "split")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise DatasetError(f"dataset {name!r} takes no option {', '.join(map(repr, unknown))}; "
+                           f"its options: {', '.join(accepted) or 'none'}")
     return _REGISTRY[name](root, split=split, **kwargs)
 
 
