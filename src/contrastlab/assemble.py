@@ -6,6 +6,7 @@ blocks themselves stay free of config objects and usable on their own.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -15,6 +16,7 @@ from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
 from contrastlab.methods import build_method
 from contrastlab.methods.base import Method
 from contrastlab.models.backbones import build_backbone
+from contrastlab.observers.knn_monitor import KNNMonitor
 from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
 
 
@@ -58,6 +60,15 @@ def evaluation_views(cfg: Config, base: Dataset) -> Dataset:
     """One deterministic view per image for kNN and feature extraction."""
     mean, std = normalization(cfg)
     return eval_view_dataset(base, image_size(cfg), mean, std, crop_fraction=cfg.linear.crop_fraction)
+
+
+def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: torch.device,
+                batch_size: int = 256) -> KNNMonitor:
+    """The kNN monitor of ``cfg.monitor`` over evaluation views of the bank and test datasets."""
+    m = cfg.monitor
+    return KNNMonitor(evaluation_views(cfg, bank_base), evaluation_views(cfg, test_base), len(bank_base.classes),
+                      k=m.knn_k, temperature=m.knn_temperature, batch_size=batch_size, workers=cfg.data.workers,
+                      max_bank=m.max_bank, max_test=m.max_test, device=device)
 
 
 def backbone(cfg: Config) -> tuple[nn.Module, int]:

@@ -85,17 +85,12 @@ def random_init_knn(cfg) -> float:
 
     from contrastlab import assemble
     from contrastlab.engine.trainer import select_device
-    from contrastlab.observers.knn_monitor import KNNMonitor
-
     device = select_device(cfg.train.device)
     bank = assemble.dataset(cfg, cfg.data.train_split)
     test = assemble.dataset(cfg, cfg.data.test_split)
     torch.manual_seed(cfg.seed)
     method = assemble.method(cfg, len(bank.classes)).to(device)
-    monitor = KNNMonitor(assemble.evaluation_views(cfg, bank), assemble.evaluation_views(cfg, test), len(bank.classes),
-                         k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature, workers=cfg.data.workers,
-                         max_bank=cfg.monitor.max_bank, max_test=cfg.monitor.max_test, device=device)
-    return monitor.evaluate(method.backbone)
+    return assemble.knn_monitor(cfg, bank, test, device).evaluate(method.backbone)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -147,12 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name,
             "train_split": cfg.data.train_split, "test_split": cfg.data.test_split}
     if args.kind == "knn":
-        from contrastlab.observers.knn_monitor import KNNMonitor
-
-        m = cfg.monitor
-        monitor = KNNMonitor(assemble.evaluation_views(cfg, train_base), assemble.evaluation_views(cfg, test_base),
-                             num_classes, k=m.knn_k, temperature=m.knn_temperature, workers=cfg.data.workers,
-                             max_bank=m.max_bank, max_test=m.max_test, device=device)
+        monitor = assemble.knn_monitor(cfg, train_base, test_base, device)
         result = {"knn_top1": monitor.evaluate(net), **monitor.describe(), **info}
     else:
         from contrastlab.eval.linear import linear_probe

@@ -41,7 +41,6 @@ from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_che
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.schedules import ema_momentum, learning_rate
 from contrastlab.errors import ConfigError, ContrastlabError
-from contrastlab.observers.knn_monitor import KNNMonitor
 from contrastlab.observers.metrics_log import MetricsLog
 from contrastlab.observers.progress import Progress
 from contrastlab.observers.tensorboard import TensorBoardLog
@@ -186,12 +185,9 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
 
     monitor = None
     mon = cfg.monitor
-    if main and num_classes > 1:
-        bank = assemble.evaluation_views(cfg, assemble.dataset(cfg, cfg.data.train_split))
-        test = assemble.evaluation_views(cfg, assemble.dataset(cfg, cfg.data.test_split))
-        monitor = KNNMonitor(bank, test, num_classes, k=mon.knn_k, temperature=mon.knn_temperature,
-                             batch_size=max(64, d.per_rank_batch_size), workers=cfg.data.workers,
-                             max_bank=mon.max_bank, max_test=mon.max_test, device=device)
+    if main and num_classes > 1:  # the training split's raw dataset doubles as the kNN bank (no second scan)
+        monitor = assemble.knn_monitor(cfg, base_train, assemble.dataset(cfg, cfg.data.test_split), device,
+                                       batch_size=max(64, d.per_rank_batch_size))
 
     log(f"training {recipe}: {len(train_set)} images, global batch {d.global_batch_size} on {world} rank(s), "
         f"lr {d.lr:.4g}, {d.total_steps} steps, device {device}, out {out}")
