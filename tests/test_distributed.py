@@ -21,8 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from contrastlab.engine.trainer import broadcast_ignored_buffers, wrap_ddp
 from contrastlab.memory import FeatureQueue
-from contrastlab.methods import MoCo
+from contrastlab.methods import CaCo, MoCo
 from contrastlab.models import build_backbone
 from contrastlab.objectives import NTXentLoss
 
@@ -54,6 +55,30 @@ def _moco() -> MoCo:
 def _global_images() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     return torch.randn(WORLD * B, 3, 8, 8, generator=g), torch.randn(WORLD * B, 3, 8, 8, generator=g)
+
+
+CACO_STEPS = 3
+
+
+def _caco(warm_start: bool) -> CaCo:
+    torch.manual_seed(0)
+    net, dim = build_backbone("resnet20", width=0.25)
+    method = CaCo(net, dim, proj_hidden_dim=16, proj_out_dim=D, memory_size=2 * WORLD * B, warm_start=warm_start)
+    method.memory_lr = 0.5
+    return method.eval()  # BatchNorm on running statistics: each sample's output is independent of the split
+
+
+def _run_caco(method: CaCo, model: torch.nn.Module, rows: slice) -> None:
+    """CACO_STEPS SGD steps on the global images restricted to ``rows`` (a rank's slice, or everything)."""
+    opt = torch.optim.SGD(method.param_groups(), lr=0.1)
+    for step in range(CACO_STEPS):
+        g = torch.Generator().manual_seed(300 + step)
+        x1, x2 = (torch.randn(WORLD * B, 3, 8, 8, generator=g) for _ in range(2))
+        out = model([x1[rows], x2[rows]], torch.zeros(B, dtype=torch.long), torch.arange(B))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.after_optimizer_step(0.9)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -94,6 +119,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         result.update(
             moco_keys=out.outputs["keys"], moco_queue=moco.queue.queue.clone(), moco_ptr=int(moco.queue.ptr)
         )
+        # (e) CaCo under DDP: memories that start different (the upstream --ad_init 0 bug) are broadcast, then
+        # stay identical through warm-start writes and memory steps.
+        for warm in (False, True):
+            caco = _caco(warm)
+            caco.memory.weight.copy_(torch.randn(caco.memory.weight.shape,
+                                                 generator=torch.Generator().manual_seed(1000 + rank)))
+            result[f"caco_initial_{warm}"] = caco.memory.weight.clone()
+            broadcast_ignored_buffers(caco)
+            ddp = wrap_ddp(caco, torch.device("cpu"))
+            result["ddp_ignored"] = sorted(ddp.parameters_to_ignore)
+            _run_caco(caco, ddp, mine)
+            result[f"caco_memory_{warm}"] = caco.memory.weight.clone()
+            result[f"caco_velocity_{warm}"] = caco.memory.velocity.clone()
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -152,3 +190,17 @@ def test_moco_step_enqueues_global_keys_on_every_rank(ranks: list[dict]) -> None
     initial = _moco().queue.queue
     assert torch.equal(ranks[0]["moco_queue"][WORLD * B :], initial[WORLD * B :])
     assert ranks[0]["moco_ptr"] == ranks[1]["moco_ptr"] == WORLD * B
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_caco_memory_identical_across_ranks_and_equal_to_single_process(ranks: list[dict], warm: bool) -> None:
+    assert ranks[0]["ddp_ignored"] == ["memory.velocity", "memory.weight"]  # DDP never re-broadcasts the memory
+    assert not torch.equal(ranks[0][f"caco_initial_{warm}"], ranks[1][f"caco_initial_{warm}"])
+    assert torch.equal(ranks[0][f"caco_memory_{warm}"], ranks[1][f"caco_memory_{warm}"])
+    assert torch.equal(ranks[0][f"caco_velocity_{warm}"], ranks[1][f"caco_velocity_{warm}"])
+    single = _caco(warm)
+    single.memory.weight.copy_(ranks[0][f"caco_initial_{warm}"])  # rank 0's memory is what every rank starts from
+    _run_caco(single, single, slice(None))
+    assert single.memory.velocity.abs().sum() > 0  # the memory really learned, after the warm start if any
+    torch.testing.assert_close(ranks[0][f"caco_memory_{warm}"], single.memory.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0][f"caco_velocity_{warm}"], single.memory.velocity, rtol=1e-4, atol=1e-5)

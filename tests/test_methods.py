@@ -33,6 +33,7 @@ def _small(name: str) -> dict:
     return {
         "simclr": {"proj_hidden_dim": 32, "proj_out_dim": 8},
         "moco": {"proj_hidden_dim": 32, "proj_out_dim": 8, "queue_size": 16},
+        "caco": {"proj_hidden_dim": 32, "proj_out_dim": 8, "memory_size": 16, "warm_start": False},
         "byol": {"proj_hidden_dim": 32, "proj_out_dim": 8, "pred_hidden_dim": 16},
         "simsiam": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 8},
         "supervised": {"num_classes": 3},
@@ -58,9 +59,22 @@ def test_forward_backward(name: str) -> None:
     for value in list(out.outputs.values()) + list(out.parts.values()):
         assert not value.requires_grad
     assert method.backbone is net and method.feature_dim == dim == 16
-    if name in ("simclr", "moco"):
+    if name in ("simclr", "moco", "caco"):
         pos, neg = out.outputs["pos_logits"], out.outputs["neg_logits"]
         assert pos.dim() == 1 and neg.dim() == 2 and pos.shape[0] == neg.shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_forward_backward_under_bf16_autocast(name: str) -> None:
+    """The recipes' bf16 mixed precision (smoke runs use fp32 on the CPU): losses come out in float32."""
+    torch.manual_seed(0)
+    net, dim = _backbone()
+    method = build_method(name, net, dim, **_small(name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(_views(), _labels(), torch.arange(B))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert method.backbone.conv1.weight.grad is not None
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -303,4 +317,4 @@ def test_build_method_errors() -> None:
         build_method("supervised", net, dim)
     method = build_method("moco", net, dim, proj_hidden_dim=16, proj_out_dim=4, queue_size=32, symmetric=True)
     assert isinstance(method, MoCo) and method.symmetric and method.queue.size == 32
-    assert set(METHODS) == {"simclr", "moco", "byol", "simsiam", "supervised"}
+    assert set(METHODS) == {"simclr", "moco", "byol", "simsiam", "caco", "supervised"}

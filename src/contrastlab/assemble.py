@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset
 from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
+from contrastlab.data.subsets import class_balanced_subset
 from contrastlab.methods import build_method
 from contrastlab.methods.base import Method
 from contrastlab.models.backbones import build_backbone
@@ -24,6 +25,15 @@ def dataset(cfg: Config, split: str) -> Dataset:
     """The raw dataset of ``split`` (``(PIL image, label, index)`` items)."""
     kwargs = {"class_list": cfg.data.class_list} if cfg.data.name == "imagefolder" else {}
     return build_dataset(cfg.data.name, cfg.data.root, split, **kwargs)
+
+
+def labeled_dataset(cfg: Config, train_base: Dataset | None = None) -> Dataset:
+    """The labelled training split (kNN bank, linear-probe training): ``data.labeled_split`` or the training
+    split (``train_base`` when given, so it is not loaded twice)."""
+    split = cfg.data.labeled_split or cfg.data.train_split
+    if train_base is not None and split == cfg.data.train_split:
+        return train_base
+    return dataset(cfg, split)
 
 
 def image_size(cfg: Config) -> int:
@@ -66,9 +76,12 @@ def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: tor
                 batch_size: int = 256) -> KNNMonitor:
     """The kNN monitor of ``cfg.monitor`` over evaluation views of the bank and test datasets."""
     m = cfg.monitor
-    return KNNMonitor(evaluation_views(cfg, bank_base), evaluation_views(cfg, test_base), len(bank_base.classes),
+    bank: Dataset = evaluation_views(cfg, bank_base)
+    if m.bank_fraction < 1.0:
+        bank = Subset(bank, class_balanced_subset(bank_base.targets, m.bank_fraction))
+    return KNNMonitor(bank, evaluation_views(cfg, test_base), len(bank_base.classes),
                       k=m.knn_k, temperature=m.knn_temperature, batch_size=batch_size, workers=cfg.data.workers,
-                      max_bank=m.max_bank, max_test=m.max_test, device=device)
+                      max_bank=m.max_bank, max_test=m.max_test, bank_fraction=m.bank_fraction, device=device)
 
 
 def backbone(cfg: Config) -> tuple[nn.Module, int]:

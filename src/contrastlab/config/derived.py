@@ -20,6 +20,8 @@ class Derived:
     global_batch_size: int
     per_rank_batch_size: int
     lr: float  #: the learning rate actually used at the peak of the schedule
+    final_lr: float  #: the cosine end value, scaled like ``lr``
+    warmup_start_lr: float  #: the warm-up start value, scaled like ``lr``
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -28,11 +30,14 @@ class Derived:
         return asdict(self)
 
 
+def lr_scale(cfg: Config) -> float:
+    """``batch_size / base_batch_size`` when ``optim.scale_lr`` (linear scaling, Goyal et al. 2017), else 1."""
+    return cfg.data.batch_size / cfg.optim.base_batch_size if cfg.optim.scale_lr else 1.0
+
+
 def scaled_lr(cfg: Config) -> float:
     """``optim.lr`` scaled linearly by ``batch_size / base_batch_size`` when ``optim.scale_lr``."""
-    if cfg.optim.scale_lr:
-        return cfg.optim.lr * cfg.data.batch_size / cfg.optim.base_batch_size
-    return cfg.optim.lr
+    return cfg.optim.lr * lr_scale(cfg)
 
 
 def derive(cfg: Config, world_size: int, dataset_len: int) -> Derived:
@@ -57,4 +62,6 @@ def derive(cfg: Config, world_size: int, dataset_len: int) -> Derived:
     if cfg.train.max_steps > 0:
         total = min(total, cfg.train.max_steps)
     warmup = round(cfg.optim.warmup_epochs * steps)
-    return Derived(world_size, batch, per_rank, scaled_lr(cfg), steps, total, warmup)
+    scale = lr_scale(cfg)
+    return Derived(world_size, batch, per_rank, cfg.optim.lr * scale, cfg.optim.final_lr * scale,
+                   cfg.optim.warmup_start_lr * scale, steps, total, warmup)

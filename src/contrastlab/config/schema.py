@@ -22,6 +22,7 @@ class DataConfig:
     root: str | None = None  #: folder holding the dataset files (unused by ``demo``)
     train_split: str = "train"  #: split used for pre-training (and as the kNN bank)
     test_split: str = "test"  #: split used for kNN / linear-probe accuracy
+    labeled_split: str | None = None  #: labelled split for the kNN bank and linear-probe training; None = train_split
     class_list: str | None = None  #: ImageFolder subset file (one class folder per line)
     batch_size: int = 256  #: GLOBAL batch size, split evenly over ranks
     workers: int = 4  #: DataLoader workers per rank
@@ -82,8 +83,8 @@ class OptimConfig:
     lars_trust_coefficient: float = 0.001
     schedule: str = "cosine"  #: cosine | step | constant
     warmup_epochs: float = 0.0  #: linear warm-up, per iteration
-    warmup_start_lr: float = 0.0
-    final_lr: float = 0.0  #: cosine end value
+    warmup_start_lr: float = 0.0  #: scaled with ``lr`` (per-iteration warm-up only)
+    final_lr: float = 0.0  #: cosine end value, scaled with ``lr`` (CaCo: lr 0.3 -> final 0.003)
     milestones: list[int] = field(default_factory=list)  #: step schedule: epochs
     gamma: float = 0.1  #: step schedule factor
     clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
@@ -99,6 +100,7 @@ class TrainConfig:
     precision: str = "fp32"  #: fp32 | bf16 | fp16
     ema_momentum: float = 0.99  #: momentum encoders (MoCo, BYOL)
     ema_schedule: str = "constant"  #: constant | cosine (to 1.0, BYOL)
+    schedule_unit: str = "step"  #: step | epoch: whether lr, EMA momentum and method schedules change per step or per epoch
     checkpoint_every: int = 10  #: epochs between numbered checkpoints (last.pt is written every epoch)
     log_every: int = 20  #: steps between progress lines
     deterministic: bool = False  #: torch.use_deterministic_algorithms
@@ -109,11 +111,15 @@ class MonitorConfig:
     """Online kNN monitor (Wu et al. 2018 weighted voting) on backbone features."""
 
     knn_every: int = 10  #: epochs between evaluations; 0 disables; the last epoch is always evaluated
+    knn_every_epoch_until: int = 0  #: also evaluate after every epoch up to this one (CaCo: 20)
     knn_k: int = 200
     knn_temperature: float = 0.1
+    bank_fraction: float = 1.0  #: bank = the first fraction of each class of the training split (CaCo: 0.2)
     max_bank: int = 0  #: use at most this many training images as the bank (0 = all)
     max_test: int = 0  #: use at most this many test images (0 = all)
     plots: bool = True  #: training-curve PNGs at the end of the run
+    collapse_threshold: float = 0.0  #: stop when kNN top-1 (%) <= this at epoch >= collapse_after_epoch; 0 = off
+    collapse_after_epoch: int = 20  #: first epoch the collapse guard may stop the run (CaCo: 20)
 
 
 @dataclass
@@ -123,7 +129,7 @@ class LinearConfig:
     epochs: int = 100
     batch_size: int = 256
     lr: float = 10.0
-    optimizer: str = "sgd"  #: sgd | lars
+    optimizer: str = "sgd"  #: sgd | lars | larc (LARC-wrapped SGD, CaCo)
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"  #: cosine | step | constant

@@ -18,6 +18,7 @@ from contrastlab.data.demo import Demo
 from contrastlab.data.fashion_mnist import FashionMNIST
 from contrastlab.data.imagefolder import ImageFolder
 from contrastlab.data.layout import PathLike
+from contrastlab.data.samplers import ClassIndex, MPerClassSampler
 from contrastlab.data.stl10 import STL10
 from contrastlab.data.tiny_imagenet import TinyImageNet
 from contrastlab.errors import DatasetError
@@ -71,11 +72,13 @@ __all__ = [
     "STL10",
     "UNLABELED",
     "ArrayDataset",
+    "ClassIndex",
     "Demo",
     "FashionMNIST",
     "FileDataset",
     "ImageDataset",
     "ImageFolder",
+    "MPerClassSampler",
     "TinyImageNet",
     "build_dataset",
 ]

@@ -73,6 +73,49 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class LARC(torch.optim.SGD):
+    """SGD behind LARC's gradient scaling, scaling mode (apex ``LARC(clip=False)``), as CaCo's linear probe.
+
+    Before the SGD step, every parameter ``p`` with ``||p|| > 0`` and ``||g|| > 0`` (biases included) gets
+    ``g <- (g + wd * p) * eta * ||p|| / (||g|| + wd * ||p|| + eps)``; the SGD step itself applies no weight
+    decay. A parameter whose norm or gradient norm is zero (a zero-initialised bias at the first step) takes
+    the plain SGD step. You et al. 2017 (LARS); CaCo (Wang & Qi, TPAMI 2023), ``ops/LARS.py`` upstream.
+
+    Args:
+        params: parameters or groups.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty, folded into the scaled gradient.
+        trust_coefficient: ``eta`` (CaCo: 0.001).
+        eps: added to the denominator of the local rate.
+
+    Example:
+        >>> opt = LARC(classifier.parameters(), lr=0.4, momentum=0.9)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
+        for group in self.param_groups:
+            group.setdefault("larc_weight_decay", weight_decay)
+            group.setdefault("trust_coefficient", trust_coefficient)
+            group.setdefault("larc_eps", eps)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            wd = group["larc_weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p_norm = torch.linalg.vector_norm(p)
+                g_norm = torch.linalg.vector_norm(p.grad)
+                if p_norm > 0 and g_norm > 0:
+                    rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
+                    p.grad.add_(p, alpha=wd).mul_(rate)
+        return super().step(closure)
+
+
 def _split_weight_decay(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Move 1-D parameters of each group into a twin group with weight decay 0."""
     out = []

@@ -1,6 +1,9 @@
-"""Per-iteration schedules: learning rate (warm-up + cosine / step / constant) and EMA momentum.
+"""Schedules: learning rate (warm-up + cosine / step / constant) and EMA momentum.
 
-All schedules are pure functions of the global step, so a resumed run recomputes them exactly.
+Per iteration by default (:func:`learning_rate`, :func:`ema_momentum` of the global step); with
+``train.schedule_unit=epoch`` the trainer holds each value for a whole epoch (:func:`epoch_learning_rate`,
+and :func:`ema_momentum` at the epoch's first step), as CaCo's released code does. All are pure
+functions of the position in training, so a resumed run recomputes them exactly.
 """
 
 from __future__ import annotations
@@ -42,6 +45,36 @@ def learning_rate(
         return base_lr * gamma**passed
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_learning_rate(
+    epoch: int,
+    *,
+    base_lr: float,
+    total_epochs: int,
+    warmup_epochs: float = 0.0,
+    schedule: str = "cosine",
+    final_lr: float = 0.0,
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Learning rate held for all of epoch ``epoch`` (0-based): schedules that change once per epoch.
+
+    As CaCo's released ``adjust_learning_rate2``: warm-up gives ``base_lr * (epoch + 1) / warmup_epochs``
+    (so the first epoch does not train at rate 0), then cosine from ``base_lr`` to ``final_lr`` over the
+    remaining ``total_epochs - warmup_epochs`` epochs; step multiplies by ``gamma`` at each milestone
+    epoch; constant keeps ``base_lr``.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    if schedule == "constant":
+        return base_lr
+    if schedule == "step":
+        return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+    progress = min(1.0, (epoch - warmup_epochs) / max(1e-12, total_epochs - warmup_epochs))
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 

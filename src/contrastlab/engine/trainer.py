@@ -39,8 +39,9 @@ from contrastlab.config.schema import Config
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
-from contrastlab.engine.schedules import ema_momentum, learning_rate
+from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate, learning_rate
 from contrastlab.errors import ConfigError, ContrastlabError
+from contrastlab.methods.base import Method
 from contrastlab.observers.metrics_log import MetricsLog
 from contrastlab.observers.progress import Progress
 from contrastlab.observers.tensorboard import TensorBoardLog
@@ -51,6 +52,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(ContrastlabError, FloatingPointError):
     """The loss became NaN or infinite."""
+
+
+class CollapseError(ContrastlabError):
+    """The kNN collapse guard stopped a run whose representation collapsed."""
+
+
+SCHEDULE_UNITS = ("step", "epoch")
 
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:
@@ -117,6 +125,24 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def wrap_ddp(method: Method, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP around ``method``, told to leave alone the buffers the method keeps in sync itself.
+
+    Queues and memories (``method.ddp_ignored_buffers()``) are identical on every rank by construction;
+    DDP's default would re-broadcast them from rank 0 at every forward, a full copy per step.
+    """
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        method, method.ddp_ignored_buffers())
+    return nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_ignored_buffers(method: Method) -> None:
+    """Copy rank 0's queues and memories to every rank (after building or resuming; no-op in one process)."""
+    buffers = dict(method.named_buffers())
+    for name in method.ddp_ignored_buffers():
+        dist.broadcast_(buffers[name], src=0)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -134,6 +160,8 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
     log = (lambda *a: None) if (quiet or not main) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
+    if cfg.train.schedule_unit not in SCHEDULE_UNITS:
+        raise ConfigError(f"train.schedule_unit must be step or epoch, got {cfg.train.schedule_unit!r}")
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -153,9 +181,8 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
     model: nn.Module = method
     if world > 1:
         if cfg.model.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            method = model
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        model = wrap_ddp(method, device)
     optimizer = build_optimizer(method.param_groups(), cfg.optim, d.lr)
     amp_dtype = PRECISIONS[cfg.train.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16" and device.type == "cuda")
@@ -169,6 +196,7 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+    broadcast_ignored_buffers(method)  # every rank starts from rank 0's queue / memory
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -186,13 +214,57 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
     monitor = None
     mon = cfg.monitor
     if main and num_classes > 1:  # the training split's raw dataset doubles as the kNN bank (no second scan)
-        monitor = assemble.knn_monitor(cfg, base_train, assemble.dataset(cfg, cfg.data.test_split), device,
+        monitor = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train),
+                                       assemble.dataset(cfg, cfg.data.test_split), device,
                                        batch_size=max(64, d.per_rank_batch_size))
 
     log(f"training {recipe}: {len(train_set)} images, global batch {d.global_batch_size} on {world} rank(s), "
         f"lr {d.lr:.4g}, {d.total_steps} steps, device {device}, out {out}")
     progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every, enabled=main and not quiet)
     milestones = tuple(m * d.steps_per_epoch for m in cfg.optim.milestones)
+    per_epoch = cfg.train.schedule_unit == "epoch"
+    mf = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+
+    def train_step(views, labels, index, lr: float, where: str):
+        """Forward, backward and optimiser step on one batch; the method's StepOutput."""
+        set_learning_rate(optimizer, lr, d.lr)
+        views = [v.to(device, non_blocking=True, memory_format=mf) for v in views]
+        labels, index = labels.to(device), index.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            result = model(views, labels, index)
+        loss = result.loss
+        if not torch.isfinite(loss.detach()):
+            parts = {k: float(v) for k, v in result.parts.items()}
+            raise NonFiniteLossError(f"loss is {loss.item()} at {where}; parts {parts}; "
+                                     f"learning rate {lr:.4g}. Lower optim.lr or use train.precision=fp32.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        return result
+
+    warm_steps = method.warm_start_steps(d.global_batch_size)
+    if warm_steps:  # CaCo's memory fill: extra steps before epoch 1 at the peak rate, not counted in `step`
+        log(f"warm start: {warm_steps} steps at lr {d.lr:.4g} before epoch 1")
+        model.train()
+        method.set_progress(0.0, cfg.train.epochs, per_epoch)
+        done, passes = 0, 0
+        while done < warm_steps:
+            seed_everything(epoch_seed(cfg.seed, rank, passes))
+            for views, labels, index in _loader(train_set, cfg, d, rank, passes, device):
+                if done >= warm_steps:
+                    break
+                result = train_step(views, labels, index, d.lr, f"warm-start step {done}")
+                method.after_optimizer_step(cfg.train.ema_momentum)
+                done += 1
+                if done % cfg.train.log_every == 0 or done == warm_steps:
+                    parts = ", ".join(f"{k} {float(v):.4g}" for k, v in result.parts.items())
+                    log(f"warm start step {done}/{warm_steps}: loss {result.loss.item():.4f}; {parts}")
+            passes += 1
+
     knn_top1 = None
     epoch = start_epoch
     while step < d.total_steps:
@@ -200,38 +272,36 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
         loader = _loader(train_set, cfg, d, rank, epoch, device)
         model.train()
         loss_sum, loss_count, epoch_t0 = 0.0, 0, time.perf_counter()
+        part_sums: dict[str, torch.Tensor] = {}
         progress.reset_clock(step)
+        if per_epoch:
+            epoch_lr = epoch_learning_rate(epoch, base_lr=d.lr, total_epochs=cfg.train.epochs,
+                                           warmup_epochs=cfg.optim.warmup_epochs, schedule=cfg.optim.schedule,
+                                           final_lr=d.final_lr, milestones=tuple(cfg.optim.milestones),
+                                           gamma=cfg.optim.gamma)
         for i, (views, labels, index) in enumerate(loader):
             if i >= d.steps_per_epoch or step >= d.total_steps:
                 break
-            lr = learning_rate(step, base_lr=d.lr, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
-                               schedule=cfg.optim.schedule, warmup_start_lr=cfg.optim.warmup_start_lr,
-                               final_lr=cfg.optim.final_lr, milestones_steps=milestones, gamma=cfg.optim.gamma)
-            set_learning_rate(optimizer, lr, d.lr)
-            mf = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-            views = [v.to(device, non_blocking=True, memory_format=mf) for v in views]
-            labels, index = labels.to(device), index.to(device)
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-            with autocast:
-                result = model(views, labels, index)
-            loss = result.loss
-            if not torch.isfinite(loss.detach()):
-                parts = {k: float(v) for k, v in result.parts.items()}
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step} (epoch {epoch}); parts {parts}; "
-                                         f"learning rate {lr:.4g}. Lower optim.lr or use train.precision=fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            if per_epoch:
+                lr = epoch_lr
+                method.set_progress(float(epoch), cfg.train.epochs, True)
+            else:
+                lr = learning_rate(step, base_lr=d.lr, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
+                                   schedule=cfg.optim.schedule, warmup_start_lr=d.warmup_start_lr,
+                                   final_lr=d.final_lr, milestones_steps=milestones, gamma=cfg.optim.gamma)
+                method.set_progress(step / d.steps_per_epoch, cfg.train.epochs, False)
+            result = train_step(views, labels, index, lr, f"step {step} (epoch {epoch})")
             step += 1
-            method.after_optimizer_step(ema_momentum(step, base=cfg.train.ema_momentum, total_steps=d.total_steps,
-                                                     schedule=cfg.train.ema_schedule))
-            loss_value = loss.item()
+            # The EMA after step t prepares the keys of step t + 1: per epoch, the momentum of that step's epoch.
+            ema_step = (step // d.steps_per_epoch) * d.steps_per_epoch if per_epoch else step
+            method.after_optimizer_step(ema_momentum(ema_step, base=cfg.train.ema_momentum,
+                                                     total_steps=d.total_steps, schedule=cfg.train.ema_schedule))
+            loss_value = result.loss.item()
             loss_sum += loss_value
             loss_count += 1
+            for key, value in result.parts.items():
+                value = value.detach().float().to(device)
+                part_sums[key] = part_sums[key] + value if key in part_sums else value
             progress.update(step, epoch + 1, loss_value, lr)
             if main and (step % cfg.train.log_every == 0):
                 tb.scalars({"loss": loss_value, "lr": lr}, step, "train/")
@@ -243,15 +313,22 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
             "lr": optimizer.param_groups[0]["lr"],
             "img_per_s": loss_count * d.global_batch_size / elapsed if elapsed > 0 else 0.0,
         }
+        if part_sums:
+            record["parts"] = {k: dist.all_reduce_mean(v / max(1, loss_count)).item() for k, v in part_sums.items()}
         last_epoch = step >= d.total_steps
-        if monitor is not None and (last_epoch or (mon.knn_every > 0 and epoch % mon.knn_every == 0)):
+        collapsed = torch.zeros((), device=device)
+        evaluate = last_epoch or (mon.knn_every > 0 and epoch % mon.knn_every == 0) or epoch <= mon.knn_every_epoch_until
+        if monitor is not None and evaluate:
             knn_top1 = monitor.evaluate(_unwrap(model).backbone)
             record["knn_top1"] = knn_top1
-            log(f"epoch {epoch}: kNN top-1 {knn_top1:.2f}% (k={mon.knn_k}, T={mon.knn_temperature}, backbone features)")
+            log(f"epoch {epoch}: kNN top-1 {knn_top1:.2f}% ({monitor.label()})")
+            if mon.collapse_threshold > 0 and epoch >= mon.collapse_after_epoch and knn_top1 <= mon.collapse_threshold:
+                collapsed.fill_(1.0)
         dist.barrier()
         if main:
             metrics.write(record)
-            tb.scalars(record, epoch, "epoch/")
+            tb.scalars({k: v for k, v in record.items() if k != "parts"}, epoch, "epoch/")
+            tb.scalars(record.get("parts", {}), epoch, "parts/")
             ckpt = {"format": FORMAT, "version": VERSION, "config": dump_config(cfg), "recipe": recipe,
                     "epoch": epoch, "step": step, "method": method.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
@@ -260,6 +337,12 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
             if cfg.train.checkpoint_every > 0 and epoch % cfg.train.checkpoint_every == 0:
                 atomic_save(ckpt, out / "checkpoints" / f"epoch_{epoch:04d}.pt")
         dist.barrier()
+        if dist.broadcast_(collapsed, src=0).item():
+            raise CollapseError(
+                f"kNN top-1 is {knn_top1 if knn_top1 is not None else 'at chance'}% at epoch {epoch}, at or below "
+                f"monitor.collapse_threshold={mon.collapse_threshold}%: the representation has collapsed, so the "
+                f"run stops (checkpoint {out / 'checkpoints' / 'last.pt'} kept). Lower optim.lr or the method's "
+                "memory/queue learning rate, or set monitor.collapse_threshold=0 to disable the guard.")
 
     results: dict[str, Any] = {"recipe": recipe, "out": str(out), "epochs": epoch, "steps": step}
     if main:

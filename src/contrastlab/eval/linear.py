@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from contrastlab.config.schema import LinearConfig
-from contrastlab.engine.optim import LARS
+from contrastlab.engine.optim import LARC, LARS
 from contrastlab.errors import ConfigError
 from contrastlab.eval.features import extract_features
 
@@ -81,8 +81,8 @@ def linear_probe(
     Returns:
         ``top1``, ``top5`` (percent, final epoch), the settings, and ``backbone_unchanged``.
     """
-    if cfg.optimizer not in ("sgd", "lars"):
-        raise ConfigError(f"linear.optimizer must be sgd or lars, got {cfg.optimizer!r}")
+    if cfg.optimizer not in ("sgd", "lars", "larc"):
+        raise ConfigError(f"linear.optimizer must be sgd, lars or larc, got {cfg.optimizer!r}")
     device = torch.device(device)
     torch.manual_seed(seed)
     backbone = backbone.to(device).eval()
@@ -97,6 +97,8 @@ def linear_probe(
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                                      weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "larc":
+        opt = LARC(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = LARS(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 

@@ -1,4 +1,4 @@
-"""Methods: SimCLR, MoCo v1/v2, BYOL, SimSiam and the supervised baseline, and their registry.
+"""Methods: SimCLR, MoCo v1/v2, BYOL, SimSiam, CaCo and the supervised baseline, and their registry.
 
 ``build_method(name, backbone, feature_dim, **kwargs)`` checks the name and the keyword arguments
 against the method's constructor, so a typo in a recipe fails with the nearest valid names.
@@ -15,6 +15,7 @@ from torch import nn
 from contrastlab.errors import ConfigError
 from contrastlab.methods.base import Method, StepOutput, make_param_groups
 from contrastlab.methods.byol import BYOL
+from contrastlab.methods.caco import CaCo
 from contrastlab.methods.moco import MoCo
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
@@ -23,6 +24,7 @@ from contrastlab.methods.supervised import Supervised
 __all__ = [
     "BYOL",
     "METHODS",
+    "CaCo",
     "Method",
     "MoCo",
     "SimCLR",
@@ -34,7 +36,7 @@ __all__ = [
     "method_kwargs",
 ]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, BYOL, SimSiam, Supervised)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, BYOL, SimSiam, CaCo, Supervised)}
 """Registry name -> method class."""
 
 _POSITIONAL = ("self", "backbone", "feature_dim")

@@ -113,6 +113,30 @@ class Method(nn.Module):
         """``(online, momentum)`` module pairs that :meth:`after_optimizer_step` averages; none here."""
         return []
 
+    def ddp_ignored_buffers(self) -> list[str]:
+        """Names of buffers the method keeps identical across ranks itself (queues, memories).
+
+        The trainer tells DDP to leave them alone (no broadcast from rank 0 at every forward, which would
+        cost a full copy per step) and broadcasts them once from rank 0 when training starts.
+        """
+        return []
+
+    def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
+        """Told by the trainer before every step where training stands, for the method's own schedules.
+
+        Args:
+            epoch: the current epoch; whole (the epoch index) when ``per_epoch``, else fractional.
+            total_epochs: the run's number of epochs.
+            per_epoch: whether schedules change once per epoch (``train.schedule_unit=epoch``).
+        """
+
+    def warm_start_steps(self, global_batch: int) -> int:
+        """Steps the method needs before the first epoch (CaCo fills its memory); 0 for most methods.
+
+        The trainer runs them at the peak learning rate without counting them as training steps.
+        """
+        return 0
+
     @torch.no_grad()
     def after_optimizer_step(self, momentum: float) -> None:
         """EMA of every momentum module's parameters toward its online module (buffers untouched).

@@ -102,6 +102,9 @@ class MoCo(Method):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.key_encoder[0]), (self.projector, self.key_encoder[1])]
 
+    def ddp_ignored_buffers(self) -> list[str]:
+        return ["queue.queue", "queue.ptr"]  # identical on every rank: keys are gathered before enqueueing
+
     @torch.no_grad()
     def compute_keys(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised keys of ``x`` from the key encoder, with shuffle-BN across ranks if enabled."""

@@ -1,29 +1,50 @@
 """Backbone registry: a name -> a feature extractor ``[B, 3, H, W] -> [B, D]`` and its ``D``.
 
-Names:
+Names (the architecture zoo of Mutual Contrastive Learning, Yang et al., AAAI 2022,
+``shared/reference/mcl.md``, section 5, plus the usual ImageNet ResNets):
 
 - ``resnet18``, ``resnet34``, ``resnet50``: torchvision ResNets (He et al. 2016), random init, the
   classifier replaced by ``nn.Identity``. ``cifar_stem=True`` swaps the 7x7/2 stem convolution for a
   3x3/1 one and drops the max-pool, the usual stem for 32x32 inputs (SimCLR, Chen et al. 2020, appendix B.9).
-- ``resnet20``, ``resnet32``, ``resnet56``: the CIFAR ResNets of :mod:`contrastlab.models.cifar_resnet`;
-  they accept ``width``. They already have a CIFAR stem, so ``cifar_stem`` changes nothing for them.
+- ``resnet20``, ``resnet32``, ``resnet56``, ``resnet110_basic``: the BasicBlock CIFAR ResNets of
+  :mod:`contrastlab.models.cifar_resnet` (depth ``6n + 2``, 64-d features).
+- ``resnet110``: MCL's ResNet-110, **Bottleneck** blocks (expansion 4, 12 per stage, widths 16/32/64,
+  256-d features, 1.17M parameters with a 100-class fc), not He et al.'s BasicBlock ResNet-110, which
+  is ``resnet110_basic``. The CIFAR ResNets accept ``width``.
+- ``wrn_16_2``, ``wrn_40_2``, ``wrn_28_4``: pre-activation WideResNets WRN-depth-k
+  (:mod:`contrastlab.models.wrn`, ``64k``-d features); they accept ``dropout`` (0 by default, as MCL).
+- ``shufflenetv2_05x``, ``shufflenetv2_1x``: CIFAR ShuffleNetV2 (:mod:`contrastlab.models.shufflenetv2`,
+  1024-d features).
+- ``hcgnet_a1``, ``hcgnet_a2``: HCGNet-A1/A2 (:mod:`contrastlab.models.hcgnet`, 414-d / 716-d).
 
-Every backbone accepts ``zero_init_residual``.
+Only the torchvision ResNets are changed by ``cifar_stem``; every other backbone is built for 32x32
+inputs already and ignores it. Every backbone accepts ``zero_init_residual``; the ResNets and WRNs zero
+the last BN scale of each residual branch, ShuffleNetV2 and HCGNet have no residual sum to zero and
+reject ``zero_init_residual=True``.
+
+Every backbone is *staged* (:mod:`contrastlab.models.staged`): it lists its layers as named stages, the
+cut points of the shared trunk of an MCL cohort (:mod:`contrastlab.models.cohort`).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 from torch import nn
 
 from contrastlab.errors import ConfigError
 from contrastlab.models.cifar_resnet import cifar_resnet
+from contrastlab.models.hcgnet import hcgnet
+from contrastlab.models.shufflenetv2 import shufflenetv2
+from contrastlab.models.wrn import wide_resnet
 
 __all__ = ["BACKBONES", "build_backbone"]
 
 _TORCHVISION_KWARGS = ("zero_init_residual",)
 _CIFAR_KWARGS = ("width", "zero_init_residual")
+_WRN_KWARGS = ("dropout", "zero_init_residual")
+_NON_RESIDUAL_KWARGS = ("zero_init_residual",)
 
 
 def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
@@ -42,12 +63,37 @@ def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
     return build
 
 
-def _cifar(depth: int) -> Callable[..., tuple[nn.Module, int]]:
+def _cifar(depth: int, bottleneck: bool = False) -> Callable[..., tuple[nn.Module, int]]:
     def build(
         cifar_stem: bool, width: float = 1.0, zero_init_residual: bool = False
     ) -> tuple[nn.Module, int]:
         del cifar_stem  # already a 3x3 stride-1 stem without max-pool
-        net = cifar_resnet(depth, width=width, zero_init_residual=zero_init_residual)
+        net = cifar_resnet(depth, width=width, zero_init_residual=zero_init_residual, bottleneck=bottleneck)
+        return net, net.num_features
+
+    return build
+
+
+def _wrn(depth: int, widen_factor: int) -> Callable[..., tuple[nn.Module, int]]:
+    def build(
+        cifar_stem: bool, dropout: float = 0.0, zero_init_residual: bool = False
+    ) -> tuple[nn.Module, int]:
+        del cifar_stem  # already a 3x3 stride-1 stem
+        net = wide_resnet(depth, widen_factor, dropout=dropout, zero_init_residual=zero_init_residual)
+        return net, net.num_features
+
+    return build
+
+
+def _non_residual(name: str, factory: Callable[[], nn.Module]) -> Callable[..., tuple[nn.Module, int]]:
+    def build(cifar_stem: bool, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+        del cifar_stem  # already a 3x3 stride-1 stem without max-pool
+        if zero_init_residual:
+            raise ConfigError(
+                f"backbone {name!r} has no residual sum to zero-initialise; zero_init_residual=True is "
+                "valid for the ResNets and WideResNets only"
+            )
+        net = factory()
         return net, net.num_features
 
     return build
@@ -60,6 +106,15 @@ BACKBONES: dict[str, tuple[Callable[..., tuple[nn.Module, int]], tuple[str, ...]
     "resnet20": (_cifar(20), _CIFAR_KWARGS),
     "resnet32": (_cifar(32), _CIFAR_KWARGS),
     "resnet56": (_cifar(56), _CIFAR_KWARGS),
+    "resnet110": (_cifar(110, bottleneck=True), _CIFAR_KWARGS),
+    "resnet110_basic": (_cifar(110), _CIFAR_KWARGS),
+    "wrn_16_2": (_wrn(16, 2), _WRN_KWARGS),
+    "wrn_40_2": (_wrn(40, 2), _WRN_KWARGS),
+    "wrn_28_4": (_wrn(28, 4), _WRN_KWARGS),
+    "shufflenetv2_05x": (_non_residual("shufflenetv2_05x", lambda: shufflenetv2(0.5)), _NON_RESIDUAL_KWARGS),
+    "shufflenetv2_1x": (_non_residual("shufflenetv2_1x", lambda: shufflenetv2(1.0)), _NON_RESIDUAL_KWARGS),
+    "hcgnet_a1": (_non_residual("hcgnet_a1", lambda: hcgnet("a1")), _NON_RESIDUAL_KWARGS),
+    "hcgnet_a2": (_non_residual("hcgnet_a2", lambda: hcgnet("a2")), _NON_RESIDUAL_KWARGS),
 }
 """name -> (builder, accepted keyword arguments)."""
 
@@ -69,15 +124,17 @@ def build_backbone(name: str, cifar_stem: bool = False, **kw: object) -> tuple[n
 
     Args:
         name: one of :data:`BACKBONES`.
-        cifar_stem: 3x3 stride-1 stem and no max-pool (torchvision ResNets only; the CIFAR ResNets
+        cifar_stem: 3x3 stride-1 stem and no max-pool (torchvision ResNets only; the CIFAR networks
             always have it).
-        **kw: ``zero_init_residual`` for every backbone, ``width`` for the CIFAR ResNets.
+        **kw: ``zero_init_residual`` for every backbone, ``width`` for the CIFAR ResNets, ``dropout``
+            for the WideResNets.
 
     Returns:
         ``(module, feature_dim)``; the module maps ``[B, 3, H, W]`` to ``[B, feature_dim]``.
 
     Raises:
-        ConfigError: unknown name or keyword argument.
+        ConfigError: unknown name or keyword argument; ``zero_init_residual=True`` for a backbone
+            without residual sums.
 
     Example:
         >>> net, dim = build_backbone("resnet18", cifar_stem=True)
@@ -85,7 +142,9 @@ def build_backbone(name: str, cifar_stem: bool = False, **kw: object) -> tuple[n
         512
     """
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
+        close = difflib.get_close_matches(name, list(BACKBONES), n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(f"unknown backbone {name!r}{hint}; valid names: {', '.join(sorted(BACKBONES))}")
     builder, accepted = BACKBONES[name]
     unknown = sorted(set(kw) - set(accepted))
     if unknown:

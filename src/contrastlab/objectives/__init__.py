@@ -2,6 +2,31 @@
 
 from contrastlab.objectives.cosine import BYOLLoss, NegativeCosineSimilarity
 from contrastlab.objectives.info_nce import InfoNCELoss
+from contrastlab.objectives.mutual import (
+    DistillationTerms,
+    MutualContrastLoss,
+    MutualTerms,
+    in_batch_masks,
+    kl_mimicry,
+    logit_distillation,
+    memory_bank_mutual_loss,
+    moco_mutual_loss,
+    supcon_operator,
+)
 from contrastlab.objectives.nt_xent import NTXentLoss
 
-__all__ = ["BYOLLoss", "InfoNCELoss", "NTXentLoss", "NegativeCosineSimilarity"]
+__all__ = [
+    "BYOLLoss",
+    "DistillationTerms",
+    "InfoNCELoss",
+    "MutualContrastLoss",
+    "MutualTerms",
+    "NTXentLoss",
+    "NegativeCosineSimilarity",
+    "in_batch_masks",
+    "kl_mimicry",
+    "logit_distillation",
+    "memory_bank_mutual_loss",
+    "moco_mutual_loss",
+    "supcon_operator",
+]

@@ -5,8 +5,9 @@
 - BYOL (Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020, equation (2)):
   ``|| p / |p| - z / |z| ||^2 = 2 - 2 cos(p, z)``.
 
-Both are averaged over the batch. Neither applies the stop-gradient: the method decides which side is
-the target and detaches it.
+Both are averaged over the batch and computed in at least float32 (under bf16 autocast a cosine keeps
+only about three significant digits). Neither applies the stop-gradient: the method decides which side
+is the target and detaches it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BYOLLoss", "NegativeCosineSimilarity"]
+
+
+def _at_least_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
 
 
 class NegativeCosineSimilarity(nn.Module):
@@ -28,6 +33,7 @@ class NegativeCosineSimilarity(nn.Module):
     """
 
     def forward(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        p, z = _at_least_float32(p, z)
         return -F.cosine_similarity(p, z, dim=-1).mean()
 
 
@@ -41,6 +47,7 @@ class BYOLLoss(nn.Module):
     """
 
     def forward(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        p, z = _at_least_float32(p, z)
         p = F.normalize(p, dim=-1)
         z = F.normalize(z, dim=-1)
         return (p - z).pow(2).sum(dim=-1).mean()

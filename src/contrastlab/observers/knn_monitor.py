@@ -30,12 +30,16 @@ class KNNMonitor:
         num_classes: number of classes.
         k / temperature: kNN settings (reported alongside the accuracy).
         max_bank / max_test: random subsets (fixed seed) to bound the cost; 0 = all.
+        bank_fraction: the class-balanced share of the training split that ``bank_set`` holds (reported
+            only; :func:`contrastlab.data.subsets.class_balanced_subset` selects it).
     """
 
     def __init__(self, bank_set: Dataset, test_set: Dataset, num_classes: int, *, k: int = 200,
                  temperature: float = 0.1, batch_size: int = 256, workers: int = 0,
-                 max_bank: int = 0, max_test: int = 0, device: torch.device | str = "cpu") -> None:
+                 max_bank: int = 0, max_test: int = 0, bank_fraction: float = 1.0,
+                 device: torch.device | str = "cpu") -> None:
         self.k, self.temperature, self.num_classes = k, temperature, num_classes
+        self.bank_fraction = bank_fraction
         self.device = torch.device(device)
         loader_kw = {"batch_size": batch_size, "shuffle": False, "num_workers": workers,
                          "persistent_workers": workers > 0, "pin_memory": self.device.type == "cuda"}
@@ -45,7 +49,15 @@ class KNNMonitor:
     def describe(self) -> dict:
         """How the number is measured."""
         return {"knn_k": self.k, "knn_temperature": self.temperature, "knn_features": "backbone",
-                "knn_bank_size": len(self.bank_loader.dataset), "knn_test_size": len(self.test_loader.dataset)}
+                "knn_bank_fraction": self.bank_fraction, "knn_bank_size": len(self.bank_loader.dataset),
+                "knn_test_size": len(self.test_loader.dataset)}
+
+    def label(self) -> str:
+        """A one-line description for logs: ``k=20, T=0.2, backbone features, bank 20% of train (n=...)``."""
+        bank = f"bank {len(self.bank_loader.dataset)} images"
+        if self.bank_fraction < 1.0:
+            bank += f" ({self.bank_fraction:.0%} of each training class)"
+        return f"k={self.k}, T={self.temperature}, backbone features, {bank}"
 
     def evaluate(self, backbone: nn.Module) -> float:
         """Top-1 accuracy in percent."""
