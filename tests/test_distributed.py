@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from contrastlab.engine.trainer import broadcast_ignored_buffers, wrap_ddp
 from contrastlab.memory import FeatureQueue
-from contrastlab.methods import CaCo, MoCo
-from contrastlab.models import build_backbone
+from contrastlab.methods import MCL, CaCo, MoCo, MoCoMCL
+from contrastlab.models import build_backbone, build_cohort
 from contrastlab.objectives import NTXentLoss
 
 WORLD = 2
@@ -73,6 +73,43 @@ def _run_caco(method: CaCo, model: torch.nn.Module, rows: slice) -> None:
     opt = torch.optim.SGD(method.param_groups(), lr=0.1)
     for step in range(CACO_STEPS):
         g = torch.Generator().manual_seed(300 + step)
+        x1, x2 = (torch.randn(WORLD * B, 3, 8, 8, generator=g) for _ in range(2))
+        out = model([x1[rows], x2[rows]], torch.zeros(B, dtype=torch.long), torch.arange(B))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.after_optimizer_step(0.9)
+
+
+def _mcl_method() -> MCL:
+    torch.manual_seed(0)
+    cohort = build_cohort("resnet20", 2, "layer1", width=0.25)
+    return MCL(cohort, cohort.feature_dim, num_classes=WORLD * B).eval()
+
+
+def _run_mcl(method: MCL, model: torch.nn.Module, rows: slice) -> None:
+    """One SGD step on a global batch of WORLD * B / 2 classes x 2 images; a rank holds whole class pairs."""
+    g = torch.Generator().manual_seed(500)
+    x = torch.randn(2 * WORLD * B, 3, 8, 8, generator=g)
+    labels = torch.arange(WORLD * B).repeat_interleave(2)
+    rows = slice(2 * rows.start, 2 * rows.stop) if rows.start is not None else rows
+    opt = torch.optim.SGD(method.param_groups(), lr=0.5)
+    out = model([x[rows]], labels[rows], torch.arange(2 * WORLD * B)[rows])
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+
+
+def _moco_mcl_method() -> MoCoMCL:
+    torch.manual_seed(0)
+    cohort = build_cohort("resnet20", 2, width=0.25)
+    return MoCoMCL(cohort, cohort.feature_dim, proj_out_dim=D, queue_size=4 * WORLD * B).eval()
+
+
+def _run_moco_mcl(method: MoCoMCL, model: torch.nn.Module, rows: slice) -> None:
+    opt = torch.optim.SGD(method.param_groups(), lr=0.1)
+    for step in range(2):
+        g = torch.Generator().manual_seed(600 + step)
         x1, x2 = (torch.randn(WORLD * B, 3, 8, 8, generator=g) for _ in range(2))
         out = model([x1[rows], x2[rows]], torch.zeros(B, dtype=torch.long), torch.arange(B))
         opt.zero_grad()
@@ -132,6 +169,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             _run_caco(caco, ddp, mine)
             result[f"caco_memory_{warm}"] = caco.memory.weight.clone()
             result[f"caco_velocity_{warm}"] = caco.memory.velocity.clone()
+        # (f) supervised MCL (in-batch, candidates gathered with gradient) and (g) MoCo-MCL's lockstep queues.
+        mcl = _mcl_method()
+        _run_mcl(mcl, wrap_ddp(mcl, torch.device("cpu")), mine)
+        result["mcl_params"] = [p.detach().clone() for p in mcl.parameters()]
+        moco_mcl = _moco_mcl_method()
+        broadcast_ignored_buffers(moco_mcl)
+        _run_moco_mcl(moco_mcl, wrap_ddp(moco_mcl, torch.device("cpu")), mine)
+        result["moco_mcl_queues"] = [q.queue.clone() for q in moco_mcl.queues]
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -204,3 +249,24 @@ def test_caco_memory_identical_across_ranks_and_equal_to_single_process(ranks: l
     assert single.memory.velocity.abs().sum() > 0  # the memory really learned, after the warm start if any
     torch.testing.assert_close(ranks[0][f"caco_memory_{warm}"], single.memory.weight, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ranks[0][f"caco_velocity_{warm}"], single.memory.velocity, rtol=1e-4, atol=1e-5)
+
+
+def test_mcl_two_ranks_equal_single_process(ranks: list[dict]) -> None:
+    """Gathered in-batch MCL under DDP takes the single-process step on the global batch."""
+    single = _mcl_method()
+    single.mutual.gather_distributed = False
+    _run_mcl(single, single, slice(None))
+    initial = list(_mcl_method().parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(single.parameters(), initial))  # the step moved something
+    for a, b, p in zip(ranks[0]["mcl_params"], ranks[1]["mcl_params"], single.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_moco_mcl_queues_gathered_in_lockstep(ranks: list[dict]) -> None:
+    single = _moco_mcl_method()
+    _run_moco_mcl(single, single, slice(None))
+    for peer in range(2):
+        assert torch.equal(ranks[0]["moco_mcl_queues"][peer], ranks[1]["moco_mcl_queues"][peer])
+        torch.testing.assert_close(ranks[0]["moco_mcl_queues"][peer], single.queues[peer].queue,
+                                   rtol=1e-4, atol=1e-5)

@@ -11,13 +11,21 @@ from torch import nn
 
 from contrastlab.errors import ConfigError
 from contrastlab.methods import BYOL, METHODS, MoCo, SimCLR, SimSiam, StepOutput, Supervised, build_method
-from contrastlab.models import build_backbone
+from contrastlab.models import build_backbone, build_cohort
 
 B, S = 4, 16
 
 
 def _backbone() -> tuple[nn.Module, int]:
     return build_backbone("resnet20", width=0.25)
+
+
+def _networks(name: str) -> tuple[nn.Module, int]:
+    """A tiny backbone, or for cohort methods (MCL) a cohort of two tiny peers."""
+    if METHODS[name].takes_cohort:
+        cohort = build_cohort("resnet20", 2, width=0.25)
+        return cohort, cohort.feature_dim
+    return _backbone()
 
 
 def _views(seed: int = 0, n: int = 2) -> list[torch.Tensor]:
@@ -37,6 +45,8 @@ def _small(name: str) -> dict:
         "byol": {"proj_hidden_dim": 32, "proj_out_dim": 8, "pred_hidden_dim": 16},
         "simsiam": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 8},
         "supervised": {"num_classes": 3},
+        "mcl": {"num_classes": 3, "embed_dim": 8},
+        "moco_mcl": {"proj_out_dim": 8, "queue_size": 16},
     }[name]
 
 
@@ -47,7 +57,7 @@ def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_forward_backward(name: str) -> None:
     torch.manual_seed(0)
-    net, dim = _backbone()
+    net, dim = _networks(name)
     method = build_method(name, net, dim, **_small(name))
     out = method(_views(), _labels(), torch.arange(B))
     assert isinstance(out, StepOutput)
@@ -58,8 +68,9 @@ def test_forward_backward(name: str) -> None:
     assert out.outputs["embeddings"].shape[0] == B
     for value in list(out.outputs.values()) + list(out.parts.values()):
         assert not value.requires_grad
-    assert method.backbone is net and method.feature_dim == dim == 16
-    if name in ("simclr", "moco", "caco"):
+    peer0 = net.peer(0) if METHODS[name].takes_cohort else net
+    assert method.backbone is peer0 and method.feature_dim == dim == 16
+    if name in ("simclr", "moco", "caco", "moco_mcl"):
         pos, neg = out.outputs["pos_logits"], out.outputs["neg_logits"]
         assert pos.dim() == 1 and neg.dim() == 2 and pos.shape[0] == neg.shape[0]
 
@@ -68,7 +79,7 @@ def test_forward_backward(name: str) -> None:
 def test_forward_backward_under_bf16_autocast(name: str) -> None:
     """The recipes' bf16 mixed precision (smoke runs use fp32 on the CPU): losses come out in float32."""
     torch.manual_seed(0)
-    net, dim = _backbone()
+    net, dim = _networks(name)
     method = build_method(name, net, dim, **_small(name))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = method(_views(), _labels(), torch.arange(B))
@@ -79,7 +90,7 @@ def test_forward_backward_under_bf16_autocast(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_param_groups_cover_trainable_params_once(name: str) -> None:
-    net, dim = _backbone()
+    net, dim = _networks(name)
     method = build_method(name, net, dim, **_small(name))
     groups = method.param_groups()
     ids = [id(p) for g in groups for p in g["params"]]
@@ -317,4 +328,4 @@ def test_build_method_errors() -> None:
         build_method("supervised", net, dim)
     method = build_method("moco", net, dim, proj_hidden_dim=16, proj_out_dim=4, queue_size=32, symmetric=True)
     assert isinstance(method, MoCo) and method.symmetric and method.queue.size == 32
-    assert set(METHODS) == {"simclr", "moco", "byol", "simsiam", "caco", "supervised"}
+    assert set(METHODS) == {"simclr", "moco", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl"}

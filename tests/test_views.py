@@ -20,6 +20,7 @@ from contrastlab.views import (
     CenterCropPlanner,
     FixedBoxPlanner,
     MultiCropPlanner,
+    PaddedCropPlanner,
     Planner,
     RandomResizedCropPlanner,
     ViewDataset,
@@ -194,6 +195,25 @@ def test_fixed_and_center_planners():
             np.testing.assert_array_equal(crop, np.asarray(TF.center_crop(img, [side, side])))
 
 
+def test_padded_crop_equals_torchvision_random_crop_with_padding():
+    planner = PaddedCropPlanner(padding=4)
+    for seed in range(20):
+        img = random_image(32, 32, seed)
+        torch.manual_seed(seed)
+        expected = T.RandomCrop(32, padding=4)(img)
+        torch.manual_seed(seed)
+        (box,) = planner.plan(0, 32, 32)
+        assert box[2] - box[0] == 32 and -4 <= box[0] <= 4 and -4 <= box[1] <= 4
+        assert np.array_equal(np.asarray(render_box(img, box, 32)), np.asarray(expected)), seed
+    data = TinyImages([(32, 32)] * 3)
+    views, _, _ = ViewDataset(data, PaddedCropPlanner(padding=4, num_views=2), [32, 32],
+                              [make_photometric("none", v, MEAN, STD) for v in range(2)])[0]
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2
+    g = torch.Generator().manual_seed(0)
+    offsets = {tuple(int(c) for c in planner.plan(0, 32, 32, g)[0][:2]) for _ in range(2000)}
+    assert offsets == {(x, y) for x in range(-4, 5) for y in range(-4, 5)}  # all 81 shifts occur
+
+
 def test_planners_are_picklable_and_satisfy_protocol():
     for name in PLANNERS:
         planner = make_planner(name)
@@ -306,6 +326,8 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
         ]
     elif name == "small":
         stages = [simclr_jitter, T.RandomGrayscale(0.2)]
+    elif name == "mocov1":  # MoCo v1 greys before jittering; RandomApply(p=1) draws the coin ours draws
+        stages = [T.RandomGrayscale(0.2), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.4)], p=1.0)]
     elif name == "byol":
         stages = [
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),

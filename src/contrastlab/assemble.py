@@ -6,6 +6,8 @@ blocks themselves stay free of config objects and usable on their own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -14,9 +16,11 @@ from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset
 from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
 from contrastlab.data.subsets import class_balanced_subset
-from contrastlab.methods import build_method
+from contrastlab.errors import ConfigError
+from contrastlab.methods import METHODS, build_method
 from contrastlab.methods.base import Method
 from contrastlab.models.backbones import build_backbone
+from contrastlab.models.cohort import build_cohort
 from contrastlab.observers.knn_monitor import KNNMonitor
 from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
 
@@ -59,6 +63,9 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
     elif v.planner == "random_resized":
         planner = make_planner("random_resized", num_views=v.num_views, scale=tuple(v.scale), ratio=tuple(v.ratio))
         sizes = [size] * v.num_views
+    elif v.planner == "padded_crop":
+        planner = make_planner("padded_crop", num_views=v.num_views, padding=v.padding)
+        sizes = [size] * v.num_views
     else:
         planner = make_planner(v.planner, num_views=v.num_views)
         sizes = [size] * v.num_views
@@ -84,21 +91,41 @@ def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: tor
                       max_bank=m.max_bank, max_test=m.max_test, bank_fraction=m.bank_fraction, device=device)
 
 
-def backbone(cfg: Config) -> tuple[nn.Module, int]:
-    """The backbone and its feature dimension."""
+def _backbone_kwargs(cfg: Config) -> dict:
     m = cfg.model
-    kwargs: dict = {"zero_init_residual": m.zero_init_residual}
+    kwargs: dict = {"cifar_stem": m.cifar_stem, "zero_init_residual": m.zero_init_residual}
     if m.width != 1.0:
         kwargs["width"] = m.width
-    return build_backbone(m.arch, cifar_stem=m.cifar_stem, **kwargs)
+    return kwargs
 
 
-def method(cfg: Config, num_classes: int) -> Method:
-    """The method around a fresh backbone; ``num_classes`` is passed to methods that take it."""
+def backbone(cfg: Config) -> tuple[nn.Module, int]:
+    """The backbone (for a cohort method: one peer) and its feature dimension."""
+    return build_backbone(cfg.model.arch, **_backbone_kwargs(cfg))
+
+
+def method(cfg: Config, num_classes: int, targets: Sequence[int] | None = None) -> Method:
+    """The method around fresh networks: a backbone, or a cohort of ``model.peers`` for cohort methods.
+
+    ``num_classes`` and the training labels ``targets`` are passed to methods whose constructor takes
+    ``num_classes`` / ``dataset_targets``.
+    """
     from contrastlab.config.load import method_parameters
 
-    net, dim = backbone(cfg)
+    m = cfg.model
+    if METHODS[cfg.method.name].takes_cohort:
+        net: nn.Module = build_cohort(m.arch, m.peers, m.shared_until, **_backbone_kwargs(cfg))
+        dim = net.feature_dim
+    else:
+        if m.peers != 1 or m.shared_until is not None:
+            cohort_methods = ", ".join(name for name, cls in METHODS.items() if cls.takes_cohort)
+            raise ConfigError(f"model.peers={m.peers} / model.shared_until={m.shared_until!r} need a cohort method "
+                              f"({cohort_methods}); method {cfg.method.name!r} trains one network (model.peers=1)")
+        net, dim = backbone(cfg)
     params = dict(cfg.method.params)
-    if "num_classes" in method_parameters(cfg.method.name) and "num_classes" not in params:
+    accepted = method_parameters(cfg.method.name)
+    if "num_classes" in accepted and "num_classes" not in params:
         params["num_classes"] = num_classes
+    if "dataset_targets" in accepted and "dataset_targets" not in params:
+        params["dataset_targets"] = targets
     return build_method(cfg.method.name, net, dim, **params)

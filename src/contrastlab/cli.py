@@ -27,13 +27,16 @@ def smoke_overrides(cfg) -> list[str]:
 
     Every component of the recipe (planner, photometric recipe, backbone, method, optimiser,
     schedules, checkpoint, kNN monitor, plots) still runs; only the data, batch, resolution and
-    length shrink. Resolution: 16 px for CIFAR stems and CIFAR ResNets, 32 px for ImageNet stems.
+    length shrink. Resolution: 16 px for CIFAR stems and the CIFAR networks of the zoo, 32 px for
+    ImageNet stems (torchvision ResNets without ``cifar_stem``).
     Mixed precision runs in fp32: CPU autocast is not the GPU code path, and bf16 convolutions are
     about 20 times slower than fp32 on CPUs without bf16 units (the methods' tests run bf16 autocast
     on small networks instead). A learnable memory shrinks to 8 columns, so CaCo's warm start takes
     one step.
     """
-    small_net = cfg.model.cifar_stem or cfg.model.arch in ("resnet20", "resnet32", "resnet56")
+    from contrastlab.models.backbones import IMAGENET_STEMS
+
+    small_net = cfg.model.cifar_stem or cfg.model.arch not in IMAGENET_STEMS
     extra = [f"data.image_size={16 if small_net else 32}"]
     if cfg.train.precision != "fp32":
         extra.append("train.precision=fp32")
@@ -95,7 +98,7 @@ def random_init_knn(cfg) -> float:
     bank = assemble.labeled_dataset(cfg)
     test = assemble.dataset(cfg, cfg.data.test_split)
     torch.manual_seed(cfg.seed)
-    method = assemble.method(cfg, len(bank.classes)).to(device)
+    method = assemble.method(cfg, len(bank.classes), bank.targets).to(device)
     return assemble.knn_monitor(cfg, bank, test, device).evaluate(method.backbone)
 
 
@@ -140,12 +143,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt, cfg = _eval_config(args)
     device = select_device(cfg.train.device)
     net, dim = assemble.backbone(cfg)
-    load_backbone_weights(net, ckpt, str(args.checkpoint))
+    load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer)
     net = net.to(device)
     train_base = assemble.labeled_dataset(cfg)
     test_base = assemble.dataset(cfg, cfg.data.test_split)
     num_classes = len(train_base.classes)
-    info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name,
+    info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name, "peer": args.peer or 0,
             "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
     if args.kind == "knn":
         monitor = assemble.knn_monitor(cfg, train_base, test_base, device)
@@ -168,7 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = {**linear_probe(net, dim, num_classes, train_set, test_set, cfg.linear, device=device,
                                  workers=cfg.data.workers, seed=cfg.seed,
                                  log=lambda s: print(s, file=sys.stderr, flush=True)), **info}
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}.json"
+    suffix = f"_peer{args.peer}" if args.peer is not None else ""
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
@@ -209,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=./data linear.epochs=100")
     p.add_argument("--data", help="dataset name to evaluate on (default: the training dataset)")
     p.add_argument("--recipe", help="linear-probe recipe (linear/<name>) whose protocol replaces the run's own")
-    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>.json)")
+    p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): evaluate peer N (default 0)")
+    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN].json)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="train the demo recipe on the embedded data and compare with random init")

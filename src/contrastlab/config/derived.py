@@ -53,7 +53,9 @@ def derive(cfg: Config, world_size: int, dataset_len: int) -> Derived:
     if cfg.optim.lr < 0:
         raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr}")
     per_rank = batch // world_size
-    steps = dataset_len // batch  # drop_last: every step sees a full global batch
+    if cfg.data.epoch_length < 0:
+        raise ConfigError(f"data.epoch_length must be >= 0 (0 = the dataset size), got {cfg.data.epoch_length}")
+    steps = (cfg.data.epoch_length or dataset_len) // batch  # drop_last: every step sees a full global batch
     if steps == 0:
         raise ConfigError(
             f"data.batch_size={batch} is larger than the training set ({dataset_len} images); lower data.batch_size"

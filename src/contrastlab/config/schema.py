@@ -25,6 +25,9 @@ class DataConfig:
     labeled_split: str | None = None  #: labelled split for the kNN bank and linear-probe training; None = train_split
     class_list: str | None = None  #: ImageFolder subset file (one class folder per line)
     batch_size: int = 256  #: GLOBAL batch size, split evenly over ranks
+    sampler: str = "random"  #: random (a permutation per epoch) | m_per_class (MCL: batch_size / m classes x m images)
+    samples_per_class: int = 2  #: m of the m_per_class sampler
+    epoch_length: int = 0  #: images per epoch before trimming to whole batches; 0 = the dataset size
     workers: int = 4  #: DataLoader workers per rank
     image_size: int | None = None  #: training crop size; None = the dataset's native size
 
@@ -33,7 +36,7 @@ class DataConfig:
 class ViewsConfig:
     """How the views of each image are planned (boxes) and rendered (photometric recipe)."""
 
-    planner: str = "random_resized"  #: random_resized | fixed | center | multicrop
+    planner: str = "random_resized"  #: random_resized | fixed | center | multicrop | padded_crop
     num_views: int = 2
     scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
@@ -41,18 +44,21 @@ class ViewsConfig:
     num_small: int = 0  #: multi-crop: number of small views
     small_size: int = 0  #: multi-crop: side of the small views (0 = half the crop size)
     small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
+    padding: int = 4  #: padded_crop: zero padding on each side (RandomCrop(size, padding))
 
 
 @dataclass
 class ModelConfig:
     """The backbone."""
 
-    arch: str = "resnet18"  #: resnet18/34/50, resnet20/32/56 (CIFAR ResNets)
+    arch: str = "resnet18"  #: a name of contrastlab.models.BACKBONES (`contrastlab.models` docs)
     cifar_stem: bool = False  #: 3x3 stride-1 first conv and no max-pool (torchvision ResNets)
     width: float = 1.0  #: width multiplier (CIFAR ResNets)
     zero_init_residual: bool = False
     sync_bn: bool = False  #: convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False
+    peers: int = 1  #: cohort methods (mcl, moco_mcl): number of peer networks M
+    shared_until: str | None = None  #: cohort trunk: None (independent peers), a stage name, or "upstream"
 
 
 @dataclass
@@ -117,6 +123,7 @@ class MonitorConfig:
     bank_fraction: float = 1.0  #: bank = the first fraction of each class of the training split (CaCo: 0.2)
     max_bank: int = 0  #: use at most this many training images as the bank (0 = all)
     max_test: int = 0  #: use at most this many test images (0 = all)
+    classify_every: int = 0  #: methods with classifiers: epochs between test-set accuracy (0 = final epoch only)
     plots: bool = True  #: training-curve PNGs at the end of the run
     collapse_threshold: float = 0.0  #: stop when kNN top-1 (%) <= this at epoch >= collapse_after_epoch; 0 = off
     collapse_after_epoch: int = 20  #: first epoch the collapse guard may stop the run (CaCo: 20)

@@ -62,18 +62,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def backbone_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The online backbone's weights from a checkpoint's method state (keys without ``backbone.``)."""
-    prefix = "backbone."
+def backbone_state(ckpt: dict[str, Any], peer: int | None = None) -> dict[str, torch.Tensor]:
+    """The online backbone's weights from a checkpoint's method state (keys without ``backbone.``).
+
+    ``peer`` selects peer ``i`` of a cohort method (MCL) instead: its weights, shared trunk included, are
+    under ``cohort.peers.<i>.``; ``backbone.`` is peer 0.
+    """
+    prefix = "backbone." if peer is None else f"cohort.peers.{peer}."
     state = {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
     if not state:
+        if peer is not None:
+            peers = sorted({int(k.split(".")[2]) for k in ckpt["method"] if k.startswith("cohort.peers.")})
+            raise CheckpointError(f"checkpoint has no peer {peer}; its peers: {peers or 'none (not a cohort method)'}")
         raise CheckpointError("checkpoint holds no 'backbone.*' weights in its method state")
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, ckpt: dict[str, Any], source: str = "checkpoint") -> None:
-    """Load the backbone weights strictly; CheckpointError listing mismatched keys otherwise."""
+def load_backbone_weights(backbone: nn.Module, ckpt: dict[str, Any], source: str = "checkpoint",
+                          peer: int | None = None) -> None:
+    """Load the backbone (or cohort peer ``peer``) weights strictly; CheckpointError listing mismatches."""
     try:
-        backbone.load_state_dict(backbone_state(ckpt), strict=True)
+        backbone.load_state_dict(backbone_state(ckpt, peer), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: backbone weights do not match the model built from its config: {exc}") from exc

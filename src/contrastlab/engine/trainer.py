@@ -36,12 +36,14 @@ from contrastlab import __version__, assemble
 from contrastlab.config.derived import Derived, derive
 from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
+from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate, learning_rate
 from contrastlab.errors import ConfigError, ContrastlabError
 from contrastlab.methods.base import Method
+from contrastlab.observers.classification_monitor import ClassificationMonitor
 from contrastlab.observers.metrics_log import MetricsLog
 from contrastlab.observers.progress import Progress
 from contrastlab.observers.tensorboard import TensorBoardLog
@@ -105,17 +107,26 @@ def _resolve_resume(cfg: Config, out: Path) -> Path | None:
     return None
 
 
+SAMPLERS = ("random", "m_per_class")
+
+
 def _loader(train_set, cfg: Config, d: Derived, rank: int, epoch: int, device: torch.device) -> DataLoader:
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
+    common = {"num_workers": cfg.data.workers, "worker_init_fn": seed_worker, "generator": g,
+              "pin_memory": device.type == "cuda"}
+    if cfg.data.sampler == "m_per_class":  # every rank draws the same global batches and keeps its slice
+        batches = MPerClassSampler(train_set.dataset.targets, m=cfg.data.samples_per_class,
+                                   batch_size=d.global_batch_size, length_before_new_iter=cfg.data.epoch_length or None,
+                                   seed=cfg.seed, num_replicas=d.world_size, rank=rank)
+        batches.set_epoch(epoch)
+        return DataLoader(train_set, batch_sampler=batches, **common)
     if d.world_size > 1:
         sampler = DistributedSampler(train_set, num_replicas=d.world_size, rank=rank, shuffle=True,
                                      seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(train_set, generator=g)
-    return DataLoader(train_set, batch_size=d.per_rank_batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.data.workers, worker_init_fn=seed_worker, generator=g,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(train_set, batch_size=d.per_rank_batch_size, sampler=sampler, drop_last=True, **common)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -160,6 +171,8 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
     log = (lambda *a: None) if (quiet or not main) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
+    if cfg.data.sampler not in SAMPLERS:
+        raise ConfigError(f"data.sampler must be random or m_per_class, got {cfg.data.sampler!r}")
     if cfg.train.schedule_unit not in SCHEDULE_UNITS:
         raise ConfigError(f"train.schedule_unit must be step or epoch, got {cfg.train.schedule_unit!r}")
     if cfg.train.deterministic:
@@ -175,7 +188,7 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
     num_classes = len(getattr(base_train, "classes", [])) or 1
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    method = assemble.method(cfg, num_classes).to(device)
+    method = assemble.method(cfg, num_classes, getattr(base_train, "targets", None)).to(device)
     if cfg.model.channels_last:
         method = method.to(memory_format=torch.channels_last)
     model: nn.Module = method
@@ -211,12 +224,16 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
             metrics.truncate_after(start_epoch)
     tb = TensorBoardLog(out / "tensorboard", enabled=main)
 
-    monitor = None
+    monitor = classifier_monitor = None
     mon = cfg.monitor
     if main and num_classes > 1:  # the training split's raw dataset doubles as the kNN bank (no second scan)
-        monitor = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train),
-                                       assemble.dataset(cfg, cfg.data.test_split), device,
+        test_base = assemble.dataset(cfg, cfg.data.test_split)
+        monitor = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train), test_base, device,
                                        batch_size=max(64, d.per_rank_batch_size))
+        if type(method).predict is not Method.predict:  # the method has classifiers: test-set accuracy too
+            classifier_monitor = ClassificationMonitor(assemble.evaluation_views(cfg, test_base),
+                                                       batch_size=max(64, d.per_rank_batch_size),
+                                                       workers=cfg.data.workers, max_test=mon.max_test, device=device)
 
     log(f"training {recipe}: {len(train_set)} images, global batch {d.global_batch_size} on {world} rank(s), "
         f"lr {d.lr:.4g}, {d.total_steps} steps, device {device}, out {out}")
@@ -324,11 +341,16 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
             log(f"epoch {epoch}: kNN top-1 {knn_top1:.2f}% ({monitor.label()})")
             if mon.collapse_threshold > 0 and epoch >= mon.collapse_after_epoch and knn_top1 <= mon.collapse_threshold:
                 collapsed.fill_(1.0)
+        if classifier_monitor is not None and (last_epoch or (mon.classify_every > 0 and epoch % mon.classify_every == 0)):
+            test_top1 = classifier_monitor.evaluate(_unwrap(model))
+            record["test_top1"] = test_top1
+            log(f"epoch {epoch}: test top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in test_top1.items()))
         dist.barrier()
         if main:
             metrics.write(record)
-            tb.scalars({k: v for k, v in record.items() if k != "parts"}, epoch, "epoch/")
+            tb.scalars({k: v for k, v in record.items() if not isinstance(v, dict)}, epoch, "epoch/")
             tb.scalars(record.get("parts", {}), epoch, "parts/")
+            tb.scalars(record.get("test_top1", {}), epoch, "test_top1/")
             ckpt = {"format": FORMAT, "version": VERSION, "config": dump_config(cfg), "recipe": recipe,
                     "epoch": epoch, "step": step, "method": method.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
@@ -354,6 +376,9 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
         if monitor is not None:
             results["knn_top1"] = knn_top1
             results.update(monitor.describe())
+        if classifier_monitor is not None and history and "test_top1" in history[-1]:
+            results["test_top1"] = history[-1]["test_top1"]  # the final epoch's, never a selected epoch
+            results.update(classifier_monitor.describe())
         if cfg.monitor.plots and history:
             from contrastlab.viz.curves import plot_training_curves
 

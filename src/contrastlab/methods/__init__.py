@@ -1,4 +1,5 @@
-"""Methods: SimCLR, MoCo v1/v2, BYOL, SimSiam, CaCo and the supervised baseline, and their registry.
+"""Methods: SimCLR, MoCo v1/v2, BYOL, SimSiam, CaCo, MCL (supervised and on MoCo) and the supervised
+baseline, and their registry.
 
 ``build_method(name, backbone, feature_dim, **kwargs)`` checks the name and the keyword arguments
 against the method's constructor, so a typo in a recipe fails with the nearest valid names.
@@ -16,17 +17,21 @@ from contrastlab.errors import ConfigError
 from contrastlab.methods.base import Method, StepOutput, make_param_groups
 from contrastlab.methods.byol import BYOL
 from contrastlab.methods.caco import CaCo
+from contrastlab.methods.mcl import MCL
 from contrastlab.methods.moco import MoCo
+from contrastlab.methods.moco_mcl import MoCoMCL
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
 from contrastlab.methods.supervised import Supervised
 
 __all__ = [
     "BYOL",
+    "MCL",
     "METHODS",
     "CaCo",
     "Method",
     "MoCo",
+    "MoCoMCL",
     "SimCLR",
     "SimSiam",
     "StepOutput",
@@ -36,7 +41,7 @@ __all__ = [
     "method_kwargs",
 ]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, BYOL, SimSiam, CaCo, Supervised)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, BYOL, SimSiam, CaCo, MoCoMCL, MCL, Supervised)}
 """Registry name -> method class."""
 
 _POSITIONAL = ("self", "backbone", "feature_dim")

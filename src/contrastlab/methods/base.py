@@ -93,6 +93,7 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = "method"
+    takes_cohort: ClassVar[bool] = False  #: built around a Cohort of peers (model.peers), not one backbone
 
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
@@ -112,6 +113,15 @@ class Method(nn.Module):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(online, momentum)`` module pairs that :meth:`after_optimizer_step` averages; none here."""
         return []
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Class scores ``[B, C]`` of each classifier head for images ``x``; ``None`` without classifiers.
+
+        Supervised methods return their heads by name (MCL: ``peer0`` ... and ``ensemble``); the trainer's
+        test-set classification monitor reports the accuracy of each.
+        """
+        return None
 
     def ddp_ignored_buffers(self) -> list[str]:
         """Names of buffers the method keeps identical across ranks itself (queues, memories).

@@ -31,6 +31,9 @@ across. The alternative, SyncBatchNorm, is the trainer's job (convert the model 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +45,37 @@ from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.info_nce import InfoNCELoss
 
-__all__ = ["MoCo"]
+__all__ = ["MoCo", "shuffled_across_ranks"]
+
+T = TypeVar("T", torch.Tensor, list[torch.Tensor])
+
+
+def shuffled_across_ranks(encoder: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
+    """``encoder`` run with MoCo's batch shuffle (shuffle-BN, He et al. 2020, section 3.3), without gradient.
+
+    The inputs of all ranks are gathered and permuted by a permutation drawn on rank 0; each rank encodes
+    its slice, and the outputs are gathered and un-permuted, so each rank gets the outputs of its own
+    inputs, computed with BatchNorm statistics of a random sub-batch. ``encoder`` may return a tensor or
+    a list of tensors (one per peer of a cohort). In a single process this is ``encoder`` itself.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return encoder
+
+    @torch.no_grad()
+    def encode(x: torch.Tensor) -> T:
+        x_all = gather_no_grad(x)
+        perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device), src=0)
+        rank = get_rank()
+        out = encoder(x_all[perm.view(world_size, -1)[rank]])
+        inverse = torch.argsort(perm).view(world_size, -1)[rank]
+
+        def unshuffle(y: torch.Tensor) -> torch.Tensor:
+            return gather_no_grad(y)[inverse]  # row i of the gathered outputs belongs to x_all[perm[i]]
+
+        return [unshuffle(y) for y in out] if isinstance(out, list) else unshuffle(out)  # type: ignore[return-value]
+
+    return encode
 
 
 class MoCo(Method):
@@ -108,16 +141,8 @@ class MoCo(Method):
     @torch.no_grad()
     def compute_keys(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised keys of ``x`` from the key encoder, with shuffle-BN across ranks if enabled."""
-        world_size = get_world_size()
-        if not (self.shuffle_bn and world_size > 1):
-            return F.normalize(self.key_encoder(x), dim=1)
-        x_all = gather_no_grad(x)
-        perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device), src=0)
-        rank = get_rank()
-        keys = self.key_encoder(x_all[perm.view(world_size, -1)[rank]])
-        keys_all = gather_no_grad(keys)  # row i is the key of x_all[perm[i]]
-        inverse = torch.argsort(perm)
-        return F.normalize(keys_all[inverse.view(world_size, -1)[rank]], dim=1)
+        encode = shuffled_across_ranks(self.key_encoder) if self.shuffle_bn else self.key_encoder
+        return F.normalize(encode(x), dim=1)
 
     def _contrast(
         self, x_query: torch.Tensor, x_key: torch.Tensor, negatives: torch.Tensor

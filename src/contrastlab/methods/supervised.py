@@ -41,6 +41,10 @@ class Supervised(Method):
             raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
         self.classifier = nn.Linear(feature_dim, num_classes)
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"classifier": self.classifier(self.backbone(x))}
+
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         if not views:
             raise ConfigError("method 'supervised' needs at least 1 view per image, got 0")

@@ -118,6 +118,9 @@ BACKBONES: dict[str, tuple[Callable[..., tuple[nn.Module, int]], tuple[str, ...]
 }
 """name -> (builder, accepted keyword arguments)."""
 
+IMAGENET_STEMS: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50"})
+"""Backbones with a downsampling stem (7x7/2 + max-pool) unless ``cifar_stem``; every other is a CIFAR network."""
+
 
 def build_backbone(name: str, cifar_stem: bool = False, **kw: object) -> tuple[nn.Module, int]:
     """Build a backbone by name.

@@ -1,7 +1,8 @@
 """Crop boxes: the one currency every planner produces and every renderer consumes.
 
 A box is ``(x0, y0, x1, y1)`` in source-image pixels, with ``0 <= x0 < x1 <= width`` and
-``0 <= y0 < y1 <= height``. Coordinates are floats so that planners can express sub-pixel geometry; the
+``0 <= y0 < y1 <= height``, except for planners that pad (``PaddedCropPlanner``): their boxes may leave
+the image, and the renderer fills what lies outside with zeros. Coordinates are floats so that planners can express sub-pixel geometry; the
 CPU renderer snaps them to the pixel grid with :func:`box_to_pixels`, which is exact for the integer-valued
 boxes that torchvision-compatible planners (SimCLR's random resized crop, Chen et al. 2020) produce.
 
@@ -21,13 +22,17 @@ Box = tuple[float, float, float, float]
 """``(x0, y0, x1, y1)`` in source pixels."""
 
 
-def validate_box(box: Box, width: int | None = None, height: int | None = None) -> Box:
+def validate_box(
+    box: Box, width: int | None = None, height: int | None = None, allow_outside: bool = False
+) -> Box:
     """Check that ``box`` is a finite, non-empty box, optionally inside a ``width`` x ``height`` image.
 
     Args:
         box: Four numbers ``(x0, y0, x1, y1)``.
         width: Image width in pixels; when given, ``x1 <= width`` is required.
         height: Image height in pixels; when given, ``y1 <= height`` is required.
+        allow_outside: accept a box that leaves the image (zero padding: ``RandomCrop(padding=p)``);
+            it must still overlap the image.
 
     Returns:
         The box as a tuple of four floats.
@@ -42,6 +47,10 @@ def validate_box(box: Box, width: int | None = None, height: int | None = None) 
         raise ValueError(f"box coordinates must be finite, got {box!r}")
     if not (x0 < x1 and y0 < y1):
         raise ValueError(f"box must satisfy x0 < x1 and y0 < y1, got {box!r}")
+    if allow_outside:
+        if x1 <= 0 or y1 <= 0 or (width is not None and x0 >= width) or (height is not None and y0 >= height):
+            raise ValueError(f"box {box!r} does not overlap the {width}x{height} image")
+        return (x0, y0, x1, y1)
     if x0 < 0 or y0 < 0:
         raise ValueError(f"box must start inside the image (x0, y0 >= 0), got {box!r}")
     if width is not None and x1 > width:

@@ -88,7 +88,8 @@ class ViewDataset(Dataset):
         boxes = self.planner.plan(index, width, height)
         if len(boxes) != len(self.sizes):
             raise RuntimeError(f"planner returned {len(boxes)} boxes, expected {len(self.sizes)}")
-        boxes = [validate_box(box, width, height) for box in boxes]
+        pads = getattr(self.planner, "pads", False)
+        boxes = [validate_box(box, width, height, allow_outside=pads) for box in boxes]
         views = [
             recipe(render_box(image, box, size))
             for box, size, recipe in zip(boxes, self.sizes, self.photometrics)

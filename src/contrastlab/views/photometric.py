@@ -4,7 +4,7 @@ A recipe is applied to a view after its box has been cropped and resized. It tak
 returns a normalised float tensor ``[3, S, S]``. Stages run in a fixed order, each with its own probability:
 
 1. colour jitter (brightness, contrast, saturation, hue in a random order),
-2. grayscale,
+2. grayscale (before the jitter with ``grayscale_first``, MoCo v1's order),
 3. Gaussian blur, kernel ``~blur_kernel_fraction`` of the image side (odd), sigma uniform in ``blur_sigma``,
 4. solarisation (pixels ``>= solarize_threshold`` inverted),
 5. horizontal flip,
@@ -22,6 +22,9 @@ Recipes (``PHOTOMETRICS``):
   blur sigma in [0.1, 2.0] p=0.5.
 - ``"mocov2"``: MoCo v2 (Chen et al. 2020), which adopted SimCLR's recipe: the same settings. (MoCo v2
   blurred with PIL's unbounded-radius filter; here both use the SimCLR kernel of ~10% of the side.)
+- ``"mocov1"``: MoCo v1 (He et al. 2020; also MCL's MoCo runs): grayscale 0.2, then jitter
+  (0.4, 0.4, 0.4, 0.4) always, no blur. torchvision's ``ColorJitter`` without ``RandomApply`` draws no coin;
+  here the always-applied jitter still draws one, so the random streams (not the distribution) differ.
 - ``"byol"``: BYOL (Grill et al. 2020), also MoCo v3; asymmetric: jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
   grayscale 0.2; view 0 blur p=1.0, no solarisation; views >= 1 blur p=0.1, solarisation p=0.2.
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
@@ -94,6 +97,7 @@ class PhotometricRecipe:
         solarize_prob: Probability of solarising.
         solarize_threshold: Pixels ``>=`` this value (0..255) are inverted.
         flip_prob: Probability of a horizontal flip.
+        grayscale_first: Run the grayscale stage before colour jitter (MoCo v1's order).
     """
 
     mean: Triple
@@ -107,6 +111,7 @@ class PhotometricRecipe:
     solarize_prob: float = 0.0
     solarize_threshold: int = 128
     flip_prob: float = 0.5
+    grayscale_first: bool = False
 
     def __post_init__(self) -> None:
         def as_floats(name: str, n: int) -> tuple[float, ...]:
@@ -150,6 +155,11 @@ class PhotometricRecipe:
                 img = adjust[fn_id](img, factors[fn_id])
         return img
 
+    def _grayscale(self, img: Image.Image, generator: torch.Generator | None) -> Image.Image:
+        if self.grayscale_prob > 0 and bool(_coin(generator) < self.grayscale_prob):
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        return img
+
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment ``image`` and return a normalised float tensor ``[3, H, W]``.
 
@@ -161,10 +171,12 @@ class PhotometricRecipe:
             raise TypeError(f"a photometric recipe takes a PIL image, got {type(image).__name__}")
         img = image if image.mode == "RGB" else image.convert("RGB")
         # RandomApply's test is "skip if p < u"; the coin is drawn only when the stage is present.
+        if self.grayscale_first:
+            img = self._grayscale(img, generator)
         if self.jitter_prob > 0 and any(self.jitter) and not bool(self.jitter_prob < _coin(generator)):
             img = self._color_jitter(img, generator)
-        if self.grayscale_prob > 0 and bool(_coin(generator) < self.grayscale_prob):
-            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        if not self.grayscale_first:
+            img = self._grayscale(img, generator)
         if self.blur_prob > 0 and not bool(self.blur_prob < _coin(generator)):
             sigma = _uniform(self.blur_sigma[0], self.blur_sigma[1], generator)
             k = blur_kernel_size(min(img.size), self.blur_kernel_fraction)
@@ -191,6 +203,10 @@ def _byol(view: int) -> dict[str, object]:
     }
 
 
+def _mocov1(view: int) -> dict[str, object]:
+    return {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_prob": 1.0, "grayscale_prob": 0.2, "grayscale_first": True}
+
+
 def _small(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2}
 
@@ -206,6 +222,7 @@ def _eval(view: int) -> dict[str, object]:
 PHOTOMETRICS: dict[str, Callable[[int], dict[str, object]]] = {
     "simclr": _simclr,
     "mocov2": _simclr,  # MoCo v2 adopted SimCLR's jitter, grayscale and blur (sigma 0.1-2.0, p=0.5)
+    "mocov1": _mocov1,
     "byol": _byol,
     "small": _small,
     "none": _none,

@@ -22,7 +22,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -275,11 +275,50 @@ class CenterCropPlanner:
         return [box_from_pixels(top, left, side, side)] * self.num_views
 
 
+@dataclass(frozen=True)
+class PaddedCropPlanner:
+    """``RandomCrop(size, padding=p)`` of the classic CIFAR augmentation: a same-size box shifted by up to ``p``.
+
+    He et al. 2016 (section 4.2): pad 4 pixels with zeros on each side, then take a random crop of the
+    original size. As a box this is the image's own box translated by ``(j - p, i - p)``, with ``i`` then
+    ``j`` drawn uniformly from ``0 .. 2p`` in torchvision's order (``RandomCrop.get_params`` on the padded
+    image), so the same RNG state gives torchvision's crop. The box may leave the image; the renderer
+    fills the outside with zeros, as the padding does. Supervised MCL on CIFAR-100 uses ``p = 4``.
+
+    Args:
+        padding: Pixels of zero padding on each side.
+        num_views: Number of independently shifted boxes.
+    """
+
+    padding: int = 4
+    num_views: int = 1
+    pads: ClassVar[bool] = True  #: boxes may leave the image (ViewDataset then accepts them)
+
+    def __post_init__(self) -> None:
+        _check_num_views(self.num_views)
+        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
+            raise ConfigError(f"padding must be a non-negative integer, got {self.padding!r}")
+
+    def plan(
+        self, index: int, width: int, height: int, generator: torch.Generator | None = None
+    ) -> list[Box]:
+        """Return ``num_views`` boxes of the image's size, each shifted by up to ``padding`` pixels."""
+        _check_image_size(width, height)
+        p = self.padding
+        boxes = []
+        for _ in range(self.num_views):
+            top = int(torch.randint(0, 2 * p + 1, size=(1,), generator=generator).item()) - p
+            left = int(torch.randint(0, 2 * p + 1, size=(1,), generator=generator).item()) - p
+            boxes.append(box_from_pixels(top, left, height, width))
+        return boxes
+
+
 PLANNERS: dict[str, Callable[..., Planner]] = {
     "random_resized": RandomResizedCropPlanner,
     "fixed": FixedBoxPlanner,
     "center": CenterCropPlanner,
     "multicrop": MultiCropPlanner,
+    "padded_crop": PaddedCropPlanner,
 }
 """Planner registry: config name -> constructor."""
 

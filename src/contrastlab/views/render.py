@@ -23,7 +23,8 @@ def render_box(image: Image.Image, box: Box, size: int) -> Image.Image:
 
     Args:
         image: Source image.
-        box: ``(x0, y0, x1, y1)`` in source pixels; fractional edges are rounded to whole pixels.
+        box: ``(x0, y0, x1, y1)`` in source pixels; fractional edges are rounded to whole pixels. Parts
+            of the box outside the image are zero (black), as ``RandomCrop(padding=p)`` pads.
         size: Output side length in pixels.
 
     Returns:

@@ -1,0 +1,62 @@
+"""Test-set accuracy of a method's own classifiers (supervised baselines, MCL cohorts).
+
+For every head that :meth:`~contrastlab.methods.base.Method.predict` returns (MCL: ``peer0`` ...
+``peerM-1`` and ``ensemble``, the sum of the peers' logits) the monitor reports top-1 accuracy in percent
+on one deterministic view per test image, the network in eval mode. When there are peer heads it adds
+``peer_mean`` and ``peer_best``. The numbers of a run are those of its final epoch: no epoch is ever
+selected on the test set (MCL's release kept the epoch with the best test accuracy; mcl.md section 4.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from contrastlab.observers.knn_monitor import _subset
+
+
+class ClassificationMonitor:
+    """Top-1 accuracy of each classifier head of a method on a test set.
+
+    Args:
+        test_set: yields ``(views, label, index)`` with one evaluation view.
+        batch_size / workers: DataLoader settings.
+        max_test: a random subset (fixed seed) of at most this many images; 0 = all.
+        device: where the method runs.
+    """
+
+    def __init__(self, test_set: Dataset, *, batch_size: int = 256, workers: int = 0, max_test: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.loader = DataLoader(_subset(test_set, max_test, 1), batch_size=batch_size, shuffle=False,
+                                 num_workers=workers, pin_memory=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def evaluate(self, method: nn.Module) -> dict[str, float]:
+        """``{head: top-1 %}`` plus ``peer_mean`` and ``peer_best`` when heads are named ``peer<i>``."""
+        was_training = method.training
+        method.eval()
+        correct: dict[str, int] = {}
+        total = 0
+        try:
+            for images, labels, _ in self.loader:
+                images = images[0] if isinstance(images, (list, tuple)) else images
+                scores = method.predict(images.to(self.device, non_blocking=True))
+                labels = torch.as_tensor(labels).to(self.device)
+                for head, logits in scores.items():
+                    correct[head] = correct.get(head, 0) + int((logits.argmax(dim=1) == labels).sum())
+                total += labels.numel()
+        finally:
+            method.train(was_training)
+        result = {head: 100.0 * hits / max(1, total) for head, hits in correct.items()}
+        peers = [v for k, v in result.items() if k.startswith("peer")]
+        if peers:
+            result["peer_mean"] = sum(peers) / len(peers)
+            result["peer_best"] = max(peers)
+        return result
+
+    def describe(self) -> dict:
+        """How the numbers are measured."""
+        return {"test_top1_protocol": "final epoch, eval mode, one centre view per test image",
+                "test_size": len(self.loader.dataset)}
