@@ -100,6 +100,14 @@ def _run_mcl(method: MCL, model: torch.nn.Module, rows: slice) -> None:
     opt.step()
 
 
+def _bank_mcl_method() -> MCL:
+    torch.manual_seed(0)
+    cohort = build_cohort("resnet20", 2, width=0.25)
+    targets = torch.arange(WORLD * B).repeat_interleave(2).tolist() * 2  # 2 * 2 * WORLD * B images
+    return MCL(cohort, cohort.feature_dim, num_classes=WORLD * B, contrast="memory_bank",
+               dataset_targets=targets, neg_k=8).eval()
+
+
 def _moco_mcl_method() -> MoCoMCL:
     torch.manual_seed(0)
     cohort = build_cohort("resnet20", 2, width=0.25)
@@ -173,6 +181,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         mcl = _mcl_method()
         _run_mcl(mcl, wrap_ddp(mcl, torch.device("cpu")), mine)
         result["mcl_params"] = [p.detach().clone() for p in mcl.parameters()]
+        bank_mcl = _bank_mcl_method()
+        _run_mcl(bank_mcl, wrap_ddp(bank_mcl, torch.device("cpu")), mine)
+        result["bank"] = bank_mcl.bank.memory.clone()
         moco_mcl = _moco_mcl_method()
         broadcast_ignored_buffers(moco_mcl)
         _run_moco_mcl(moco_mcl, wrap_ddp(moco_mcl, torch.device("cpu")), mine)
@@ -270,3 +281,13 @@ def test_moco_mcl_queues_gathered_in_lockstep(ranks: list[dict]) -> None:
         assert torch.equal(ranks[0]["moco_mcl_queues"][peer], ranks[1]["moco_mcl_queues"][peer])
         torch.testing.assert_close(ranks[0]["moco_mcl_queues"][peer], single.queues[peer].queue,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_mcl_memory_banks_identical_across_ranks_and_equal_to_single_process(ranks: list[dict]) -> None:
+    """Bank rows are written from the gathered anchors of every rank (the sampled negatives do not matter)."""
+    single = _bank_mcl_method()
+    before = single.bank.memory.clone()
+    _run_mcl(single, single, slice(None))
+    assert torch.equal(ranks[0]["bank"], ranks[1]["bank"])
+    torch.testing.assert_close(ranks[0]["bank"], single.bank.memory, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(single.bank.memory, before)
