@@ -10,7 +10,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from contrastlab.config.schema import LinearConfig, OptimConfig
-from contrastlab.engine.checkpoint import FORMAT, atomic_save, load_backbone_weights, load_checkpoint
+from contrastlab.engine.checkpoint import (
+    FORMAT,
+    atomic_save,
+    load_backbone_weights,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    remove_checkpoint,
+)
 from contrastlab.engine.optim import LARS, build_optimizer, set_learning_rate
 from contrastlab.engine.schedules import ema_momentum, learning_rate
 from contrastlab.errors import CheckpointError, ConfigError
@@ -81,7 +88,7 @@ def test_checkpoint_atomic_and_errors(tmp_path):
     path = tmp_path / "ck" / "last.pt"
     net = nn.Linear(3, 2)
     atomic_save({"format": FORMAT, "method": {f"backbone.{k}": v for k, v in net.state_dict().items()}, "epoch": 1}, path)
-    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "last.pt.sha256"]  # no temp file left
     ck = load_checkpoint(path)
     other = nn.Linear(3, 2)
     load_backbone_weights(other, ck)
@@ -99,6 +106,48 @@ def test_checkpoint_atomic_and_errors(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not written by contrastlab"):
         load_checkpoint(foreign)
+
+
+def _save_linear(path, epoch: int) -> None:
+    atomic_save({"format": FORMAT, "epoch": epoch, "method": {"backbone.w": torch.full((3,), float(epoch))}}, path)
+
+
+def test_checksum_detects_a_damaged_checkpoint_and_auto_resume_falls_back(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for epoch in (1, 2, 3):
+        _save_linear(folder / f"epoch_{epoch:04d}.pt", epoch)
+    _save_linear(folder / "last.pt", 3)
+    assert newest_intact_checkpoint(folder) == folder / "last.pt"
+    for name in ("last.pt", "epoch_0003.pt"):  # flip one byte in the middle: still a readable zip, wrong data
+        data = bytearray((folder / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(folder / "last.pt")
+    messages: list[str] = []
+    found = newest_intact_checkpoint(folder, log=messages.append)
+    assert found == folder / "epoch_0002.pt" and load_checkpoint(found)["epoch"] == 2
+    assert any("last.pt" in m for m in messages) and any("epoch_0003.pt" in m for m in messages)
+    remove_checkpoint(folder / "epoch_0001.pt")
+    assert not (folder / "epoch_0001.pt").exists() and not (folder / "epoch_0001.pt.sha256").exists()
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "last.pt"
+    _save_linear(path, 1)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CheckpointError, match="No space left"):
+        _save_linear(path, 2)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1  # intact and still matching its checksum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_knn_matches_brute_force_loop():

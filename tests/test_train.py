@@ -82,6 +82,21 @@ def test_resume_continues_the_same_loss_sequence(tmp_path):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
 
 
+def test_keep_last_checkpoints_and_resume_past_a_damaged_last_pt(tmp_path):
+    with _Subset(32):
+        train(_tiny(tmp_path, "train.epochs=4", "train.checkpoint_every=1", "train.keep_checkpoints=2"), quiet=True)
+        folder = tmp_path / "checkpoints"
+        assert sorted(p.name for p in folder.glob("*.pt")) == ["epoch_0003.pt", "epoch_0004.pt", "last.pt"]
+        data = bytearray((folder / "last.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / "last.pt").write_bytes(bytes(data))
+        resumed = train(_tiny(tmp_path, "train.epochs=5", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                              "resume=auto"), quiet=True)
+    assert resumed["epochs"] == 5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]  # continued from epoch_0004.pt, nothing duplicated
+
+
 def test_run_directory_contents(tmp_path):
     with _Subset(64):
         train(_tiny(tmp_path, "train.epochs=2", "monitor.knn_every=1"), quiet=True)

@@ -108,6 +108,7 @@ class TrainConfig:
     ema_schedule: str = "constant"  #: constant | cosine (to 1.0, BYOL)
     schedule_unit: str = "step"  #: step | epoch: whether lr, EMA momentum and method schedules change per step or per epoch
     checkpoint_every: int = 10  #: epochs between numbered checkpoints (last.pt is written every epoch)
+    keep_checkpoints: int = 0  #: keep only the newest K numbered checkpoints (0 = keep all)
     log_every: int = 20  #: steps between progress lines
     deterministic: bool = False  #: torch.use_deterministic_algorithms
 

@@ -1,12 +1,18 @@
-"""Checkpoints: atomic writes, clear errors on damaged files, and the backbone loader used by eval.
+"""Checkpoints: atomic writes, checksums, clear errors on damaged files, and the backbone loader used by eval.
 
 A checkpoint is a ``torch.save`` dictionary with ``format == "contrastlab-checkpoint"``. It is written
 to a temporary file in the same folder, flushed, fsynced, then renamed over the target, so a crash
-never leaves a half-written ``last.pt``.
+never leaves a half-written ``last.pt``. Next to it, ``<name>.sha256`` holds the SHA-256 of its bytes
+(written the same way, after the checkpoint); :func:`load_checkpoint` checks it, so a file damaged on
+disk later is detected, not loaded. A crash between the two renames leaves a checkpoint whose checksum
+does not match: it is then treated as damaged and ``resume=auto`` falls back to an older one
+(:func:`newest_intact_checkpoint`), which is safe. A failed write (disk full) raises
+:class:`~contrastlab.errors.CheckpointError` and leaves the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -22,27 +28,83 @@ FORMAT = "contrastlab-checkpoint"
 VERSION = 1
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
+def checksum_path(path: str | os.PathLike) -> Path:
+    """Where the SHA-256 of checkpoint ``path`` is kept: ``<path>.sha256``."""
+    return Path(f"{path}.sha256")
+
+
+def _write_atomically(data: bytes | memoryview, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temp file, fsync, rename, fsync folder), then its checksum.
+
+    Raises:
+        CheckpointError: the file could not be written (disk full, permissions); the previous file at
+            ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        _write_atomically(data, path)
+        _write_atomically(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), checksum_path(path))
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); the previous "
+                              "checkpoint there, if any, is unchanged. Free disk space or choose another out=DIR, "
+                              "then resume with resume=auto") from exc
+
+
+def verify_checksum(path: str | os.PathLike) -> bool | None:
+    """Whether ``path`` matches its recorded SHA-256; ``None`` when no checksum was recorded."""
+    recorded = checksum_path(path)
+    if not recorded.is_file():
+        return None
+    expected = (recorded.read_text().split() or [""])[0]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return expected == digest.hexdigest()
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint and its checksum file."""
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def newest_intact_checkpoint(folder: str | os.PathLike, log=print) -> Path | None:
+    """``last.pt`` if intact, else the newest intact ``epoch_NNNN.pt``; each damaged file is named in ``log``."""
+    folder = Path(folder)
+    candidates = [folder / "last.pt", *sorted(folder.glob("epoch_*.pt"), reverse=True)]
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            load_checkpoint(candidate, map_location="cpu")
+        except CheckpointError as exc:
+            log(f"skipping {candidate}: {exc}")
+            continue
+        return candidate
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -51,6 +113,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt file written by "
                               "`contrastlab train` (runs/<name>/checkpoints/last.pt)")
+    if verify_checksum(path) is False:
+        raise CheckpointError(f"checkpoint {path} does not match its checksum {checksum_path(path).name} (damaged "
+                              "on disk, or a write was cut off); use an earlier checkpoint from the same folder")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for truncated / corrupt zip files

@@ -38,7 +38,14 @@ from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
 from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
-from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint
+from contrastlab.engine.checkpoint import (
+    FORMAT,
+    VERSION,
+    atomic_save,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    remove_checkpoint,
+)
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate, learning_rate
 from contrastlab.errors import ConfigError, ContrastlabError
@@ -93,10 +100,14 @@ def run_directory(cfg: Config, recipe: str) -> Path:
     return Path(cfg.out) if cfg.out else Path("runs") / Path(recipe).with_suffix("").as_posix().replace("/", "_")
 
 
-def _resolve_resume(cfg: Config, out: Path) -> Path | None:
+def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
     last = out / "checkpoints" / "last.pt"
-    if cfg.resume == "auto":
-        return last if last.is_file() else None
+    if cfg.resume == "auto":  # the newest intact checkpoint: a damaged last.pt falls back to epoch_NNNN.pt
+        found = newest_intact_checkpoint(out / "checkpoints", log=log)
+        if found is None and any((out / "checkpoints").glob("*.pt")):
+            raise ContrastlabError(f"resume=auto: every checkpoint in {out / 'checkpoints'} is damaged (see above); "
+                                   "pass overwrite=true to start afresh")
+        return found
     if cfg.resume:
         return Path(cfg.resume)
     if last.is_file() and not cfg.overwrite:
@@ -179,7 +190,7 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
         torch.use_deterministic_algorithms(True)
 
     out = run_directory(cfg, recipe)
-    resume_path = _resolve_resume(cfg, out)
+    resume_path = _resolve_resume(cfg, out, log)
     seed_everything(cfg.seed + rank)
 
     base_train = assemble.dataset(cfg, cfg.data.train_split)
@@ -358,6 +369,9 @@ def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str,
             atomic_save(ckpt, out / "checkpoints" / "last.pt")
             if cfg.train.checkpoint_every > 0 and epoch % cfg.train.checkpoint_every == 0:
                 atomic_save(ckpt, out / "checkpoints" / f"epoch_{epoch:04d}.pt")
+                if cfg.train.keep_checkpoints > 0:
+                    for old in sorted((out / "checkpoints").glob("epoch_*.pt"))[:-cfg.train.keep_checkpoints]:
+                        remove_checkpoint(old)
         dist.barrier()
         if dist.broadcast_(collapsed, src=0).item():
             raise CollapseError(
