@@ -51,7 +51,10 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def training_views(cfg: Config, base: Dataset) -> ViewDataset:
-    """The multi-view training dataset: planner boxes, rendered, per-view photometric recipe."""
+    """The multi-view training dataset: planner boxes, rendered, per-view photometric recipe.
+
+    Random draws are seeded per sample from ``(seed, epoch, index)``: the trainer calls ``set_epoch``.
+    """
     v = cfg.views
     size = image_size(cfg)
     mean, std = normalization(cfg)
@@ -70,7 +73,7 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
         planner = make_planner(v.planner, num_views=v.num_views)
         sizes = [size] * v.num_views
     photometrics = [make_photometric(v.photometric, view=i, mean=mean, std=std) for i in range(len(sizes))]
-    return ViewDataset(base, planner, sizes, photometrics)
+    return ViewDataset(base, planner, sizes, photometrics, seed=cfg.seed)
 
 
 def evaluation_views(cfg: Config, base: Dataset) -> Dataset:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from contrastlab import __version__
+from contrastlab.engine.preemption import EXIT_PREEMPTED, PreemptedError
 from contrastlab.errors import ContrastlabError
 
 SMOKE_OVERRIDES = [
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
+    except PreemptedError as exc:
+        print(f"contrastlab: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ContrastlabError as exc:
         print(f"contrastlab: error: {exc}", file=sys.stderr)
         return 2

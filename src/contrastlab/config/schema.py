@@ -109,6 +109,9 @@ class TrainConfig:
     schedule_unit: str = "step"  #: step | epoch: whether lr, EMA momentum and method schedules change per step or per epoch
     checkpoint_every: int = 10  #: epochs between numbered checkpoints (last.pt is written every epoch)
     keep_checkpoints: int = 0  #: keep only the newest K numbered checkpoints (0 = keep all)
+    checkpoint_every_steps: int = 0  #: also write last.pt every N steps, mid-epoch (0 = at epoch ends only)
+    nonfinite: str = "stop"  #: a non-finite loss or gradient: stop (with a message) | skip (the step, counted)
+    max_skipped_steps: int = 100  #: nonfinite=skip: stop after this many skipped steps in the run
     log_every: int = 20  #: steps between progress lines
     deterministic: bool = False  #: torch.use_deterministic_algorithms
 

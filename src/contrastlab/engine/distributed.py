@@ -88,6 +88,24 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true on at least one rank (every rank gets the same answer)."""
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Broadcast ``x`` from ``src`` to every rank in place."""
     if get_world_size() > 1:

@@ -1,4 +1,4 @@
-"""The training loop: one function, :func:`train`, from a validated config to a finished run directory.
+"""The training loop: :func:`train`, from a validated config to a finished run directory (:class:`Trainer`).
 
 Run directory layout::
 
@@ -6,31 +6,42 @@ Run directory layout::
     <out>/run.json           derived values (scaled lr, steps), world size, device, versions
     <out>/metrics.jsonl      one JSON object per epoch
     <out>/tensorboard/       TensorBoard events
-    <out>/checkpoints/       last.pt every epoch, epoch_NNNN.pt every ``train.checkpoint_every`` epochs
+    <out>/checkpoints/       last.pt (every epoch, and every ``train.checkpoint_every_steps`` steps),
+                             epoch_NNNN.pt every ``train.checkpoint_every`` epochs, each with a .sha256
     <out>/plots/             training curves (PNG), written at the end
-    <out>/results.json       final kNN accuracy and how it was measured
+    <out>/results.json       final accuracies and how they were measured
 
-Determinism: every epoch re-seeds the samplers, the data workers and the global RNGs from
-``(seed, rank, epoch)``, so a run resumed from an epoch checkpoint continues the same sequence of
-batches, augmentations and losses as the uninterrupted run.
+Determinism and resuming: an epoch's batches are a pure function of ``(seed, rank, epoch)``
+(:func:`epoch_batches`), each image's views of ``(seed, epoch, index)`` (``ViewDataset(seed=...)``), and
+the global RNGs are re-seeded at every epoch start. A checkpoint written in the middle of an epoch (by
+``train.checkpoint_every_steps`` or a preemption signal) also holds every rank's RNG state, position in
+the epoch and partial epoch sums, so a resumed run continues the same sequence of batches, views and
+losses as the uninterrupted one (bit for bit on the CPU with ``train.deterministic``).
+
+Faults: SIGTERM / SIGUSR1 checkpoint at the next step boundary and stop with exit status 75
+(:mod:`contrastlab.engine.preemption`); under ``torchrun --max-restarts`` a restarted job resumes from its
+last checkpoint by itself; a non-finite loss or gradient stops the run with a message, or skips the step
+(``train.nonfinite=skip``, counted in ``metrics.jsonl``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from contrastlab import __version__, assemble
 from contrastlab.config.derived import Derived, derive
@@ -47,9 +58,10 @@ from contrastlab.engine.checkpoint import (
     remove_checkpoint,
 )
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
+from contrastlab.engine.preemption import PreemptedError, PreemptionSignals
 from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate, learning_rate
 from contrastlab.errors import ConfigError, ContrastlabError
-from contrastlab.methods.base import Method
+from contrastlab.methods.base import Method, StepOutput
 from contrastlab.observers.classification_monitor import ClassificationMonitor
 from contrastlab.observers.metrics_log import MetricsLog
 from contrastlab.observers.progress import Progress
@@ -68,6 +80,7 @@ class CollapseError(ContrastlabError):
 
 
 SCHEDULE_UNITS = ("step", "epoch")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:
@@ -102,14 +115,18 @@ def run_directory(cfg: Config, recipe: str) -> Path:
 
 def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
     last = out / "checkpoints" / "last.pt"
-    if cfg.resume == "auto":  # the newest intact checkpoint: a damaged last.pt falls back to epoch_NNNN.pt
+    resume = cfg.resume
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        log("torchrun restarted this job: resuming from its last checkpoint")
+        resume = "auto"
+    if resume == "auto":  # the newest intact checkpoint: a damaged last.pt falls back to epoch_NNNN.pt
         found = newest_intact_checkpoint(out / "checkpoints", log=log)
         if found is None and any((out / "checkpoints").glob("*.pt")):
             raise ContrastlabError(f"resume=auto: every checkpoint in {out / 'checkpoints'} is damaged (see above); "
                                    "pass overwrite=true to start afresh")
         return found
-    if cfg.resume:
-        return Path(cfg.resume)
+    if resume:
+        return Path(resume)
     if last.is_file() and not cfg.overwrite:
         raise ConfigError(
             f"run directory {out} already holds a run ({last}); pass resume=auto to continue it, "
@@ -121,30 +138,55 @@ def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
 SAMPLERS = ("random", "m_per_class")
 
 
-def _loader(train_set, cfg: Config, d: Derived, rank: int, epoch: int, device: torch.device) -> DataLoader:
-    g = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
-    common = {"num_workers": cfg.data.workers, "worker_init_fn": seed_worker, "generator": g,
-              "pin_memory": device.type == "cuda"}
+def epoch_batches(targets, num_samples: int, cfg: Config, d: Derived, rank: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of dataset indices for ``epoch``, a pure function of ``(seed, epoch, rank)``.
+
+    ``random``: a permutation per epoch (one process: ``torch.randperm`` seeded per ``(seed, rank, epoch)``,
+    as ``RandomSampler``; several ranks: ``DistributedSampler``'s split of a permutation seeded by
+    ``seed + epoch``); ``m_per_class``: :class:`~contrastlab.data.samplers.MPerClassSampler`. Only whole
+    batches are kept, ``d.steps_per_epoch`` of them. Being explicit, the list can be resumed mid-epoch.
+    """
     if cfg.data.sampler == "m_per_class":  # every rank draws the same global batches and keeps its slice
-        batches = MPerClassSampler(train_set.dataset.targets, m=cfg.data.samples_per_class,
-                                   batch_size=d.global_batch_size, length_before_new_iter=cfg.data.epoch_length or None,
-                                   seed=cfg.seed, num_replicas=d.world_size, rank=rank)
-        batches.set_epoch(epoch)
-        return DataLoader(train_set, batch_sampler=batches, **common)
-    if d.world_size > 1:
-        sampler = DistributedSampler(train_set, num_replicas=d.world_size, rank=rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
+        sampler = MPerClassSampler(targets, m=cfg.data.samples_per_class, batch_size=d.global_batch_size,
+                                   length_before_new_iter=cfg.data.epoch_length or None, seed=cfg.seed,
+                                   num_replicas=d.world_size, rank=rank)
         sampler.set_epoch(epoch)
+        return list(sampler)[: d.steps_per_epoch]
+    if d.world_size > 1:
+        dist_sampler = DistributedSampler(range(num_samples), num_replicas=d.world_size, rank=rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=True)
+        dist_sampler.set_epoch(epoch)
+        order = list(dist_sampler)
     else:
-        sampler = RandomSampler(train_set, generator=g)
-    return DataLoader(train_set, batch_size=d.per_rank_batch_size, sampler=sampler, drop_last=True, **common)
+        g = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
+        order = torch.randperm(num_samples, generator=g).tolist()
+    b = d.per_rank_batch_size
+    return [order[i * b:(i + 1) * b] for i in range(min(d.steps_per_epoch, len(order) // b))]
+
+
+def _loader(train_set, batches: list[list[int]], cfg: Config, rank: int, epoch: int,
+            device: torch.device) -> DataLoader:
+    """A DataLoader over ``batches``; views are seeded per sample, so workers need no seeding of their own."""
+    train_set.set_epoch(epoch)
+    return DataLoader(train_set, batch_sampler=batches, num_workers=cfg.data.workers, worker_init_fn=seed_worker,
+                      generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch)),
+                      pin_memory=device.type == "cuda")
 
 
 def _rng_state() -> dict[str, Any]:
+    """This process's global RNG states (torch, CUDA, NumPy, Python)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def wrap_ddp(method: Method, device: torch.device) -> nn.parallel.DistributedDataParallel:
@@ -169,237 +211,368 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` to the end (or ``train.max_steps``) and return the final results.
+@dataclass
+class EpochProgress:
+    """Where one rank stands inside the current epoch: saved in mid-epoch checkpoints."""
+
+    batch: int = 0  #: batches of this epoch already trained
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    skipped: int = 0  #: steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
+    part_sums: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """One training run: built from a config, then :meth:`run` (see the module docstring).
 
     Works in a single process and under ``torchrun`` (one process per device; ``data.batch_size`` is the
     global batch, split over ranks; the learning rate is scaled from the global batch).
     """
-    denv = dist.init_distributed(select_device(cfg.train.device).type)
-    rank, world = denv.rank, denv.world_size
-    device = select_device(cfg.train.device, denv.local_rank)
-    main = rank == 0
-    log = (lambda *a: None) if (quiet or not main) else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
-    if cfg.data.sampler not in SAMPLERS:
-        raise ConfigError(f"data.sampler must be random or m_per_class, got {cfg.data.sampler!r}")
-    if cfg.train.schedule_unit not in SCHEDULE_UNITS:
-        raise ConfigError(f"train.schedule_unit must be step or epoch, got {cfg.train.schedule_unit!r}")
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
 
-    out = run_directory(cfg, recipe)
-    resume_path = _resolve_resume(cfg, out, log)
-    seed_everything(cfg.seed + rank)
+    def __init__(self, cfg: Config, recipe: str = "run", *, quiet: bool = False) -> None:
+        self.cfg, self.recipe = cfg, recipe
+        denv = dist.init_distributed(select_device(cfg.train.device).type)
+        self.rank, self.world = denv.rank, denv.world_size
+        self.device = select_device(cfg.train.device, denv.local_rank)
+        self.main = self.rank == 0
+        self.quiet = quiet
+        self._check(cfg)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
 
-    base_train = assemble.dataset(cfg, cfg.data.train_split)
-    train_set = assemble.training_views(cfg, base_train)
-    d = derive(cfg, world, len(train_set))
-    num_classes = len(getattr(base_train, "classes", [])) or 1
+        self.out = run_directory(cfg, recipe)
+        resume_path = _resolve_resume(cfg, self.out, self.log)
+        seed_everything(cfg.seed + self.rank)
+        base_train = assemble.dataset(cfg, cfg.data.train_split)
+        self.targets = getattr(base_train, "targets", None)
+        self.train_set = assemble.training_views(cfg, base_train)
+        self.d = d = derive(cfg, self.world, len(self.train_set))
+        num_classes = len(getattr(base_train, "classes", [])) or 1
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    method = assemble.method(cfg, num_classes, getattr(base_train, "targets", None)).to(device)
-    if cfg.model.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    model: nn.Module = method
-    if world > 1:
-        if cfg.model.sync_bn:
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        model = wrap_ddp(method, device)
-    optimizer = build_optimizer(method.param_groups(), cfg.optim, d.lr)
-    amp_dtype = PRECISIONS[cfg.train.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16" and device.type == "cuda")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        method = assemble.method(cfg, num_classes, self.targets).to(self.device)
+        if cfg.model.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        self.model: nn.Module = method
+        if self.world > 1:
+            if cfg.model.sync_bn:
+                method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            self.model = wrap_ddp(method, self.device)
+        self.method = method
+        self.optimizer = build_optimizer(method.param_groups(), cfg.optim, d.lr)
+        self.amp_dtype = PRECISIONS[cfg.train.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.train.precision == "fp16" and self.device.type == "cuda")
+        self.per_epoch = cfg.train.schedule_unit == "epoch"
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
-    metrics = MetricsLog(out / "metrics.jsonl")
-    start_epoch, step = 0, 0
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location=device)
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
-    broadcast_ignored_buffers(method)  # every rank starts from rank 0's queue / memory
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-        (out / "run.json").write_text(json.dumps({
-            "recipe": recipe, "derived": d.as_dict(), "device": str(device),
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.epoch, self.step = 0, 0
+        self.progress_in_epoch = EpochProgress()
+        self.resumed_mid_epoch = False
+        if resume_path is not None:
+            self._load(resume_path)
+        broadcast_ignored_buffers(method)  # every rank starts from rank 0's queue / memory
+        self._prepare_run_directory(resume_path)
+        self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main)
+
+        self.knn = self.classifier_monitor = None
+        if self.main and num_classes > 1:  # the training split's raw dataset doubles as the kNN bank
+            test_base = assemble.dataset(cfg, cfg.data.test_split)
+            batch = max(64, d.per_rank_batch_size)
+            self.knn = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train), test_base,
+                                            self.device, batch_size=batch)
+            if type(method).predict is not Method.predict:  # the method has classifiers: test accuracy too
+                self.classifier_monitor = ClassificationMonitor(
+                    assemble.evaluation_views(cfg, test_base), batch_size=batch, workers=cfg.data.workers,
+                    max_test=cfg.monitor.max_test, device=self.device)
+        self.progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every,
+                                 enabled=self.main and not quiet)
+        self.knn_top1: float | None = None
+        self.skipped_total = 0
+
+    # --- set-up --------------------------------------------------------------------------------------------
+
+    def log(self, *args: object) -> None:
+        if self.main and not self.quiet:
+            print(*args, file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _check(cfg: Config) -> None:
+        for key, value, valid in (("train.precision", cfg.train.precision, tuple(PRECISIONS)),
+                                  ("data.sampler", cfg.data.sampler, SAMPLERS),
+                                  ("train.schedule_unit", cfg.train.schedule_unit, SCHEDULE_UNITS),
+                                  ("train.nonfinite", cfg.train.nonfinite, NONFINITE_POLICIES)):
+            if value not in valid:
+                raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.skipped_total = ckpt.get("skipped_total", 0)
+        partial = ckpt.get("partial")
+        if partial is not None:  # written mid-epoch: this rank's place, sums and random state
+            if len(partial) != self.world:
+                raise ContrastlabError(f"{path} was written mid-epoch by {len(partial)} rank(s); resume it with "
+                                       f"{len(partial)} rank(s), or from an end-of-epoch checkpoint (epoch_NNNN.pt)")
+            mine = partial[self.rank]
+            self.progress_in_epoch = EpochProgress(**mine["progress"])
+            self._rng_to_restore = mine["rng"]
+            self.resumed_mid_epoch = True
+        where = f", batch {self.progress_in_epoch.batch} of epoch {self.epoch + 1}" if partial else ""
+        self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}{where}")
+
+    def _prepare_run_directory(self, resume_path: Path | None) -> None:
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        device = self.device
+        (self.out / "run.json").write_text(json.dumps({
+            "recipe": self.recipe, "derived": self.d.as_dict(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "contrastlab": __version__, "python": platform.python_version(),
         }, indent=2))
         if resume_path is None:
-            metrics.path.unlink(missing_ok=True)
+            self.metrics.path.unlink(missing_ok=True)
         else:
-            metrics.truncate_after(start_epoch)
-    tb = TensorBoardLog(out / "tensorboard", enabled=main)
+            self.metrics.truncate_after(self.epoch)
 
-    monitor = classifier_monitor = None
-    mon = cfg.monitor
-    if main and num_classes > 1:  # the training split's raw dataset doubles as the kNN bank (no second scan)
-        test_base = assemble.dataset(cfg, cfg.data.test_split)
-        monitor = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train), test_base, device,
-                                       batch_size=max(64, d.per_rank_batch_size))
-        if type(method).predict is not Method.predict:  # the method has classifiers: test-set accuracy too
-            classifier_monitor = ClassificationMonitor(assemble.evaluation_views(cfg, test_base),
-                                                       batch_size=max(64, d.per_rank_batch_size),
-                                                       workers=cfg.data.workers, max_test=mon.max_test, device=device)
+    # --- one step ------------------------------------------------------------------------------------------
 
-    log(f"training {recipe}: {len(train_set)} images, global batch {d.global_batch_size} on {world} rank(s), "
-        f"lr {d.lr:.4g}, {d.total_steps} steps, device {device}, out {out}")
-    progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every, enabled=main and not quiet)
-    milestones = tuple(m * d.steps_per_epoch for m in cfg.optim.milestones)
-    per_epoch = cfg.train.schedule_unit == "epoch"
-    mf = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    def _learning_rate(self) -> float:
+        cfg, d = self.cfg, self.d
+        if self.per_epoch:
+            self.method.set_progress(float(self.epoch), cfg.train.epochs, True)
+            return epoch_learning_rate(self.epoch, base_lr=d.lr, total_epochs=cfg.train.epochs,
+                                       warmup_epochs=cfg.optim.warmup_epochs, schedule=cfg.optim.schedule,
+                                       final_lr=d.final_lr, milestones=tuple(cfg.optim.milestones),
+                                       gamma=cfg.optim.gamma)
+        self.method.set_progress(self.step / d.steps_per_epoch, cfg.train.epochs, False)
+        return learning_rate(self.step, base_lr=d.lr, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
+                             schedule=cfg.optim.schedule, warmup_start_lr=d.warmup_start_lr, final_lr=d.final_lr,
+                             milestones_steps=tuple(m * d.steps_per_epoch for m in cfg.optim.milestones),
+                             gamma=cfg.optim.gamma)
 
-    def train_step(views, labels, index, lr: float, where: str):
-        """Forward, backward and optimiser step on one batch; the method's StepOutput."""
-        set_learning_rate(optimizer, lr, d.lr)
-        views = [v.to(device, non_blocking=True, memory_format=mf) for v in views]
-        labels, index = labels.to(device), index.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            result = model(views, labels, index)
+    def _gradients_finite(self) -> bool:
+        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps and lowers its scale itself
+            return True
+        grads = [p.grad for p in self.method.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+    def _train_step(self, views, labels, index, lr: float, where: str) -> StepOutput | None:
+        """Forward, backward and optimiser step on one batch; ``None`` when the step was skipped."""
+        cfg = self.cfg
+        set_learning_rate(self.optimizer, lr, self.d.lr)
+        views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
+        labels, index = labels.to(self.device), index.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            result = self.model(views, labels, index)
         loss = result.loss
-        if not torch.isfinite(loss.detach()):
-            parts = {k: float(v) for k, v in result.parts.items()}
-            raise NonFiniteLossError(f"loss is {loss.item()} at {where}; parts {parts}; "
-                                     f"learning rate {lr:.4g}. Lower optim.lr or use train.precision=fp32.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.optim.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_ok = bool(torch.isfinite(loss.detach()))
+        if loss_ok:
+            self.scaler.scale(loss).backward()
+            if cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
+        bad = dist.any_rank(not (loss_ok and self._gradients_finite()), self.device)
+        if bad:
+            parts = {k: round(float(v), 6) for k, v in result.parts.items()}
+            what = f"loss {loss.item()}" if not loss_ok else "a gradient is not finite"
+            message = f"{what} at {where}; loss parts {parts}; learning rate {lr:.4g}"
+            if cfg.train.nonfinite == "stop" or self.skipped_total >= cfg.train.max_skipped_steps:
+                limit = "" if cfg.train.nonfinite == "stop" else f" ({self.skipped_total} steps skipped already)"
+                raise NonFiniteLossError(f"{message}{limit}. Lower optim.lr, use train.precision=fp32, set "
+                                         "optim.clip_grad, or train.nonfinite=skip to skip such steps.")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_total += 1
+            self.progress_in_epoch.skipped += 1
+            self.log(f"skipped: {message}")
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return result
 
-    warm_steps = method.warm_start_steps(d.global_batch_size)
-    if warm_steps:  # CaCo's memory fill: extra steps before epoch 1 at the peak rate, not counted in `step`
-        log(f"warm start: {warm_steps} steps at lr {d.lr:.4g} before epoch 1")
-        model.train()
-        method.set_progress(0.0, cfg.train.epochs, per_epoch)
+    # --- checkpoints ---------------------------------------------------------------------------------------
+
+    def _save(self, numbered: bool) -> None:
+        """Write ``last.pt`` (and ``epoch_NNNN.pt``); mid-epoch it also holds every rank's place and RNG state."""
+        mid_epoch = self.progress_in_epoch.batch > 0
+        partial = dist.gather_objects({"progress": asdict(self.progress_in_epoch), "rng": _rng_state()}) \
+            if mid_epoch else None
+        if not self.main:
+            return
+        ckpt = {"format": FORMAT, "version": VERSION, "config": dump_config(self.cfg), "recipe": self.recipe,
+                "epoch": self.epoch, "step": self.step, "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+                "derived": self.d.as_dict(), "skipped_total": self.skipped_total, "partial": partial}
+        folder = self.out / "checkpoints"
+        atomic_save(ckpt, folder / "last.pt")
+        if numbered:
+            atomic_save(ckpt, folder / f"epoch_{self.epoch:04d}.pt")
+            if self.cfg.train.keep_checkpoints > 0:
+                for old in sorted(folder.glob("epoch_*.pt"))[:-self.cfg.train.keep_checkpoints]:
+                    remove_checkpoint(old)
+
+    # --- the run -------------------------------------------------------------------------------------------
+
+    def _warm_start(self) -> None:
+        """Steps a method needs before epoch 1 (CaCo's memory fill), at the peak rate, not counted in ``step``."""
+        steps = self.method.warm_start_steps(self.d.global_batch_size)
+        if not steps:
+            return
+        self.log(f"warm start: {steps} steps at lr {self.d.lr:.4g} before epoch 1")
+        self.model.train()
+        self.method.set_progress(0.0, self.cfg.train.epochs, self.per_epoch)
         done, passes = 0, 0
-        while done < warm_steps:
-            seed_everything(epoch_seed(cfg.seed, rank, passes))
-            for views, labels, index in _loader(train_set, cfg, d, rank, passes, device):
-                if done >= warm_steps:
+        while done < steps:
+            seed_everything(epoch_seed(self.cfg.seed, self.rank, passes))
+            batches = epoch_batches(self.targets, len(self.train_set), self.cfg, self.d, self.rank, passes)
+            for views, labels, index in _loader(self.train_set, batches, self.cfg, self.rank, passes, self.device):
+                if done >= steps:
                     break
-                result = train_step(views, labels, index, d.lr, f"warm-start step {done}")
-                method.after_optimizer_step(cfg.train.ema_momentum)
+                result = self._train_step(views, labels, index, self.d.lr, f"warm-start step {done}")
+                self.method.after_optimizer_step(self.cfg.train.ema_momentum)
                 done += 1
-                if done % cfg.train.log_every == 0 or done == warm_steps:
+                if result is not None and (done % self.cfg.train.log_every == 0 or done == steps):
                     parts = ", ".join(f"{k} {float(v):.4g}" for k, v in result.parts.items())
-                    log(f"warm start step {done}/{warm_steps}: loss {result.loss.item():.4f}; {parts}")
+                    self.log(f"warm start step {done}/{steps}: loss {result.loss.item():.4f}; {parts}")
             passes += 1
 
-    knn_top1 = None
-    epoch = start_epoch
-    while step < d.total_steps:
-        seed_everything(epoch_seed(cfg.seed, rank, epoch))
-        loader = _loader(train_set, cfg, d, rank, epoch, device)
-        model.train()
-        loss_sum, loss_count, epoch_t0 = 0.0, 0, time.perf_counter()
-        part_sums: dict[str, torch.Tensor] = {}
-        progress.reset_clock(step)
-        if per_epoch:
-            epoch_lr = epoch_learning_rate(epoch, base_lr=d.lr, total_epochs=cfg.train.epochs,
-                                           warmup_epochs=cfg.optim.warmup_epochs, schedule=cfg.optim.schedule,
-                                           final_lr=d.final_lr, milestones=tuple(cfg.optim.milestones),
-                                           gamma=cfg.optim.gamma)
-        for i, (views, labels, index) in enumerate(loader):
-            if i >= d.steps_per_epoch or step >= d.total_steps:
+    def _train_epoch(self, signals: PreemptionSignals) -> float:
+        """Train the rest of the current epoch; returns the wall time it took."""
+        cfg, d, progress = self.cfg, self.d, self.progress_in_epoch
+        seed_everything(epoch_seed(cfg.seed, self.rank, self.epoch))
+        if self.resumed_mid_epoch:
+            _set_rng_state(self._rng_to_restore)
+            self.resumed_mid_epoch = False
+        all_batches = epoch_batches(self.targets, len(self.train_set), cfg, d, self.rank, self.epoch)
+        batches = all_batches[progress.batch:]
+        self.model.train()
+        self.progress.reset_clock(self.step)
+        t0 = time.perf_counter()
+        for views, labels, index in _loader(self.train_set, batches, cfg, self.rank, self.epoch, self.device):
+            if self.step >= d.total_steps:
                 break
-            if per_epoch:
-                lr = epoch_lr
-                method.set_progress(float(epoch), cfg.train.epochs, True)
-            else:
-                lr = learning_rate(step, base_lr=d.lr, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
-                                   schedule=cfg.optim.schedule, warmup_start_lr=d.warmup_start_lr,
-                                   final_lr=d.final_lr, milestones_steps=milestones, gamma=cfg.optim.gamma)
-                method.set_progress(step / d.steps_per_epoch, cfg.train.epochs, False)
-            result = train_step(views, labels, index, lr, f"step {step} (epoch {epoch})")
-            step += 1
-            # The EMA after step t prepares the keys of step t + 1: per epoch, the momentum of that step's epoch.
-            ema_step = (step // d.steps_per_epoch) * d.steps_per_epoch if per_epoch else step
-            method.after_optimizer_step(ema_momentum(ema_step, base=cfg.train.ema_momentum,
-                                                     total_steps=d.total_steps, schedule=cfg.train.ema_schedule))
-            loss_value = result.loss.item()
-            loss_sum += loss_value
-            loss_count += 1
-            for key, value in result.parts.items():
-                value = value.detach().float().to(device)
-                part_sums[key] = part_sums[key] + value if key in part_sums else value
-            progress.update(step, epoch + 1, loss_value, lr)
-            if main and (step % cfg.train.log_every == 0):
-                tb.scalars({"loss": loss_value, "lr": lr}, step, "train/")
-        epoch += 1
-        elapsed = time.perf_counter() - epoch_t0
+            lr = self._learning_rate()
+            result = self._train_step(views, labels, index, lr, f"step {self.step} (epoch {self.epoch + 1})")
+            self.step += 1
+            progress.batch += 1
+            if result is not None:
+                # The EMA after step t prepares the keys of step t + 1: per epoch, that step's epoch momentum.
+                ema_step = (self.step // d.steps_per_epoch) * d.steps_per_epoch if self.per_epoch else self.step
+                self.method.after_optimizer_step(ema_momentum(ema_step, base=cfg.train.ema_momentum,
+                                                              total_steps=d.total_steps,
+                                                              schedule=cfg.train.ema_schedule))
+                loss_value = result.loss.item()
+                progress.loss_sum += loss_value
+                progress.loss_count += 1
+                for key, value in result.parts.items():
+                    progress.part_sums[key] = progress.part_sums.get(key, 0.0) + float(value)
+                self.progress.update(self.step, self.epoch + 1, loss_value, lr)
+                if self.main and self.step % cfg.train.log_every == 0:
+                    self.tb.scalars({"loss": loss_value, "lr": lr}, self.step, "train/")
+            if dist.any_rank(signals.requested, self.device):
+                self._save(numbered=False)
+                raise PreemptedError(
+                    f"stopped by {signals.signal_name or 'a signal on another rank'} at step {self.step} "
+                    f"(epoch {self.epoch + 1}, batch {progress.batch}); checkpoint {self.out / 'checkpoints' / 'last.pt'} "
+                    "written. Run the same command with resume=auto to continue exactly from here.")
+            every = cfg.train.checkpoint_every_steps
+            if every > 0 and self.step % every == 0 and progress.batch < len(all_batches) and self.step < d.total_steps:
+                self._save(numbered=False)  # mid-epoch; the epoch's end writes its own checkpoint
+        return time.perf_counter() - t0
+
+    def _end_epoch(self, elapsed: float) -> None:
+        cfg, mon, progress = self.cfg, self.cfg.monitor, self.progress_in_epoch
+        count = max(1, progress.loss_count)
         record: dict[str, Any] = {
-            "epoch": epoch, "step": step,
-            "loss": dist.all_reduce_mean(torch.tensor(loss_sum / max(1, loss_count))).item(),
-            "lr": optimizer.param_groups[0]["lr"],
-            "img_per_s": loss_count * d.global_batch_size / elapsed if elapsed > 0 else 0.0,
+            "epoch": self.epoch, "step": self.step,
+            "loss": dist.all_reduce_mean(torch.tensor(progress.loss_sum / count)).item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": progress.batch * self.d.global_batch_size / elapsed if elapsed > 0 else 0.0,
         }
-        if part_sums:
-            record["parts"] = {k: dist.all_reduce_mean(v / max(1, loss_count)).item() for k, v in part_sums.items()}
-        last_epoch = step >= d.total_steps
-        collapsed = torch.zeros((), device=device)
-        evaluate = last_epoch or (mon.knn_every > 0 and epoch % mon.knn_every == 0) or epoch <= mon.knn_every_epoch_until
-        if monitor is not None and evaluate:
-            knn_top1 = monitor.evaluate(_unwrap(model).backbone)
-            record["knn_top1"] = knn_top1
-            log(f"epoch {epoch}: kNN top-1 {knn_top1:.2f}% ({monitor.label()})")
-            if mon.collapse_threshold > 0 and epoch >= mon.collapse_after_epoch and knn_top1 <= mon.collapse_threshold:
-                collapsed.fill_(1.0)
-        if classifier_monitor is not None and (last_epoch or (mon.classify_every > 0 and epoch % mon.classify_every == 0)):
-            test_top1 = classifier_monitor.evaluate(_unwrap(model))
-            record["test_top1"] = test_top1
-            log(f"epoch {epoch}: test top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in test_top1.items()))
+        if progress.part_sums:
+            record["parts"] = {k: dist.all_reduce_mean(torch.tensor(v / count)).item()
+                               for k, v in progress.part_sums.items()}
+        if self.skipped_total:
+            record["skipped_steps"] = progress.skipped
+        last_epoch = self.step >= self.d.total_steps
+        collapsed = False
+        if self.knn is not None and (last_epoch or (mon.knn_every > 0 and self.epoch % mon.knn_every == 0)
+                                     or self.epoch <= mon.knn_every_epoch_until):
+            self.knn_top1 = self.knn.evaluate(_unwrap(self.model).backbone)
+            record["knn_top1"] = self.knn_top1
+            self.log(f"epoch {self.epoch}: kNN top-1 {self.knn_top1:.2f}% ({self.knn.label()})")
+            collapsed = (mon.collapse_threshold > 0 and self.epoch >= mon.collapse_after_epoch
+                         and self.knn_top1 <= mon.collapse_threshold)
+        if self.classifier_monitor is not None and (
+                last_epoch or (mon.classify_every > 0 and self.epoch % mon.classify_every == 0)):
+            record["test_top1"] = self.classifier_monitor.evaluate(_unwrap(self.model))
+            self.log(f"epoch {self.epoch}: test top-1 "
+                     + ", ".join(f"{k} {v:.2f}%" for k, v in record["test_top1"].items()))
+        self.progress_in_epoch = EpochProgress()
         dist.barrier()
-        if main:
-            metrics.write(record)
-            tb.scalars({k: v for k, v in record.items() if not isinstance(v, dict)}, epoch, "epoch/")
-            tb.scalars(record.get("parts", {}), epoch, "parts/")
-            tb.scalars(record.get("test_top1", {}), epoch, "test_top1/")
-            ckpt = {"format": FORMAT, "version": VERSION, "config": dump_config(cfg), "recipe": recipe,
-                    "epoch": epoch, "step": step, "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                    "derived": d.as_dict()}
-            atomic_save(ckpt, out / "checkpoints" / "last.pt")
-            if cfg.train.checkpoint_every > 0 and epoch % cfg.train.checkpoint_every == 0:
-                atomic_save(ckpt, out / "checkpoints" / f"epoch_{epoch:04d}.pt")
-                if cfg.train.keep_checkpoints > 0:
-                    for old in sorted((out / "checkpoints").glob("epoch_*.pt"))[:-cfg.train.keep_checkpoints]:
-                        remove_checkpoint(old)
+        if self.main:
+            self.metrics.write(record)
+            self.tb.scalars({k: v for k, v in record.items() if not isinstance(v, dict)}, self.epoch, "epoch/")
+            self.tb.scalars(record.get("parts", {}), self.epoch, "parts/")
+            self.tb.scalars(record.get("test_top1", {}), self.epoch, "test_top1/")
+        self._save(numbered=cfg.train.checkpoint_every > 0 and self.epoch % cfg.train.checkpoint_every == 0)
         dist.barrier()
-        if dist.broadcast_(collapsed, src=0).item():
+        if dist.any_rank(collapsed, self.device):
             raise CollapseError(
-                f"kNN top-1 is {knn_top1 if knn_top1 is not None else 'at chance'}% at epoch {epoch}, at or below "
-                f"monitor.collapse_threshold={mon.collapse_threshold}%: the representation has collapsed, so the "
-                f"run stops (checkpoint {out / 'checkpoints' / 'last.pt'} kept). Lower optim.lr or the method's "
-                "memory/queue learning rate, or set monitor.collapse_threshold=0 to disable the guard.")
+                f"kNN top-1 is at or below monitor.collapse_threshold={mon.collapse_threshold}% at epoch "
+                f"{self.epoch} (collapse guard from epoch {mon.collapse_after_epoch}): the representation has "
+                f"collapsed, so the run stops (checkpoint {self.out / 'checkpoints' / 'last.pt'} kept). Lower "
+                "optim.lr or the method's memory/queue learning rate, or set monitor.collapse_threshold=0.")
 
-    results: dict[str, Any] = {"recipe": recipe, "out": str(out), "epochs": epoch, "steps": step}
-    if main:
-        history = metrics.read()
-        if history:
-            results["final_loss"] = history[-1]["loss"]
-        if knn_top1 is None and monitor is not None:
-            knn_top1 = monitor.evaluate(_unwrap(model).backbone)
-        if monitor is not None:
-            results["knn_top1"] = knn_top1
-            results.update(monitor.describe())
-        if classifier_monitor is not None and history and "test_top1" in history[-1]:
-            results["test_top1"] = history[-1]["test_top1"]  # the final epoch's, never a selected epoch
-            results.update(classifier_monitor.describe())
-        if cfg.monitor.plots and history:
-            from contrastlab.viz.curves import plot_training_curves
+    def _finish(self) -> dict[str, Any]:
+        results: dict[str, Any] = {"recipe": self.recipe, "out": str(self.out), "epochs": self.epoch,
+                                   "steps": self.step}
+        if self.main:
+            history = self.metrics.read()
+            if history:
+                results["final_loss"] = history[-1]["loss"]
+            if self.knn is not None:
+                if self.knn_top1 is None:
+                    self.knn_top1 = self.knn.evaluate(_unwrap(self.model).backbone)
+                results["knn_top1"] = self.knn_top1
+                results.update(self.knn.describe())
+            if self.classifier_monitor is not None and history and "test_top1" in history[-1]:
+                results["test_top1"] = history[-1]["test_top1"]  # the final epoch's, never a selected epoch
+                results.update(self.classifier_monitor.describe())
+            if self.skipped_total:
+                results["skipped_steps"] = self.skipped_total
+            if self.cfg.monitor.plots and history:
+                from contrastlab.viz.curves import plot_training_curves
 
-            plot_training_curves(history, out / "plots")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    tb.close()
-    dist.barrier()
-    if math.isnan(results.get("final_loss", 0.0)):
-        raise NonFiniteLossError("final loss is NaN")
-    return results
+                plot_training_curves(history, self.out / "plots")
+            (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        self.tb.close()
+        dist.barrier()
+        if math.isnan(results.get("final_loss", 0.0)):
+            raise NonFiniteLossError("final loss is NaN")
+        return results
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or ``train.max_steps``) and return the final results."""
+        d = self.d
+        self.log(f"training {self.recipe}: {len(self.train_set)} images, global batch {d.global_batch_size} on "
+                 f"{self.world} rank(s), lr {d.lr:.4g}, {d.total_steps} steps, device {self.device}, out {self.out}")
+        with PreemptionSignals() as signals:
+            self._warm_start()
+            while self.step < d.total_steps:
+                elapsed = self._train_epoch(signals)
+                self.epoch += 1
+                self._end_epoch(elapsed)
+        return self._finish()
+
+
+def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` to the end (or ``train.max_steps``) and return the final results (:class:`Trainer`)."""
+    return Trainer(cfg, recipe, quiet=quiet).run()

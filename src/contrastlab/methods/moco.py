@@ -27,12 +27,19 @@ are gathered and un-permuted, so BatchNorm statistics of the key encoder never m
 sub-batch (section 3.3 of the paper). In a single process it is a no-op: there is nothing to shuffle
 across. The alternative, SyncBatchNorm, is the trainer's job (convert the model and leave
 ``shuffle_bn=False``).
+
+**Feature Transformation.** ``feature_transform`` (a mapping of
+:class:`~contrastlab.objectives.feature_transform.FeatureTransform` options, or ``None``) puts FT
+(Zhu et al., ICCV 2021) between the normalised ``q, k`` and the logits, upstream's placement: in its
+memory module, after the L2-normalising head and before the logits. The queue is read, never modified by
+FT, and still receives the raw keys. ``outputs`` then also hold ``pos_logits_raw`` / ``neg_logits_raw``
+(before FT), and :meth:`MoCo.set_progress` tells FT the epoch (its ``start_epoch``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +50,7 @@ from contrastlab.memory.queue import FeatureQueue
 from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
+from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.info_nce import InfoNCELoss
 
 __all__ = ["MoCo", "shuffled_across_ranks"]
@@ -93,6 +101,8 @@ class MoCo(Method):
         symmetric: also contrast ``views[1]`` queries against ``views[0]`` keys; losses averaged.
         shuffle_bn: batch shuffle across ranks for the key encoder (no-op in a single process).
         gather_distributed: gather keys across ranks before enqueueing (every rank keeps the same queue).
+        feature_transform: FT options (keys of :class:`FeatureTransform`, e.g. ``{"target": "posneg",
+            "pos_alpha": 2.0, "neg_alpha": 1.6}``; ``{}`` gives the published setting) or ``None`` (off).
 
     Attributes:
         projector: online projection head.
@@ -122,15 +132,26 @@ class MoCo(Method):
         symmetric: bool = False,
         shuffle_bn: bool = True,
         gather_distributed: bool = True,
+        feature_transform: dict[str, Any] | FeatureTransform | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
         self.key_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
         self.queue = FeatureQueue(proj_out_dim, queue_size)
-        self.criterion = InfoNCELoss(temperature=temperature)
+        self.criterion = InfoNCELoss(temperature=temperature,
+                                     feature_transform=build_feature_transform(feature_transform))
         self.symmetric = symmetric
         self.shuffle_bn = shuffle_bn
         self.gather_distributed = gather_distributed
+
+    @property
+    def feature_transform(self) -> FeatureTransform | None:
+        """The loss's FT hook, ``None`` when FT is off."""
+        return self.criterion.feature_transform
+
+    def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
+        if self.feature_transform is not None:
+            self.feature_transform.set_epoch(epoch)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.key_encoder[0]), (self.projector, self.key_encoder[1])]
@@ -157,19 +178,19 @@ class MoCo(Method):
         negatives = self.queue.queue.clone()  # the queue as it was before this step's keys
         loss, info, z1, k2 = self._contrast(x1, x2, negatives)
         parts = {"info_nce": loss.detach()}
-        pos, neg = info["pos_logits"], info["neg_logits"]
+        names = [n for n in ("pos_logits", "neg_logits", "pos_logits_raw", "neg_logits_raw") if n in info]
+        scores = {n: info[n] for n in names}
         if self.symmetric:
             loss_21, info_21, _, k1 = self._contrast(x2, x1, negatives)
             parts = {"info_nce_12": loss.detach(), "info_nce_21": loss_21.detach()}
             loss = 0.5 * (loss + loss_21)
-            pos = torch.cat([pos, info_21["pos_logits"]])
-            neg = torch.cat([neg, info_21["neg_logits"]])
+            scores = {n: torch.cat([scores[n], info_21[n]]) for n in names}
             keys = torch.cat([k1, k2], dim=0)
         else:
             keys = k2
         self.queue.enqueue(keys, gather_distributed=self.gather_distributed)
         return StepOutput(
             loss=loss,
-            outputs={"embeddings": z1.detach(), "keys": keys, "pos_logits": pos, "neg_logits": neg},
+            outputs={"embeddings": z1.detach(), "keys": keys, **scores},
             parts=parts,
         )

@@ -6,15 +6,23 @@ Representations", ICML 2020.
 Both views go through the backbone and the projector as one concatenated batch, as in the reference
 code, so BatchNorm statistics are taken over both views (views of different sizes go separately). The loss is :class:`~contrastlab.objectives.NTXentLoss`
 with negatives gathered from every rank.
+
+``feature_transform`` (a mapping of :class:`~contrastlab.objectives.feature_transform.FeatureTransform`
+options, or ``None``) adds Feature Transformation (Zhu et al., ICCV 2021) inside the loss; see
+:mod:`contrastlab.objectives.nt_xent` for how it maps onto in-batch negatives. ``outputs`` then also hold
+``pos_logits_raw`` / ``neg_logits_raw`` (before FT), and :meth:`SimCLR.set_progress` tells FT the epoch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.heads import build_mlp
+from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.nt_xent import NTXentLoss
 
 __all__ = ["SimCLR"]
@@ -31,6 +39,8 @@ class SimCLR(Method):
         proj_layers: Linear layers in the projector (BN and ReLU between them).
         temperature: NT-Xent temperature.
         gather_distributed: take negatives from every rank.
+        feature_transform: FT options (keys of :class:`FeatureTransform`; ``{}`` gives the published
+            setting) or ``None`` (off).
 
     Example:
         >>> from contrastlab.models import build_backbone
@@ -52,10 +62,21 @@ class SimCLR(Method):
         proj_layers: int = 2,
         temperature: float = 0.5,
         gather_distributed: bool = True,
+        feature_transform: dict[str, Any] | FeatureTransform | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
-        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed,
+                                    feature_transform=build_feature_transform(feature_transform))
+
+    @property
+    def feature_transform(self) -> FeatureTransform | None:
+        """The loss's FT hook, ``None`` when FT is off."""
+        return self.criterion.feature_transform
+
+    def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
+        if self.feature_transform is not None:
+            self.feature_transform.set_epoch(epoch)
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         x1, x2 = self._two_views(views)

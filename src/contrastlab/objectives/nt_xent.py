@@ -9,6 +9,15 @@ negatives are the ``2N - 2`` other embeddings of the (global) batch of ``N`` ima
 :func:`~contrastlab.engine.distributed.gather_with_grad` and each rank computes the loss of its own
 ``2B`` anchors, averaged over them. Under DDP, which averages gradients over ranks, that gives exactly
 the gradient of the single-process loss on the global batch (see ``tests/test_distributed.py``).
+
+**Feature Transformation** (Zhu et al., ICCV 2021; :mod:`contrastlab.objectives.feature_transform`),
+which upstream only ran on MoCo, maps onto the batch as follows: the pair of image ``i`` is
+``(q, k) = (z1_i, z2_i)`` (normalised), extrapolated with the pair's coefficient; each anchor (``z1'_i``,
+then ``z2'_i``) is scored against its extrapolated partner; its negatives are the ``2N - 2`` other
+*untransformed* normalised embeddings of the (gathered) batch, each interpolated with a random partner
+drawn from all ``2N`` candidates (the partner may be the anchor or its positive). This mirrors MoCo,
+where the extrapolated query meets negatives that are raw keys of other images. The info dict then also
+holds ``pos_logits_raw`` and ``neg_logits_raw``, the logits without the transform.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from torch import nn
 
 from contrastlab.engine.distributed import gather_with_grad, get_rank, get_world_size
 from contrastlab.errors import ConfigError
+from contrastlab.objectives.feature_transform import FeatureTransform
 
 __all__ = ["NTXentLoss"]
 
@@ -29,6 +39,7 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: ``tau`` dividing the cosine similarities.
         gather_distributed: gather the embeddings of all ranks (with gradient) as candidates.
+        feature_transform: optional FT hook (see the module docstring for how it maps onto the batch).
 
     The forward pass takes ``z1, z2`` of shape ``[B, D]`` (any scale; L2-normalised inside) and returns
     ``(loss, info)``. The anchors of this rank are ``[z1; z2]`` (``2B`` rows, in that order) and
@@ -36,7 +47,9 @@ class NTXentLoss(nn.Module):
 
     - ``pos_logits`` ``[2B]``: ``cos(anchor, positive) / tau``;
     - ``neg_logits`` ``[2B, 2N - 2]``: ``cos(anchor, negative) / tau`` for the ``2N - 2`` negatives of
-      the global batch (``N = B * world_size``), in gathered order with the anchor and its positive removed.
+      the global batch (``N = B * world_size``), in gathered order with the anchor and its positive removed;
+    - with a feature transform, ``pos_logits_raw`` and ``neg_logits_raw``: the same without the transform
+      (``pos_logits``/``neg_logits`` are then what the loss saw).
 
     Example:
         >>> loss_fn = NTXentLoss(temperature=0.5)
@@ -46,12 +59,16 @@ class NTXentLoss(nn.Module):
         torch.Size([16, 14])
     """
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False) -> None:
+    def __init__(
+        self, temperature: float = 0.5, gather_distributed: bool = False,
+        feature_transform: FeatureTransform | None = None,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"NT-Xent temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.gather_distributed = gather_distributed
+        self.feature_transform = feature_transform
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if z1.shape != z2.shape or z1.dim() != 2:
@@ -64,6 +81,9 @@ class NTXentLoss(nn.Module):
         else:
             candidates = local
             offset = 0
+        ft = self.feature_transform
+        if ft is not None and ft.active:
+            return self._transformed(local, candidates, offset, ft)
         similarity = local @ candidates.T  # [2B, 2N]
         # Softmax in at least float32 (bf16/fp16 similarities under autocast lose too much).
         logits = similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
@@ -80,4 +100,39 @@ class NTXentLoss(nn.Module):
             neg_mask = ~self_mask
             neg_mask[rows, pos_idx] = False
             neg_logits = detached[neg_mask].view(2 * batch, -1)
-        return loss, {"pos_logits": pos_logits, "neg_logits": neg_logits}
+        info = {"pos_logits": pos_logits, "neg_logits": neg_logits}
+        if ft is not None:  # inactive (before its start epoch): the raw logits are the logits
+            info["pos_logits_raw"], info["neg_logits_raw"] = pos_logits, neg_logits
+        return loss, info
+
+    def _negative_mask(self, rows: int, columns: int, offset: int, device: torch.device) -> torch.Tensor:
+        """``[2B, 2N]`` boolean mask of each anchor's negatives (itself and its positive excluded)."""
+        batch = rows // 2
+        index = torch.arange(rows, device=device)
+        mask = torch.ones(rows, columns, dtype=torch.bool, device=device)
+        mask[index, index + offset] = False
+        mask[index, (index + batch) % rows + offset] = False
+        return mask
+
+    def _transformed(
+        self, local: torch.Tensor, candidates: torch.Tensor, offset: int, ft: FeatureTransform
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss on feature-transformed embeddings (module docstring), with the raw logits in the info."""
+        rows = local.shape[0]
+        batch = rows // 2
+        q, k, negatives = ft(local[:batch], local[batch:], candidates)[:3]
+        anchors = torch.cat([q, k], dim=0)  # [2B, D]: extrapolated view 1, then view 2
+        pos = (q * k).sum(dim=1).repeat(2)  # anchor i and anchor B + i share their pair's score
+        neg_mask = self._negative_mask(rows, candidates.shape[0], offset, local.device)
+        neg = (anchors @ negatives.T)[neg_mask].view(rows, -1)  # [2B, 2N - 2]
+        similarity = torch.cat([pos[:, None], neg], dim=1)
+        logits = similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
+        loss = F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=local.device))
+        with torch.no_grad():
+            detached = logits.detach()
+            raw = (local @ candidates.T).to(logits.dtype) / self.temperature
+            index = torch.arange(rows, device=local.device)
+            pos_raw = raw[index, (index + batch) % rows + offset]
+            neg_raw = raw[neg_mask].view(rows, -1)
+        return loss, {"pos_logits": detached[:, 0], "neg_logits": detached[:, 1:],
+                      "pos_logits_raw": pos_raw, "neg_logits_raw": neg_raw}

@@ -19,6 +19,14 @@ from contrastlab.views.boxes import (
     whole_image_box,
 )
 from contrastlab.views.dataset import ViewDataset, eval_view_dataset
+from contrastlab.views.joint_crop import (
+    AreaPair,
+    AreaRatioStatistics,
+    JointCropPlanner,
+    area_ratio_statistics,
+    log_area_ratio_bound,
+    sample_area_pair,
+)
 from contrastlab.views.photometric import PHOTOMETRICS, PhotometricRecipe, blur_kernel_size, make_photometric
 from contrastlab.views.planners import (
     PLANNERS,
@@ -34,27 +42,37 @@ from contrastlab.views.planners import (
 from contrastlab.views.render import render_box
 from contrastlab.views.seeding import seed_worker
 
+# Registered here rather than in planners.py: joint_crop imports planners, so planners cannot import it back.
+# Importing any contrastlab.views submodule runs this file first, so make_planner always sees the entry.
+PLANNERS["joint_crop"] = JointCropPlanner
+
 __all__ = [
     "PHOTOMETRICS",
     "PLANNERS",
+    "AreaPair",
+    "AreaRatioStatistics",
     "Box",
     "CenterCropPlanner",
     "FixedBoxPlanner",
+    "JointCropPlanner",
     "MultiCropPlanner",
     "PaddedCropPlanner",
     "PhotometricRecipe",
     "Planner",
     "RandomResizedCropPlanner",
     "ViewDataset",
+    "area_ratio_statistics",
     "blur_kernel_size",
     "box_area",
     "box_from_pixels",
     "box_to_pixels",
     "clip_box",
     "eval_view_dataset",
+    "log_area_ratio_bound",
     "make_photometric",
     "make_planner",
     "render_box",
+    "sample_area_pair",
     "sample_resized_crop",
     "seed_worker",
     "validate_box",

@@ -28,8 +28,9 @@ from contrastlab.views.boxes import validate_box
 from contrastlab.views.photometric import make_photometric
 from contrastlab.views.planners import CenterCropPlanner, FixedBoxPlanner, Planner
 from contrastlab.views.render import render_box
+from contrastlab.views.seeding import sample_seed
 
-Photometric = Callable[[Image.Image], torch.Tensor]
+Photometric = Callable[..., torch.Tensor]  # (PIL image[, generator]) -> normalised tensor
 
 
 class ViewDataset(Dataset):
@@ -41,6 +42,9 @@ class ViewDataset(Dataset):
         sizes: Output side length of each view.
         photometrics: Photometric recipe of each view (PIL image -> normalised tensor).
         return_boxes: Also return the planned boxes as a float tensor ``[V, 4]`` (x0, y0, x1, y1).
+        seed: Draw each sample's boxes and photometric parameters from its own generator, seeded by
+            :func:`~contrastlab.views.seeding.sample_seed` of ``(seed, epoch, index)`` (call
+            :meth:`set_epoch` before each epoch). ``None`` draws from torch's global RNG (per worker).
 
     Raises:
         ConfigError: If ``sizes``, ``photometrics`` and ``planner.num_views`` disagree, or a size is invalid.
@@ -53,6 +57,7 @@ class ViewDataset(Dataset):
         sizes: Sequence[int],
         photometrics: Sequence[Photometric],
         return_boxes: bool = False,
+        seed: int | None = None,
     ) -> None:
         sizes = list(sizes)
         photometrics = list(photometrics)
@@ -70,6 +75,12 @@ class ViewDataset(Dataset):
         self.sizes = sizes
         self.photometrics = photometrics
         self.return_boxes = return_boxes
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose per-sample random streams the next items use (with ``seed``)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -85,13 +96,14 @@ class ViewDataset(Dataset):
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = image.size
-        boxes = self.planner.plan(index, width, height)
+        g = None if self.seed is None else torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        boxes = self.planner.plan(index, width, height, g)
         if len(boxes) != len(self.sizes):
             raise RuntimeError(f"planner returned {len(boxes)} boxes, expected {len(self.sizes)}")
         pads = getattr(self.planner, "pads", False)
         boxes = [validate_box(box, width, height, allow_outside=pads) for box in boxes]
         views = [
-            recipe(render_box(image, box, size))
+            recipe(render_box(image, box, size), g) if g is not None else recipe(render_box(image, box, size))
             for box, size, recipe in zip(boxes, self.sizes, self.photometrics)
         ]
         if self.return_boxes:

@@ -105,7 +105,11 @@ def sample_resized_crop(
             top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
             left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
             return box_from_pixels(top, left, h, w)
-    # Fallback: central crop, aspect ratio clamped into the allowed range.
+    return central_crop_box(width, height, ratio)
+
+
+def central_crop_box(width: int, height: int, ratio: tuple[float, float]) -> Box:
+    """RandomResizedCrop's fallback: the whole image cut to the nearest aspect ratio in ``ratio``, centred."""
     in_ratio = float(width) / float(height)
     if in_ratio < min(ratio):
         w = width
@@ -320,7 +324,8 @@ PLANNERS: dict[str, Callable[..., Planner]] = {
     "multicrop": MultiCropPlanner,
     "padded_crop": PaddedCropPlanner,
 }
-"""Planner registry: config name -> constructor."""
+"""Planner registry: config name -> constructor. ``"joint_crop"`` (``JointCropPlanner``) is added by
+``contrastlab.views.__init__``, since ``views/joint_crop.py`` imports this module."""
 
 
 def _suggest(name: str, valid: Sequence[str]) -> str:
@@ -332,7 +337,8 @@ def make_planner(name: str, **kwargs: Any) -> Planner:
     """Build a planner from its registry name and keyword arguments.
 
     Args:
-        name: One of ``PLANNERS`` (``"random_resized"``, ``"fixed"``, ``"center"``, ``"multicrop"``).
+        name: One of ``PLANNERS`` (``"random_resized"``, ``"fixed"``, ``"center"``, ``"multicrop"``,
+            ``"padded_crop"``, ``"joint_crop"``).
         **kwargs: Constructor arguments of that planner.
 
     Raises:
