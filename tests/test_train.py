@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from contrastlab.cli import _load, main
 from contrastlab.config.load import load_config, recipe_names
 from contrastlab.engine.checkpoint import load_checkpoint
-from contrastlab.engine.trainer import train
+from contrastlab.engine.trainer import Trainer, train
 
 torch.set_num_threads(2)
 
@@ -179,3 +180,40 @@ def test_torchrun_two_gloo_ranks_train_a_recipe(tmp_path):
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["method"]
     assert state["queue.queue"].shape[0] == 64
     assert int(state["queue.ptr"]) == 2 * 8  # 2 steps, keys of the global batch (2 ranks x 4) gathered
+
+
+def test_contrastive_crop_localises_on_schedule_and_resumes_its_boxes(tmp_path):
+    extra = ["data.subset=32", "views.planner=contrastive_crop", "views.box_warmup_epochs=1",
+             "views.box_update_every=1", "views.box_threshold=0.5", "train.epochs=3"]
+    train(_tiny(tmp_path / "full", *extra), quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert ["box_mean_area" in r for r in records] == [True, True, False]  # after epochs 1 and 2, not the last
+    assert all(0.0 < r["box_mean_area"] < 1.0 for r in records[:2])  # threshold 0.5: boxes smaller than images
+    ckpt = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    assert ckpt["box_store"]["boxes"].shape == (32, 4) and bool(ckpt["box_store"]["enabled"])
+    # an interrupted run resumes with the stored boxes: same losses as the uninterrupted one
+    train(_tiny(tmp_path / "part", *extra, "train.max_steps=4"), quiet=True)
+    saved = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["box_store"]["boxes"]
+    trainer = Trainer(_tiny(tmp_path / "part", *extra, "resume=auto"), quiet=True)
+    assert torch.equal(trainer.box_store.table, saved) and trainer.box_store.enabled
+    trainer.run()
+    part = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in part] == [1, 2, 3]
+
+
+def test_feature_transform_with_score_statistics_and_the_plot_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = load_config("demo", [
+        f"out={out}", "data.subset=32", "data.batch_size=8", "data.workers=0", "data.image_size=16",
+        "train.device=cpu", "model.width=0.25", "train.epochs=2", "monitor.knn_every=0", "monitor.max_bank=16",
+        "monitor.max_test=16", "monitor.knn_k=5", "monitor.plots=false", "monitor.score_stats=true",
+        "method.name=moco", "method.proj_hidden_dim=16", "method.proj_out_dim=8", "method.queue_size=32",
+        "method.feature_transform={}",
+    ])
+    train(cfg, quiet=True)
+    assert sorted(p.name for p in (out / "scores").iterdir()) == ["epoch_0001.rank0.npz", "epoch_0002.rank0.npz"]
+    assert main(["plot", "scores", str(out), "--label", "MoCo+FT", "--out", str(tmp_path / "figs")]) == 0
+    written = capsys.readouterr().out.split()
+    assert any(p.endswith(".png") for p in written) and any(p.endswith(".pdf") for p in written)
+    assert all((tmp_path / "figs" / Path(p).name).stat().st_size > 0 for p in written)
+    assert main(["plot", "scores", str(tmp_path)]) == 2  # no scores/: a clear error, not a traceback

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset
 from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset
 from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
-from contrastlab.data.subsets import class_balanced_subset
+from contrastlab.data.subsets import IndexedSubset, class_balanced_subset
 from contrastlab.errors import ConfigError
 from contrastlab.methods import METHODS, build_method
 from contrastlab.methods.base import Method
@@ -23,12 +23,26 @@ from contrastlab.models.backbones import build_backbone
 from contrastlab.models.cohort import build_cohort
 from contrastlab.observers.knn_monitor import KNNMonitor
 from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
+from contrastlab.views.box_store import BoxStore
+from contrastlab.views.contrastive_crop import ContrastiveCropPlanner, SemanticCropPlanner, simccrop_planner
+from contrastlab.views.joint_crop import JointCropPlanner
 
 
 def dataset(cfg: Config, split: str) -> Dataset:
     """The raw dataset of ``split`` (``(PIL image, label, index)`` items)."""
     kwargs = {"class_list": cfg.data.class_list} if cfg.data.name == "imagefolder" else {}
     return build_dataset(cfg.data.name, cfg.data.root, split, **kwargs)
+
+
+def training_dataset(cfg: Config) -> Dataset:
+    """The pre-training split, or an evenly spaced ``data.subset`` of it (indices renumbered from 0)."""
+    base = dataset(cfg, cfg.data.train_split)
+    n = cfg.data.subset
+    if n < 0:
+        raise ConfigError(f"data.subset must be >= 0 (0 = the whole split), got {n}")
+    if n == 0 or n >= len(base):
+        return base
+    return IndexedSubset(base, [i * len(base) // n for i in range(n)])
 
 
 def labeled_dataset(cfg: Config, train_base: Dataset | None = None) -> Dataset:
@@ -50,6 +64,11 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return NORMALIZATION[cfg.data.name]
 
 
+def _box_store(cfg: Config, base: Dataset) -> BoxStore:
+    """The per-image box table of ContrastiveCrop / SemanticCrop, off (plain crops) during the warm-up."""
+    return BoxStore(len(base), enabled=cfg.views.box_warmup_epochs == 0)
+
+
 def training_views(cfg: Config, base: Dataset) -> ViewDataset:
     """The multi-view training dataset: planner boxes, rendered, per-view photometric recipe.
 
@@ -65,6 +84,25 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
         sizes = [size] * v.num_views + [small] * v.num_small
     elif v.planner == "random_resized":
         planner = make_planner("random_resized", num_views=v.num_views, scale=tuple(v.scale), ratio=tuple(v.ratio))
+        sizes = [size] * v.num_views
+    elif v.planner == "joint_crop":
+        small = v.small_size or max(8, size // 2)
+        planner = JointCropPlanner(beta=v.joint_beta, scale=tuple(v.scale), ratio=tuple(v.ratio),
+                                   epsilon=v.joint_epsilon, fallback=v.joint_fallback, num_small=v.num_small,
+                                   small_scale=tuple(v.small_scale))
+        sizes = [size, size] + [small] * v.num_small
+    elif v.planner == "contrastive_crop":
+        planner = ContrastiveCropPlanner(_box_store(cfg, base), alpha=v.ccrop_alpha, scale=tuple(v.scale),
+                                         ratio=tuple(v.ratio), num_views=v.num_views)
+        sizes = [size] * v.num_views
+    elif v.planner == "semantic_crop":
+        planner = SemanticCropPlanner(_box_store(cfg, base), suppression=v.semantic_suppression,
+                                      push_apart=v.semantic_push_apart, scale=tuple(v.scale), ratio=tuple(v.ratio),
+                                      num_views=v.num_views)
+        sizes = [size] * v.num_views
+    elif v.planner == "simccrop":
+        planner = simccrop_planner(alpha=v.ccrop_alpha, scale=tuple(v.scale), ratio=tuple(v.ratio),
+                                   num_views=v.num_views)
         sizes = [size] * v.num_views
     elif v.planner == "padded_crop":
         planner = make_planner("padded_crop", num_views=v.num_views, padding=v.padding)

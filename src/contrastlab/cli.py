@@ -16,7 +16,8 @@ from contrastlab.engine.preemption import EXIT_PREEMPTED, PreemptedError
 from contrastlab.errors import ContrastlabError
 
 SMOKE_OVERRIDES = [
-    "data.name=demo", "data.root=null", "data.train_split=train", "data.test_split=test", "data.class_list=null", "data.labeled_split=null", "data.batch_size=8", "data.workers=0",
+    "data.name=demo", "data.root=null", "data.train_split=train", "data.test_split=test", "data.class_list=null",
+    "data.labeled_split=null", "data.subset=64", "data.epoch_length=0", "data.batch_size=8", "data.workers=0",
     "train.epochs=1", "train.max_steps=2", "train.device=cpu", "train.log_every=1",
     "monitor.max_bank=64", "monitor.max_test=32", "monitor.knn_k=10", "monitor.plots=true",
     "linear.epochs=1", "linear.batch_size=16", "overwrite=true",
@@ -32,8 +33,9 @@ def smoke_overrides(cfg) -> list[str]:
     ImageNet stems (torchvision ResNets without ``cifar_stem``).
     Mixed precision runs in fp32: CPU autocast is not the GPU code path, and bf16 convolutions are
     about 20 times slower than fp32 on CPUs without bf16 units (the methods' tests run bf16 autocast
-    on small networks instead). A learnable memory shrinks to 8 columns, so CaCo's warm start takes
-    one step.
+    on small networks instead). The data is an evenly spaced subset of 64 demo images. A learnable
+    memory shrinks to 8 columns, so CaCo's warm start takes one step; crop strategies with a localiser
+    train two one-step epochs so that the localiser runs between them.
     """
     from contrastlab.models.backbones import IMAGENET_STEMS
 
@@ -45,6 +47,8 @@ def smoke_overrides(cfg) -> list[str]:
         extra.append(f"views.small_size={8 if small_net else 16}")
     if "memory_size" in cfg.method.params:
         extra.append("method.memory_size=8")
+    if cfg.views.planner in ("contrastive_crop", "semantic_crop"):  # two 1-step epochs: the localiser runs once
+        extra += ["data.epoch_length=8", "train.epochs=2", "views.box_warmup_epochs=1", "views.box_update_every=1"]
     return SMOKE_OVERRIDES + extra
 
 
@@ -193,6 +197,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_scores(args: argparse.Namespace) -> int:
+    from contrastlab.viz.score_plots import run_from_args
+
+    for run in args.runs:
+        if not (Path(run) / "scores").is_dir() and not Path(run).name == "scores":
+            raise ContrastlabError(f"{run} holds no scores/ folder; train with monitor.score_stats=true to record "
+                                   "positive/negative score statistics")
+    try:
+        paths = run_from_args(args)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ContrastlabError(str(exc)) from exc
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"contrastlab {__version__}")
@@ -222,15 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="(re)draw training curves of a run directory")
+    p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")
     p.set_defaults(func=cmd_plot)
     return parser
 
 
+def build_score_plot_parser() -> argparse.ArgumentParser:
+    """``contrastlab plot scores RUN [RUN ...] [--label L ...] [--out DIR]`` (Feature Transformation's figures)."""
+    from contrastlab.viz.score_plots import add_arguments
+
+    parser = argparse.ArgumentParser(prog="contrastlab plot scores",
+                                     description="positive/negative score-distribution figures of one or more runs")
+    parser.set_defaults(func=cmd_plot_scores)
+    return add_arguments(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["plot", "scores"]:
+        parser = build_score_plot_parser()
+        args, extra = parser.parse_args(argv[2:]), []
+    else:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow flags such as --smoke
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from contrastlab.config.schema import Config
+from contrastlab.config.validate import validate
 from contrastlab.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -158,8 +159,8 @@ def method_parameters(method_name: str) -> dict[str, inspect.Parameter]:
     """Keyword arguments the method's constructor accepts (besides the backbone)."""
     from contrastlab.methods import METHODS, method_kwargs
 
-    if method_name not in METHODS:
-        close = difflib.get_close_matches(method_name, list(METHODS), n=3, cutoff=0.4)
+    if not isinstance(method_name, str) or method_name not in METHODS:
+        close = difflib.get_close_matches(str(method_name), list(METHODS), n=3, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown method.name {method_name!r}.{hint} Valid: {', '.join(sorted(METHODS))}")
     return method_kwargs(method_name)
@@ -259,6 +260,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg = _build_section(Config, tree, "")
     cfg.method.name = method["name"]
     cfg.method.params = method["params"]
+    validate(cfg)
     return cfg
 
 

@@ -28,6 +28,8 @@ class DataConfig:
     sampler: str = "random"  #: random (a permutation per epoch) | m_per_class (MCL: batch_size / m classes x m images)
     samples_per_class: int = 2  #: m of the m_per_class sampler
     epoch_length: int = 0  #: images per epoch before trimming to whole batches; 0 = the dataset size
+    subset: int = 0  #: train on an evenly spaced subset of this many training images (0 = all; smoke runs: 64)
+    bad_images: str = "fail"  #: unreadable image files: fail (naming the file) | skip (counted, listed in <out>/bad_images.txt)
     workers: int = 4  #: DataLoader workers per rank
     image_size: int | None = None  #: training crop size; None = the dataset's native size
 
@@ -36,7 +38,7 @@ class DataConfig:
 class ViewsConfig:
     """How the views of each image are planned (boxes) and rendered (photometric recipe)."""
 
-    planner: str = "random_resized"  #: random_resized | fixed | center | multicrop | padded_crop
+    planner: str = "random_resized"  #: random_resized | multicrop | joint_crop | contrastive_crop | semantic_crop | simccrop | padded_crop | fixed | center
     num_views: int = 2
     scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
@@ -45,6 +47,16 @@ class ViewsConfig:
     small_size: int = 0  #: multi-crop: side of the small views (0 = half the crop size)
     small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
     padding: int = 4  #: padded_crop: zero padding on each side (RandomCrop(size, padding))
+    joint_beta: float = 0.0  #: joint_crop: shape of the log-area-ratio law (0 = uniform, JointCrop(0))
+    joint_epsilon: float = 0.1  #: joint_crop: bound log(smax / smin - epsilon) on |log area ratio|
+    joint_fallback: str = "whole_image"  #: joint_crop: whole_image (released code) | central_crop
+    ccrop_alpha: float = 0.1  #: contrastive_crop / simccrop: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
+    box_warmup_epochs: int = 0  #: contrastive/semantic crop: epochs of plain random crops before the first localisation
+    box_update_every: int = 1  #: ... then localise every this many epochs
+    box_threshold: float = 0.1  #: heatmap threshold of the localiser
+    heatmap: str = "channel_sum"  #: channel_sum (ContrastiveCrop) | mean_similarity (SemanticCrop option)
+    semantic_suppression: float = 0.5  #: semantic_crop: crop-centre density 1 - s at the box centre, 1 + s at its edges
+    semantic_push_apart: bool = True  #: semantic_crop: the two views' centres in opposite quadrants of the box
 
 
 @dataclass
@@ -128,6 +140,7 @@ class MonitorConfig:
     max_bank: int = 0  #: use at most this many training images as the bank (0 = all)
     max_test: int = 0  #: use at most this many test images (0 = all)
     classify_every: int = 0  #: methods with classifiers: epochs between test-set accuracy (0 = final epoch only)
+    score_stats: bool = False  #: record positive/negative score statistics every step (<out>/scores, FT's tool)
     plots: bool = True  #: training-curve PNGs at the end of the run
     collapse_threshold: float = 0.0  #: stop when kNN top-1 (%) <= this at epoch >= collapse_after_epoch; 0 = off
     collapse_after_epoch: int = 20  #: first epoch the collapse guard may stop the run (CaCo: 20)

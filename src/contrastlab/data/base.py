@@ -70,14 +70,44 @@ class ArrayDataset(ImageDataset):
         return Image.fromarray(np.ascontiguousarray(self.data[i]))
 
 
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
 class FileDataset(ImageDataset):
     """Images stored as individual files, opened lazily.
+
+    A file that cannot be decoded (corrupt, truncated, not an image) raises a
+    :class:`~contrastlab.errors.DatasetError` naming it, or, after :meth:`set_bad_images` ``("skip", log)``,
+    is replaced by the next readable sample (its own image, label and index) and its path is appended to
+    ``log``, one line per failed read, so a run can count what it skipped across data-loading workers.
 
     Attributes:
         paths: One image file per sample.
     """
 
     paths: list[Path]
+    bad_images: str = "fail"
+    bad_image_log: Path | None = None
+
+    def set_bad_images(self, policy: str, log: Path | None = None) -> None:
+        """``"fail"`` (default) or ``"skip"`` unreadable files, listing skipped ones in ``log``."""
+        if policy not in BAD_IMAGE_POLICIES:
+            raise DatasetError(f"data.bad_images must be fail or skip, got {policy!r}")
+        self.bad_images, self.bad_image_log = policy, log
+
+    def __getitem__(self, index: int) -> Sample:
+        if self.bad_images == "fail":
+            return super().__getitem__(index)
+        i = int(index) % len(self)
+        for offset in range(len(self)):
+            j = (i + offset) % len(self)
+            try:
+                return self.load_image(j), self.targets[j], j
+            except DatasetError as exc:
+                if self.bad_image_log is not None:
+                    with open(self.bad_image_log, "a", encoding="utf-8") as fh:
+                        fh.write(f"{self.paths[j]}\t{exc.__cause__ or exc}\n")
+        raise DatasetError(f"no readable image in {self.name} ({len(self)} files tried)")
 
     def load_image(self, i: int) -> Image.Image:
         """Open file ``i`` and convert it to RGB (grayscale repeats its channel)."""
@@ -85,5 +115,6 @@ class FileDataset(ImageDataset):
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
-        except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}; fix or remove the file, or set "
+                               "data.bad_images=skip to skip unreadable images (counted in metrics.jsonl)") from exc

@@ -1,10 +1,41 @@
-"""Deterministic subsets of a labelled dataset."""
+"""Deterministic subsets of a labelled dataset: class-balanced index lists, and a renumbered subset."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from torch.utils.data import Dataset
 
 from contrastlab.errors import ConfigError
+
+
+class IndexedSubset(Dataset):
+    """The samples ``indices`` of a dataset, renumbered ``0 .. len - 1`` (items keep the dataset's format).
+
+    Unlike ``torch.utils.data.Subset`` it keeps ``classes``, ``targets`` and ``name``, and the ``index`` it
+    returns is the position in the subset, so per-sample state (a box table, a memory bank) sized to the
+    subset lines up.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.classes = getattr(dataset, "classes", [])
+        self.targets = [dataset.targets[i] for i in self.indices] if hasattr(dataset, "targets") else []
+        self.name = getattr(dataset, "name", "")
+
+    def set_bad_images(self, policy: str, log=None) -> None:
+        """Pass the unreadable-image policy to the wrapped dataset (see ``FileDataset``)."""
+        if hasattr(self.dataset, "set_bad_images"):
+            self.dataset.set_bad_images(policy, log)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        image, label, _ = self.dataset[self.indices[i]]
+        return image, label, i
 
 
 def class_balanced_subset(targets: Sequence[int], fraction: float) -> list[int]:

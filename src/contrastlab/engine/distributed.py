@@ -140,7 +140,10 @@ def init_distributed(device_type: str) -> DistEnv:
     """Initialise the default process group when launched with several ranks.
 
     NCCL on CUDA, gloo otherwise. Under SLURM without torchrun, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` must be exported by the job script.
+    ``MASTER_PORT`` must be exported by the job script. After a ``torchrun --max-restarts`` restart the
+    group's keys live under a prefix of their own: the agent's store outlives the failed attempt, and
+    without it the new ranks could read the dead ranks' addresses (seen with gloo: "connectFullMesh
+    failed ... Connection refused").
     """
     denv = read_env()
     if denv.distributed and not is_initialized():
@@ -150,7 +153,13 @@ def init_distributed(device_type: str) -> DistEnv:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(denv.local_rank)
-        dist.init_process_group(backend=backend)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt > 0:
+            store, rank, world = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"contrastlab/attempt_{attempt}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return denv
 
 

@@ -1,5 +1,6 @@
 """Preemption: turn SIGTERM / SIGUSR1 (what SLURM and most schedulers send before they stop a job) into a
-request to checkpoint at the next step boundary and exit cleanly.
+request to checkpoint at the next step boundary and exit cleanly. Under ``torchrun`` only SIGUSR1 does
+(``#SBATCH --signal=USR1@120`` with SLURM): torchrun uses SIGTERM to stop the workers of a failed group.
 
 The trainer polls :attr:`PreemptionSignals.requested` after every step (agreeing across ranks), writes a
 mid-epoch checkpoint and raises :class:`PreemptedError`; the command line then exits with status
@@ -9,6 +10,7 @@ mid-epoch checkpoint and raises :class:`PreemptedError`; the command line then e
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -18,7 +20,11 @@ from contrastlab.errors import ContrastlabError
 EXIT_PREEMPTED = 75
 """Exit status of a run stopped by a preemption signal after writing its checkpoint."""
 
-SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+def preemption_signals() -> tuple[int, ...]:
+    """SIGTERM and SIGUSR1; under ``torchrun`` only SIGUSR1, because torchrun's agent stops its workers with
+    SIGTERM when a peer fails (and then restarts them), and a worker must then die, not finish the epoch."""
+    names = ("SIGUSR1",) if "TORCHELASTIC_RUN_ID" in os.environ else ("SIGTERM", "SIGUSR1")
+    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
 
 
 class PreemptedError(ContrastlabError):
@@ -47,7 +53,7 @@ class PreemptionSignals:
 
     def __enter__(self) -> PreemptionSignals:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+            for sig in preemption_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

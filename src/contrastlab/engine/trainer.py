@@ -47,6 +47,7 @@ from contrastlab import __version__, assemble
 from contrastlab.config.derived import Derived, derive
 from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
+from contrastlab.data.base import BAD_IMAGE_POLICIES
 from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import (
@@ -65,8 +66,11 @@ from contrastlab.methods.base import Method, StepOutput
 from contrastlab.observers.classification_monitor import ClassificationMonitor
 from contrastlab.observers.metrics_log import MetricsLog
 from contrastlab.observers.progress import Progress
+from contrastlab.observers.score_statistics import ScoreStatistics
 from contrastlab.observers.tensorboard import TensorBoardLog
-from contrastlab.views import seed_worker
+from contrastlab.views import eval_view_dataset, seed_worker
+from contrastlab.views.box_store import BoxStore
+from contrastlab.views.localiser import last_feature_map, localise
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -207,6 +211,13 @@ def broadcast_ignored_buffers(method: Method) -> None:
         dist.broadcast_(buffers[name], src=0)
 
 
+def _set_bad_images(dataset, cfg: Config, log: Path) -> None:
+    """Apply ``data.bad_images`` to a dataset of image files (others have nothing to skip)."""
+    if hasattr(dataset, "set_bad_images"):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        dataset.set_bad_images(cfg.data.bad_images, log)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -243,7 +254,11 @@ class Trainer:
         self.out = run_directory(cfg, recipe)
         resume_path = _resolve_resume(cfg, self.out, self.log)
         seed_everything(cfg.seed + self.rank)
-        base_train = assemble.dataset(cfg, cfg.data.train_split)
+        base_train = self.base_train = assemble.training_dataset(cfg)
+        self.bad_image_log = self.out / "bad_images.txt"
+        if self.main and resume_path is None:
+            self.bad_image_log.unlink(missing_ok=True)
+        _set_bad_images(base_train, cfg, self.bad_image_log)
         self.targets = getattr(base_train, "targets", None)
         self.train_set = assemble.training_views(cfg, base_train)
         self.d = d = derive(cfg, self.world, len(self.train_set))
@@ -266,10 +281,13 @@ class Trainer:
         self.per_epoch = cfg.train.schedule_unit == "epoch"
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
+        store = getattr(self.train_set.planner, "store", None)
+        self.box_store = store if isinstance(store, BoxStore) else None  # ContrastiveCrop / SemanticCrop
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.epoch, self.step = 0, 0
         self.progress_in_epoch = EpochProgress()
         self.resumed_mid_epoch = False
+        self.skipped_total = 0
         if resume_path is not None:
             self._load(resume_path)
         broadcast_ignored_buffers(method)  # every rank starts from rank 0's queue / memory
@@ -279,6 +297,7 @@ class Trainer:
         self.knn = self.classifier_monitor = None
         if self.main and num_classes > 1:  # the training split's raw dataset doubles as the kNN bank
             test_base = assemble.dataset(cfg, cfg.data.test_split)
+            _set_bad_images(test_base, cfg, self.bad_image_log)
             batch = max(64, d.per_rank_batch_size)
             self.knn = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train), test_base,
                                             self.device, batch_size=batch)
@@ -289,7 +308,12 @@ class Trainer:
         self.progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every,
                                  enabled=self.main and not quiet)
         self.knn_top1: float | None = None
-        self.skipped_total = 0
+        self.scores = None
+        if cfg.monitor.score_stats:
+            if method.logit_temperature is None:
+                raise ConfigError(f"monitor.score_stats needs a contrastive method with logits; {cfg.method.name!r} "
+                                  "has none")
+            self.scores = ScoreStatistics(self.out / "scores", rank=self.rank)
 
     # --- set-up --------------------------------------------------------------------------------------------
 
@@ -302,7 +326,8 @@ class Trainer:
         for key, value, valid in (("train.precision", cfg.train.precision, tuple(PRECISIONS)),
                                   ("data.sampler", cfg.data.sampler, SAMPLERS),
                                   ("train.schedule_unit", cfg.train.schedule_unit, SCHEDULE_UNITS),
-                                  ("train.nonfinite", cfg.train.nonfinite, NONFINITE_POLICIES)):
+                                  ("train.nonfinite", cfg.train.nonfinite, NONFINITE_POLICIES),
+                                  ("data.bad_images", cfg.data.bad_images, BAD_IMAGE_POLICIES)):
             if value not in valid:
                 raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
 
@@ -313,6 +338,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.skipped_total = ckpt.get("skipped_total", 0)
+        if self.box_store is not None and "box_store" in ckpt:
+            self.box_store.load_state_dict(ckpt["box_store"])
         partial = ckpt.get("partial")
         if partial is not None:  # written mid-epoch: this rank's place, sums and random state
             if len(partial) != self.world:
@@ -410,6 +437,8 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
                 "derived": self.d.as_dict(), "skipped_total": self.skipped_total, "partial": partial}
+        if self.box_store is not None:
+            ckpt["box_store"] = self.box_store.state_dict()
         folder = self.out / "checkpoints"
         atomic_save(ckpt, folder / "last.pt")
         if numbered:
@@ -468,6 +497,8 @@ class Trainer:
                 self.method.after_optimizer_step(ema_momentum(ema_step, base=cfg.train.ema_momentum,
                                                               total_steps=d.total_steps,
                                                               schedule=cfg.train.ema_schedule))
+                if self.scores is not None:
+                    self.scores.update(result.outputs, self.method.logit_temperature, self.step)
                 loss_value = result.loss.item()
                 progress.loss_sum += loss_value
                 progress.loss_count += 1
@@ -501,6 +532,8 @@ class Trainer:
                                for k, v in progress.part_sums.items()}
         if self.skipped_total:
             record["skipped_steps"] = progress.skipped
+        if self.bad_image_log.is_file():
+            record["bad_images_total"] = sum(1 for _ in self.bad_image_log.open(encoding="utf-8"))
         last_epoch = self.step >= self.d.total_steps
         collapsed = False
         if self.knn is not None and (last_epoch or (mon.knn_every > 0 and self.epoch % mon.knn_every == 0)
@@ -515,6 +548,10 @@ class Trainer:
             record["test_top1"] = self.classifier_monitor.evaluate(_unwrap(self.model))
             self.log(f"epoch {self.epoch}: test top-1 "
                      + ", ".join(f"{k} {v:.2f}%" for k, v in record["test_top1"].items()))
+        if self.scores is not None:
+            self.scores.end_epoch(self.epoch)
+        if self._localise_now():
+            record["box_mean_area"] = self._localise()
         self.progress_in_epoch = EpochProgress()
         dist.barrier()
         if self.main:
@@ -530,6 +567,28 @@ class Trainer:
                 f"{self.epoch} (collapse guard from epoch {mon.collapse_after_epoch}): the representation has "
                 f"collapsed, so the run stops (checkpoint {self.out / 'checkpoints' / 'last.pt'} kept). Lower "
                 "optim.lr or the method's memory/queue learning rate, or set monitor.collapse_threshold=0.")
+
+    def _localise_now(self) -> bool:
+        """ContrastiveCrop's schedule: after the warm-up epochs, then every ``box_update_every``, not after the last."""
+        v = self.cfg.views
+        if self.box_store is None or self.epoch < v.box_warmup_epochs or self.step >= self.d.total_steps:
+            return False
+        return (self.epoch - v.box_warmup_epochs) % max(1, v.box_update_every) == 0
+
+    def _localise(self) -> float:
+        """Refresh every image's box from the online backbone's heatmap (all ranks); returns the mean box area."""
+        v = self.cfg.views
+        mean, std = assemble.normalization(self.cfg)
+        images = eval_view_dataset(self.base_train, assemble.image_size(self.cfg), mean, std, crop_fraction=None)
+        boxes = localise(last_feature_map(_unwrap(self.model).backbone), images, v.box_threshold, self.device,
+                         kind=v.heatmap, num_samples=len(self.base_train),
+                         batch_size=max(64, self.d.per_rank_batch_size), num_workers=self.cfg.data.workers)
+        self.box_store.fill(boxes)
+        self.box_store.set_enabled(True)
+        area = self.box_store.mean_area()
+        self.log(f"epoch {self.epoch}: localised {len(boxes)} boxes (threshold {v.box_threshold}, {v.heatmap}); "
+                 f"mean box area {area:.3f} of the image")
+        return area
 
     def _finish(self) -> dict[str, Any]:
         results: dict[str, Any] = {"recipe": self.recipe, "out": str(self.out), "epochs": self.epoch,

@@ -89,4 +89,11 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, **kwargs: Any
     missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in kwargs]
     if missing:
         raise ConfigError(f"method {name!r} needs keyword argument(s) {', '.join(missing)}")
-    return METHODS[name](backbone, feature_dim, **kwargs)
+    try:
+        return METHODS[name](backbone, feature_dim, **kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, RuntimeError, TypeError) as exc:  # e.g. a layer width of 0 or -1
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "dataset_targets")
+        raise ConfigError(f"method {name!r} cannot be built with {given}: {exc}. Check the method.* values "
+                          "(widths and sizes must be positive)") from exc

@@ -123,6 +123,12 @@ class Method(nn.Module):
         """
         return None
 
+    @property
+    def logit_temperature(self) -> float | None:
+        """The temperature that divides the scores in ``outputs["pos_logits"/"neg_logits"]`` (None: no logits)."""
+        criterion = getattr(self, "criterion", None)
+        return getattr(criterion, "temperature", None)
+
     def ddp_ignored_buffers(self) -> list[str]:
         """Names of buffers the method keeps identical across ranks itself (queues, memories).
 

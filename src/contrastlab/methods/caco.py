@@ -162,6 +162,10 @@ class CaCo(Method):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.key_encoder[0]), (self.projector, self.key_encoder[1])]
 
+    @property
+    def logit_temperature(self) -> float:
+        return self.temperature
+
     def ddp_ignored_buffers(self) -> list[str]:
         return ["memory.weight", "memory.velocity"]
 

@@ -120,6 +120,10 @@ class MoCoMCL(Method):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.cohort, self.key_encoder.cohort), (self.projectors, self.key_encoder.projectors)]
 
+    @property
+    def logit_temperature(self) -> float:
+        return self.loss_settings["temperature"]
+
     def ddp_ignored_buffers(self) -> list[str]:
         return [f"queues.{i}.{name}" for i in range(self.num_peers) for name in ("queue", "ptr")]
 

@@ -47,6 +47,10 @@ def build_mlp(
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    widths = {"in_dim": in_dim, "out_dim": out_dim, **({"hidden_dim": hidden_dim} if num_layers > 1 else {})}
+    for name, width in widths.items():
+        if width < 1:
+            raise ValueError(f"projection/prediction head {name} must be >= 1, got {width}")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):

@@ -1,6 +1,7 @@
 """Objectives: standalone losses, one per module, each usable without the engine."""
 
 from contrastlab.objectives.cosine import BYOLLoss, NegativeCosineSimilarity
+from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.info_nce import InfoNCELoss
 from contrastlab.objectives.mutual import (
     DistillationTerms,
@@ -18,11 +19,13 @@ from contrastlab.objectives.nt_xent import NTXentLoss
 __all__ = [
     "BYOLLoss",
     "DistillationTerms",
+    "FeatureTransform",
     "InfoNCELoss",
     "MutualContrastLoss",
     "MutualTerms",
     "NTXentLoss",
     "NegativeCosineSimilarity",
+    "build_feature_transform",
     "in_batch_masks",
     "kl_mimicry",
     "logit_distillation",

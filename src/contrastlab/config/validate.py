@@ -1,0 +1,149 @@
+"""Range checks of config values, run when a config is built: a bad value fails with the key and the fix.
+
+Types are checked by :mod:`contrastlab.config.load`; this module checks what a type cannot say (a batch
+size must be positive, a momentum lies in [0, 1), no value may be NaN). Choices (names of optimisers,
+planners, schedules) are checked where they are used, with the list of valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from contrastlab.errors import ConfigError
+
+Check = Callable[[Any], bool]
+
+
+def _positive_int(v: Any) -> bool:
+    return v is None or v > 0
+
+
+def _nonneg(v: Any) -> bool:
+    return v is None or v >= 0
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _unit_open(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+def _unit_closed(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+def _fraction(v: Any) -> bool:
+    return 0 < v <= 1
+
+
+def _pair_in_unit(v: Any) -> bool:
+    return len(v) == 2 and 0 < v[0] <= v[1] <= 1
+
+
+def _positive_pair(v: Any) -> bool:
+    return len(v) == 2 and 0 < v[0] <= v[1]
+
+
+def _betas(v: Any) -> bool:
+    return len(v) == 2 and all(0 <= b < 1 for b in v)
+
+
+RULES: dict[str, tuple[Check, str]] = {
+    "data.batch_size": (_positive_int, "a positive integer"),
+    "data.samples_per_class": (_positive_int, "a positive integer"),
+    "data.epoch_length": (_nonneg, ">= 0 (0 = the dataset size)"),
+    "data.subset": (_nonneg, ">= 0 (0 = all images)"),
+    "data.workers": (_nonneg, ">= 0"),
+    "data.image_size": (_positive_int, "a positive integer, or null for the dataset's native size"),
+    "views.num_views": (_positive_int, "a positive integer"),
+    "views.num_small": (_nonneg, ">= 0"),
+    "views.small_size": (_nonneg, ">= 0 (0 = half the crop size)"),
+    "views.scale": (_pair_in_unit, "[min, max] with 0 < min <= max <= 1"),
+    "views.small_scale": (_pair_in_unit, "[min, max] with 0 < min <= max <= 1"),
+    "views.ratio": (_positive_pair, "[min, max] with 0 < min <= max"),
+    "views.padding": (_nonneg, ">= 0"),
+    "views.joint_epsilon": (_nonneg, ">= 0"),
+    "views.ccrop_alpha": (_positive, "> 0"),
+    "views.box_warmup_epochs": (_nonneg, ">= 0"),
+    "views.box_update_every": (_positive_int, "a positive integer"),
+    "views.box_threshold": (_unit_open, "in [0, 1)"),
+    "views.semantic_suppression": (_unit_closed, "in [0, 1]"),
+    "model.width": (_positive, "> 0"),
+    "model.peers": (_positive_int, "a positive integer"),
+    "optim.lr": (_nonneg, ">= 0"),
+    "optim.base_batch_size": (_positive_int, "a positive integer"),
+    "optim.weight_decay": (_nonneg, ">= 0"),
+    "optim.momentum": (_unit_open, "in [0, 1)"),
+    "optim.betas": (_betas, "two numbers in [0, 1)"),
+    "optim.lars_trust_coefficient": (_positive, "> 0"),
+    "optim.warmup_epochs": (_nonneg, ">= 0"),
+    "optim.warmup_start_lr": (_nonneg, ">= 0"),
+    "optim.final_lr": (_nonneg, ">= 0"),
+    "optim.gamma": (_positive, "> 0"),
+    "optim.clip_grad": (_nonneg, ">= 0 (0 = no clipping)"),
+    "train.epochs": (_positive_int, "a positive integer"),
+    "train.max_steps": (_nonneg, ">= 0 (0 = no limit)"),
+    "train.ema_momentum": (_unit_closed, "in [0, 1]"),
+    "train.checkpoint_every": (_nonneg, ">= 0"),
+    "train.keep_checkpoints": (_nonneg, ">= 0 (0 = keep all)"),
+    "train.checkpoint_every_steps": (_nonneg, ">= 0"),
+    "train.log_every": (_positive_int, "a positive integer"),
+    "train.max_skipped_steps": (_nonneg, ">= 0"),
+    "monitor.knn_every": (_nonneg, ">= 0"),
+    "monitor.knn_every_epoch_until": (_nonneg, ">= 0"),
+    "monitor.knn_k": (_positive_int, "a positive integer"),
+    "monitor.knn_temperature": (_positive, "> 0"),
+    "monitor.bank_fraction": (_fraction, "in (0, 1]"),
+    "monitor.max_bank": (_nonneg, ">= 0 (0 = all)"),
+    "monitor.max_test": (_nonneg, ">= 0 (0 = all)"),
+    "monitor.classify_every": (_nonneg, ">= 0"),
+    "monitor.collapse_threshold": (_nonneg, ">= 0 (0 = off)"),
+    "monitor.collapse_after_epoch": (_nonneg, ">= 0"),
+    "linear.epochs": (_positive_int, "a positive integer"),
+    "linear.batch_size": (_positive_int, "a positive integer"),
+    "linear.lr": (_nonneg, ">= 0"),
+    "linear.momentum": (_unit_open, "in [0, 1)"),
+    "linear.weight_decay": (_nonneg, ">= 0"),
+    "linear.scale": (_pair_in_unit, "[min, max] with 0 < min <= max <= 1"),
+    "linear.crop_fraction": (_fraction, "in (0, 1]"),
+}
+"""Dotted key -> (check, what the value must be)."""
+
+
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_nan(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nan(v) for v in value.values())
+    return False
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(_flatten(value, key + "."))
+        elif key == "method.params":
+            out.update({f"method.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def validate(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for the first value out of its range (or not finite), naming the key."""
+    for key, value in _flatten(cfg).items():
+        if _has_nan(value):
+            raise ConfigError(f"config key {key} must be a finite number, got {value!r}")
+        rule = RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"config key {key} must be {rule[1]}, got {value!r}")

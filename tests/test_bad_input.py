@@ -1,0 +1,175 @@
+"""Bad input gives a clear error, never a traceback from deep inside: property-based tests (hypothesis).
+
+Random overrides of real config keys (wrong types, out-of-range numbers, empty strings, misspelled keys)
+and random damage to dataset files in their real upstream formats: every run either works or stops with
+a :class:`~contrastlab.errors.ContrastlabError` (exit status 2, one message), whatever the input.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from contrastlab.cli import main
+from contrastlab.config.load import valid_keys
+from contrastlab.data import build_dataset
+from contrastlab.errors import DatasetError
+from contrastlab.views import eval_view_dataset
+
+torch.set_num_threads(1)
+
+FAST = ["monitor.plots=false", "monitor.max_bank=16", "monitor.max_test=8", "data.subset=32", "monitor.knn_k=3"]
+
+VALUES = st.one_of(
+    st.integers(min_value=-3, max_value=3),
+    st.sampled_from([0.0, -1.0, 1e-9, 0.5, 1e9, float("nan")]),
+    st.sampled_from(["", "x", "auto", "none", "[1, 2]", "[]", "{}", "null", "true"]),
+    st.booleans(),
+)
+KEYS = [k for k in valid_keys("simclr") if not k.startswith(("out", "resume", "overwrite", "data.root",
+                                                                  "train.device", "data.workers"))]
+
+
+def _yaml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isnan(value):
+        return ".nan"
+    return str(value)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(KEYS), value=VALUES)
+def test_any_override_trains_or_stops_with_a_clear_error(tmp_path_factory, key, value):
+    out = tmp_path_factory.mktemp("fuzz")
+    code = main(["train", "demo", "--smoke", f"out={out}", *FAST, f"{key}={_yaml(value)}"])
+    assert code in (0, 2)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(KEYS), cut=st.integers(min_value=1, max_value=4))
+def test_a_misspelled_key_is_named_with_the_nearest_valid_ones(key, cut, capsys):
+    capsys.readouterr()
+    wrong = key[:-cut] + "x" * cut
+    assert main(["train", "demo", "--show", f"{wrong}=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown config key {wrong!r}" in err and "contrastlab train RECIPE --show" in err
+
+
+# --- damaged files ------------------------------------------------------------------------------------------
+
+def _damage(data: bytes, mode: str, where: int) -> bytes:
+    where = where % max(1, len(data))
+    if mode == "truncate":
+        return data[:where]
+    if mode == "flip":
+        out = bytearray(data)
+        out[where] ^= 0xFF
+        return bytes(out)
+    return data[:where] + b"garbage" * 3 + data[where:]
+
+
+def _read_all(dataset) -> None:
+    """Build the evaluation views of every sample: decoding errors surface here."""
+    views = eval_view_dataset(dataset, 8, (0.5,) * 3, (0.25,) * 3)
+    for i in range(len(views)):
+        views[i]
+
+
+DAMAGE = st.sampled_from(["truncate", "flip", "insert"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=DAMAGE, where=st.integers(min_value=0, max_value=10**6))
+def test_damaged_cifar_pickles_give_a_dataset_error(tmp_path_factory, mode, where):
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batch = {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3, 4, 5],
+             b"batch_label": b"x", b"filenames": [b"a"] * 6}
+    meta = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    target = folder / "data_batch_3"
+    target.write_bytes(_damage(target.read_bytes(), mode, where))
+    try:
+        _read_all(build_dataset("cifar10", root, "train"))
+    except DatasetError as exc:
+        assert "data_batch_3" in str(exc) or "cifar" in str(exc).lower()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=DAMAGE, where=st.integers(min_value=0, max_value=10**6), fmt=st.sampled_from(["JPEG", "PNG"]))
+def test_damaged_image_files_fail_naming_the_file_or_are_skipped(tmp_path_factory, mode, where, fmt):
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(1)
+    paths = []
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            path = root / "train" / cls / f"{i}.{fmt.lower()}"
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path, format=fmt)
+            paths.append(path)
+    bad = paths[4]
+    bad.write_bytes(_damage(bad.read_bytes(), mode, where))
+    dataset = build_dataset("imagefolder", root, "train")
+    try:
+        _read_all(dataset)
+        damaged_yet_readable = True
+    except DatasetError as exc:
+        assert str(bad) in str(exc) and "data.bad_images=skip" in str(exc)
+        damaged_yet_readable = False
+    log = root / "skipped.txt"
+    dataset.set_bad_images("skip", log)
+    _read_all(dataset)  # never raises: the unreadable file is replaced by the next one
+    skipped = log.read_text().splitlines() if log.is_file() else []
+    assert all(line.startswith(str(bad)) for line in skipped)
+    assert damaged_yet_readable == (not skipped)
+
+
+def test_skip_mode_counts_bad_images_in_the_metrics(tmp_path):
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        (tmp_path / "data" / "val" / cls).mkdir(parents=True)
+        for i in range(8):
+            for split in ("train", "val"):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "3.png").write_bytes(b"not an image")
+    args = ["train", "demo", f"out={tmp_path / 'run'}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}",
+            "data.test_split=val", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.epochs=1",
+            "train.device=cpu", "model.width=0.25", "monitor.plots=false", "monitor.knn_k=3"]
+    assert main(args) == 2  # fail (the default) names the file
+    assert main([*args, "overwrite=true", "data.bad_images=skip"]) == 0
+    import json
+
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["bad_images_total"] >= 1
+    assert "3.png" in (tmp_path / "run" / "bad_images.txt").read_text()
+
+
+@pytest.mark.parametrize("layout", ["empty_class", "class_list_mismatch"])
+def test_folder_layout_errors(tmp_path, layout):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "a" / "0.png")
+    (tmp_path / "train" / "b").mkdir()
+    kwargs = {}
+    if layout == "class_list_mismatch":
+        Image.new("RGB", (4, 4)).save(tmp_path / "train" / "b" / "0.png")
+        (tmp_path / "classes.txt").write_text("a\nc\n")
+        kwargs["class_list"] = tmp_path / "classes.txt"
+    with pytest.raises(DatasetError) as exc:
+        build_dataset("imagefolder", tmp_path, "train", **kwargs)
+    assert ("'b' has no images" if layout == "empty_class" else "'c'") in str(exc.value)
+    assert Path(tmp_path).name in str(exc.value)

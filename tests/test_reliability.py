@@ -1,0 +1,201 @@
+"""Faults and resuming: real process kills, preemption signals, torchrun restarts, non-finite steps.
+
+Every comparison is against an uninterrupted run of the same config in this process: the per-epoch losses
+in ``metrics.jsonl`` and the final weights must match exactly (deterministic CPU runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from contrastlab.config.load import load_config
+from contrastlab.engine.checkpoint import load_checkpoint
+from contrastlab.engine.preemption import EXIT_PREEMPTED
+from contrastlab.engine.trainer import NonFiniteLossError, train
+from contrastlab.errors import CheckpointError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-for-bit comparisons need the same float reduction order in the subprocesses (OMP_NUM_THREADS=1)
+    and in this process, whatever thread count other test modules set."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = [
+    "data.subset=48", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.device=cpu",
+    "model.width=0.25", "train.epochs=2", "monitor.knn_every=0", "monitor.max_bank=32", "monitor.max_test=16",
+    "monitor.knn_k=5", "monitor.plots=false", "train.log_every=1000", "train.deterministic=true",
+    "method.proj_hidden_dim=16", "method.proj_out_dim=8",
+]  # 48 images, batch 8: 6 steps an epoch, 12 in all
+
+
+def _tiny(out: Path, *extra: str):
+    return load_config("demo", [f"out={out}", *TINY, *extra])
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _losses(a) == _losses(b)  # bit for bit
+    wa = load_checkpoint(a / "checkpoints" / "last.pt")["method"]
+    wb = load_checkpoint(b / "checkpoints" / "last.pt")["method"]
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    train(_tiny(out), quiet=True)
+    return out
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "contrastlab", "train", "demo", f"out={out}", *TINY, *extra]
+
+
+def _wait_for_partial_checkpoint(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until ``path`` holds a mid-epoch checkpoint (the process keeps running)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if path.is_file():
+            with contextlib.suppress(CheckpointError, OSError):  # being replaced right now: try again
+                if load_checkpoint(path).get("partial"):
+                    return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before the checkpoint appeared: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no mid-epoch checkpoint appeared")
+
+
+def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every_steps=2", "train.deterministic=true"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["partial"] is not None and ckpt["step"] % 2 == 0 and 0 < ckpt["step"] < 12
+    train(_tiny(tmp_path, "train.checkpoint_every_steps=2", "resume=auto"), quiet=True)
+    _assert_same_run(reference, tmp_path)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_75(reference, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # checkpoint_every_steps only tells the test that training runs; SIGTERM writes its own checkpoint
+    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every_steps=3"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "resume=auto" in err and "SIGTERM" in err
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["partial"] is not None
+    train(_tiny(tmp_path, "resume=auto"), quiet=True)
+    _assert_same_run(reference, tmp_path)
+
+
+def test_views_do_not_depend_on_the_number_of_workers(reference, tmp_path):
+    train(_tiny(tmp_path, "data.workers=2"), quiet=True)
+    _assert_same_run(reference, tmp_path)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc; torchrun's workers are its children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def test_torchrun_restart_after_a_killed_rank_finishes_the_run(tmp_path):
+    """torchrun --max-restarts 1: kill one of 2 gloo ranks mid-run; the job restarts from its checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--master-port", "29531", "-m", "contrastlab", "train", "demo", f"out={tmp_path}", *TINY,
+           "train.checkpoint_every_steps=2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc, timeout=180)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from its last checkpoint" in err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 12  # global batch 8: 6 steps an epoch
+
+
+def _with_nan_steps(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the method's loss NaN on the given forward calls (1-based)."""
+    from contrastlab import assemble
+
+    build = assemble.method
+
+    def method_with_nans(*args, **kwargs):
+        method = build(*args, **kwargs)
+        forward, calls = method.forward, [0]
+
+        def nan_forward(*a, **k):
+            out = forward(*a, **k)
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                out.loss = out.loss * float("nan")
+            return out
+
+        method.forward = nan_forward
+        return method
+
+    monkeypatch.setattr(assemble, "method", method_with_nans)
+
+
+def test_non_finite_loss_stops_with_the_step_and_learning_rate(tmp_path, monkeypatch):
+    _with_nan_steps(monkeypatch, {3})
+    with pytest.raises(NonFiniteLossError, match=r"step 2 \(epoch 1\).*learning rate"):
+        train(_tiny(tmp_path), quiet=True)
+
+
+def test_non_finite_loss_can_be_skipped_and_counted(tmp_path, monkeypatch):
+    _with_nan_steps(monkeypatch, {3})
+    results = train(_tiny(tmp_path, "train.nonfinite=skip"), quiet=True)
+    assert results["skipped_steps"] == 1 and results["steps"] == 12
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 0]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    _with_nan_steps(monkeypatch, {3, 5})
+    with pytest.raises(NonFiniteLossError, match="1 steps skipped already"):
+        train(_tiny(tmp_path / "again", "train.nonfinite=skip", "train.max_skipped_steps=1"), quiet=True)
