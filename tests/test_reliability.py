@@ -199,3 +199,38 @@ def test_non_finite_loss_can_be_skipped_and_counted(tmp_path, monkeypatch):
     _with_nan_steps(monkeypatch, {3, 5})
     with pytest.raises(NonFiniteLossError, match="1 steps skipped already"):
         train(_tiny(tmp_path / "again", "train.nonfinite=skip", "train.max_skipped_steps=1"), quiet=True)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_mid_epoch_resume_continues_feature_transform_and_score_statistics(tmp_path, monkeypatch):
+    """FT's random stream and the epoch's recorded score statistics are part of a mid-epoch checkpoint."""
+    import numpy as np
+
+    from contrastlab.engine import trainer as trainer_module
+    from contrastlab.observers.score_statistics import read_score_file
+
+    extra = ["method.name=moco", "method.queue_size=32", "method.feature_transform={}", "monitor.score_stats=true",
+             "train.checkpoint_every_steps=4"]
+    train(_tiny(tmp_path / "full", *extra), quiet=True)
+    save = trainer_module.atomic_save
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        if obj.get("partial"):
+            raise _Killed
+
+    monkeypatch.setattr(trainer_module, "atomic_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(_tiny(tmp_path / "part", *extra), quiet=True)
+    monkeypatch.setattr(trainer_module, "atomic_save", save)
+    train(_tiny(tmp_path / "part", *extra, "resume=auto"), quiet=True)
+    _assert_same_run(tmp_path / "full", tmp_path / "part")
+    for epoch in (1, 2):
+        name = f"epoch_{epoch:04d}.rank0.npz"
+        a = read_score_file(tmp_path / "full" / "scores" / name)
+        b = read_score_file(tmp_path / "part" / "scores" / name)
+        for key in ("steps", "summary", "hist_pos", "hist_neg"):
+            np.testing.assert_array_equal(a[key], b[key])

@@ -314,6 +314,11 @@ class Trainer:
                 raise ConfigError(f"monitor.score_stats needs a contrastive method with logits; {cfg.method.name!r} "
                                   "has none")
             self.scores = ScoreStatistics(self.out / "scores", rank=self.rank)
+            for old in (self.out / "scores").glob(f"epoch_*.rank{self.rank}.npz"):  # epochs after the checkpoint
+                if int(old.name.split("_")[1].split(".")[0]) > self.epoch:
+                    old.unlink()
+            if self.resumed_mid_epoch and "scores" in self._rng_to_restore:
+                self.scores.load_pending_state(self._rng_to_restore["scores"])
 
     # --- set-up --------------------------------------------------------------------------------------------
 
@@ -349,8 +354,22 @@ class Trainer:
             self.progress_in_epoch = EpochProgress(**mine["progress"])
             self._rng_to_restore = mine["rng"]
             self.resumed_mid_epoch = True
+            ft = getattr(self.method, "feature_transform", None)
+            if ft is not None:
+                ft.set_random_state(mine["rng"].get("feature_transform"))
         where = f", batch {self.progress_in_epoch.batch} of epoch {self.epoch + 1}" if partial else ""
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}{where}")
+
+    def _rng_states(self) -> dict[str, Any]:
+        """Global RNG states plus the method's own streams (Feature Transformation's) and the score
+        statistics recorded so far in this epoch: what a mid-epoch resume needs to continue exactly."""
+        state = _rng_state()
+        ft = getattr(self.method, "feature_transform", None)
+        if ft is not None:
+            state["feature_transform"] = ft.random_state()
+        if self.scores is not None:
+            state["scores"] = self.scores.pending_state()
+        return state
 
     def _prepare_run_directory(self, resume_path: Path | None) -> None:
         if not self.main:
@@ -429,7 +448,7 @@ class Trainer:
     def _save(self, numbered: bool) -> None:
         """Write ``last.pt`` (and ``epoch_NNNN.pt``); mid-epoch it also holds every rank's place and RNG state."""
         mid_epoch = self.progress_in_epoch.batch > 0
-        partial = dist.gather_objects({"progress": asdict(self.progress_in_epoch), "rng": _rng_state()}) \
+        partial = dist.gather_objects({"progress": asdict(self.progress_in_epoch), "rng": self._rng_states()}) \
             if mid_epoch else None
         if not self.main:
             return

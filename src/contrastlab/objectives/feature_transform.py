@@ -289,6 +289,22 @@ class FeatureTransform(nn.Module):
             self._generator_key = key
         return self._generator
 
+    def random_state(self) -> dict[str, Any] | None:
+        """The current stream's position (for mid-epoch checkpoints); ``None`` before the first draw."""
+        if self._generator is None:
+            return None
+        return {"key": self._generator_key, "state": self._generator.get_state()}
+
+    def set_random_state(self, state: dict[str, Any] | None) -> None:
+        """Continue the stream of :meth:`random_state` (a run resumed mid-epoch draws what it would have)."""
+        if state is None:
+            self._generator, self._generator_key = None, None
+            return
+        device, epoch = state["key"]
+        self._generator = torch.Generator(device=device)
+        self._generator.set_state(state["state"].cpu())
+        self._generator_key = (device, epoch)
+
     def _draw(
         self, alpha: float, shape: tuple[int, ...], generator: torch.Generator, device: torch.device
     ) -> torch.Tensor:

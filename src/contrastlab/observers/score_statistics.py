@@ -245,6 +245,22 @@ class ScoreStatistics:
         self._events: list[tuple[Any, Any]] = []
         self._epoch_host_ms = 0.0
 
+    def pending_state(self) -> dict[str, Any]:
+        """What was recorded since the last :meth:`end_epoch`, on the host (for mid-epoch checkpoints)."""
+        self._flush()
+        names = ("_host_summaries", "_host_samples", "_steps", "_temperatures", "_anchors", "_negatives",
+                 "_transformed", "_updates")
+        state = {name: getattr(self, name) for name in names}
+        state["_hist_pos"] = None if self._hist_pos is None else self._hist_pos.cpu()
+        state["_hist_neg"] = None if self._hist_neg is None else self._hist_neg.cpu()
+        return state
+
+    def load_pending_state(self, state: dict[str, Any]) -> None:
+        """Continue an epoch from :meth:`pending_state` (a run resumed mid-epoch writes the same file)."""
+        self.reset()
+        for name, value in state.items():
+            setattr(self, name, value)
+
     @property
     def pending_steps(self) -> int:
         """Updates recorded since the last :meth:`end_epoch`."""
@@ -323,8 +339,8 @@ class ScoreStatistics:
         if self._hist_pos is None or self._hist_neg is None:
             self._hist_pos, self._hist_neg = pos_h, neg_h
         else:
-            self._hist_pos += pos_h
-            self._hist_neg += neg_h
+            self._hist_pos = self._hist_pos.to(pos_h.device) + pos_h  # after a resume it comes from the host
+            self._hist_neg = self._hist_neg.to(neg_h.device) + neg_h
 
     def _flush(self) -> None:
         """Move the statistics accumulated on the device to the host (one transfer)."""
