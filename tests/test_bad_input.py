@@ -46,7 +46,7 @@ def _yaml(value: object) -> str:
     return str(value)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_override_trains_or_stops_with_a_clear_error(tmp_path_factory, key, value):
     out = tmp_path_factory.mktemp("fuzz")

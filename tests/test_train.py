@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contrastlab.cli import _load, main
-from contrastlab.config.load import load_config, recipe_names
+from contrastlab.config.load import dump_config, load_config, recipe_names
 from contrastlab.engine.checkpoint import load_checkpoint
 from contrastlab.engine.trainer import Trainer, train
 
@@ -19,7 +19,27 @@ torch.set_num_threads(2)
 TRAIN_RECIPES = [r for r in recipe_names() if not r.startswith("linear/")]
 
 
-@pytest.mark.parametrize("recipe", TRAIN_RECIPES)
+def _smoke_configuration(recipe: str) -> str:
+    """The resolved config ``--smoke`` runs for ``recipe`` (YAML), without its description and run directory."""
+    cfg = _load(recipe, ["out=SMOKE", "monitor.plots=false"], smoke=True)
+    cfg.description = ""
+    return dump_config(cfg)
+
+
+SMOKE_GROUPS: dict[str, list[str]] = {}
+for _recipe in TRAIN_RECIPES:
+    SMOKE_GROUPS.setdefault(_smoke_configuration(_recipe), []).append(_recipe)
+
+
+def test_every_recipe_has_its_smoke_configuration_run():
+    """Recipes whose smoke configurations are identical (e.g. the CIFAR-10 and CIFAR-100 twins, which differ
+    only in the dataset that --smoke replaces) are the same run: one of each group is trained below."""
+    assert sorted(r for group in SMOKE_GROUPS.values() for r in group) == sorted(TRAIN_RECIPES)
+    for group in SMOKE_GROUPS.values():
+        assert len({_smoke_configuration(r) for r in group}) == 1
+
+
+@pytest.mark.parametrize("recipe", [group[0] for group in SMOKE_GROUPS.values()])
 def test_every_recipe_passes_smoke(recipe, tmp_path):
     cfg = _load(recipe, [f"out={tmp_path / 'run'}", "monitor.plots=false"], smoke=True)
     results = train(cfg, recipe, quiet=True)
