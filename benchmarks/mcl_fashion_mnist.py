@@ -9,7 +9,10 @@ Prints one line per run and the mean and standard deviation over the seeds.
 
 Needs the full Fashion-MNIST (Debian: ``apt-get install dataset-fashion-mnist``, found automatically).
 
-Usage: python benchmarks/mcl_fashion_mnist.py [--epochs 3] [--seeds 0 1 2] [--out runs/bench_mcl_fmnist]
+A run whose directory already holds a finished ``results.json`` for the same epochs and seed is read back
+instead of trained again, so an interrupted benchmark picks up where it stopped (``--fresh`` retrains all).
+
+Usage: python benchmarks/mcl_fashion_mnist.py [--epochs 3] [--seeds 0 1 2] [--out runs/bench_mcl_fmnist] [--fresh]
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import yaml
 
 from contrastlab.config.load import load_config
 from contrastlab.engine.trainer import train
@@ -31,19 +36,34 @@ RUNS = {"baseline": ["method.contrast=none"], "mcl_x2": []}
 HEADS = ("peer0", "peer1", "peer_mean", "peer_best", "ensemble")
 
 
+def finished_results(out: Path, epochs: int, seed: int) -> dict | None:
+    """The results of a run in ``out`` that finished ``epochs`` epochs with ``seed``, or None."""
+    results_file, config_file = out / "results.json", out / "config.yaml"
+    if not (results_file.exists() and config_file.exists()):
+        return None
+    results = json.loads(results_file.read_text())
+    config = yaml.safe_load(config_file.read_text())
+    if results.get("epochs") != epochs or config.get("seed") != seed or "test_top1" not in results:
+        return None
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/bench_mcl_fmnist")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     args = parser.parse_args()
     table: dict[str, list[dict]] = {name: [] for name in RUNS}
     for seed in args.seeds:
         for name, extra in RUNS.items():
             out = Path(args.out) / f"{name}_seed{seed}"
-            cfg = load_config("cifar100/mcl_x2_r32_300ep",
-                              [*COMMON, *extra, f"train.epochs={args.epochs}", f"seed={seed}", f"out={out}"])
-            results = train(cfg, f"fashion_mnist/{name}", quiet=True)
+            results = None if args.fresh else finished_results(out, args.epochs, seed)
+            if results is None:
+                cfg = load_config("cifar100/mcl_x2_r32_300ep",
+                                  [*COMMON, *extra, f"train.epochs={args.epochs}", f"seed={seed}", f"out={out}"])
+                results = train(cfg, f"fashion_mnist/{name}", quiet=True)
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             row = {**results["test_top1"], "img_per_s": sum(r["img_per_s"] for r in records) / len(records)}
             table[name].append(row)

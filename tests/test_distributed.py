@@ -1,4 +1,4 @@
-"""Two gloo ranks on the CPU: gathered NT-Xent and the MoCo queue against single-process computations.
+"""Two gloo ranks on the CPU: gathered NT-Xent, the MoCo queue, MoCo v3, CaCo and MCL against single-process computations.
 
 One spawn (module-scoped fixture) runs every two-rank scenario and saves what each rank saw; the tests
 compare those files with computations on the full global batch in this process.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from contrastlab.engine.trainer import broadcast_ignored_buffers, wrap_ddp
 from contrastlab.memory import FeatureQueue
-from contrastlab.methods import MCL, CaCo, MoCo, MoCoMCL
+from contrastlab.methods import MCL, CaCo, MoCo, MoCoMCL, MoCoV3
 from contrastlab.models import build_backbone, build_cohort
 from contrastlab.objectives import NTXentLoss
 
@@ -126,6 +126,27 @@ def _run_moco_mcl(method: MoCoMCL, model: torch.nn.Module, rows: slice) -> None:
         method.after_optimizer_step(0.9)
 
 
+def _mocov3() -> MoCoV3:
+    torch.manual_seed(0)
+    net, dim = build_backbone("resnet20", width=0.25)
+    return MoCoV3(net, dim, proj_hidden_dim=16, proj_out_dim=D, temperature=T).eval()  # BN: running statistics
+
+
+def _run_mocov3(method: MoCoV3, model: torch.nn.Module, rows: slice) -> torch.Tensor:
+    """Two SGD steps with momentum updates on the global images; returns the first step's loss."""
+    opt = torch.optim.SGD(method.param_groups(), lr=0.5)
+    x1, x2 = _global_images()
+    losses = []
+    for _ in range(2):
+        out = model([x1[rows], x2[rows]], torch.zeros(B, dtype=torch.long), torch.arange(B))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.after_optimizer_step(0.9)
+        losses.append(out.loss.detach())
+    return losses[0]
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -188,6 +209,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         broadcast_ignored_buffers(moco_mcl)
         _run_moco_mcl(moco_mcl, wrap_ddp(moco_mcl, torch.device("cpu")), mine)
         result["moco_mcl_queues"] = [q.queue.clone() for q in moco_mcl.queues]
+        # (h) MoCo v3: in-batch keys gathered from both ranks, positive at the global index, under DDP.
+        mocov3 = _mocov3()
+        result["mocov3_loss"] = _run_mocov3(mocov3, wrap_ddp(mocov3, torch.device("cpu")), mine)
+        result["mocov3_params"] = [p.detach().clone() for p in mocov3.parameters()]
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -291,3 +316,17 @@ def test_mcl_memory_banks_identical_across_ranks_and_equal_to_single_process(ran
     assert torch.equal(ranks[0]["bank"], ranks[1]["bank"])
     torch.testing.assert_close(ranks[0]["bank"], single.bank.memory, rtol=1e-4, atol=1e-5)
     assert not torch.equal(single.bank.memory, before)
+
+
+def test_mocov3_two_ranks_equal_single_process_on_the_global_batch(ranks: list[dict]) -> None:
+    """Each rank's loss is the mean over its own queries against all 2B keys; their mean is the single-process
+    loss on the global batch, and DDP's averaged gradients take the same steps (key encoder included)."""
+    single = _mocov3()
+    loss = _run_mocov3(single, single, slice(None))
+    assert (ranks[0]["mocov3_loss"] + ranks[1]["mocov3_loss"]).item() / WORLD == pytest.approx(loss.item(), rel=1e-5)
+    assert ranks[0]["mocov3_loss"].item() != pytest.approx(ranks[1]["mocov3_loss"].item())
+    initial = list(_mocov3().parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(single.parameters(), initial))
+    for a, b, p in zip(ranks[0]["mocov3_params"], ranks[1]["mocov3_params"], single.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-5)

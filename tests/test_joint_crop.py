@@ -481,3 +481,67 @@ def test_sample_area_pair_errors_and_image_size():
         log_area_ratio_bound((0.2, 1.0), -1.0)
     with pytest.raises(ValueError):
         JointCropPlanner().plan(0, 0, 10)
+
+
+# ------------------------------------------------------------------------------------------ JointBlur
+
+
+@pytest.mark.parametrize("beta", [-2.0, 0.0, 2.0])
+def test_joint_blur_log_sigma_ratio_follows_the_joint_crop_law(beta):
+    from contrastlab.views.joint_blur import JointBlur
+
+    blur = JointBlur(beta=beta, sigma=(0.1, 2.0), epsilon=0.1)
+    bound = math.log(2.0 / 0.1 - 0.1)
+    gen = torch.Generator().manual_seed(5)
+    pairs = [blur.sample(gen) for _ in range(5000)]
+    for s1, s2 in pairs:
+        assert 0.1 * (1 - 1e-6) <= s1 <= 2.0 and 0.1 * (1 - 1e-6) <= s2 <= 2.0
+    logs = [math.log(s2 / s1) for s1, s2 in pairs]
+    assert max(abs(r) for r in logs) <= bound + 1e-5
+    assert not ks_rejects(logs, log_ratio_cdf(beta, bound))
+
+
+def test_joint_blur_sigma_reaches_the_blur_and_either_mode_splits_pairs():
+    from PIL import Image
+
+    from contrastlab.config.load import load_config
+    from contrastlab.views import make_photometric
+    from contrastlab.views.dataset import ViewDataset
+    from contrastlab.views.joint_blur import JointBlur
+
+    # A recipe that only blurs: the joint sigma is what the view's Gaussian blur uses.
+    recipe = make_photometric("none", 0, (0.0,) * 3, (1.0,) * 3, blur_prob=1.0, flip_prob=0.0)
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255)
+                            .to(torch.uint8).numpy())
+    sharp, blurred = recipe(image, torch.Generator(), blur_sigma=0.1), recipe(image, torch.Generator(), blur_sigma=2.0)
+    import torchvision.transforms.functional as TF
+
+    expected = TF.to_tensor(TF.gaussian_blur(image, [3, 3], [2.0, 2.0]))
+    torch.testing.assert_close(blurred, expected)
+    assert not torch.allclose(sharp, blurred)
+
+    # 'either': JointCrop boxes (joint areas) on about half the pairs, independent boxes on the rest.
+    class OneImage:
+        def __len__(self):
+            return 400
+
+        def __getitem__(self, i):
+            return image, 0, i
+
+    joint = JointCropPlanner(beta=-2.0, scale=(0.2, 1.0))
+    independent = RandomResizedCropPlanner(num_views=2, scale=(0.2, 1.0))
+    views = ViewDataset(OneImage(), joint, [8, 8], [recipe, recipe], seed=0,
+                        joint_blur=JointBlur(mode="either", beta=0.0), independent_planner=independent)
+    coins = [JointBlur(mode="either").use_joint_blur(torch.Generator().manual_seed(s)) for s in range(400)]
+    assert 150 < sum(coins) < 250
+    with pytest.raises(ConfigError, match="independent planner"):
+        ViewDataset(OneImage(), joint, [8, 8], [recipe, recipe], joint_blur=JointBlur(mode="either"))
+    assert len(views[0][0]) == 2
+    with pytest.raises(ConfigError, match="never blurs"):
+        from contrastlab import assemble
+
+        assemble.training_views(load_config("demo", ["views.joint_blur=always", "views.photometric=small"]), OneImage())
+    with pytest.raises(ConfigError, match="views.planner=joint_crop"):
+        assemble.training_views(load_config("demo", ["views.joint_blur=either", "views.photometric=simclr"]), OneImage())
+    with pytest.raises(ConfigError, match="views.joint_blur must be one of"):
+        JointBlur(mode="sometimes")

@@ -41,6 +41,7 @@ def _small(name: str) -> dict:
     return {
         "simclr": {"proj_hidden_dim": 32, "proj_out_dim": 8},
         "moco": {"proj_hidden_dim": 32, "proj_out_dim": 8, "queue_size": 16},
+        "mocov3": {"proj_hidden_dim": 32, "proj_out_dim": 8},
         "caco": {"proj_hidden_dim": 32, "proj_out_dim": 8, "memory_size": 16, "warm_start": False},
         "byol": {"proj_hidden_dim": 32, "proj_out_dim": 8, "pred_hidden_dim": 16},
         "simsiam": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 8},
@@ -70,7 +71,7 @@ def test_forward_backward(name: str) -> None:
         assert not value.requires_grad
     peer0 = net.peer(0) if METHODS[name].takes_cohort else net
     assert method.backbone is peer0 and method.feature_dim == dim == 16
-    if name in ("simclr", "moco", "caco", "moco_mcl"):
+    if name in ("simclr", "moco", "mocov3", "caco", "moco_mcl"):
         pos, neg = out.outputs["pos_logits"], out.outputs["neg_logits"]
         assert pos.dim() == 1 and neg.dim() == 2 and pos.shape[0] == neg.shape[0]
 
@@ -328,4 +329,4 @@ def test_build_method_errors() -> None:
         build_method("supervised", net, dim)
     method = build_method("moco", net, dim, proj_hidden_dim=16, proj_out_dim=4, queue_size=32, symmetric=True)
     assert isinstance(method, MoCo) and method.symmetric and method.queue.size == 32
-    assert set(METHODS) == {"simclr", "moco", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl"}
+    assert set(METHODS) == {"simclr", "moco", "mocov3", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl"}

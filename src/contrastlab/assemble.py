@@ -21,10 +21,12 @@ from contrastlab.methods import METHODS, build_method
 from contrastlab.methods.base import Method
 from contrastlab.models.backbones import build_backbone
 from contrastlab.models.cohort import build_cohort
+from contrastlab.models.vit import VIT_ARCHS
 from contrastlab.observers.knn_monitor import KNNMonitor
 from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
 from contrastlab.views.box_store import BoxStore
 from contrastlab.views.contrastive_crop import ContrastiveCropPlanner, SemanticCropPlanner, simccrop_planner
+from contrastlab.views.joint_blur import JointBlur
 from contrastlab.views.joint_crop import JointCropPlanner
 
 
@@ -111,7 +113,32 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
         planner = make_planner(v.planner, num_views=v.num_views)
         sizes = [size] * v.num_views
     photometrics = [make_photometric(v.photometric, view=i, mean=mean, std=std) for i in range(len(sizes))]
-    return ViewDataset(base, planner, sizes, photometrics, seed=cfg.seed)
+    joint_blur, independent = _joint_blur(cfg, photometrics)
+    return ViewDataset(base, planner, sizes, photometrics, seed=cfg.seed, joint_blur=joint_blur,
+                       independent_planner=independent)
+
+
+def _joint_blur(cfg: Config, photometrics: list) -> tuple[JointBlur | None, object | None]:
+    """``views.joint_blur``: the JointBlur sampler and, for mode ``either``, the independent-crop planner."""
+    v = cfg.views
+    if v.joint_blur == "off":
+        return None, None
+    if not any(getattr(p, "blur_prob", 0.0) > 0 for p in photometrics[:2]):
+        raise ConfigError(f"views.joint_blur={v.joint_blur!r} draws the blur of the pair jointly, but photometric "
+                          f"{v.photometric!r} never blurs; use simclr, mocov2 or byol")
+    sigma = photometrics[0].blur_sigma
+    joint_blur = JointBlur(mode=v.joint_blur, beta=v.joint_blur_beta, sigma=sigma, epsilon=v.joint_blur_epsilon)
+    if v.joint_blur != "either":
+        return joint_blur, None
+    if v.planner != "joint_crop":
+        raise ConfigError(f"views.joint_blur=either picks JointCrop or JointBlur per pair and needs "
+                          f"views.planner=joint_crop, got {v.planner!r}")
+    if v.num_small:
+        independent = make_planner("multicrop", num_large=2, num_small=v.num_small, large_scale=tuple(v.scale),
+                                   small_scale=tuple(v.small_scale), ratio=tuple(v.ratio))
+    else:
+        independent = make_planner("random_resized", num_views=2, scale=tuple(v.scale), ratio=tuple(v.ratio))
+    return joint_blur, independent
 
 
 def evaluation_views(cfg: Config, base: Dataset) -> Dataset:
@@ -137,6 +164,11 @@ def _backbone_kwargs(cfg: Config) -> dict:
     kwargs: dict = {"cifar_stem": m.cifar_stem, "zero_init_residual": m.zero_init_residual}
     if m.width != 1.0:
         kwargs["width"] = m.width
+    if m.arch in VIT_ARCHS:
+        kwargs.update(img_size=image_size(cfg), stop_grad_conv1=m.stop_grad_conv1)
+    elif m.stop_grad_conv1:
+        raise ConfigError(f"model.stop_grad_conv1 freezes a ViT's patch projection; model.arch={m.arch!r} is not a "
+                          f"ViT ({', '.join(VIT_ARCHS)})")
     return kwargs
 
 

@@ -1,4 +1,4 @@
-"""The ``contrastlab`` command line: train, eval, recipes, demo, plot.
+"""The ``contrastlab`` command line: train, eval, recipes, demo, plot, views, export.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -213,6 +213,32 @@ def cmd_plot_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_views(args: argparse.Namespace) -> int:
+    from contrastlab import assemble
+    from contrastlab.viz.view_sheet import ImageList, draw_view_sheet
+
+    cfg = _load(args.recipe, [*args.overrides, f"seed={args.seed}"], smoke=False)
+    images = ImageList(args.images, limit=args.count)
+    views = assemble.training_views(cfg, images)
+    views.return_boxes = True
+    mean, std = assemble.normalization(cfg)
+    planner = cfg.views.planner + (f" (beta {cfg.views.joint_beta:g})" if cfg.views.planner == "joint_crop" else "")
+    print(draw_view_sheet(views, images, mean, std, args.out, title=f"{args.recipe}: planner {planner}, "
+                          f"photometric {cfg.views.photometric}, seed {args.seed}"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from contrastlab.engine.checkpoint import backbone_state
+    from contrastlab.export import export_backbone
+
+    ckpt, cfg = _eval_config(args)
+    result = export_backbone(backbone_state(ckpt, args.peer), cfg.model.arch, args.format, args.out,
+                             cifar_stem=cfg.model.cifar_stem)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], **result}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"contrastlab {__version__}")
@@ -241,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train the demo recipe on the embedded data and compare with random init")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("views", help="draw the boxes and rendered views a recipe's planner makes on real images")
+    p.add_argument("recipe", help="recipe name or YAML path; its views.* and data.image_size are used")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. views.joint_beta=-2")
+    p.add_argument("--images", required=True, help="a folder of image files (jpg, png, ...)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--count", type=int, default=4, help="number of images (first in name order; default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random stream of the planner and photometrics")
+    p.set_defaults(func=cmd_views)
+
+    p = sub.add_parser("export", help="write a checkpoint's backbone for torchvision, timm or detectron2")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--format", required=True, choices=["torchvision", "timm", "detectron2"])
+    p.add_argument("--out", required=True, help="output file (.pth for torchvision/timm, .pkl for detectron2)")
+    p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): export peer N (default 0)")
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")

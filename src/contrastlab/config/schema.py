@@ -50,6 +50,9 @@ class ViewsConfig:
     joint_beta: float = 0.0  #: joint_crop: shape of the log-area-ratio law (0 = uniform, JointCrop(0))
     joint_epsilon: float = 0.1  #: joint_crop: bound log(smax / smin - epsilon) on |log area ratio|
     joint_fallback: str = "whole_image"  #: joint_crop: whole_image (released code) | central_crop
+    joint_blur: str = "off"  #: off | always (the pair's blur sigmas drawn jointly) | either (per pair JointCrop or JointBlur, p 0.5)
+    joint_blur_beta: float = 0.0  #: JointBlur: shape of the log-sigma-ratio law (a reconstruction)
+    joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
     ccrop_alpha: float = 0.1  #: contrastive_crop / simccrop: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
     box_warmup_epochs: int = 0  #: contrastive/semantic crop: epochs of plain random crops before the first localisation
     box_update_every: int = 1  #: ... then localise every this many epochs
@@ -67,6 +70,7 @@ class ModelConfig:
     cifar_stem: bool = False  #: 3x3 stride-1 first conv and no max-pool (torchvision ResNets)
     width: float = 1.0  #: width multiplier (CIFAR ResNets)
     zero_init_residual: bool = False
+    stop_grad_conv1: bool = False  #: ViTs: frozen random patch projection (MoCo v3)
     sync_bn: bool = False  #: convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False
     peers: int = 1  #: cohort methods (mcl, moco_mcl): number of peer networks M

@@ -33,7 +33,8 @@ def checksum_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}.sha256")
 
 
-def _write_atomically(data: bytes | memoryview, path: Path) -> None:
+def write_atomically(data: bytes | memoryview, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -59,8 +60,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     torch.save(obj, buffer)
     data = buffer.getbuffer()
     try:
-        _write_atomically(data, path)
-        _write_atomically(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), checksum_path(path))
+        write_atomically(data, path)
+        write_atomically(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), checksum_path(path))
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -1,4 +1,4 @@
-"""Methods: SimCLR, MoCo v1/v2, BYOL, SimSiam, CaCo, MCL (supervised and on MoCo) and the supervised
+"""Methods: SimCLR, MoCo v1/v2/v3, BYOL, SimSiam, CaCo, MCL (supervised and on MoCo) and the supervised
 baseline, and their registry.
 
 ``build_method(name, backbone, feature_dim, **kwargs)`` checks the name and the keyword arguments
@@ -20,6 +20,7 @@ from contrastlab.methods.caco import CaCo
 from contrastlab.methods.mcl import MCL
 from contrastlab.methods.moco import MoCo
 from contrastlab.methods.moco_mcl import MoCoMCL
+from contrastlab.methods.mocov3 import MoCoV3
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
 from contrastlab.methods.supervised import Supervised
@@ -32,6 +33,7 @@ __all__ = [
     "Method",
     "MoCo",
     "MoCoMCL",
+    "MoCoV3",
     "SimCLR",
     "SimSiam",
     "StepOutput",
@@ -41,7 +43,7 @@ __all__ = [
     "method_kwargs",
 ]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, BYOL, SimSiam, CaCo, MoCoMCL, MCL, Supervised)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, MoCoV3, BYOL, SimSiam, CaCo, MoCoMCL, MCL, Supervised)}
 """Registry name -> method class."""
 
 _POSITIONAL = ("self", "backbone", "feature_dim")

@@ -16,13 +16,16 @@ Names (the architecture zoo of Mutual Contrastive Learning, Yang et al., AAAI 20
 - ``shufflenetv2_05x``, ``shufflenetv2_1x``: CIFAR ShuffleNetV2 (:mod:`contrastlab.models.shufflenetv2`,
   1024-d features).
 - ``hcgnet_a1``, ``hcgnet_a2``: HCGNet-A1/A2 (:mod:`contrastlab.models.hcgnet`, 414-d / 716-d).
+- ``vit_small``, ``vit_base``, ``vit_conv_small``, ``vit_conv_base``: MoCo v3's ViTs on timm
+  (:mod:`contrastlab.models.vit`, 384-d / 768-d class token); they take ``img_size`` (the trainer passes
+  ``data.image_size``) and ``stop_grad_conv1``, and need ``pip install "contrastlab[vit]"``.
 
 Only the torchvision ResNets are changed by ``cifar_stem``; every other backbone is built for 32x32
 inputs already and ignores it. Every backbone accepts ``zero_init_residual``; the ResNets and WRNs zero
 the last BN scale of each residual branch, ShuffleNetV2 and HCGNet have no residual sum to zero and
 reject ``zero_init_residual=True``.
 
-Every backbone is *staged* (:mod:`contrastlab.models.staged`): it lists its layers as named stages, the
+Every backbone but the ViTs is *staged* (:mod:`contrastlab.models.staged`): it lists its layers as named stages, the
 cut points of the shared trunk of an MCL cohort (:mod:`contrastlab.models.cohort`).
 """
 
@@ -37,6 +40,7 @@ from contrastlab.errors import ConfigError
 from contrastlab.models.cifar_resnet import cifar_resnet
 from contrastlab.models.hcgnet import hcgnet
 from contrastlab.models.shufflenetv2 import shufflenetv2
+from contrastlab.models.vit import VIT_ARCHS, build_vit
 from contrastlab.models.wrn import wide_resnet
 
 __all__ = ["BACKBONES", "build_backbone"]
@@ -45,6 +49,7 @@ _TORCHVISION_KWARGS = ("zero_init_residual",)
 _CIFAR_KWARGS = ("width", "zero_init_residual")
 _WRN_KWARGS = ("dropout", "zero_init_residual")
 _NON_RESIDUAL_KWARGS = ("zero_init_residual",)
+_VIT_KWARGS = ("img_size", "stop_grad_conv1", "zero_init_residual")
 
 
 def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
@@ -99,6 +104,18 @@ def _non_residual(name: str, factory: Callable[[], nn.Module]) -> Callable[..., 
     return build
 
 
+def _vit(name: str) -> Callable[..., tuple[nn.Module, int]]:
+    def build(cifar_stem: bool, img_size: int = 224, stop_grad_conv1: bool = False,
+              zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+        del cifar_stem  # a ViT's stem is its patch embedding
+        if zero_init_residual:
+            raise ConfigError(f"backbone {name!r} is a ViT; zero_init_residual=True is valid for the ResNets and "
+                              "WideResNets only")
+        return build_vit(name, img_size=img_size, stop_grad_conv1=stop_grad_conv1)
+
+    return build
+
+
 BACKBONES: dict[str, tuple[Callable[..., tuple[nn.Module, int]], tuple[str, ...]]] = {
     "resnet18": (_torchvision_resnet("resnet18"), _TORCHVISION_KWARGS),
     "resnet34": (_torchvision_resnet("resnet34"), _TORCHVISION_KWARGS),
@@ -115,11 +132,13 @@ BACKBONES: dict[str, tuple[Callable[..., tuple[nn.Module, int]], tuple[str, ...]
     "shufflenetv2_1x": (_non_residual("shufflenetv2_1x", lambda: shufflenetv2(1.0)), _NON_RESIDUAL_KWARGS),
     "hcgnet_a1": (_non_residual("hcgnet_a1", lambda: hcgnet("a1")), _NON_RESIDUAL_KWARGS),
     "hcgnet_a2": (_non_residual("hcgnet_a2", lambda: hcgnet("a2")), _NON_RESIDUAL_KWARGS),
+    **{name: (_vit(name), _VIT_KWARGS) for name in VIT_ARCHS},
 }
 """name -> (builder, accepted keyword arguments)."""
 
-IMAGENET_STEMS: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50"})
-"""Backbones with a downsampling stem (7x7/2 + max-pool) unless ``cifar_stem``; every other is a CIFAR network."""
+IMAGENET_STEMS: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50", *VIT_ARCHS})
+"""Backbones that downsample their input early (the ResNets' 7x7/2 + max-pool unless ``cifar_stem``, the ViTs'
+16x16 patches); every other is a CIFAR network."""
 
 
 def build_backbone(name: str, cifar_stem: bool = False, **kw: object) -> tuple[nn.Module, int]:
@@ -130,7 +149,7 @@ def build_backbone(name: str, cifar_stem: bool = False, **kw: object) -> tuple[n
         cifar_stem: 3x3 stride-1 stem and no max-pool (torchvision ResNets only; the CIFAR networks
             always have it).
         **kw: ``zero_init_residual`` for every backbone, ``width`` for the CIFAR ResNets, ``dropout``
-            for the WideResNets.
+            for the WideResNets, ``img_size`` and ``stop_grad_conv1`` for the ViTs.
 
     Returns:
         ``(module, feature_dim)``; the module maps ``[B, 3, H, W]`` to ``[B, feature_dim]``.

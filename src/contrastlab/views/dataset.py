@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from contrastlab.errors import ConfigError
 from contrastlab.views.boxes import validate_box
+from contrastlab.views.joint_blur import JointBlur
 from contrastlab.views.photometric import make_photometric
 from contrastlab.views.planners import CenterCropPlanner, FixedBoxPlanner, Planner
 from contrastlab.views.render import render_box
@@ -45,6 +46,9 @@ class ViewDataset(Dataset):
         seed: Draw each sample's boxes and photometric parameters from its own generator, seeded by
             :func:`~contrastlab.views.seeding.sample_seed` of ``(seed, epoch, index)`` (call
             :meth:`set_epoch` before each epoch). ``None`` draws from torch's global RNG (per worker).
+        joint_blur: :class:`~contrastlab.views.joint_blur.JointBlur`: the first two views' blur sigmas are
+            drawn jointly (for every pair, or, in ``either`` mode, for the pairs whose coin picks JointBlur).
+        independent_planner: ``either`` mode: the planner of the JointBlur pairs (independent crops).
 
     Raises:
         ConfigError: If ``sizes``, ``photometrics`` and ``planner.num_views`` disagree, or a size is invalid.
@@ -58,6 +62,8 @@ class ViewDataset(Dataset):
         photometrics: Sequence[Photometric],
         return_boxes: bool = False,
         seed: int | None = None,
+        joint_blur: JointBlur | None = None,
+        independent_planner: Planner | None = None,
     ) -> None:
         sizes = list(sizes)
         photometrics = list(photometrics)
@@ -77,6 +83,15 @@ class ViewDataset(Dataset):
         self.return_boxes = return_boxes
         self.seed = seed
         self.epoch = 0
+        if joint_blur is not None:
+            if num_views < 2:
+                raise ConfigError("joint blur needs a pair of views; the planner makes one")
+            if joint_blur.mode == "either" and (independent_planner is None
+                                                or independent_planner.num_views != num_views):
+                raise ConfigError("joint blur mode 'either' needs an independent planner making the same number "
+                                  "of views as the joint planner")
+        self.joint_blur = joint_blur
+        self.independent_planner = independent_planner
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose per-sample random streams the next items use (with ``seed``)."""
@@ -97,15 +112,19 @@ class ViewDataset(Dataset):
             image = image.convert("RGB")
         width, height = image.size
         g = None if self.seed is None else torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        boxes = self.planner.plan(index, width, height, g)
+        joint = self.joint_blur is not None and self.joint_blur.use_joint_blur(g)
+        planner = self.independent_planner if joint and self.joint_blur.mode == "either" else self.planner
+        boxes = planner.plan(index, width, height, g)
+        sigmas = self.joint_blur.sample(g) if joint else None
         if len(boxes) != len(self.sizes):
             raise RuntimeError(f"planner returned {len(boxes)} boxes, expected {len(self.sizes)}")
         pads = getattr(self.planner, "pads", False)
         boxes = [validate_box(box, width, height, allow_outside=pads) for box in boxes]
-        views = [
-            recipe(render_box(image, box, size), g) if g is not None else recipe(render_box(image, box, size))
-            for box, size, recipe in zip(boxes, self.sizes, self.photometrics)
-        ]
+        views = []
+        for v, (box, size, recipe) in enumerate(zip(boxes, self.sizes, self.photometrics)):
+            kwargs = {"blur_sigma": sigmas[v]} if sigmas is not None and v < 2 else {}
+            rendered = render_box(image, box, size)
+            views.append(recipe(rendered, g, **kwargs) if g is not None else recipe(rendered, **kwargs))
         if self.return_boxes:
             return views, label, index, torch.tensor(boxes, dtype=torch.float32)
         return views, label, index

@@ -160,12 +160,15 @@ class PhotometricRecipe:
             img = F.rgb_to_grayscale(img, num_output_channels=3)
         return img
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None,
+                 blur_sigma: float | None = None) -> torch.Tensor:
         """Augment ``image`` and return a normalised float tensor ``[3, H, W]``.
 
         Args:
             image: The cropped and resized view, a PIL image (converted to RGB if needed).
             generator: RNG to draw from; ``None`` uses torch's global RNG.
+            blur_sigma: the blur's sigma when the blur coin says blur (JointBlur draws it for the pair);
+                ``None`` draws it uniformly from ``self.blur_sigma``.
         """
         if not isinstance(image, Image.Image):
             raise TypeError(f"a photometric recipe takes a PIL image, got {type(image).__name__}")
@@ -178,7 +181,7 @@ class PhotometricRecipe:
         if not self.grayscale_first:
             img = self._grayscale(img, generator)
         if self.blur_prob > 0 and not bool(self.blur_prob < _coin(generator)):
-            sigma = _uniform(self.blur_sigma[0], self.blur_sigma[1], generator)
+            sigma = _uniform(self.blur_sigma[0], self.blur_sigma[1], generator) if blur_sigma is None else blur_sigma
             k = blur_kernel_size(min(img.size), self.blur_kernel_fraction)
             img = F.gaussian_blur(img, [k, k], [sigma, sigma])
         if self.solarize_prob > 0 and _coin(generator).item() < self.solarize_prob:

@@ -1,0 +1,156 @@
+"""Vision Transformers as MoCo v3 builds them (Chen, Xie, He, "An Empirical Study of Training Self-Supervised
+Vision Transformers", ICCV 2021), on timm's ``VisionTransformer`` (Dosovitskiy et al. 2021).
+
+Differences from timm's defaults, all from MoCo v3 (section 4 and its released ``vits.py``):
+
+- a **fixed 2-D sin-cos position embedding** (not learned): for a patch at grid position ``(h, w)``,
+  ``[sin(w * omega), cos(w * omega), sin(h * omega), cos(h * omega)]`` with ``omega_d = 10000^(-d / (D/4))``,
+  ``d = 0 .. D/4 - 1``, and a zero vector for the class token;
+- **initialisation**: Xavier-uniform Linears, with the fused ``qkv`` weight treated as three separate
+  ``D x D`` matrices (bound ``sqrt(6 / (D + D))``); zero biases; class token ``N(0, 1e-6)``; the patch
+  projection Xavier-uniform over its flattened ``3 * 16 * 16`` fan-in;
+- ``stop_grad_conv1``: a frozen random patch projection (section 4.2, "random patch projection");
+- ViT-S uses **12 heads** (timm's ViT-S has 6), ViT-S/B: depth 12, MLP ratio 4, LayerNorm eps 1e-6;
+- the **conv-stem** variants (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"):
+  four 3x3 stride-2 Conv-BN-ReLU (widths ``D/8, D/4, D/2, D``) and a 1x1 conv replace the 16x16 patch
+  projection, and one transformer block is removed (depth 11) to keep the compute equal.
+
+The classifier head is ``nn.Identity``: the backbone returns the final-normalised class token ``[B, D]``.
+Weights of ``vit_small`` / ``vit_base`` load with strict key matching into timm's
+``vit_small_patch16_224`` / ``vit_base_patch16_224`` built with ``num_classes=0`` (the head count does
+not change any weight shape). timm is an optional dependency: ``pip install "contrastlab[vit]"``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from contrastlab.errors import ConfigError
+
+__all__ = ["VIT_ARCHS", "ConvStem", "build_vit", "sincos_position_embedding"]
+
+VIT_ARCHS: dict[str, dict[str, Any]] = {
+    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 12, "conv_stem": False},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "conv_stem": False},
+    "vit_conv_small": {"embed_dim": 384, "depth": 11, "num_heads": 12, "conv_stem": True},
+    "vit_conv_base": {"embed_dim": 768, "depth": 11, "num_heads": 12, "conv_stem": True},
+}
+"""MoCo v3's four ViTs, patch size 16."""
+
+TIMM_EQUIVALENT = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+"""The timm model whose weights have the same keys and shapes (``contrastlab export --format timm``)."""
+
+
+def sincos_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos embedding ``[1, 1 + grid_h * grid_w, dim]``, row 0 (class token) zero.
+
+    Patches are numbered row-major (``index = h * grid_w + w``), timm's patch order.
+    """
+    if dim % 4:
+        raise ConfigError(f"a 2-D sin-cos position embedding needs an embedding width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    hh, ww = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                            indexing="ij")
+    angle_w = ww.reshape(-1, 1) * omega
+    angle_h = hh.reshape(-1, 1) * omega
+    patches = torch.cat([angle_w.sin(), angle_w.cos(), angle_h.sin(), angle_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).unsqueeze(0).float()
+
+
+class ConvStem(nn.Module):
+    """Convolutional patch embedding: 4 x (3x3/2 conv, BN, ReLU) then a 1x1 conv to ``embed_dim``.
+
+    Accepts (and ignores) the extra keyword arguments timm passes to its patch-embedding layer.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
+                 in_chans: int = 3, embed_dim: int = 768, **_: Any) -> None:
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = patch_size if isinstance(patch_size, int) else patch_size[0]
+        if patch != 16:
+            raise ConfigError(f"the conv stem downsamples by 16 (four stride-2 convs), got patch size {patch}")
+        if embed_dim % 8:
+            raise ConfigError(f"the conv stem needs an embedding width divisible by 8, got {embed_dim}")
+        self.img_size = size
+        self.patch_size = (16, 16)
+        self.grid_size = (size[0] // 16, size[1] // 16)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers: list[nn.Module] = []
+        width_in, width_out = in_chans, embed_dim // 8
+        for _ in range(4):
+            layers += [nn.Conv2d(width_in, width_out, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(width_out), nn.ReLU(inplace=True)]
+            width_in, width_out = width_out, width_out * 2
+        layers.append(nn.Conv2d(width_in, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        return 16 if as_scalar else (16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"the conv stem was built for {self.img_size} inputs, got {tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _xavier_qkv_(linear: nn.Linear) -> None:
+    """Xavier-uniform of the fused ``[3D, D]`` qkv weight as three ``[D, D]`` matrices (MoCo v3)."""
+    bound = math.sqrt(6.0 / float(linear.weight.shape[0] // 3 + linear.weight.shape[1]))
+    nn.init.uniform_(linear.weight, -bound, bound)
+
+
+def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> tuple[nn.Module, int]:
+    """One of :data:`VIT_ARCHS` with MoCo v3's position embedding and initialisation.
+
+    Args:
+        name: ``vit_small``, ``vit_base``, ``vit_conv_small`` or ``vit_conv_base``.
+        img_size: input side (a multiple of 16); the position embedding has ``(img_size / 16)^2`` patches.
+        stop_grad_conv1: freeze the random patch projection (not applicable to the conv stems, whose
+            convolutions always train, as upstream).
+
+    Returns:
+        ``(vit, embed_dim)``; ``vit`` maps ``[B, 3, img_size, img_size]`` to the class token ``[B, embed_dim]``.
+    """
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as exc:
+        raise ConfigError(f"backbone {name!r} needs timm: pip install 'contrastlab[vit]' (or pip install timm)") from exc
+    if name not in VIT_ARCHS:
+        raise ConfigError(f"unknown ViT {name!r}; valid: {', '.join(VIT_ARCHS)}")
+    if img_size < 16 or img_size % 16:
+        raise ConfigError(f"a ViT with 16x16 patches needs data.image_size a positive multiple of 16, got {img_size}")
+    spec = VIT_ARCHS[name]
+    kwargs: dict[str, Any] = {"embed_layer": ConvStem} if spec["conv_stem"] else {}
+    vit = VisionTransformer(img_size=img_size, patch_size=16, num_classes=0, embed_dim=spec["embed_dim"],
+                            depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4.0, qkv_bias=True,
+                            norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    grid_h, grid_w = vit.patch_embed.grid_size
+    vit.pos_embed = nn.Parameter(sincos_position_embedding(grid_h, grid_w, spec["embed_dim"]), requires_grad=False)
+    for module_name, module in vit.named_modules():
+        if isinstance(module, nn.Linear):
+            if "qkv" in module_name:
+                _xavier_qkv_(module)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+    if not spec["conv_stem"]:
+        proj = vit.patch_embed.proj
+        bound = math.sqrt(6.0 / float(3 * 16 * 16 + spec["embed_dim"]))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+        if stop_grad_conv1:
+            proj.weight.requires_grad_(False)
+            proj.bias.requires_grad_(False)
+    elif stop_grad_conv1:
+        raise ConfigError(f"{name} has a convolutional stem; stop_grad_conv1 (a frozen random patch projection) "
+                          "applies to the patch-projection ViTs vit_small / vit_base only")
+    return vit, spec["embed_dim"]
