@@ -28,6 +28,7 @@ import torch
 
 from contrastlab.engine.checkpoint import write_atomically
 from contrastlab.errors import ConfigError
+from contrastlab.models.vit import TIMM_EQUIVALENT
 
 __all__ = ["FORMATS", "detectron2_name", "export_backbone"]
 
@@ -45,8 +46,6 @@ def detectron2_name(name: str) -> str:
 
 
 def _check(fmt: str, arch: str, cifar_stem: bool) -> None:
-    from contrastlab.models.vit import TIMM_EQUIVALENT
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     if fmt in ("torchvision", "detectron2"):
@@ -83,8 +82,6 @@ def export_backbone(state: dict[str, torch.Tensor], arch: str, fmt: str, out: st
         payload = buffer.getvalue()
         count = len(tensors)
     write_atomically(payload, out)
-    from contrastlab.models.vit import TIMM_EQUIVALENT
-
     target = {"torchvision": f"torchvision.models.{arch} (fc = nn.Identity())",
               "timm": f"timm {TIMM_EQUIVALENT.get(arch, '')} (num_classes=0)",
               "detectron2": f"detectron2 ResNet-{arch.removeprefix('resnet')} (MODEL.WEIGHTS)"}[fmt]
