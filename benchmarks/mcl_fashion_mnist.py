@@ -10,7 +10,7 @@ Prints one line per run and the mean and standard deviation over the seeds.
 Needs the full Fashion-MNIST (Debian: ``apt-get install dataset-fashion-mnist``, found automatically).
 
 A run whose directory already holds a finished ``results.json`` for the same epochs and seed is read back
-instead of trained again, so an interrupted benchmark picks up where it stopped (``--fresh`` retrains all).
+instead of trained again, and an interrupted run resumes from its last checkpoint (``--fresh`` retrains all).
 
 Usage: python benchmarks/mcl_fashion_mnist.py [--epochs 3] [--seeds 0 1 2] [--out runs/bench_mcl_fmnist] [--fresh]
 """
@@ -30,7 +30,7 @@ from contrastlab.engine.trainer import train
 COMMON = [
     "data.name=fashion_mnist", "data.root=null", "data.batch_size=128", "data.samples_per_class=16",
     "data.workers=1", "model.arch=resnet20", "model.width=0.5", "monitor.classify_every=1",
-    "monitor.max_bank=10000", "monitor.plots=false", "train.log_every=100000", "overwrite=true",
+    "monitor.max_bank=10000", "monitor.plots=false", "train.log_every=100000",
 ]
 RUNS = {"baseline": ["method.contrast=none"], "mcl_x2": []}
 HEADS = ("peer0", "peer1", "peer_mean", "peer_best", "ensemble")
@@ -61,8 +61,10 @@ def main() -> None:
             out = Path(args.out) / f"{name}_seed{seed}"
             results = None if args.fresh else finished_results(out, args.epochs, seed)
             if results is None:
-                cfg = load_config("cifar100/mcl_x2_r32_300ep",
-                                  [*COMMON, *extra, f"train.epochs={args.epochs}", f"seed={seed}", f"out={out}"])
+                interrupted = not args.fresh and (out / "checkpoints" / "last.pt").exists()
+                start = ["resume=auto"] if interrupted else ["overwrite=true"]
+                cfg = load_config("cifar100/mcl_x2_r32_300ep", [*COMMON, *extra, *start, f"train.epochs={args.epochs}",
+                                                                 f"seed={seed}", f"out={out}"])
                 results = train(cfg, f"fashion_mnist/{name}", quiet=True)
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             row = {**results["test_top1"], "img_per_s": sum(r["img_per_s"] for r in records) / len(records)}

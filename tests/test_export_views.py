@@ -119,3 +119,55 @@ def test_views_names_a_folder_without_images(tmp_path: Path, capsys: pytest.Capt
     code = main(["views", "demo", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
     assert code == 2 and "holds no image files" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_views_with_a_checkpoint_localises_each_image_and_crops_around_its_box(
+    resnet18_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--checkpoint``: the heatmap boxes equal the training localiser's on the same images, the ContrastiveCrop
+    planner samples around them (each crop centred in its box unless pushed into the image), and the sheet
+    gains a heatmap column."""
+    from contrastlab import assemble
+    from contrastlab.views import eval_view_dataset
+    from contrastlab.views.localiser import last_feature_map, localise
+    from contrastlab.viz.view_sheet import ImageList, localise_images
+
+    folder = _images(tmp_path / "imgs", 3)
+    recipe, overrides = "imagenet/mocov2_ccrop_r50_100ep", ["model.arch=resnet18", "data.image_size=128"]
+    cfg = _load(recipe, overrides, smoke=False)
+    images = ImageList(folder)
+    mean, std = assemble.normalization(cfg)
+    net = _our_backbone(resnet18_checkpoint)
+    found = localise_images(net, images, 128, mean, std, threshold=0.5)  # a 4 x 4 feature map
+    reference = localise(last_feature_map(net), eval_view_dataset(images, 128, mean, std, crop_fraction=None), 0.5)
+    assert torch.equal(found.boxes, reference)
+    assert found.heatmaps.shape == (3, 128, 128) and 0.0 <= float(found.heatmaps.amin()) < float(found.heatmaps.amax()) <= 1.0
+    assert (found.boxes[:, 2:] - found.boxes[:, :2]).prod(1).lt(1.0).any()  # a real box, not all whole images
+
+    views = assemble.training_views(cfg, images)
+    views.planner.store.fill(found.boxes)
+    views.planner.store.set_enabled(True)
+    for index in range(len(images)):
+        width, height = images[index][0].size
+        bx0, by0, bx1, by1 = views.planner.store.box(index, width, height)
+        for _ in range(20):
+            for x0, y0, x1, y1 in views.planner.plan(index, width, height):
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                assert bx0 - 1e-6 <= cx <= bx1 + 1e-6 or x0 == 0 or x1 == width
+                assert by0 - 1e-6 <= cy <= by1 + 1e-6 or y0 == 0 or y1 == height
+
+    plain, located = tmp_path / "plain.png", tmp_path / "located.png"
+    assert main(["views", recipe, *overrides, "--images", str(folder), "--out", str(plain), "--count", "2"]) == 0
+    assert main(["views", recipe, *overrides, "views.box_threshold=0.5", "--images", str(folder), "--out",
+                 str(located), "--count", "2", "--checkpoint", str(resnet18_checkpoint)]) == 0
+    assert capsys.readouterr().out.split() == [str(plain), str(located)]
+    with Image.open(plain) as a, Image.open(located) as b:
+        assert b.width > a.width and b.height == a.height  # one more column: the heatmap
+
+
+def test_views_names_a_checkpoint_that_does_not_fit_the_recipe(resnet18_checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _images(tmp_path / "imgs", 1)
+    code = main(["views", "imagenet/mocov2_ccrop_r50_100ep", "--images", str(folder), "--out", str(tmp_path / "x.png"),
+                 "--checkpoint", str(resnet18_checkpoint)])
+    assert code == 2 and "backbone weights do not match" in capsys.readouterr().err

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from contrastlab.errors import ConfigError
-from contrastlab.methods import MoCo, SimCLR
-from contrastlab.models import build_backbone
+from contrastlab.methods import CaCo, MoCo, MoCoMCL, MoCoV3, SimCLR
+from contrastlab.models import build_backbone, build_cohort
 from contrastlab.objectives import InfoNCELoss, NTXentLoss
+from contrastlab.objectives.batch_info_nce import BatchInfoNCELoss
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform, sample_beta
 from contrastlab.observers.score_statistics import (
     FIELDS,
@@ -325,6 +326,38 @@ def test_nt_xent_with_ft_equals_the_loss_on_transformed_features_by_hand() -> No
     assert loss.item() == pytest.approx(total / (2 * n), rel=1e-9)
 
 
+def test_batch_info_nce_with_ft_equals_the_loss_on_transformed_features_by_hand() -> None:
+    """MoCo v3's in-batch loss: query i with its own key extrapolated, every other key of the batch an
+    interpolated negative (partners drawn from all keys), scaled by 2 tau."""
+    g = torch.Generator().manual_seed(50)
+    n, t = 5, 0.2
+    q, key = torch.randn(n, D, generator=g, dtype=torch.float64), torch.randn(n, D, generator=g, dtype=torch.float64)
+    kw = {"pos_granularity": "sample", "neg_granularity": "sample"}
+    loss, info = BatchInfoNCELoss(
+        t, feature_transform=FeatureTransform(generator=torch.Generator().manual_seed(5), **kw)
+    )(q, key)
+    qn, kn = F.normalize(q, dim=1), F.normalize(key, dim=1)
+    draws = _replay(5, qn, kn, kn, **kw)
+    lam_p, lam_n, perm = draws.pos_lambda.double(), draws.neg_lambda.double(), draws.permutation
+    mixed = [lam_n[j] * kn[j] + (1 - lam_n[j]) * kn[perm[j]] for j in range(n)]
+    total = 0.0
+    for i in range(n):
+        qi = lam_p[i] * qn[i] + (1 - lam_p[i]) * kn[i]
+        ki = lam_p[i] * kn[i] + (1 - lam_p[i]) * qn[i]
+        pos = float(qi @ ki) / t
+        neg = [float(qi @ mixed[j]) / t for j in range(n) if j != i]
+        total += -(pos - math.log(math.exp(pos) + sum(math.exp(v) for v in neg)))
+        assert info["pos_logits"][i].item() == pytest.approx(pos, abs=1e-9)
+        assert info["neg_logits"][i].tolist() == pytest.approx(neg, abs=1e-9)
+        assert info["pos_logits_raw"][i].item() == pytest.approx(float(qn[i] @ kn[i]) / t, abs=1e-9)
+        assert info["neg_logits_raw"][i].tolist() == pytest.approx(
+            [float(qn[i] @ kn[j]) / t for j in range(n) if j != i], abs=1e-9)
+    assert loss.item() == pytest.approx(2 * t * total / n, rel=1e-9)
+    plain, plain_info = BatchInfoNCELoss(t)(q, key)
+    inactive, inactive_info = BatchInfoNCELoss(t, feature_transform=FeatureTransform(start_epoch=1, rank=0))(q, key)
+    assert inactive.item() == plain.item() and torch.equal(inactive_info["neg_logits_raw"], plain_info["neg_logits"])
+
+
 def test_losses_with_ft_under_bf16_autocast() -> None:
     layer = torch.nn.Linear(D, D)
     x, bank = torch.randn(B, D), _unit(K, D, seed=35, dtype=torch.float32)
@@ -375,6 +408,104 @@ def test_moco_with_ft_exposes_raw_logits_and_enqueues_raw_keys(symmetric: bool) 
     with torch.no_grad():  # raw logits are the plain MoCo logits against the queue before the step
         q = F.normalize(method.projector(method.backbone(_views()[0])), dim=1)
     torch.testing.assert_close(out.outputs["neg_logits_raw"][:4], q @ initial.T / 0.2, atol=1e-4, rtol=0)
+
+
+def _cross_entropy_at_0(logits: list[float]) -> float:
+    return -(logits[0] - math.log(sum(math.exp(v) for v in logits)))
+
+
+def test_caco_with_ft_transforms_the_encoder_loss_and_leaves_the_memory_update_alone() -> None:
+    """Pair ``(q, w_y)`` extrapolated, the other memory columns interpolated (the mixture at ``y`` removed),
+    replayed by hand; the memory gradient equals that of the same step without FT."""
+    import copy
+
+    torch.manual_seed(0)
+    kw = {"pos_granularity": "sample", "neg_granularity": "sample"}
+    plain = CaCo(*build_backbone("resnet20", width=0.25), proj_hidden_dim=16, proj_out_dim=8, memory_size=12,
+                 warm_start=False, temperature=0.1)
+    method = copy.deepcopy(plain)
+    method.feature_transform = FeatureTransform(generator=torch.Generator().manual_seed(7), **kw)
+    views = _views(3)
+    out = method(views, None, None)
+    reference = plain(views, None, None)
+    torch.testing.assert_close(method._pending_gradient, plain._pending_gradient, rtol=0, atol=0)
+    torch.testing.assert_close(out.outputs["pos_logits_raw"], reference.outputs["pos_logits"])
+    with torch.no_grad():
+        queries = [F.normalize(method.projector(method.backbone(x)), dim=1).double() for x in views]
+        keys = [F.normalize(method.key_encoder(x), dim=1) for x in views]
+        memory = method.memory.normalized().double()  # [d, K]
+        positives = [method.memory.assign(k) for k in keys]
+    replay = FeatureTransform(generator=torch.Generator().manual_seed(7), **kw)
+    total, t = 0.0, 0.1
+    for a, (i, j) in enumerate(((0, 1), (1, 0))):
+        y = positives[j]
+        draws = replay(queries[i].float(), memory.T[y].float(), memory.T.float())
+        lam_p, lam_n, perm = draws.pos_lambda.double(), draws.neg_lambda.double(), draws.permutation
+        for b in range(queries[i].shape[0]):
+            q = lam_p[b] * queries[i][b] + (1 - lam_p[b]) * memory[:, y[b]]
+            w = lam_p[b] * memory[:, y[b]] + (1 - lam_p[b]) * queries[i][b]
+            mixed = [lam_n[c] * memory[:, c] + (1 - lam_n[c]) * memory[:, perm[c]] for c in range(12)]
+            logits = [float(q @ w) / t] + [float(q @ mixed[c]) / t for c in range(12) if c != y[b]]
+            assert out.outputs["pos_logits"][a * 4 + b].item() == pytest.approx(logits[0], abs=1e-4)
+            assert out.outputs["neg_logits"][a * 4 + b].tolist() == pytest.approx(logits[1:], abs=1e-4)
+            total += _cross_entropy_at_0(logits) / queries[i].shape[0]
+    assert out.loss.item() == pytest.approx(total, rel=1e-4)  # the two views' CEs are summed, as released
+
+
+def test_moco_mcl_with_ft_shares_one_draw_across_peer_pairs() -> None:
+    """``l^{ij} = [q'_ij . k'_ij, q'_ij Q'_j] / tau`` with one pair coefficient per sample and one mixing of
+    every queue (same coefficients, same permutation), replayed by hand; the queues get the raw keys."""
+    torch.manual_seed(0)
+    kw = {"pos_granularity": "sample", "neg_granularity": "sample"}
+    cohort = build_cohort("resnet20", num_peers=2, width=0.25)
+    method = MoCoMCL(cohort, cohort.feature_dim, proj_out_dim=8, queue_size=16, temperature=0.2, shuffle_bn=False)
+    method.feature_transform = FeatureTransform(generator=torch.Generator().manual_seed(11), **kw)
+    views = _views(4)
+    queues = [q.queue.clone() for q in method.queues]
+    out = method(views, None, None)
+    with torch.no_grad():
+        q = [F.normalize(p(h), dim=1).double() for p, h in zip(method.projectors, method.cohort(views[0]))]
+        k = [x.double() for x in method.compute_keys(views[1])]
+    for queue, key in zip(method.queues, k):
+        torch.testing.assert_close(queue.queue[:4].double(), key)  # raw keys enqueued
+    replay = FeatureTransform(generator=torch.Generator().manual_seed(11), **kw)
+    lam_p = replay.positive_coefficients(4, 8, "cpu").double()
+    lam_n, perm = replay.negative_coefficients(16, 8, "cpu")
+    lam_n = lam_n.double()
+    vcl = icl = 0.0
+    for i in range(2):
+        for j in range(2):
+            mixed = [lam_n[c] * queues[j][c].double() + (1 - lam_n[c]) * queues[j][perm[c]].double()
+                     for c in range(16)]
+            for b in range(4):
+                qb = lam_p[b] * q[i][b] + (1 - lam_p[b]) * k[j][b]
+                kb = lam_p[b] * k[j][b] + (1 - lam_p[b]) * q[i][b]
+                logits = [float(qb @ kb) / 0.2] + [float(qb @ m) / 0.2 for m in mixed]
+                if i == j == 0:
+                    assert out.outputs["pos_logits"][b].item() == pytest.approx(logits[0], abs=1e-4)
+                    assert out.outputs["neg_logits"][b].tolist() == pytest.approx(logits[1:], abs=1e-4)
+                if i == j:
+                    vcl += _cross_entropy_at_0(logits) / 4
+                else:
+                    icl += _cross_entropy_at_0(logits) / 4
+    assert out.parts["vcl"].item() == pytest.approx(vcl, rel=1e-4)
+    assert out.parts["icl"].item() == pytest.approx(icl, rel=1e-4)
+    raw = (q[0] * k[0]).sum(1) / 0.2
+    torch.testing.assert_close(out.outputs["pos_logits_raw"].double(), raw, atol=1e-4, rtol=0)
+
+
+def test_mocov3_with_ft_reports_transformed_and_raw_logits() -> None:
+    torch.manual_seed(0)
+    method = MoCoV3(*build_backbone("resnet20", width=0.25), proj_hidden_dim=16, proj_out_dim=8,
+                    feature_transform={"rank": 0, "seed": 2})
+    out = method(_views(5), None, None)
+    assert out.outputs["pos_logits"].shape == out.outputs["pos_logits_raw"].shape == (8,)
+    assert out.outputs["neg_logits_raw"].shape == (8, 3)
+    assert bool((out.outputs["pos_logits"] <= out.outputs["pos_logits_raw"] + 1e-5).all())  # harder positives
+    method.set_progress(0.0, 10, per_epoch=False)
+    method.feature_transform.start_epoch = 1  # inactive: the plain MoCo v3 loss
+    plain = method(_views(5), None, None)
+    torch.testing.assert_close(plain.outputs["pos_logits"], plain.outputs["pos_logits_raw"])
 
 
 def test_methods_without_ft_are_unchanged() -> None:

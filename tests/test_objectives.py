@@ -38,6 +38,16 @@ def test_nt_xent_matches_brute_force(t: float) -> None:
     assert loss.item() == pytest.approx(_nt_xent_brute_force(z1, z2, t).item(), rel=1e-5)
 
 
+def test_nt_xent_base_temperature_scales_the_loss_as_supcontrast() -> None:
+    """ContrastiveCrop's NT_Xent_dist: ``-(T / base_T) * mean log-prob`` (T 0.5, base_T 0.07)."""
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    loss, _ = NTXentLoss(temperature=0.5, base_temperature=0.07)(z1, z2)
+    assert loss.item() == pytest.approx(0.5 / 0.07 * _nt_xent_brute_force(z1, z2, 0.5).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="base_temperature"):
+        NTXentLoss(temperature=0.5, base_temperature=0.0)
+
+
 def test_nt_xent_gradient_matches_brute_force_autograd() -> None:
     g = torch.Generator().manual_seed(1)
     z1 = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)

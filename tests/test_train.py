@@ -20,8 +20,10 @@ TRAIN_RECIPES = [r for r in recipe_names() if not r.startswith("linear/")]
 
 
 # Numbers that set a rate, not a code path: recipes that differ only in these (MoCo v3 100 vs 300 epochs: lr 0.6
-# vs 0.3) run the same code in a 2-step smoke run. Every recipe's own values are still loaded and validated.
+# vs 0.3; step-schedule milestones, which a 2-step run never reaches) run the same code in a 2-step smoke run.
+# Every recipe's own values are still loaded and validated.
 RATE_ONLY = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "final_lr"), ("optim", "warmup_epochs"),
+             ("optim", "milestones"), ("optim", "gamma"),
              ("train", "ema_momentum"), ("linear", "lr"))
 
 

@@ -223,8 +223,22 @@ def cmd_views(args: argparse.Namespace) -> int:
     views.return_boxes = True
     mean, std = assemble.normalization(cfg)
     planner = cfg.views.planner + (f" (beta {cfg.views.joint_beta:g})" if cfg.views.planner == "joint_crop" else "")
-    print(draw_view_sheet(views, images, mean, std, args.out, title=f"{args.recipe}: planner {planner}, "
-                          f"photometric {cfg.views.photometric}, seed {args.seed}"))
+    title = f"{args.recipe}: planner {planner}, photometric {cfg.views.photometric}, seed {args.seed}"
+    localised = None
+    if args.checkpoint:
+        from contrastlab.engine.checkpoint import load_backbone_weights, load_checkpoint
+        from contrastlab.viz.view_sheet import localise_images
+
+        backbone, _ = assemble.backbone(cfg)
+        load_backbone_weights(backbone, load_checkpoint(args.checkpoint), source=args.checkpoint)
+        localised = localise_images(backbone, images, assemble.image_size(cfg), mean, std,
+                                    kind=cfg.views.heatmap, threshold=cfg.views.box_threshold)
+        store = getattr(views.planner, "store", None)
+        if hasattr(store, "fill"):  # ContrastiveCrop / SemanticCrop sample around the localised boxes
+            store.fill(localised.boxes)
+            store.set_enabled(True)
+        title += f"\nheatmap {cfg.views.heatmap}, threshold {cfg.views.box_threshold:g}, {Path(args.checkpoint).name}"
+    print(draw_view_sheet(views, images, mean, std, args.out, title=title, localised=localised))
     return 0
 
 
@@ -275,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--count", type=int, default=4, help="number of images (first in name order; default 4)")
     p.add_argument("--seed", type=int, default=0, help="random stream of the planner and photometrics")
+    p.add_argument("--checkpoint", help="a training checkpoint: show its backbone's heatmap and box per image, "
+                   "and crops sampled around that box (ContrastiveCrop / SemanticCrop)")
     p.set_defaults(func=cmd_views)
 
     p = sub.add_parser("export", help="write a checkpoint's backbone for torchvision, timm or detectron2")

@@ -108,7 +108,7 @@ class OptimConfig:
     warmup_start_lr: float = 0.0  #: scaled with ``lr`` (per-iteration warm-up only)
     final_lr: float = 0.0  #: cosine end value, scaled with ``lr`` (CaCo: lr 0.3 -> final 0.003)
     milestones: list[int] = field(default_factory=list)  #: step schedule: epochs
-    gamma: float = 0.1  #: step schedule factor
+    gamma: float = 0.1  #: step schedule factor (ContrastiveCrop's MoCo v1 configs had 0: lr 0 after the first milestone)
     clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
 
 

@@ -84,7 +84,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "optim.warmup_epochs": (_nonneg, ">= 0"),
     "optim.warmup_start_lr": (_nonneg, ">= 0"),
     "optim.final_lr": (_nonneg, ">= 0"),
-    "optim.gamma": (_positive, "> 0"),
+    "optim.gamma": (_nonneg, ">= 0 (0: lr 0 after the first milestone, upstream ContrastiveCrop MoCo v1)"),
     "optim.clip_grad": (_nonneg, ">= 0 (0 = no clipping)"),
     "train.epochs": (_positive_int, "a positive integer"),
     "train.max_steps": (_nonneg, ">= 0 (0 = no limit)"),

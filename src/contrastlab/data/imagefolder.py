@@ -19,8 +19,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 SOURCE = (
     "any class-per-folder tree; for ImageNet see https://image-net.org/ (its val images must be sorted "
-    "into one folder per class first). ImageNet-100 is ImageNet with class_list pointing at a file of "
-    "100 wnids"
+    "into one folder per class first). ImageNet-100 / ImageNet-200 are ImageNet with class_list: "
+    "imagenet100 / imagenet200 (shipped wnid lists)"
 )
 
 LAYOUT = """
@@ -28,8 +28,12 @@ root/
     <split>/                  e.g. train/, val/
         <class>/              one folder per class
             *.jpg|*.jpeg|*.png|*.bmp|*.webp   (any case; sub-folders scanned)
-class_list file (optional): one class folder name per line
+class_list file (optional): one class folder name per line, or a shipped list's name: imagenet100, imagenet200
 """
+
+#: Class lists shipped with the package (``data.class_list: imagenet100``), in ``contrastlab/data/class_lists``.
+SHIPPED_CLASS_LISTS = ("imagenet100", "imagenet200")
+CLASS_LIST_DIR = Path(__file__).parent / "class_lists"
 
 
 def is_image_file(path: Path) -> bool:
@@ -50,13 +54,19 @@ def scan_images(folder: Path) -> list[Path]:
 def read_class_list(class_list: PathLike | Sequence[str]) -> list[str]:
     """Class names from a file (one per line; blank lines and ``#`` comments skipped) or a sequence.
 
+    A name of :data:`SHIPPED_CLASS_LISTS` (``"imagenet100"``: CMC's ImageNet-100, ``"imagenet200"``:
+    ContrastiveCrop's ImageNet-200) reads the list shipped with the package.
+
     Raises:
         DatasetError: If the file is missing, the list is empty or names a class twice.
     """
+    if isinstance(class_list, str) and class_list in SHIPPED_CLASS_LISTS:
+        class_list = CLASS_LIST_DIR / f"{class_list}.txt"
     if isinstance(class_list, (str, os.PathLike)):
         path = Path(class_list).expanduser()
         if not path.is_file():
-            raise dataset_error("imagefolder: class_list file not found", path, LAYOUT, SOURCE)
+            raise dataset_error("imagefolder: class_list file not found (give a file of class folder names or "
+                                f"one of the shipped lists {', '.join(SHIPPED_CLASS_LISTS)})", path, LAYOUT, SOURCE)
         lines = path.read_text(encoding="utf-8").splitlines()
         names = [ln.split("#", 1)[0].strip() for ln in lines]
         names = [n for n in names if n]

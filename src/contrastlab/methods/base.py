@@ -144,7 +144,13 @@ class Method(nn.Module):
             epoch: the current epoch; whole (the epoch index) when ``per_epoch``, else fractional.
             total_epochs: the run's number of epochs.
             per_epoch: whether schedules change once per epoch (``train.schedule_unit=epoch``).
+
+        The default tells a Feature Transformation hook (a ``feature_transform`` attribute, when the method
+        has one that is not ``None``) the epoch, which switches it on at its ``start_epoch``.
         """
+        ft = getattr(self, "feature_transform", None)
+        if ft is not None:
+            ft.set_epoch(epoch)
 
     def warm_start_steps(self, global_batch: int) -> int:
         """Steps the method needs before the first epoch (CaCo fills its memory); 0 for most methods.

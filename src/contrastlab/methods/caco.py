@@ -31,6 +31,13 @@ all ``K`` columns are written the key encoder is re-copied from the online encod
 view 2 through the online encoder and discards the result (it only moves BatchNorm running statistics);
 that forward is skipped here.
 
+**Feature Transformation** (Zhu et al., ICCV 2021; ``feature_transform``, off by default) shapes the encoder's
+loss only. A query's positive is its cooperative memory column ``w_y``, so the pair ``(q, w_y)`` is
+extrapolated, and the negatives are the other memory columns, each interpolated with a random partner
+column (the mixture at ``y`` removed): ``CE([q'.w'_y, q'.n'_j (j != y)] / tau, 0)``, which is the plain loss
+when FT is inactive. The memory is never modified by FT, and its adversarial gradient is computed from the
+raw similarities, as the closed form it implements is derived for them. The warm start never uses FT.
+
 Fixed upstream defects: without warm start, upstream ranks started with different random memories; here
 the trainer broadcasts rank 0's memory. Logged metrics carry honest names: ``memory_index_acc`` (upstream
 "Acc@1", how often the query's most similar column is its assigned positive) and ``positive_prob_tau_m``
@@ -40,6 +47,7 @@ the trainer broadcasts rank 0's memory. Logged metrics carry honest names: ``mem
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +59,7 @@ from contrastlab.memory.learnable import LearnableMemory, memory_gradient
 from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.ema import copy_params_, ema_update_, momentum_copy
 from contrastlab.models.heads import build_mlp
+from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 
 __all__ = ["CaCo", "memory_learning_rate"]
 
@@ -92,6 +101,7 @@ class CaCo(Method):
         warm_start_momentum: key-encoder EMA momentum during the warm start (0.999).
         num_global_views: leading views that get keys (2); any further views are small query-only crops.
         gather_distributed: gather warm-start keys and average memory gradients over ranks.
+        feature_transform: FT options for the encoder loss (``{}``: the published setting) or ``None`` (off).
 
     Attributes:
         projector: online projection head.
@@ -129,6 +139,7 @@ class CaCo(Method):
         warm_start_momentum: float = 0.999,
         num_global_views: int = 2,
         gather_distributed: bool = True,
+        feature_transform: dict[str, Any] | FeatureTransform | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
         for key, value in (("temperature", temperature), ("memory_temperature", memory_temperature),
@@ -156,6 +167,7 @@ class CaCo(Method):
         self.memory_lr = memory_lr  # the rate of the current epoch; set_progress moves it
         self._pending_gradient: torch.Tensor | None = None
         self._warm_start_finished = False
+        self.feature_transform = build_feature_transform(feature_transform)
 
     # --- trainer hooks -------------------------------------------------------------------------------
 
@@ -173,6 +185,7 @@ class CaCo(Method):
         self.memory_lr = memory_learning_rate(epoch, total_epochs, base=self.memory_lr_base,
                                               final=self.memory_lr_final, warmup_epochs=self.memory_warmup_epochs,
                                               per_epoch=per_epoch)
+        super().set_progress(epoch, total_epochs, per_epoch)  # the FT hook, if any
 
     @property
     def warming_up(self) -> bool:
@@ -229,6 +242,19 @@ class CaCo(Method):
                    "memory_written": self.memory_written.detach().float()},
         )
 
+    def _transformed_logits(self, query: torch.Tensor, positive: torch.Tensor, memory: torch.Tensor,
+                            ft: FeatureTransform) -> torch.Tensor:
+        """``[B, K]`` logits of the FT encoder loss: column 0 the extrapolated positive ``q'.w'_y``, then the
+        ``K - 1`` interpolated negatives ``q'.n'_j``, ``j != y`` (class docstring)."""
+        with torch.autocast(query.device.type, enabled=False):
+            columns = memory.float().T  # [K, d]
+            q, w, mixed = ft(query.float(), columns[positive], columns)[:3]
+            pos = (q * w).sum(dim=1, keepdim=True)
+            keep = torch.ones(q.shape[0], columns.shape[0], dtype=torch.bool, device=q.device)
+            keep[torch.arange(q.shape[0], device=q.device), positive] = False
+            neg = (q @ mixed.T)[keep].view(q.shape[0], -1)
+            return torch.cat([pos, neg], dim=1) / self.temperature
+
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         x1, x2 = self._two_views(views)
         if self.warming_up:
@@ -248,8 +274,16 @@ class CaCo(Method):
         loss = torch.zeros((), device=x1.device)
         gradient = torch.zeros_like(self.memory.weight)
         parts: dict[str, torch.Tensor] = {}
+        ft = self.feature_transform if self.feature_transform is not None and self.feature_transform.active else None
+        transformed: dict[tuple[int, int], torch.Tensor] = {}
+        if ft is not None:
+            transformed = {(i, j): self._transformed_logits(queries[i], positives[j], memory, ft)
+                           for group in groups for i, j in group}
         for name, group in zip(("big", "mini"), groups):
-            ce = [F.cross_entropy(sims[i] / self.temperature, positives[j]) for i, j in group]
+            if ft is None:
+                ce = [F.cross_entropy(sims[i] / self.temperature, positives[j]) for i, j in group]
+            else:
+                ce = [F.cross_entropy(transformed[i, j], torch.zeros_like(positives[j])) for i, j in group]
             grads = [memory_gradient(queries[i].detach(), sims[i].detach(), positives[j], memory, norms,
                                      self.memory_temperature) for i, j in group]
             loss = loss + reduce(ce)
@@ -269,9 +303,14 @@ class CaCo(Method):
             pos_logits.append(logits.gather(1, positives[j][:, None]).squeeze(1))
             keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, positives[j][:, None], False)
             neg_logits.append(logits[keep].view(logits.shape[0], -1))
+        scores = {"pos_logits": torch.cat(pos_logits), "neg_logits": torch.cat(neg_logits)}
+        if self.feature_transform is not None:  # the logits the loss saw, and the raw ones
+            scores = {"pos_logits_raw": scores["pos_logits"], "neg_logits_raw": scores["neg_logits"], **scores}
+            if ft is not None:
+                seen = torch.cat([transformed[pair].detach() for pair in pairs])
+                scores.update(pos_logits=seen[:, 0], neg_logits=seen[:, 1:])
         return StepOutput(
             loss=loss,
-            outputs={"embeddings": embeddings[0].detach(), "keys": torch.cat(keys),
-                     "pos_logits": torch.cat(pos_logits), "neg_logits": torch.cat(neg_logits)},
+            outputs={"embeddings": embeddings[0].detach(), "keys": torch.cat(keys), **scores},
             parts=parts,
         )

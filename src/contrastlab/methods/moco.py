@@ -33,7 +33,7 @@ across. The alternative, SyncBatchNorm, is the trainer's job (convert the model 
 (Zhu et al., ICCV 2021) between the normalised ``q, k`` and the logits, upstream's placement: in its
 memory module, after the L2-normalising head and before the logits. The queue is read, never modified by
 FT, and still receives the raw keys. ``outputs`` then also hold ``pos_logits_raw`` / ``neg_logits_raw``
-(before FT), and :meth:`MoCo.set_progress` tells FT the epoch (its ``start_epoch``).
+(before FT), and :meth:`Method.set_progress` tells FT the epoch (its ``start_epoch``).
 """
 
 from __future__ import annotations
@@ -148,10 +148,6 @@ class MoCo(Method):
     def feature_transform(self) -> FeatureTransform | None:
         """The loss's FT hook, ``None`` when FT is off."""
         return self.criterion.feature_transform
-
-    def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
-        if self.feature_transform is not None:
-            self.feature_transform.set_epoch(epoch)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.key_encoder[0]), (self.projector, self.key_encoder[1])]

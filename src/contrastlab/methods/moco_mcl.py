@@ -21,9 +21,15 @@ The released script's defects are not reproduced: it crashed at the end of the f
 metrics) and its ``--mlp`` head was registered under a dotted name and never used. Here
 ``proj_layers=1`` is the released configuration (MoCo v1's linear fc to 128, which is what the published
 result used) and ``proj_layers=2`` a real MLP head.
+
+**Feature Transformation** (``feature_transform``, off by default) enters all four terms with one draw per
+step shared by the peer pairs (:func:`~contrastlab.objectives.moco_mutual_loss`); the queues still receive
+the raw keys.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,7 @@ from contrastlab.methods.moco import shuffled_across_ranks
 from contrastlab.models.cohort import Cohort
 from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
+from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.mutual import REDUCTIONS, moco_mutual_loss
 
 __all__ = ["MoCoMCL"]
@@ -70,6 +77,7 @@ class MoCoMCL(Method):
         reduction: ``"sum"`` (released) or ``"mean"`` over peers and pairs.
         shuffle_bn: batch shuffle across ranks for the key encoders.
         gather_distributed: gather keys across ranks before enqueueing.
+        feature_transform: FT options (``{}``: the published setting) or ``None`` (off).
 
     Example:
         >>> from contrastlab.models import build_cohort
@@ -100,6 +108,7 @@ class MoCoMCL(Method):
         reduction: str = "sum",
         shuffle_bn: bool = True,
         gather_distributed: bool = True,
+        feature_transform: dict[str, Any] | FeatureTransform | None = None,
     ) -> None:
         if not isinstance(backbone, Cohort):
             raise ConfigError("method 'moco_mcl' needs a cohort of peers; set model.peers (and model.shared_until)")
@@ -116,6 +125,7 @@ class MoCoMCL(Method):
                               "gamma": gamma, "beta": beta, "lam": lam, "reduction": reduction}
         self.shuffle_bn = shuffle_bn
         self.gather_distributed = gather_distributed
+        self.feature_transform = build_feature_transform(feature_transform)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.cohort, self.key_encoder.cohort), (self.projectors, self.key_encoder.projectors)]
@@ -138,17 +148,21 @@ class MoCoMCL(Method):
         embeddings = [p(h) for p, h in zip(self.projectors, self.cohort(x1))]
         keys = self.compute_keys(x2)
         queues = [q.queue.clone() for q in self.queues]  # the queues as they were before this step's keys
-        terms = moco_mutual_loss(embeddings, keys, queues, **self.loss_settings)
+        terms = moco_mutual_loss(embeddings, keys, queues, **self.loss_settings,
+                                 feature_transform=self.feature_transform)
         for queue, k in zip(self.queues, keys):  # lockstep: every queue gets the same images' keys
             queue.enqueue(k, gather_distributed=self.gather_distributed)
-        with torch.no_grad():
-            q0 = F.normalize(embeddings[0].float(), dim=1)
-            tau = self.loss_settings["temperature"]
-            pos = (q0 * keys[0].float()).sum(dim=1) / tau
-            neg = q0 @ queues[0].float().T / tau
+        seen = terms.logits[0, 0]  # peer 0 against its own key and queue, as the loss saw it
+        scores = {"pos_logits": seen[:, 0], "neg_logits": seen[:, 1:]}
+        if self.feature_transform is not None:
+            with torch.no_grad():
+                q0 = F.normalize(embeddings[0].float(), dim=1)
+                tau = self.loss_settings["temperature"]
+                scores["pos_logits_raw"] = (q0 * keys[0].float()).sum(dim=1) / tau
+                scores["neg_logits_raw"] = q0 @ queues[0].float().T / tau
         parts = {k: v for k, v in terms.as_dict().items() if k != "total"}
         return StepOutput(
             loss=terms.loss,
-            outputs={"embeddings": embeddings[0].detach(), "keys": keys[0], "pos_logits": pos, "neg_logits": neg},
+            outputs={"embeddings": embeddings[0].detach(), "keys": keys[0], **scores},
             parts=parts,
         )

@@ -22,11 +22,14 @@ computes the keys. Here :meth:`Method.after_optimizer_step` moves it right after
 step with the momentum of step ``t`` (the trainer's ``train.ema_schedule=cosine``), which is the same
 sequence of momentum encoders: upstream's first update, before any optimiser step, averages two
 identical copies.
+
+**Feature Transformation.** ``feature_transform`` (FT options, or ``None``) puts FT into both loss terms
+(:mod:`contrastlab.objectives.batch_info_nce` says how it maps onto in-batch negatives).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +39,7 @@ from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.batch_info_nce import BatchInfoNCELoss
+from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 
 __all__ = ["MoCoV3", "is_vit"]
 
@@ -57,6 +61,8 @@ class MoCoV3(Method):
         proj_hidden_dim: hidden width of projector and predictor (``--moco-mlp-dim``, 4096).
         proj_out_dim: embedding dimension (``--moco-dim``, 256).
         temperature: ``tau`` (``--moco-t``: 1.0 for ResNet, 0.2 for ViT).
+        feature_transform: FT options (keys of :class:`FeatureTransform`; ``{}`` gives the published
+            setting) or ``None`` (off).
 
     Attributes:
         projector, predictor: the online heads.
@@ -81,6 +87,7 @@ class MoCoV3(Method):
         proj_hidden_dim: int = 4096,
         proj_out_dim: int = 256,
         temperature: float = 1.0,
+        feature_transform: dict[str, Any] | FeatureTransform | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
         if head not in HEADS:
@@ -92,7 +99,13 @@ class MoCoV3(Method):
         self.predictor = build_mlp(proj_out_dim, proj_hidden_dim, proj_out_dim, 2,
                                    last_bn=vit, last_bn_affine=False, bias=False)
         self.key_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
-        self.criterion = BatchInfoNCELoss(temperature=temperature)
+        self.criterion = BatchInfoNCELoss(temperature=temperature,
+                                          feature_transform=build_feature_transform(feature_transform))
+
+    @property
+    def feature_transform(self) -> FeatureTransform | None:
+        """The loss's FT hook, ``None`` when FT is off."""
+        return self.criterion.feature_transform
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.key_encoder[0]), (self.projector, self.key_encoder[1])]
@@ -106,10 +119,9 @@ class MoCoV3(Method):
             k1, k2 = self.key_encoder(x1), self.key_encoder(x2)
         loss_12, info_12 = self.criterion(q1, k2)
         loss_21, info_21 = self.criterion(q2, k1)
+        logits = {name: torch.cat([info_12[name], info_21[name]]) for name in info_12}
         return StepOutput(
             loss=loss_12 + loss_21,
-            outputs={"embeddings": z1.detach(),
-                     "pos_logits": torch.cat([info_12["pos_logits"], info_21["pos_logits"]]),
-                     "neg_logits": torch.cat([info_12["neg_logits"], info_21["neg_logits"]])},
+            outputs={"embeddings": z1.detach(), **logits},
             parts={"ctr_12": loss_12.detach(), "ctr_21": loss_21.detach()},
         )

@@ -10,7 +10,7 @@ with negatives gathered from every rank.
 ``feature_transform`` (a mapping of :class:`~contrastlab.objectives.feature_transform.FeatureTransform`
 options, or ``None``) adds Feature Transformation (Zhu et al., ICCV 2021) inside the loss; see
 :mod:`contrastlab.objectives.nt_xent` for how it maps onto in-batch negatives. ``outputs`` then also hold
-``pos_logits_raw`` / ``neg_logits_raw`` (before FT), and :meth:`SimCLR.set_progress` tells FT the epoch.
+``pos_logits_raw`` / ``neg_logits_raw`` (before FT), and :meth:`Method.set_progress` tells FT the epoch.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class SimCLR(Method):
         gather_distributed: take negatives from every rank.
         feature_transform: FT options (keys of :class:`FeatureTransform`; ``{}`` gives the published
             setting) or ``None`` (off).
+        base_temperature: scale the loss by ``temperature / base_temperature`` (ContrastiveCrop's SimCLR
+            recipes use 0.07; ``None`` = the plain loss), see :mod:`contrastlab.objectives.nt_xent`.
 
     Example:
         >>> from contrastlab.models import build_backbone
@@ -63,20 +65,18 @@ class SimCLR(Method):
         temperature: float = 0.5,
         gather_distributed: bool = True,
         feature_transform: dict[str, Any] | FeatureTransform | None = None,
+        base_temperature: float | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed,
-                                    feature_transform=build_feature_transform(feature_transform))
+                                    feature_transform=build_feature_transform(feature_transform),
+                                    base_temperature=base_temperature)
 
     @property
     def feature_transform(self) -> FeatureTransform | None:
         """The loss's FT hook, ``None`` when FT is off."""
         return self.criterion.feature_transform
-
-    def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
-        if self.feature_transform is not None:
-            self.feature_transform.set_epoch(epoch)
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         x1, x2 = self._two_views(views)

@@ -8,6 +8,13 @@ scaled by ``2 * tau`` (the released code's choice: it makes the gradient scale i
 
 Each rank averages over its own ``N`` queries; data-parallel gradient averaging then gives the mean over
 the global batch, so ``n`` ranks with ``N`` images each train exactly as one process with ``n * N``.
+
+**Feature Transformation** (Zhu et al., ICCV 2021; :mod:`contrastlab.objectives.feature_transform`), which
+upstream ran only with a queue, maps onto the in-batch loss as follows: query ``i`` and its own (local)
+key are extrapolated with the pair's coefficient; the negatives of query ``i`` are the other keys of the
+gathered batch, each interpolated with a random partner drawn from all ``world_size * N`` keys (the partner
+may be the query's own key), the mixture at the positive's index removed. The gathered keys themselves are
+never modified. The info dict then also holds ``pos_logits_raw`` and ``neg_logits_raw``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch import nn
 
 from contrastlab.engine.distributed import gather_no_grad, get_rank
 from contrastlab.errors import ConfigError
+from contrastlab.objectives.feature_transform import FeatureTransform
 
 __all__ = ["BatchInfoNCELoss"]
 
@@ -29,10 +37,12 @@ class BatchInfoNCELoss(nn.Module):
         temperature: ``tau`` (MoCo v3: 1.0 for ResNet, 0.2 for ViT).
         scale_by_temperature: multiply by ``2 * tau`` as the released code does; ``False`` gives plain
             InfoNCE.
+        feature_transform: optional FT hook (see the module docstring for how it maps onto the batch).
 
     ``forward(q, k)`` takes this rank's ``q [N, D]`` (with gradient) and ``k [N, D]`` (treated as constants,
     gathered across ranks) and returns ``(loss, info)``; ``info`` holds, detached, ``pos_logits [N]`` and
-    ``neg_logits [N, world_size * N - 1]`` (the logits the loss saw, positive column removed).
+    ``neg_logits [N, world_size * N - 1]`` (the logits the loss saw, positive column removed); with a
+    feature transform also ``pos_logits_raw`` and ``neg_logits_raw``, the same without the transform.
 
     Example:
         >>> loss, info = BatchInfoNCELoss(temperature=1.0)(torch.randn(4, 8), torch.randn(4, 8))
@@ -40,28 +50,45 @@ class BatchInfoNCELoss(nn.Module):
         torch.Size([4, 3])
     """
 
-    def __init__(self, temperature: float = 1.0, scale_by_temperature: bool = True) -> None:
+    def __init__(self, temperature: float = 1.0, scale_by_temperature: bool = True,
+                 feature_transform: FeatureTransform | None = None) -> None:
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"MoCo v3 temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.scale_by_temperature = scale_by_temperature
+        self.feature_transform = feature_transform
+
+    def _logits(self, similarity: torch.Tensor) -> torch.Tensor:
+        # Softmax in at least float32 (bf16/fp16 similarities under autocast lose too much).
+        return similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if q.shape != k.shape or q.dim() != 2:
             raise ValueError(f"q and k must both be [N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
         q = F.normalize(q, dim=1)
-        keys = gather_no_grad(F.normalize(k.detach(), dim=1))
-        similarity = q @ keys.to(q.dtype).T
-        # Softmax in at least float32 (bf16/fp16 similarities under autocast lose too much).
-        logits = similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
+        local_keys = F.normalize(k.detach(), dim=1)
+        keys = gather_no_grad(local_keys).to(q.dtype)
         n = q.shape[0]
         labels = torch.arange(n, device=q.device) + n * get_rank()
-        loss = F.cross_entropy(logits, labels)
+        positive = torch.zeros(n, keys.shape[0], dtype=torch.bool, device=q.device)
+        positive[torch.arange(n, device=q.device), labels] = True
+        raw = self._logits(q @ keys.T)
+        ft = self.feature_transform
+        if ft is not None and ft.active:
+            q_ft, k_ft, mixed = ft(q, local_keys.to(q.dtype), keys)[:3]
+            pos = (q_ft * k_ft).sum(dim=1, keepdim=True)
+            neg = (q_ft @ mixed.T)[~positive].view(n, -1)
+            logits = self._logits(torch.cat([pos, neg], dim=1))
+            loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=q.device))
+            pos_logits, neg_logits = logits.detach()[:, 0], logits.detach()[:, 1:]
+        else:
+            loss = F.cross_entropy(raw, labels)
+            pos_logits, neg_logits = raw.detach()[positive], raw.detach()[~positive].view(n, -1)
         if self.scale_by_temperature:
             loss = loss * (2.0 * self.temperature)
-        detached = logits.detach()
-        positive = torch.zeros_like(detached, dtype=torch.bool)
-        positive[torch.arange(n, device=q.device), labels] = True
-        info = {"pos_logits": detached[positive], "neg_logits": detached[~positive].view(n, -1)}
+        info = {"pos_logits": pos_logits, "neg_logits": neg_logits}
+        if ft is not None:
+            detached = raw.detach()
+            info["pos_logits_raw"], info["neg_logits_raw"] = detached[positive], detached[~positive].view(n, -1)
         return loss, info

@@ -317,22 +317,51 @@ class FeatureTransform(nn.Module):
         return {"step": (1, 1), "sample": (rows, 1), "element": (rows, dim)}[granularity]
 
     # ------------------------------------------------------------------------------------ transforms
+    def positive_coefficients(
+        self, rows: int, dim: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """One draw of the pair coefficients ``lam`` (``[1, 1]``, ``[rows, 1]`` or ``[rows, dim]`` by
+        ``pos_granularity``; ``1 + draw`` when extrapolating)."""
+        generator = self.generator(device) if generator is None else generator
+        lam = self._draw(self.pos_alpha, self._shape(self.pos_granularity, rows, dim), generator,
+                         torch.device(device))
+        return lam + 1.0 if self.extrapolate else lam
+
+    def mix_pairs(self, q: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q' = lam q + (1 - lam) k``, ``k' = lam k + (1 - lam) q`` (broadcasting; last dim = features)."""
+        weight = lam.to(q.dtype)
+        q_new = weight * q + (1 - weight) * k
+        k_new = weight * k + (1 - weight) * q
+        if self.renormalize in ("pos", "both"):
+            q_new, k_new = F.normalize(q_new, dim=-1), F.normalize(k_new, dim=-1)
+        return q_new, k_new
+
+    def negative_coefficients(
+        self, count: int, dim: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw of the negatives' mixing: ``(lam, perm)`` for ``count`` negatives of ``dim`` features."""
+        generator = self.generator(device) if generator is None else generator
+        device = torch.device(device)
+        lam = self._draw(self.neg_alpha, self._shape(self.neg_granularity, count, dim), generator, device)
+        perm = torch.randperm(count, generator=generator, device=device)
+        return lam, perm
+
+    def mix_negatives(self, negatives: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """``n'_j = lam_j n_j + (1 - lam_j) n_perm(j)`` along dim -2 (a new tensor; the input is untouched)."""
+        weight = lam.to(negatives.dtype)
+        mixed = weight * negatives + (1 - weight) * negatives[..., perm, :]
+        if self.renormalize in ("neg", "both"):
+            mixed = F.normalize(mixed, dim=-1)
+        return mixed
+
     def transform_positives(
         self, q: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Extrapolate (or interpolate) each pair: ``(q', k', lam)``, whatever :attr:`target` says."""
         if q.shape != k.shape or q.dim() != 2:
             raise ValueError(f"q and k must both be [B, D], got {tuple(q.shape)} and {tuple(k.shape)}")
-        generator = self.generator(q.device) if generator is None else generator
-        lam = self._draw(self.pos_alpha, self._shape(self.pos_granularity, *q.shape), generator, q.device)
-        if self.extrapolate:
-            lam = lam + 1.0
-        weight = lam.to(q.dtype)
-        q_new = weight * q + (1 - weight) * k
-        k_new = weight * k + (1 - weight) * q
-        if self.renormalize in ("pos", "both"):
-            q_new, k_new = F.normalize(q_new, dim=1), F.normalize(k_new, dim=1)
-        return q_new, k_new, lam
+        lam = self.positive_coefficients(*q.shape, q.device, generator)
+        return (*self.mix_pairs(q, k, lam), lam)
 
     def interpolate_negatives(
         self, negatives: torch.Tensor, generator: torch.Generator | None = None
@@ -340,16 +369,8 @@ class FeatureTransform(nn.Module):
         """Mix every negative with a random partner: ``(n', lam, perm)``; ``negatives`` is left untouched."""
         if negatives.dim() != 2:
             raise ValueError(f"negatives must be [K, D], got {tuple(negatives.shape)}")
-        generator = self.generator(negatives.device) if generator is None else generator
-        lam = self._draw(
-            self.neg_alpha, self._shape(self.neg_granularity, *negatives.shape), generator, negatives.device
-        )
-        perm = torch.randperm(negatives.shape[0], generator=generator, device=negatives.device)
-        weight = lam.to(negatives.dtype)
-        mixed = weight * negatives + (1 - weight) * negatives[perm]
-        if self.renormalize in ("neg", "both"):
-            mixed = F.normalize(mixed, dim=1)
-        return mixed, lam, perm
+        lam, perm = self.negative_coefficients(*negatives.shape, negatives.device, generator)
+        return self.mix_negatives(negatives, lam, perm), lam, perm
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor | None = None

@@ -41,6 +41,7 @@ from torch import nn
 
 from contrastlab.engine.distributed import gather_no_grad, gather_with_grad, get_rank, get_world_size
 from contrastlab.errors import ConfigError
+from contrastlab.objectives.feature_transform import FeatureTransform
 
 __all__ = [
     "CROSS_VIEW_OPTIONS",
@@ -184,6 +185,7 @@ class MutualTerms:
             candidates; Soft VCL makes peer ``m`` mimic peer ``n``; Soft ICL makes ``m``-against-``n``
             mimic ``n``-against-``m``.
         pairs: the ordered pairs ``(m, n)``, ``m != n``, in row-major order.
+        logits: detached ``[M, M, B, 1 + K]`` logits ``l^{ij}`` the loss saw (:func:`moco_mutual_loss` only).
     """
 
     loss: torch.Tensor
@@ -196,6 +198,7 @@ class MutualTerms:
     soft_vcl_terms: torch.Tensor
     soft_icl_terms: torch.Tensor
     pairs: tuple[tuple[int, int], ...]
+    logits: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """Detached scalars for logging: the four groups (unweighted) and the weighted ``total``."""
@@ -226,6 +229,7 @@ def _assemble(
     pairs: tuple[tuple[int, int], ...],
     weights: tuple[float, float, float, float],
     reduction: str,
+    logits: torch.Tensor | None = None,
 ) -> MutualTerms:
     alpha, gamma, beta, lam = weights
     vcl = _reduce(vcl_terms, reduction)
@@ -234,7 +238,7 @@ def _assemble(
     soft_icl = _reduce(soft_icl_terms, reduction)
     loss = alpha * vcl + gamma * soft_vcl + beta * icl + lam * soft_icl
     return MutualTerms(loss, vcl, icl, soft_vcl, soft_icl, vcl_terms, icl_terms, soft_vcl_terms,
-                       soft_icl_terms, pairs)
+                       soft_icl_terms, pairs, logits)
 
 
 def _stack_embeddings(embeddings: Sequence[torch.Tensor], what: str) -> torch.Tensor:
@@ -519,6 +523,7 @@ def moco_mutual_loss(
     beta: float = 1.0,
     lam: float = 1.0,
     reduction: str = "sum",
+    feature_transform: FeatureTransform | None = None,
 ) -> MutualTerms:
     """Self-supervised MCL on MoCo, one key encoder and one queue per peer (mcl.md section 6.3).
 
@@ -538,6 +543,13 @@ def moco_mutual_loss(
     :meth:`~contrastlab.memory.FeatureQueue.enqueue` (which gathers keys first) after it. The released
     code hard-codes all weights to 1 and ``T = 3``; here they are arguments with those defaults.
 
+    **Feature Transformation** (Zhu et al., ICCV 2021), when given and active, transforms every pair's
+    logits with one draw per step shared by all peer pairs, so the peers' distributions stay comparable
+    column by column: ``q'_ij = lam q_i + (1 - lam) k_j`` and ``k'_ij = lam k_j + (1 - lam) q_i`` (``lam``
+    per step, sample or element, as the transform says), and every queue mixed with the same coefficients
+    and the same permutation (column ``k`` of every mixed queue still mixes the same two images). Then
+    ``l^{ij} = [q'_ij . k'_ij, q'_ij Q'_j] / tau`` feeds all four terms. The queues are not modified.
+
     Args:
         queries: ``M`` tensors ``[B, D]``, peer ``i``'s query encoder on the query view.
         keys: ``M`` tensors ``[B, D]``, peer ``i``'s key encoder on the key view.
@@ -547,6 +559,7 @@ def moco_mutual_loss(
         kl_temperature: ``T`` of the mimicry terms (3).
         alpha, gamma, beta, lam: weights of VCL, Soft VCL, ICL, Soft ICL (all 1).
         reduction: ``"sum"`` (released) or ``"mean"`` over each group's terms.
+        feature_transform: optional FT hook (above).
 
     Returns:
         :class:`MutualTerms`, with the pair ``(i, j)`` meaning query ``i`` against key and queue ``j``.
@@ -571,8 +584,21 @@ def moco_mutual_loss(
     queue = torch.stack([x.detach() for x in queues]).to(q.dtype)  # [M, K, D]
     if queue.dim() != 3 or queue.shape[2] != q.shape[2]:
         raise ValueError(f"queues must be [K, {q.shape[2]}], got {tuple(queue.shape[1:])}")
-    positive = torch.einsum("ibd,jbd->ijb", q, k).unsqueeze(-1)  # [M, M, B, 1]
-    negative = torch.einsum("ibd,jkd->ijbk", q, queue)  # [M, M, B, K]
+    ft = feature_transform if feature_transform is not None and feature_transform.active else None
+    if ft is None:
+        positive = torch.einsum("ibd,jbd->ijb", q, k).unsqueeze(-1)  # [M, M, B, 1]
+        negative = torch.einsum("ibd,jkd->ijbk", q, queue)  # [M, M, B, K]
+    else:
+        pair_q = q[:, None].expand(num_peers, num_peers, *q.shape[1:])  # [M, M, B, D]: q_i for every j
+        if ft.transforms_positives:
+            pair_lam = ft.positive_coefficients(q.shape[1], q.shape[2], q.device)  # not ``lam``, a loss weight
+            pair_q, pair_k = ft.mix_pairs(pair_q, k[None], pair_lam)
+        else:
+            pair_k = k[None].expand_as(pair_q)
+        if ft.transforms_negatives:
+            queue = ft.mix_negatives(queue, *ft.negative_coefficients(queue.shape[1], queue.shape[2], q.device))
+        positive = (pair_q * pair_k).sum(-1, keepdim=True)
+        negative = torch.einsum("ijbd,jkd->ijbk", pair_q, queue)
     logits = _float(torch.cat([positive, negative], dim=-1)) / temperature  # [M, M, B, 1 + K]
 
     target = torch.zeros(logits.shape[-1], dtype=torch.bool, device=q.device)
@@ -592,6 +618,7 @@ def moco_mutual_loss(
         pairs=pairs,
         weights=(alpha, gamma, beta, lam),
         reduction=reduction,
+        logits=logits.detach(),
     )
 
 

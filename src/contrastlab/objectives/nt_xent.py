@@ -18,6 +18,11 @@ then ``z2'_i``) is scored against its extrapolated partner; its negatives are th
 drawn from all ``2N`` candidates (the partner may be the anchor or its positive). This mirrors MoCo,
 where the extrapolated query meets negatives that are raw keys of other images. The info dict then also
 holds ``pos_logits_raw`` and ``neg_logits_raw``, the logits without the transform.
+
+**Loss scale.** ContrastiveCrop's SimCLR (``losses/NT_Xent_dist.py``, from SupContrast) multiplies the loss
+by ``temperature / base_temperature`` (0.5 / 0.07, about 7.1), which with SGD amounts to a larger learning
+rate relative to weight decay; its published small-dataset numbers were trained with it. ``base_temperature``
+reproduces it; ``None`` (the default) is the plain NT-Xent of the SimCLR paper.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class NTXentLoss(nn.Module):
         temperature: ``tau`` dividing the cosine similarities.
         gather_distributed: gather the embeddings of all ranks (with gradient) as candidates.
         feature_transform: optional FT hook (see the module docstring for how it maps onto the batch).
+        base_temperature: when set, the loss is multiplied by ``temperature / base_temperature``
+            (ContrastiveCrop's SimCLR scaling; module docstring).
 
     The forward pass takes ``z1, z2`` of shape ``[B, D]`` (any scale; L2-normalised inside) and returns
     ``(loss, info)``. The anchors of this rank are ``[z1; z2]`` (``2B`` rows, in that order) and
@@ -61,12 +68,15 @@ class NTXentLoss(nn.Module):
 
     def __init__(
         self, temperature: float = 0.5, gather_distributed: bool = False,
-        feature_transform: FeatureTransform | None = None,
+        feature_transform: FeatureTransform | None = None, base_temperature: float | None = None,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"NT-Xent temperature must be positive, got {temperature}")
+        if base_temperature is not None and base_temperature <= 0:
+            raise ConfigError(f"method.base_temperature must be positive (or null), got {base_temperature}")
         self.temperature = temperature
+        self.loss_scale = 1.0 if base_temperature is None else temperature / base_temperature
         self.gather_distributed = gather_distributed
         self.feature_transform = feature_transform
 
@@ -92,7 +102,7 @@ class NTXentLoss(nn.Module):
         pos_idx = (rows + batch) % (2 * batch) + offset
         self_mask = torch.zeros_like(logits, dtype=torch.bool)
         self_mask[rows, self_idx] = True
-        loss = F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), pos_idx)
+        loss = self.loss_scale * F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), pos_idx)
 
         with torch.no_grad():
             detached = logits.detach()
@@ -127,7 +137,7 @@ class NTXentLoss(nn.Module):
         neg = (anchors @ negatives.T)[neg_mask].view(rows, -1)  # [2B, 2N - 2]
         similarity = torch.cat([pos[:, None], neg], dim=1)
         logits = similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / self.temperature
-        loss = F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=local.device))
+        loss = self.loss_scale * F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=local.device))
         with torch.no_grad():
             detached = logits.detach()
             raw = (local @ candidates.T).to(logits.dtype) / self.temperature
