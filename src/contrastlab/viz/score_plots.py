@@ -65,6 +65,13 @@ _FILE = re.compile(r"epoch_(\d+)\.rank(\d+)\.npz$")
 _VARIANT_NAMES = {"raw": "before FT", "ft": "after FT"}
 
 
+def _variant_name(runs: Sequence[ScoreRun], variant: str) -> str:
+    """How a legend names the variant: "before FT" / "after FT", or "no FT" when no run used FT."""
+    if not any(bool(np.any(run.transformed)) for run in runs):
+        return "no FT"
+    return _VARIANT_NAMES[variant]
+
+
 @dataclass
 class ScoreRun:
     """The recorded statistics of one run, all epochs, ranks merged.
@@ -279,7 +286,7 @@ def plot_time_series(
             ax.plot(run.steps, _smooth(run.series(key, variant), smooth), label=run.label, linewidth=1.0)
         ax.set_title(SERIES[key][2])
         _iteration_axis(ax)
-    axes[0][-1].legend(loc="best", fontsize=8, title=_VARIANT_NAMES[variant], title_fontsize=8)
+    axes[0][-1].legend(loc="best", fontsize=8, title=_variant_name(runs, variant), title_fontsize=8)
     fig.tight_layout()
     return _save(fig, out_dir, name or f"score_time_series_{variant}")
 
@@ -319,7 +326,7 @@ def plot_waterfall(
     ax.set_xlabel("run", labelpad=10)
     ax.set_ylabel("training iteration", labelpad=10)
     ax.set_zlabel(SERIES[series][2], labelpad=10)
-    ax.set_title(f"{SERIES[series][2]} ({_VARIANT_NAMES[variant]})")
+    ax.set_title(f"{SERIES[series][2]} ({_variant_name(runs, variant)})")
     ax.view_init(elev=25, azim=-60)
     return _save(fig, out_dir, name or f"score_waterfall_{series}_{variant}", tight_bbox=True)
 
@@ -408,7 +415,7 @@ def plot_epoch_histograms(
     fig, axes = plt.subplots(rows, columns, figsize=(4.3 * columns, 3.3 * rows), squeeze=False)
     for ax, epoch in zip(axes.flat, chosen):
         _draw_distribution(ax, run, epoch, variant)
-        ax.set_title(f"{run.label}: epoch {epoch} ({_VARIANT_NAMES[variant]})", fontsize=9)
+        ax.set_title(f"{run.label}: epoch {epoch} ({_variant_name([run], variant)})", fontsize=9)
         ax.legend(loc="upper left", fontsize=6)
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_visible(False)
