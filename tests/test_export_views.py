@@ -67,6 +67,35 @@ def test_detectron2_export_uses_detectron2_names_and_keeps_every_value(resnet18_
         assert (model[detectron2_name(key)] == value.numpy()).all()
 
 
+def test_detectron2_export_loads_into_detectron2_and_gives_the_same_features(resnet18_checkpoint: Path,
+                                                                          tmp_path: Path) -> None:
+    """The real target: detectron2's ResNet built from its config, loaded by its ``DetectionCheckpointer``
+    (name matching heuristics on), computes our backbone's ``res5`` features. Skipped where detectron2 is not
+    installed (CI: it has no wheel on PyPI)."""
+    pytest.importorskip("detectron2.modeling")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    from contrastlab.engine.checkpoint import backbone_state, load_checkpoint
+
+    export_backbone(backbone_state(load_checkpoint(resnet18_checkpoint)), "resnet18", "detectron2", tmp_path / "r18.pkl")
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"  # frozen running statistics, like our backbone in eval mode
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    theirs = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    DetectionCheckpointer(theirs).load(str(tmp_path / "r18.pkl"))
+    ours = _our_backbone(resnet18_checkpoint)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours.layer4(ours.layer3(ours.layer2(ours.layer1(ours.maxpool(ours.relu(ours.bn1(ours.conv1(x))))))))
+        torch.testing.assert_close(theirs(x)["res5"], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_detectron2_names_of_a_bottleneck_block() -> None:
     assert detectron2_name("layer4.2.bn3.weight") == "res5.2.conv3.norm.weight"
     assert detectron2_name("layer1.0.downsample.1.running_mean") == "res2.0.shortcut.norm.running_mean"
