@@ -73,9 +73,13 @@ class BatchInfoNCELoss(nn.Module):
         labels = torch.arange(n, device=q.device) + n * get_rank()
         positive = torch.zeros(n, keys.shape[0], dtype=torch.bool, device=q.device)
         positive[torch.arange(n, device=q.device), labels] = True
-        raw = self._logits(q @ keys.T)
         ft = self.feature_transform
-        if ft is not None and ft.active:
+        transformed = ft is not None and ft.active
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not transformed):  # FT: raw logits only reported
+            raw = self._logits(q @ keys.T)
+        detached = raw.detach()
+        raw_pos, raw_neg = detached[positive], detached[~positive].view(n, -1)
+        if transformed:
             q_ft, k_ft, mixed = ft(q, local_keys.to(q.dtype), keys)[:3]
             pos = (q_ft * k_ft).sum(dim=1, keepdim=True)
             neg = (q_ft @ mixed.T)[~positive].view(n, -1)
@@ -84,11 +88,10 @@ class BatchInfoNCELoss(nn.Module):
             pos_logits, neg_logits = logits.detach()[:, 0], logits.detach()[:, 1:]
         else:
             loss = F.cross_entropy(raw, labels)
-            pos_logits, neg_logits = raw.detach()[positive], raw.detach()[~positive].view(n, -1)
+            pos_logits, neg_logits = raw_pos, raw_neg
         if self.scale_by_temperature:
             loss = loss * (2.0 * self.temperature)
         info = {"pos_logits": pos_logits, "neg_logits": neg_logits}
         if ft is not None:
-            detached = raw.detach()
-            info["pos_logits_raw"], info["neg_logits_raw"] = detached[positive], detached[~positive].view(n, -1)
+            info["pos_logits_raw"], info["neg_logits_raw"] = raw_pos, raw_neg
         return loss, info
