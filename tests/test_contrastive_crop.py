@@ -46,14 +46,7 @@ from contrastlab.views.localiser import (
     localise,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on 2 shared cores: intra-op threads only contend, so run this module on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks on 2 shared cores: a second thread only contends
 
 
 # ----------------------------------------------------------------------------- independent references

@@ -24,15 +24,7 @@ from contrastlab.engine.preemption import EXIT_PREEMPTED
 from contrastlab.engine.trainer import NonFiniteLossError, train
 from contrastlab.errors import CheckpointError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bit-for-bit comparisons need the same float reduction order in the subprocesses (OMP_NUM_THREADS=1)
-    and in this process, whatever thread count other test modules set."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit comparisons with OMP_NUM_THREADS=1 subprocesses
 
 
 TINY = [
@@ -205,15 +197,11 @@ class _Killed(Exception):
     pass
 
 
-def test_mid_epoch_resume_continues_feature_transform_and_score_statistics(tmp_path, monkeypatch):
-    """FT's random stream and the epoch's recorded score statistics are part of a mid-epoch checkpoint."""
-    import numpy as np
-
+def _interrupt_then_resume(tmp_path: Path, monkeypatch, extra: list[str]) -> None:
+    """Train ``tmp_path/full`` uninterrupted; train ``tmp_path/part`` until its first mid-epoch checkpoint is
+    written (then it dies), and resume it with ``resume=auto``."""
     from contrastlab.engine import trainer as trainer_module
-    from contrastlab.observers.score_statistics import read_score_file
 
-    extra = ["method.name=moco", "method.queue_size=32", "method.feature_transform={}", "monitor.score_stats=true",
-             "train.checkpoint_every_steps=4"]
     train(_tiny(tmp_path / "full", *extra), quiet=True)
     save = trainer_module.atomic_save
 
@@ -227,6 +215,17 @@ def test_mid_epoch_resume_continues_feature_transform_and_score_statistics(tmp_p
         train(_tiny(tmp_path / "part", *extra), quiet=True)
     monkeypatch.setattr(trainer_module, "atomic_save", save)
     train(_tiny(tmp_path / "part", *extra, "resume=auto"), quiet=True)
+
+
+def test_mid_epoch_resume_continues_feature_transform_and_score_statistics(tmp_path, monkeypatch):
+    """FT's random stream and the epoch's recorded score statistics are part of a mid-epoch checkpoint."""
+    import numpy as np
+
+    from contrastlab.observers.score_statistics import read_score_file
+
+    extra = ["method.name=moco", "method.queue_size=32", "method.feature_transform={}", "monitor.score_stats=true",
+             "train.checkpoint_every_steps=4"]
+    _interrupt_then_resume(tmp_path, monkeypatch, extra)
     _assert_same_run(tmp_path / "full", tmp_path / "part")
     for epoch in (1, 2):
         name = f"epoch_{epoch:04d}.rank0.npz"
@@ -234,3 +233,16 @@ def test_mid_epoch_resume_continues_feature_transform_and_score_statistics(tmp_p
         b = read_score_file(tmp_path / "part" / "scores" / name)
         for key in ("steps", "summary", "hist_pos", "hist_neg"):
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_gpu_pipeline_resumes_mid_epoch_exactly_like_the_uninterrupted_run(tmp_path, monkeypatch):
+    """data.pipeline=gpu (here on CPU tensors): each batch's draws are seeded by its place in the epoch."""
+    _interrupt_then_resume(tmp_path, monkeypatch,
+                           ["data.pipeline=gpu", "views.photometric=simclr", "train.checkpoint_every_steps=4"])
+    _assert_same_run(tmp_path / "full", tmp_path / "part")
+
+
+def test_deferred_finite_check_stops_within_its_window(tmp_path, monkeypatch):
+    _with_nan_steps(monkeypatch, {3})
+    with pytest.raises(NonFiniteLossError, match="between step 1 and step 4"):
+        train(_tiny(tmp_path, "train.finite_check_every=4"), quiet=True)

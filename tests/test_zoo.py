@@ -104,13 +104,7 @@ UPSTREAM_SPLIT = {"resnet32": "layer1", "wrn_16_2": "block1", "shufflenetv2_05x"
                   "hcgnet_a1": "trans1", "resnet18": "layer2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread, and two threads stall badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: a second thread only contends
 
 
 def _numel(module: nn.Module) -> int:

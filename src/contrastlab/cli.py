@@ -120,6 +120,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from contrastlab.bench import run_benchmark, write_json
+
+    cfg = _load(args.recipe, args.overrides, smoke=False)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - {"model", "gpu", "cpu", "render", "cpu_render"})
+    if unknown:
+        raise SystemExit(f"--parts: unknown part(s) {unknown}; choose from model, gpu, cpu, render, cpu_render")
+    summary = run_benchmark(cfg, shape=args.shape, images=args.images, steps=args.steps, warmup=args.warmup,
+                            workers=args.workers, jpeg=args.jpeg, compile_step=args.compile, parts=parts)
+    if args.out:
+        write_json(summary, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _eval_config(args: argparse.Namespace):
     import yaml
 
@@ -301,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): export peer N (default 0)")
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="training throughput: model step alone, GPU pipeline, CPU torchvision pipeline")
+    p.add_argument("recipe", help="recipe name or YAML path (its model, method, views and batch size are used)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.symmetric=true train.precision=bf16")
+    p.add_argument("--shape", choices=["cifar", "imagenet"], default="cifar",
+                   help="synthetic source images: cifar 32x32, imagenet 256x320 (default cifar)")
+    p.add_argument("--images", type=int, default=0, help="synthetic dataset size (default max(4 batches, 1024))")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the CPU baseline (default 4)")
+    p.add_argument("--jpeg", action="store_true", help="GPU pipeline decodes JPEG bytes per batch (ImageFolder)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the method's forward")
+    p.add_argument("--parts", default="model,gpu,cpu,render,cpu_render",
+                   help="comma-separated subset of model,gpu,cpu,render,cpu_render (default all)")
+    p.add_argument("--out", help="write the figures as JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")

@@ -31,6 +31,7 @@ class DataConfig:
     subset: int = 0  #: train on an evenly spaced subset of this many training images (0 = all; smoke runs: 64)
     bad_images: str = "fail"  #: unreadable image files: fail (naming the file) | skip (counted, listed in <out>/bad_images.txt)
     workers: int = 4  #: DataLoader workers per rank
+    pipeline: str = "auto"  #: gpu (dataset held on the device, views rendered there in batches) | cpu (DataLoader workers) | auto (gpu when training on a GPU and the dataset fits)
     image_size: int | None = None  #: training crop size; None = the dataset's native size
 
 
@@ -127,8 +128,10 @@ class TrainConfig:
     keep_checkpoints: int = 0  #: keep only the newest K numbered checkpoints (0 = keep all)
     checkpoint_every_steps: int = 0  #: also write last.pt every N steps, mid-epoch (0 = at epoch ends only)
     nonfinite: str = "stop"  #: a non-finite loss or gradient: stop (with a message) | skip (the step, counted)
+    finite_check_every: int = 1  #: steps between host reads of the non-finite check; > 1 lets the GPU run ahead (a bad step then stops the run up to N - 1 steps late; nonfinite=stop only)
     max_skipped_steps: int = 100  #: nonfinite=skip: stop after this many skipped steps in the run
     log_every: int = 20  #: steps between progress lines
+    compile: str = "none"  #: none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step's forward; eager = Dynamo tracing only
     deterministic: bool = False  #: torch.use_deterministic_algorithms
 
 

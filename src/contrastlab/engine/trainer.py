@@ -48,6 +48,8 @@ from contrastlab.config.derived import Derived, derive
 from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
 from contrastlab.data.base import BAD_IMAGE_POLICIES
+from contrastlab.data.device_images import DeviceImages, fits_on_device
+from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader, file_paths
 from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import (
@@ -69,6 +71,7 @@ from contrastlab.observers.progress import Progress
 from contrastlab.observers.score_statistics import ScoreStatistics
 from contrastlab.observers.tensorboard import TensorBoardLog
 from contrastlab.views import eval_view_dataset, seed_worker
+from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.box_store import BoxStore
 from contrastlab.views.localiser import last_feature_map, localise
 
@@ -140,6 +143,16 @@ def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
 
 
 SAMPLERS = ("random", "m_per_class")
+PIPELINES = ("auto", "gpu", "cpu")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "eager")
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile`` of ``model`` for ``train.compile``: an inductor mode, or ``eager`` (Dynamo tracing only,
+    to check that a method compiles without paying for code generation)."""
+    if mode == "eager":
+        return torch.compile(model, backend="eager")
+    return torch.compile(model, mode=mode)
 
 
 def epoch_batches(targets, num_samples: int, cfg: Config, d: Derived, rank: int, epoch: int) -> list[list[int]]:
@@ -218,10 +231,6 @@ def _set_bad_images(dataset, cfg: Config, log: Path) -> None:
         dataset.set_bad_images(cfg.data.bad_images, log)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @dataclass
 class EpochProgress:
     """Where one rank stands inside the current epoch: saved in mid-epoch checkpoints."""
@@ -261,6 +270,7 @@ class Trainer:
         _set_bad_images(base_train, cfg, self.bad_image_log)
         self.targets = getattr(base_train, "targets", None)
         self.train_set = assemble.training_views(cfg, base_train)
+        self.device_views = self._device_pipeline(base_train)
         self.d = d = derive(cfg, self.world, len(self.train_set))
         num_classes = len(getattr(base_train, "classes", [])) or 1
 
@@ -273,6 +283,8 @@ class Trainer:
             if cfg.model.sync_bn:
                 method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
             self.model = wrap_ddp(method, self.device)
+        if cfg.train.compile != "none":  # the step's forward compiled; checkpoints keep reading self.method
+            self.model = compile_model(self.model, cfg.train.compile)
         self.method = method
         self.optimizer = build_optimizer(method.param_groups(), cfg.optim, d.lr)
         self.amp_dtype = PRECISIONS[cfg.train.precision]
@@ -286,6 +298,9 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.epoch, self.step = 0, 0
         self.progress_in_epoch = EpochProgress()
+        self._pending: list[tuple[torch.Tensor, dict[str, Any]]] = []  # step losses not yet read to the host
+        self._nonfinite_pending: torch.Tensor | None = None  # train.finite_check_every > 1
+        self._unchecked_since = 0
         self.resumed_mid_epoch = False
         self.skipped_total = 0
         if resume_path is not None:
@@ -330,11 +345,46 @@ class Trainer:
     def _check(cfg: Config) -> None:
         for key, value, valid in (("train.precision", cfg.train.precision, tuple(PRECISIONS)),
                                   ("data.sampler", cfg.data.sampler, SAMPLERS),
+                                  ("data.pipeline", cfg.data.pipeline, PIPELINES),
+                                  ("train.compile", cfg.train.compile, COMPILE_MODES),
                                   ("train.schedule_unit", cfg.train.schedule_unit, SCHEDULE_UNITS),
                                   ("train.nonfinite", cfg.train.nonfinite, NONFINITE_POLICIES),
                                   ("data.bad_images", cfg.data.bad_images, BAD_IMAGE_POLICIES)):
             if value not in valid:
                 raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+        if cfg.train.finite_check_every < 1:
+            raise ConfigError(f"train.finite_check_every must be >= 1, got {cfg.train.finite_check_every}")
+        if cfg.train.finite_check_every > 1 and cfg.train.nonfinite == "skip":
+            raise ConfigError("train.nonfinite=skip decides at every step whether to skip it; it needs "
+                              f"train.finite_check_every=1, got {cfg.train.finite_check_every}")
+
+    def _device_pipeline(self, base) -> DeviceViewLoader | FileViewLoader | None:
+        """``data.pipeline``: the dataset on the device with batched views, or None for CPU DataLoader workers."""
+        choice = self.cfg.data.pipeline
+        if choice == "cpu":
+            return None
+        if choice == "auto":
+            fits, why = fits_on_device(base, self.device)
+            if not fits:
+                self.log(f"data.pipeline=auto: views rendered in {self.cfg.data.workers} CPU workers ({why})")
+                return None
+        views = BatchViews.from_view_dataset(self.train_set)
+        if file_paths(base) is not None:  # image files: workers read bytes, each batch is decoded on the device
+            self.log(f"data.pipeline: {self.cfg.data.workers} workers read the image files, {self.device} decodes "
+                     "and renders each batch")
+            return FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, self.cfg.data.workers,
+                                  self.cfg.data.bad_images, self.bad_image_log)
+        t0 = time.perf_counter()
+        store = DeviceImages.from_dataset(base, self.device)
+        self.log(f"data.pipeline: {len(store)} images ({store.nbytes / 2**20:.0f} MiB) held on {self.device} in "
+                 f"{time.perf_counter() - t0:.1f} s; views rendered there in batches")
+        return DeviceViewLoader(store, views, self.cfg.seed, self.rank)
+
+    def _batches(self, batches: list[list[int]], epoch: int, start: int = 0):
+        """``(views, labels, index)`` of ``batches`` (batch number ``start`` of ``epoch`` first), from either pipeline."""
+        if self.device_views is not None:
+            return self.device_views(batches, epoch, start)
+        return _loader(self.train_set, batches, self.cfg, self.rank, epoch, self.device)
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -403,11 +453,15 @@ class Trainer:
                              milestones_steps=tuple(m * d.steps_per_epoch for m in cfg.optim.milestones),
                              gamma=cfg.optim.gamma)
 
-    def _gradients_finite(self) -> bool:
-        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps and lowers its scale itself
-            return True
+    def _gradients_finite_flag(self) -> torch.Tensor:
+        """A device bool: every gradient is finite (always true under fp16, whose scaler skips bad steps itself)."""
         grads = [p.grad for p in self.method.parameters() if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if self.scaler.is_enabled() or not grads:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+
+    def _gradients_finite(self) -> bool:
+        return bool(self._gradients_finite_flag())
 
     def _train_step(self, views, labels, index, lr: float, where: str) -> StepOutput | None:
         """Forward, backward and optimiser step on one batch; ``None`` when the step was skipped."""
@@ -419,6 +473,17 @@ class Trainer:
             result = self.model(views, labels, index)
         loss = result.loss
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.train.finite_check_every > 1:  # no host read: the flag is checked every N steps
+            self.scaler.scale(loss).backward()
+            if cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
+            flag = ~torch.isfinite(loss.detach()) | ~self._gradients_finite_flag()
+            pending = self._nonfinite_pending
+            self._nonfinite_pending = flag if pending is None else pending | flag
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return result
         loss_ok = bool(torch.isfinite(loss.detach()))
         if loss_ok:
             self.scaler.scale(loss).backward()
@@ -480,7 +545,7 @@ class Trainer:
         while done < steps:
             seed_everything(epoch_seed(self.cfg.seed, self.rank, passes))
             batches = epoch_batches(self.targets, len(self.train_set), self.cfg, self.d, self.rank, passes)
-            for views, labels, index in _loader(self.train_set, batches, self.cfg, self.rank, passes, self.device):
+            for views, labels, index in self._batches(batches, passes):
                 if done >= steps:
                     break
                 result = self._train_step(views, labels, index, self.d.lr, f"warm-start step {done}")
@@ -503,7 +568,7 @@ class Trainer:
         self.model.train()
         self.progress.reset_clock(self.step)
         t0 = time.perf_counter()
-        for views, labels, index in _loader(self.train_set, batches, cfg, self.rank, self.epoch, self.device):
+        for views, labels, index in self._batches(batches, self.epoch, progress.batch):
             if self.step >= d.total_steps:
                 break
             lr = self._learning_rate()
@@ -518,15 +583,17 @@ class Trainer:
                                                               schedule=cfg.train.ema_schedule))
                 if self.scores is not None:
                     self.scores.update(result.outputs, self.method.logit_temperature, self.step)
-                loss_value = result.loss.item()
-                progress.loss_sum += loss_value
-                progress.loss_count += 1
-                for key, value in result.parts.items():
-                    progress.part_sums[key] = progress.part_sums.get(key, 0.0) + float(value)
-                self.progress.update(self.step, self.epoch + 1, loss_value, lr)
-                if self.main and self.step % cfg.train.log_every == 0:
-                    self.tb.scalars({"loss": loss_value, "lr": lr}, self.step, "train/")
+                self._pending.append((result.loss.detach(), dict(result.parts)))
+                if self.step % cfg.train.log_every == 0 or self.step >= d.total_steps:
+                    loss_value = self._flush_step_sums()
+                    self.progress.update(self.step, self.epoch + 1, loss_value, lr)
+                    if self.main and self.step % cfg.train.log_every == 0:
+                        self.tb.scalars({"loss": loss_value, "lr": lr}, self.step, "train/")
+            every = cfg.train.finite_check_every
+            if every > 1 and (self.step % every == 0 or self.step >= d.total_steps):
+                self._check_deferred_finite()
             if dist.any_rank(signals.requested, self.device):
+                self._flush_step_sums()
                 self._save(numbered=False)
                 raise PreemptedError(
                     f"stopped by {signals.signal_name or 'a signal on another rank'} at step {self.step} "
@@ -534,8 +601,49 @@ class Trainer:
                     "written. Run the same command with resume=auto to continue exactly from here.")
             every = cfg.train.checkpoint_every_steps
             if every > 0 and self.step % every == 0 and progress.batch < len(all_batches) and self.step < d.total_steps:
+                self._flush_step_sums()
                 self._save(numbered=False)  # mid-epoch; the epoch's end writes its own checkpoint
+        self._flush_step_sums()
+        self._check_deferred_finite()
         return time.perf_counter() - t0
+
+    def _flush_step_sums(self) -> float:
+        """Add the losses and loss parts kept on the device since the last flush to the epoch sums (one host read).
+
+        Returns the newest step's loss (nan if none is pending). The sums are added step by step in float64, so
+        they do not depend on when flushes happen (a resumed run sums exactly as the uninterrupted one).
+        """
+        if not self._pending:
+            return math.nan
+        progress = self.progress_in_epoch
+        rows = [torch.stack([loss.double().reshape(()), *(torch.as_tensor(v, dtype=torch.float64, device=loss.device)
+                                                         .reshape(()) for v in parts.values())])
+                for loss, parts in self._pending]
+        flat = torch.cat(rows).tolist()  # the one host read
+        offset = 0
+        for row, (_, parts) in zip(rows, self._pending):
+            values = flat[offset:offset + row.numel()]
+            offset += row.numel()
+            progress.loss_sum += values[0]
+            progress.loss_count += 1
+            for key, value in zip(parts, values[1:]):
+                progress.part_sums[key] = progress.part_sums.get(key, 0.0) + value
+        self._pending.clear()
+        return values[0]
+
+    def _check_deferred_finite(self) -> None:
+        """``train.finite_check_every > 1``: stop if a step since the last check had a non-finite loss or gradient."""
+        if self._nonfinite_pending is None:
+            return
+        bad = dist.any_rank(bool(self._nonfinite_pending.item()), self.device)
+        first = self._unchecked_since + 1
+        self._nonfinite_pending, self._unchecked_since = None, self.step
+        if bad:
+            raise NonFiniteLossError(
+                f"a loss or gradient became non-finite between step {first} and step {self.step} (checked every "
+                f"{self.cfg.train.finite_check_every} steps, train.finite_check_every); the weights are no longer "
+                "usable, the last checkpoint is. Lower optim.lr, use train.precision=fp32, set optim.clip_grad, or "
+                "train.finite_check_every=1 with train.nonfinite=skip to skip such steps.")
 
     def _end_epoch(self, elapsed: float) -> None:
         cfg, mon, progress = self.cfg, self.cfg.monitor, self.progress_in_epoch
@@ -557,14 +665,14 @@ class Trainer:
         collapsed = False
         if self.knn is not None and (last_epoch or (mon.knn_every > 0 and self.epoch % mon.knn_every == 0)
                                      or self.epoch <= mon.knn_every_epoch_until):
-            self.knn_top1 = self.knn.evaluate(_unwrap(self.model).backbone)
+            self.knn_top1 = self.knn.evaluate(self.method.backbone)
             record["knn_top1"] = self.knn_top1
             self.log(f"epoch {self.epoch}: kNN top-1 {self.knn_top1:.2f}% ({self.knn.label()})")
             collapsed = (mon.collapse_threshold > 0 and self.epoch >= mon.collapse_after_epoch
                          and self.knn_top1 <= mon.collapse_threshold)
         if self.classifier_monitor is not None and (
                 last_epoch or (mon.classify_every > 0 and self.epoch % mon.classify_every == 0)):
-            record["test_top1"] = self.classifier_monitor.evaluate(_unwrap(self.model))
+            record["test_top1"] = self.classifier_monitor.evaluate(self.method)
             self.log(f"epoch {self.epoch}: test top-1 "
                      + ", ".join(f"{k} {v:.2f}%" for k, v in record["test_top1"].items()))
         if self.scores is not None:
@@ -572,6 +680,9 @@ class Trainer:
         if self._localise_now():
             record["box_mean_area"] = self._localise()
         self.progress_in_epoch = EpochProgress()
+        self._pending: list[tuple[torch.Tensor, dict[str, Any]]] = []  # step losses not yet read to the host
+        self._nonfinite_pending: torch.Tensor | None = None  # train.finite_check_every > 1
+        self._unchecked_since = 0
         dist.barrier()
         if self.main:
             self.metrics.write(record)
@@ -599,7 +710,7 @@ class Trainer:
         v = self.cfg.views
         mean, std = assemble.normalization(self.cfg)
         images = eval_view_dataset(self.base_train, assemble.image_size(self.cfg), mean, std, crop_fraction=None)
-        boxes = localise(last_feature_map(_unwrap(self.model).backbone), images, v.box_threshold, self.device,
+        boxes = localise(last_feature_map(self.method.backbone), images, v.box_threshold, self.device,
                          kind=v.heatmap, num_samples=len(self.base_train),
                          batch_size=max(64, self.d.per_rank_batch_size), num_workers=self.cfg.data.workers)
         self.box_store.fill(boxes)
@@ -618,7 +729,7 @@ class Trainer:
                 results["final_loss"] = history[-1]["loss"]
             if self.knn is not None:
                 if self.knn_top1 is None:
-                    self.knn_top1 = self.knn.evaluate(_unwrap(self.model).backbone)
+                    self.knn_top1 = self.knn.evaluate(self.method.backbone)
                 results["knn_top1"] = self.knn_top1
                 results.update(self.knn.describe())
             if self.classifier_monitor is not None and history and "test_top1" in history[-1]:

@@ -86,10 +86,7 @@ class FeatureQueue(nn.Module):
                 f"queue size {self.size} is not a multiple of the {count} keys written per step "
                 f"(global batch); choose a queue size divisible by {count}"
             )
-        start = int(self.ptr)
-        if start + count <= self.size:
-            self.queue[start : start + count] = keys.to(self.queue.dtype)
-        else:  # only when the number of keys per step changed since the last write
-            rows = torch.arange(start, start + count, device=self.queue.device) % self.size
-            self.queue[rows] = keys.to(self.queue.dtype)
-        self.ptr.fill_((start + count) % self.size)
+        # Rows ptr .. ptr + count - 1 (mod size), computed on the device: no read of the pointer to the host.
+        rows = (self.ptr + torch.arange(count, device=self.queue.device)) % self.size
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.ptr.copy_((self.ptr + count) % self.size)

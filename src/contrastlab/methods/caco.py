@@ -156,6 +156,7 @@ class CaCo(Method):
         self.key_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
         self.memory = LearnableMemory(proj_out_dim, memory_size, momentum=memory_momentum)
         self.register_buffer("memory_written", torch.tensor(0 if warm_start else memory_size, dtype=torch.long))
+        self._memory_full = not warm_start  # host copy of "memory_written == K": no device read once it holds
         self.temperature = temperature
         self.memory_temperature = memory_temperature
         self.memory_lr_base = memory_lr
@@ -189,8 +190,14 @@ class CaCo(Method):
 
     @property
     def warming_up(self) -> bool:
-        """Whether the memory is still being filled by the warm start."""
-        return int(self.memory_written) < self.memory.size
+        """Whether the memory is still being filled by the warm start (read from the device until it is full)."""
+        if not self._memory_full:
+            self._memory_full = int(self.memory_written) >= self.memory.size
+        return not self._memory_full
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._memory_full = False  # the loaded memory_written decides again
 
     def warm_start_steps(self, global_batch: int) -> int:
         return math.ceil((self.memory.size - int(self.memory_written)) / global_batch) if self.warming_up else 0
