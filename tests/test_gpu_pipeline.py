@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg, encode_jpeg
 
+from contrastlab import assemble
 from contrastlab.config.load import load_config
 from contrastlab.data import build_dataset
 from contrastlab.data.device_images import DeviceImages, fits_on_device, load_images
@@ -171,6 +172,7 @@ def test_demo_trains_through_the_gpu_pipeline_with_a_compiled_step(tmp_path) -> 
                                "train.finite_check_every=2"])
     results = train(cfg, quiet=True)
     assert results["steps"] == 4 and math.isfinite(results["knn_top1"])
+    assert json.loads((tmp_path / "run.json").read_text())["input_pipeline"] == "gpu-resident"
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["loss"]) and record["loss"] > 0
 
@@ -233,6 +235,7 @@ def test_trainer_runs_an_image_folder_through_the_gpu_pipeline(tmp_path) -> None
                                "method.proj_hidden_dim=16", "method.proj_out_dim=8"])
     results = train(cfg, quiet=True)
     assert results["steps"] == 2 and math.isfinite(results["final_loss"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["input_pipeline"] == "gpu-files"
 
 
 SHORT_DEMO = ["data.subset=2000", "train.epochs=4", "monitor.knn_every=0", "monitor.plots=false",
@@ -259,3 +262,31 @@ def test_demo_trains_alike_through_either_pipeline(tmp_path) -> None:
     assert abs(knn["gpu"] - knn["cpu"]) <= 6.0, knn
     assert abs(loss["gpu"] - loss["cpu"]) <= 0.15, loss
     assert max(loss.values()) < 5.45 and min(knn.values()) > 50.0, (loss, knn)  # both trained
+
+
+def test_every_recipe_renders_its_views_through_the_gpu_path(demo_test) -> None:
+    """Each recipe's planner, sizes, recipes and JointBlur as BatchViews (at its smoke resolution): shapes as the
+    CPU dataset of views, finite values, and the same normalisation range."""
+    from contrastlab.cli import _load
+    from contrastlab.config.load import recipe_names
+    from contrastlab.data.subsets import IndexedSubset
+
+    base = IndexedSubset(demo_test, list(range(16)))
+    store = DeviceImages.from_dataset(base, torch.device("cpu"))
+    seen = set()
+    for recipe in (r for r in recipe_names() if not r.startswith("linear/")):
+        cfg = _load(recipe, ["out=unused"], smoke=True)
+        cpu_views = assemble.training_views(cfg, base)
+        key = (repr(cpu_views.planner), tuple(cpu_views.sizes), tuple(map(repr, cpu_views.photometrics)),
+               repr(cpu_views.joint_blur))
+        if key in seen:
+            continue
+        seen.add(key)
+        views = BatchViews.from_view_dataset(cpu_views)(store.images, torch.arange(16), torch.Generator().manual_seed(0))
+        expected = [tuple(v.shape) for v in cpu_views[0][0]]
+        assert [tuple(v.shape[1:]) for v in views] == expected, recipe
+        assert all(torch.isfinite(v).all() for v in views), recipe
+        mean, std = assemble.normalization(cfg)
+        low, high = (0 - max(mean)) / min(std), (1 - min(mean)) / min(std)
+        assert all(v.min() >= low - 1e-4 and v.max() <= high + 1e-4 for v in views), recipe
+    assert len(seen) > 10

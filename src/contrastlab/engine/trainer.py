@@ -3,7 +3,7 @@
 Run directory layout::
 
     <out>/config.yaml        the resolved config (re-runnable: ``contrastlab train <out>/config.yaml``)
-    <out>/run.json           derived values (scaled lr, steps), world size, device, versions
+    <out>/run.json           derived values (scaled lr, steps), world size, device, input pipeline, versions
     <out>/metrics.jsonl      one JSON object per epoch
     <out>/tensorboard/       TensorBoard events
     <out>/checkpoints/       last.pt (every epoch, and every ``train.checkpoint_every_steps`` steps),
@@ -380,6 +380,12 @@ class Trainer:
                  f"{time.perf_counter() - t0:.1f} s; views rendered there in batches")
         return DeviceViewLoader(store, views, self.cfg.seed, self.rank)
 
+    def _pipeline_name(self) -> str:
+        """What feeds the steps, for run.json: ``gpu-resident``, ``gpu-files`` or ``cpu-workers``."""
+        if isinstance(self.device_views, DeviceViewLoader):
+            return "gpu-resident"
+        return "gpu-files" if isinstance(self.device_views, FileViewLoader) else "cpu-workers"
+
     def _batches(self, batches: list[list[int]], epoch: int, start: int = 0):
         """``(views, labels, index)`` of ``batches`` (batch number ``start`` of ``epoch`` first), from either pipeline."""
         if self.device_views is not None:
@@ -431,6 +437,7 @@ class Trainer:
             "recipe": self.recipe, "derived": self.d.as_dict(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "contrastlab": __version__, "python": platform.python_version(),
+            "input_pipeline": self._pipeline_name(),
         }, indent=2))
         if resume_path is None:
             self.metrics.path.unlink(missing_ok=True)

@@ -20,7 +20,8 @@ of the grayscale image, or the grayscale image; hue shifts the H of HSV; graysca
 0.114 B``; Gaussian blur uses torchvision's kernel and reflect padding, as a per-sample matrix ``G [B, S, S]``
 applied as ``G x G^T``; solarisation inverts pixels ``>= t / 255``. Colour jitter applies its four ops in a random
 order per sample: at each of the four stages every sample runs the op its permutation names there (the other
-ops at that stage are identities), which is torchvision's ``ColorJitter`` with ``fn_idx = randperm(4)``.
+ops at that stage are identities), which is torchvision's ``ColorJitter`` with ``fn_idx = randperm(4)``; the hue
+op is computed once per batch, between each sample's earlier and later blends.
 
 The random draws (:func:`draw_photometric`) follow the laws of :class:`~contrastlab.views.photometric.
 PhotometricRecipe` (coins with the stage probabilities, factors uniform in ColorJitter's ranges, a uniform
@@ -286,25 +287,39 @@ def draw_photometric(recipe: PhotometricRecipe, batch: int, generator: torch.Gen
                            sigma=sigma, solarize=coins[:, 3], flip=coins[:, 4])
 
 
+def _blend_stage(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One jitter stage of the three blend ops: sample ``b`` runs op ``op[b]`` (0 brightness, 1 contrast,
+    2 saturation) where ``active[b]``; elsewhere (and for op 3, hue) the blend factor is 1, the identity."""
+    run = active & (op < 3)
+    factor = torch.where(run, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], torch.ones_like(factors[:, 0]))
+    gray = grayscale(x)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    zero = torch.zeros((), device=x.device)
+    partner = torch.where(_per_sample(op == 0), zero, torch.where(_per_sample(op == 1), mean, gray))
+    return blend(x, partner, factor)
+
+
 def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, with_hue: bool = True) -> torch.Tensor:
     """torchvision's ``ColorJitter`` with per-sample op order and factors (identity factors: no change).
 
-    At stage ``k`` sample ``b`` runs op ``order[b, k]``: brightness, contrast and saturation are one blend whose
-    partner (black, the grayscale mean, the grayscale image) and factor are chosen per sample; the hue op runs
-    where the stage is a hue stage with a non-zero shift. ``with_hue=False`` skips the hue computation (no hue
-    jitter in the recipe).
+    Brightness, contrast and saturation are one blend per stage whose partner (black, the grayscale mean, the
+    grayscale image) and factor are chosen per sample. The hue op, the costly one, runs once for the whole batch:
+    first every sample's blends *before* its hue stage, then the hue shift, then its blends *after* it, which is
+    the same sequence of ops per sample as running the four stages in order. ``with_hue=False`` (no hue jitter in
+    the recipe) runs the four blend stages only.
     """
-    zero = torch.zeros((), device=x.device)
-    for stage in range(4):
-        op = order[:, stage]
-        factor = torch.where(op < 3, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], torch.ones_like(factors[:, 0]))
-        gray = grayscale(x)
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-        partner = torch.where(_per_sample(op == 0), zero, torch.where(_per_sample(op == 1), mean, gray))
-        x = blend(x, partner, factor)
-        if with_hue:
-            shift = torch.where(op == 3, factors[:, 3], torch.zeros_like(factors[:, 3]))
-            x = torch.where(_per_sample(shift != 0), adjust_hue(x, shift), x)
+    all_stages = torch.ones_like(order[:, 0], dtype=torch.bool)
+    if not with_hue:
+        for stage in range(4):
+            x = _blend_stage(x, order[:, stage], factors, all_stages)
+        return x
+    hue_stage = (order == 3).int().argmax(dim=1)
+    for stage in range(3):  # blends before the hue stage (which is at most stage 3)
+        x = _blend_stage(x, order[:, stage], factors, stage < hue_stage)
+    shift = factors[:, 3]
+    x = torch.where(_per_sample(shift != 0), adjust_hue(x, shift), x)
+    for stage in range(1, 4):  # blends after it
+        x = _blend_stage(x, order[:, stage], factors, stage > hue_stage)
     return x
 
 
