@@ -290,3 +290,28 @@ def test_every_recipe_renders_its_views_through_the_gpu_path(demo_test) -> None:
         low, high = (0 - max(mean)) / min(std), (1 - min(mean)) / min(std)
         assert all(v.min() >= low - 1e-4 and v.max() <= high + 1e-4 for v in views), recipe
     assert len(seen) > 10
+
+
+def test_auto_falls_back_to_cpu_workers_when_the_gpu_path_fails(tmp_path, monkeypatch, capsys) -> None:
+    """auto on a (pretended) GPU: a renderer that raises in the trial batch leaves the run on CPU workers."""
+    from contrastlab.engine import trainer as trainer_module
+    from contrastlab.views import batch_views
+
+    monkeypatch.setattr(trainer_module, "fits_on_device", lambda base, device: (True, "pretend"))
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(batch_views.BatchViews, "__call__", broken)
+    trainer_module.train(load_config("demo", _tiny_run(tmp_path)))
+    assert "failed a trial batch (RuntimeError: no kernel image is available)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run.json").read_text())["input_pipeline"] == "cpu-workers"
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        trainer_module.train(load_config("demo", [*_tiny_run(tmp_path / "gpu"), "data.pipeline=gpu"]))
+
+
+def _tiny_run(out) -> list[str]:
+    return [f"out={out}", "data.subset=32", "data.batch_size=16", "data.image_size=16", "model.width=0.25",
+            "train.device=cpu", "train.epochs=1", "monitor.knn_every=0", "monitor.max_bank=16", "monitor.max_test=16",
+            "monitor.knn_k=3", "monitor.plots=false", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
+            "data.workers=0"]

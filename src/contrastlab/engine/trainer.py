@@ -376,9 +376,18 @@ class Trainer:
                                   self.cfg.data.bad_images, self.bad_image_log)
         t0 = time.perf_counter()
         store = DeviceImages.from_dataset(base, self.device)
+        loader = DeviceViewLoader(store, views, self.cfg.seed, self.rank)
+        if choice == "auto":  # a trial batch first: auto falls back to the CPU workers rather than fail a run
+            try:
+                next(iter(loader([list(range(min(len(store), 8)))], epoch=-1)))
+            except Exception as exc:  # noqa: BLE001 - any failure of the GPU path means: use the CPU path
+                self.log(f"data.pipeline=auto: the GPU pipeline failed a trial batch ({type(exc).__name__}: {exc}); "
+                         f"views rendered in {self.cfg.data.workers} CPU workers instead. Set data.pipeline=gpu to "
+                         "see the full error.")
+                return None
         self.log(f"data.pipeline: {len(store)} images ({store.nbytes / 2**20:.0f} MiB) held on {self.device} in "
                  f"{time.perf_counter() - t0:.1f} s; views rendered there in batches")
-        return DeviceViewLoader(store, views, self.cfg.seed, self.rank)
+        return loader
 
     def _pipeline_name(self) -> str:
         """What feeds the steps, for run.json: ``gpu-resident``, ``gpu-files`` or ``cpu-workers``."""
