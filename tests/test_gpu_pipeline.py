@@ -315,3 +315,47 @@ def _tiny_run(out) -> list[str]:
             "train.device=cpu", "train.epochs=1", "monitor.knn_every=0", "monitor.max_bank=16", "monitor.max_test=16",
             "monitor.knn_k=3", "monitor.plots=false", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
             "data.workers=0"]
+
+
+@pytest.mark.parametrize("recipe", ["cifar10/mocov2_r18_500ep", "cifar10/caco_r18_500ep", "imagenet/mocov3_r50_100ep",
+                                    "cifar100/mcl_x2_r32_300ep"])
+def test_training_steps_never_wait_for_the_device(recipe, tmp_path, monkeypatch) -> None:
+    """With train.finite_check_every > 1 a training step (forward, backward, optimiser, EMA, queue or memory
+    update) makes no call that reads a device value to the host from any contrastlab module (the warm start of
+    CaCo's memory may; it is excluded)."""
+    from pathlib import Path
+
+    from sync_guard import forbid_host_sync
+
+    import contrastlab
+    from contrastlab.cli import _load
+    from contrastlab.engine import trainer as trainer_module
+
+    files = [str(p) for p in Path(contrastlab.__file__).parent.rglob("*.py")]
+    step, after = trainer_module.Trainer._train_step, None
+    guarded_steps = []
+
+    def guarded_step(self, views, labels, index, lr, where):
+        nonlocal after
+        if where.startswith("warm-start"):
+            return step(self, views, labels, index, lr, where)
+        if after is None:  # the EMA / memory step after the optimiser, guarded too
+            after = self.method.after_optimizer_step
+
+            def guarded_after(momentum):
+                with monkeypatch.context() as m:
+                    forbid_host_sync(m, *files)
+                    return after(momentum)
+
+            self.method.after_optimizer_step = guarded_after
+        with monkeypatch.context() as m:
+            forbid_host_sync(m, *files)
+            result = step(self, views, labels, index, lr, where)
+        guarded_steps.append(where)
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", guarded_step)
+    cfg = _load(recipe, [f"out={tmp_path}", "train.finite_check_every=2", "data.pipeline=gpu",
+                         "monitor.plots=false"], smoke=True)
+    trainer_module.train(cfg, quiet=True)
+    assert len(guarded_steps) == 2

@@ -139,3 +139,17 @@ def test_byol_loss_is_two_minus_two_cos() -> None:
     mse = sum(((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum().item() for i in range(4)) / 4
     assert BYOLLoss()(p, z).item() == pytest.approx(mse, rel=1e-6)
     assert BYOLLoss()(p, -p).item() == pytest.approx(4.0, abs=1e-6)
+
+
+def test_split_positive_equals_boolean_mask_indexing_and_passes_gradients() -> None:
+    from contrastlab.objectives.batch_info_nce import split_positive
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 11, generator=g, requires_grad=True)
+    positive = torch.randint(0, 11, (7,), generator=g)
+    mask = torch.zeros(7, 11, dtype=torch.bool)
+    mask[torch.arange(7), positive] = True
+    pos, neg = split_positive(logits, positive)
+    assert torch.equal(pos, logits[mask]) and torch.equal(neg, logits[~mask].view(7, 10))
+    (pos.sum() + 2 * neg.sum()).backward()
+    assert torch.equal(logits.grad, torch.where(mask, 1.0, 2.0))

@@ -59,6 +59,7 @@ from contrastlab.memory.learnable import LearnableMemory, memory_gradient
 from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.ema import copy_params_, ema_update_, momentum_copy
 from contrastlab.models.heads import build_mlp
+from contrastlab.objectives.batch_info_nce import split_positive
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 
 __all__ = ["CaCo", "memory_learning_rate"]
@@ -257,9 +258,7 @@ class CaCo(Method):
             columns = memory.float().T  # [K, d]
             q, w, mixed = ft(query.float(), columns[positive], columns)[:3]
             pos = (q * w).sum(dim=1, keepdim=True)
-            keep = torch.ones(q.shape[0], columns.shape[0], dtype=torch.bool, device=q.device)
-            keep[torch.arange(q.shape[0], device=q.device), positive] = False
-            neg = (q @ mixed.T)[keep].view(q.shape[0], -1)
+            neg = split_positive(q @ mixed.T, positive)[1]
             return torch.cat([pos, neg], dim=1) / self.temperature
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
@@ -307,9 +306,9 @@ class CaCo(Method):
         pos_logits, neg_logits = [], []
         for i, j in pairs:
             logits = sims[i].detach() / self.temperature
-            pos_logits.append(logits.gather(1, positives[j][:, None]).squeeze(1))
-            keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, positives[j][:, None], False)
-            neg_logits.append(logits[keep].view(logits.shape[0], -1))
+            pos, neg = split_positive(logits, positives[j])
+            pos_logits.append(pos)
+            neg_logits.append(neg)
         scores = {"pos_logits": torch.cat(pos_logits), "neg_logits": torch.cat(neg_logits)}
         if self.feature_transform is not None:  # the logits the loss saw, and the raw ones
             scores = {"pos_logits_raw": scores["pos_logits"], "neg_logits_raw": scores["neg_logits"], **scores}

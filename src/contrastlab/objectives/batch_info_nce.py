@@ -30,6 +30,23 @@ from contrastlab.objectives.feature_transform import FeatureTransform
 __all__ = ["BatchInfoNCELoss"]
 
 
+def split_positive(logits: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``r``'s positive logit ``logits[r, positive[r]]`` ``[n]`` and its other columns in order ``[n, K - 1]``.
+
+    The same values as boolean-mask indexing, by gathers: static shapes, so the device is never asked how many
+    elements a mask selected (a host synchronisation on GPUs). Gradients flow through both.
+
+    Example:
+        >>> pos, neg = split_positive(torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]), torch.tensor([1, 0]))
+        >>> pos.tolist(), neg.tolist()
+        ([1.0, 3.0], [[0.0, 2.0], [4.0, 5.0]])
+    """
+    n, k = logits.shape
+    columns = torch.arange(k - 1, device=logits.device).expand(n, -1)
+    columns = columns + (columns >= positive[:, None]).long()
+    return logits.gather(1, positive[:, None]).squeeze(1), logits.gather(1, columns)
+
+
 class BatchInfoNCELoss(nn.Module):
     """``2 * tau * CE(q k_all^T / tau, r * N + arange(N))`` with ``q, k`` L2-normalised.
 
@@ -71,18 +88,16 @@ class BatchInfoNCELoss(nn.Module):
         keys = gather_no_grad(local_keys).to(q.dtype)
         n = q.shape[0]
         labels = torch.arange(n, device=q.device) + n * get_rank()
-        positive = torch.zeros(n, keys.shape[0], dtype=torch.bool, device=q.device)
-        positive[torch.arange(n, device=q.device), labels] = True
         ft = self.feature_transform
         transformed = ft is not None and ft.active
         with torch.set_grad_enabled(torch.is_grad_enabled() and not transformed):  # FT: raw logits only reported
             raw = self._logits(q @ keys.T)
         detached = raw.detach()
-        raw_pos, raw_neg = detached[positive], detached[~positive].view(n, -1)
+        raw_pos, raw_neg = split_positive(detached, labels)
         if transformed:
             q_ft, k_ft, mixed = ft(q, local_keys.to(q.dtype), keys)[:3]
             pos = (q_ft * k_ft).sum(dim=1, keepdim=True)
-            neg = (q_ft @ mixed.T)[~positive].view(n, -1)
+            neg = split_positive(q_ft @ mixed.T, labels)[1]
             logits = self._logits(torch.cat([pos, neg], dim=1))
             loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=q.device))
             pos_logits, neg_logits = logits.detach()[:, 0], logits.detach()[:, 1:]
