@@ -359,3 +359,24 @@ def test_training_steps_never_wait_for_the_device(recipe, tmp_path, monkeypatch)
                          "monitor.plots=false"], smoke=True)
     trainer_module.train(cfg, quiet=True)
     assert len(guarded_steps) == 2
+
+
+def test_tiny_imagenet_files_are_decoded_once_onto_the_device(tmp_path, monkeypatch) -> None:
+    """A dataset of files with a declared size (Tiny-ImageNet, 64x64) is held on the device, decoded in chunks."""
+    from test_data import _write_tiny
+
+    from contrastlab.data import device_images
+    from contrastlab.data.device_images import image_shape
+
+    _write_tiny(tmp_path)
+    data = build_dataset("tiny_imagenet", tmp_path, "train")
+    assert image_shape(data) == (3, 64, 64)
+    monkeypatch.setattr(device_images, "DECODE_CHUNK", 4)  # several chunks
+    store = DeviceImages.from_dataset(data, torch.device("cpu"))
+    assert store.images.shape == (len(data), 3, 64, 64) and store.targets.tolist() == data.targets
+    for i in range(len(data)):  # the same decoder as the CPU path's PIL, within a grey level
+        expected = torch.from_numpy(np.array(data[i][0])).permute(2, 0, 1).int()
+        assert (store.images[i].int() - expected).abs().max() <= 1
+    Image.new("RGB", (32, 64)).save(data.paths[3], "JPEG")
+    with pytest.raises(DatasetError, match=rf"{data.paths[3].name} is 32x64, not the 64x64"):
+        DeviceImages.from_dataset(data, torch.device("cpu"))

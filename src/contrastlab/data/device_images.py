@@ -6,7 +6,9 @@ an index gather on the device, then the batched renderer (:mod:`contrastlab.view
 
 Datasets that already keep their images in one array (:class:`~contrastlab.data.base.ArrayDataset`: CIFAR,
 Fashion-MNIST, the demo, STL-10) are copied without decoding; Fashion-MNIST's three identical channels are kept
-as one. Others (Tiny-ImageNet and ImageFolder trees) are decoded once; their images must all have one size.
+as one. Image files of a dataset that declares one size for all of them (``uniform_size``: Tiny-ImageNet's
+64x64) are decoded once, in batches, on the device. Other datasets are decoded image by image, and their images
+must all have one size.
 
 Example:
     >>> from contrastlab.data import build_dataset
@@ -17,14 +19,20 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torchvision.io import read_file
 
-from contrastlab.data.base import ArrayDataset
+from contrastlab.data.base import ArrayDataset, FileDataset
+from contrastlab.data.jpeg import decode_images
 from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
+
+DECODE_CHUNK = 1024
+"""Files decoded per batch when a dataset of files is loaded onto the device."""
 
 DEVICE_MEMORY_FRACTION = 0.5
 """``data.pipeline=auto`` keeps a dataset on the GPU only if it takes at most this share of the free memory."""
@@ -44,22 +52,69 @@ def _array_view(dataset: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
     return None
 
 
+def file_paths(dataset: Any) -> list[Path] | None:
+    """The image file of every sample of ``dataset`` (a FileDataset or a subset of one), or None."""
+    if isinstance(dataset, IndexedSubset):
+        inner = file_paths(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    return list(dataset.paths) if isinstance(dataset, FileDataset) else None
+
+
+def declared_size(dataset: Any) -> tuple[int, int] | None:
+    """``(H, W)`` that every image of ``dataset`` has by its definition (``uniform_size``), or None."""
+    inner = dataset.dataset if isinstance(dataset, IndexedSubset) else dataset
+    size = getattr(inner, "uniform_size", None)
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
 def image_shape(dataset: Any) -> tuple[int, int, int] | None:
-    """``(C, H, W)`` the store would hold without decoding anything, or None if only decoding can tell."""
+    """``(C, H, W)`` the store would hold, known without decoding anything, or None if only decoding can tell."""
     view = _array_view(dataset)
     if view is None:
-        return None
+        size = declared_size(dataset)
+        return None if size is None else (3, *size)
     array = view[0]
     channels = 1 if array.shape[-1] == 3 and array.strides[-1] == 0 else array.shape[-1]
     return channels, array.shape[1], array.shape[2]
 
 
-def load_images(dataset: Any) -> torch.Tensor:
-    """Every image of ``dataset`` as one uint8 tensor ``[N, C, H, W]`` on the CPU (C = 1 for broadcast grayscale).
+def _decode_files(paths: list[Path], size: tuple[int, int], device: torch.device,
+                  chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """Decode image files declared to be ``size`` (H, W) in batches on ``device``, into ``[N, 3, H, W]`` uint8."""
+    out = torch.empty(len(paths), 3, *size, dtype=torch.uint8, device=device)
+    for start in range(0, len(paths), chunk):
+        group = paths[start:start + chunk]
+        blobs = []
+        for path in group:
+            try:
+                blobs.append(read_file(str(path)))
+            except (OSError, RuntimeError) as exc:
+                raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        try:
+            images = decode_images(blobs, device)
+        except RuntimeError as exc:
+            raise DatasetError(f"cannot decode an image among {group[0]} .. {group[-1]}: {exc}; use "
+                               "data.pipeline=cpu with data.bad_images=skip to skip unreadable images") from exc
+        for k, image in enumerate(images):
+            if tuple(image.shape[-2:]) != size:
+                raise DatasetError(f"image {group[k]} is {image.shape[-1]}x{image.shape[-2]}, not the "
+                                   f"{size[1]}x{size[0]} this dataset declares; use data.pipeline=cpu")
+            out[start + k] = image
+    return out
+
+
+def load_images(dataset: Any, device: torch.device | None = None) -> torch.Tensor:
+    """Every image of ``dataset`` as one uint8 tensor ``[N, C, H, W]`` (C = 1 for broadcast grayscale).
+
+    Files of a dataset with a declared ``uniform_size`` are decoded in batches on ``device`` (the result lives
+    there); everything else is assembled on the CPU.
 
     Raises:
-        DatasetError: The images do not all have the same size (they cannot be stacked).
+        DatasetError: The images do not all have the same size (they cannot be stacked), or one cannot be read.
     """
+    paths, size = file_paths(dataset), declared_size(dataset)
+    if paths is not None and size is not None:
+        return _decode_files(paths, size, device or torch.device("cpu"))
     view = _array_view(dataset)
     if view is not None:
         array, rows = view
@@ -103,7 +158,7 @@ class DeviceImages:
     @classmethod
     def from_dataset(cls, dataset: Any, device: torch.device) -> DeviceImages:
         """Copy ``dataset`` (images and ``targets``) to ``device``."""
-        images = load_images(dataset)
+        images = load_images(dataset, device)
         targets = torch.as_tensor(list(getattr(dataset, "targets", [-1] * len(images))), dtype=torch.long)
         return cls(images.to(device), targets.to(device))
 
@@ -127,8 +182,8 @@ def fits_on_device(dataset: Any, device: torch.device,
         return False, f"the device is {device.type}, not a GPU"
     shape = image_shape(dataset)
     if shape is None:
-        return False, ("its images are files (data.pipeline=gpu reads them in workers and decodes each batch on the "
-                       "GPU)")
+        return False, ("its images are files of various sizes (data.pipeline=gpu reads them in workers and decodes "
+                       "each batch on the GPU)")
     need = len(dataset) * int(np.prod(shape))
     free, _ = torch.cuda.mem_get_info(device)
     if need > fraction * free:

@@ -34,10 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from contrastlab.data.base import FileDataset
-from contrastlab.data.device_images import DeviceImages
+from contrastlab.data.device_images import DeviceImages, file_paths
 from contrastlab.data.jpeg import decode_images, pad_to_canvas
-from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.seeding import sample_seed
@@ -84,14 +82,6 @@ class DeviceViewLoader:
             index = table[k]
             views = self.views(self.store.images[index], index, self.generator)
             yield views, self.store.targets[index], index
-
-
-def file_paths(dataset: Any) -> list[Path] | None:
-    """The image file of every sample of ``dataset`` (a FileDataset or a subset of one), or None."""
-    if isinstance(dataset, IndexedSubset):
-        inner = file_paths(dataset.dataset)
-        return None if inner is None else [inner[i] for i in dataset.indices]
-    return list(dataset.paths) if isinstance(dataset, FileDataset) else None
 
 
 class _FileBytes(Dataset):

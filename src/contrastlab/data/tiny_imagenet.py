@@ -118,6 +118,7 @@ class TinyImageNet(FileDataset):
     """
 
     name = "tiny_imagenet"
+    uniform_size = (64, 64)  #: every image is 64x64 (height, width): the GPU pipeline may hold the split on the device
 
     def __init__(self, root: PathLike | None, split: str = "train") -> None:
         """Index one split (images are decoded only when requested).

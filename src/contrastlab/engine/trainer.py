@@ -48,8 +48,8 @@ from contrastlab.config.derived import Derived, derive
 from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
 from contrastlab.data.base import BAD_IMAGE_POLICIES
-from contrastlab.data.device_images import DeviceImages, fits_on_device
-from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader, file_paths
+from contrastlab.data.device_images import DeviceImages, declared_size, file_paths, fits_on_device
+from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader
 from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import (
@@ -369,7 +369,7 @@ class Trainer:
                 self.log(f"data.pipeline=auto: views rendered in {self.cfg.data.workers} CPU workers ({why})")
                 return None
         views = BatchViews.from_view_dataset(self.train_set)
-        if file_paths(base) is not None:  # image files: workers read bytes, each batch is decoded on the device
+        if file_paths(base) is not None and declared_size(base) is None:  # files of various sizes: decoded per batch
             self.log(f"data.pipeline: {self.cfg.data.workers} workers read the image files, {self.device} decodes "
                      "and renders each batch")
             return FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, self.cfg.data.workers,
