@@ -246,3 +246,8 @@ def test_deferred_finite_check_stops_within_its_window(tmp_path, monkeypatch):
     _with_nan_steps(monkeypatch, {3})
     with pytest.raises(NonFiniteLossError, match="between step 1 and step 4"):
         train(_tiny(tmp_path, "train.finite_check_every=4"), quiet=True)
+
+
+def test_a_deterministic_run_leaves_the_process_setting_as_it_found_it(reference):
+    """The reference run used train.deterministic=true; afterwards the process is back to its own setting."""
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -779,5 +779,14 @@ class Trainer:
 
 
 def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` to the end (or ``train.max_steps``) and return the final results (:class:`Trainer`)."""
-    return Trainer(cfg, recipe, quiet=quiet).run()
+    """Train ``cfg`` to the end (or ``train.max_steps``) and return the final results (:class:`Trainer`).
+
+    The process-wide switch a run may set (``train.deterministic``) is restored when it returns or fails, so a
+    notebook or a test session that trains several runs does not inherit it.
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return Trainer(cfg, recipe, quiet=quiet).run()
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
