@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 
 import pytest
@@ -89,6 +91,12 @@ def test_checkpoint_atomic_and_errors(tmp_path):
     net = nn.Linear(3, 2)
     atomic_save({"format": FORMAT, "method": {f"backbone.{k}": v for k, v in net.state_dict().items()}, "epoch": 1}, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "last.pt.sha256"]  # no temp file left
+    # the checksum hashed while streaming is the file's own, and the file is what torch.save makes in memory
+    recorded = (tmp_path / "ck" / "last.pt.sha256").read_text().split()
+    assert recorded == [hashlib.sha256(path.read_bytes()).hexdigest(), "last.pt"]
+    buffer = io.BytesIO()
+    torch.save(torch.load(path, weights_only=False), buffer)
+    assert buffer.getvalue() == path.read_bytes()
     ck = load_checkpoint(path)
     other = nn.Linear(3, 2)
     load_backbone_weights(other, ck)

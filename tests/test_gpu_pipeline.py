@@ -171,7 +171,7 @@ def test_demo_trains_through_the_gpu_pipeline_with_a_compiled_step(tmp_path) -> 
                                "monitor.plots=false", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
                                "train.finite_check_every=2"])
     results = train(cfg, quiet=True)
-    assert results["steps"] == 4 and math.isfinite(results["knn_top1"])
+    assert results["steps"] == 4 and math.isfinite(results["knn_top1"]) and results["knn_views"] == "device"
     assert json.loads((tmp_path / "run.json").read_text())["input_pipeline"] == "gpu-resident"
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["loss"]) and record["loss"] > 0
@@ -380,3 +380,81 @@ def test_tiny_imagenet_files_are_decoded_once_onto_the_device(tmp_path, monkeypa
     Image.new("RGB", (32, 64)).save(data.paths[3], "JPEG")
     with pytest.raises(DatasetError, match=rf"{data.paths[3].name} is 32x64, not the 64x64"):
         DeviceImages.from_dataset(data, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("size, crop_fraction, tolerance", [(28, 1.0, 1e-5), (20, 0.875, 2e-2), (24, None, 2e-2)])
+def test_evaluation_views_rendered_on_the_device_match_the_cpu_views(demo_test, size, crop_fraction,
+                                                                     tolerance) -> None:
+    """Same rows, labels and indices as the CPU DataLoader through nested subsets; pixels equal where no resize
+    happens (28 px demo images at 28) and within the renderer's stated tolerance (docs/gpu_pipeline.md) otherwise."""
+    from torch.utils.data import DataLoader, Subset
+
+    from contrastlab.data.device_loader import DeviceEvalLoader
+    from contrastlab.views import eval_view_dataset
+
+    views = eval_view_dataset(demo_test, size, MEAN, STD, crop_fraction=crop_fraction)
+    nested = Subset(Subset(views, list(range(999, 0, -3))), [4, 0, 7, 100, 3, 55, 9])
+    cpu = list(DataLoader(nested, batch_size=3, shuffle=False))
+    gpu = DeviceEvalLoader(nested, torch.device("cpu"), batch_size=3)
+    assert len(gpu) == len(cpu) == 3
+    for (cpu_views, cpu_labels, cpu_index), (view, labels, index) in zip(cpu, gpu, strict=True):
+        assert torch.equal(index, cpu_index) and torch.equal(labels, cpu_labels)
+        assert index.tolist()[0] in {999 - 3 * 4, 999 - 3 * 100, 999 - 3 * 9}
+        assert view.shape == cpu_views[0].shape == (len(index), 3, size, size)
+        assert (view - cpu_views[0]).abs().max() * STD[0] <= tolerance  # on the 0..1 pixel scale
+    store = DeviceImages.from_dataset(demo_test, torch.device("cpu"))  # the training store: gathered, not copied
+    shared = DeviceEvalLoader(nested, torch.device("cpu"), batch_size=3, store=store)
+    for (a, _, _), (b, _, _) in zip(gpu, shared, strict=True):
+        assert torch.equal(a, b)
+    assert shared._store is store
+
+
+def test_monitors_on_the_device_agree_with_the_cpu_monitors(demo_test) -> None:
+    """kNN top-1 and classifier accuracy with views rendered (and neighbours voted) on the device equal the
+    CPU-worker monitors' numbers for the same backbone."""
+    from contrastlab.observers.classification_monitor import ClassificationMonitor
+    from contrastlab.observers.knn_monitor import KNNMonitor
+    from contrastlab.views import eval_view_dataset
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    bank = eval_view_dataset(demo_test, 28, MEAN, STD)
+    test = eval_view_dataset(IndexedSubset(demo_test, list(range(500, 1000))), 28, MEAN, STD)
+    knn = {flag: KNNMonitor(bank, test, 10, k=10, batch_size=128, max_bank=400, max_test=300, on_device=flag)
+           for flag in (False, True)}
+    first = knn[True].evaluate(backbone)
+    assert first == pytest.approx(knn[False].evaluate(backbone), abs=0.34)  # one vote of 300 at most
+    assert knn[True].evaluate(backbone) == first and knn[True].describe()["knn_views"] == "device"
+    assert knn[False].describe()["knn_bank_size"] == knn[True].describe()["knn_bank_size"] == 400
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.fc = backbone, torch.nn.Linear(8, 10)
+
+        def predict(self, x):
+            return {"peer0": self.fc(self.backbone(x)), "peer1": -self.fc(self.backbone(x))}
+
+    heads = Heads()
+    scores = {flag: ClassificationMonitor(test, batch_size=64, max_test=200, on_device=flag).evaluate(heads)
+              for flag in (False, True)}
+    assert scores[True] == pytest.approx(scores[False], abs=0.5)  # one image of 200 at most
+    assert set(scores[True]) == {"peer0", "peer1", "peer_mean", "peer_best"}
+
+
+def test_localiser_reads_the_training_store(demo_test) -> None:
+    """ContrastiveCrop boxes from views rendered on the device equal the boxes from the CPU views."""
+    from contrastlab.data.device_loader import DeviceEvalLoader
+    from contrastlab.views import eval_view_dataset
+    from contrastlab.views.localiser import localise
+
+    def fmap(x: torch.Tensor) -> torch.Tensor:  # the image as its own feature map: boxes around the garment
+        return torch.nn.functional.avg_pool2d(x, 4)
+
+    images = eval_view_dataset(demo_test, 28, MEAN, STD, crop_fraction=None)
+    store = DeviceImages.from_dataset(demo_test, torch.device("cpu"))
+    on_device = localise(fmap, DeviceEvalLoader(images, torch.device("cpu"), 128, store), 0.3,
+                         num_samples=len(images))
+    assert torch.allclose(on_device, localise(fmap, images, 0.3, batch_size=128), atol=1e-6)
+    assert (on_device[:, 2:] - on_device[:, :2]).prod(1).mean() < 0.99  # real boxes, not all whole images

@@ -64,6 +64,14 @@ def test_every_recipe_passes_smoke(recipe, tmp_path):
     assert ckpt["step"] == 2 and ckpt["recipe"] == recipe
 
 
+def test_smoke_keeps_the_users_overrides():
+    """--smoke shrinks the run, but key=value overrides still win (a smoke run on the GPU, a bigger image)."""
+    cfg = _load("cifar10/simclr_r18_500ep", ["monitor.plots=false", "train.device=cuda", "data.image_size=24"],
+                smoke=True)
+    assert (cfg.monitor.plots, cfg.train.device, cfg.data.image_size) == (False, "cuda", 24)
+    assert (cfg.data.name, cfg.train.max_steps, cfg.data.batch_size) == ("demo", 2, 8)
+
+
 def _tiny(tmp_path, *extra):
     return load_config("demo", [
         f"out={tmp_path}", "data.batch_size=16", "data.workers=0", "data.image_size=16", "train.device=cpu",

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset
+from contrastlab.data.device_images import DeviceImages
 from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
 from contrastlab.data.subsets import IndexedSubset, class_balanced_subset
 from contrastlab.errors import ConfigError
@@ -148,15 +149,17 @@ def evaluation_views(cfg: Config, base: Dataset) -> Dataset:
 
 
 def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: torch.device,
-                batch_size: int = 256) -> KNNMonitor:
-    """The kNN monitor of ``cfg.monitor`` over evaluation views of the bank and test datasets."""
+                batch_size: int = 256, on_device: bool = False, store: DeviceImages | None = None) -> KNNMonitor:
+    """The kNN monitor of ``cfg.monitor`` over evaluation views of the bank and test datasets (rendered on
+    ``device`` with ``on_device``; ``store``: ``bank_base`` already held there)."""
     m = cfg.monitor
     bank: Dataset = evaluation_views(cfg, bank_base)
     if m.bank_fraction < 1.0:
         bank = Subset(bank, class_balanced_subset(bank_base.targets, m.bank_fraction))
     return KNNMonitor(bank, evaluation_views(cfg, test_base), len(bank_base.classes),
                       k=m.knn_k, temperature=m.knn_temperature, batch_size=batch_size, workers=cfg.data.workers,
-                      max_bank=m.max_bank, max_test=m.max_test, bank_fraction=m.bank_fraction, device=device)
+                      max_bank=m.max_bank, max_test=m.max_test, bank_fraction=m.bank_fraction, device=device,
+                      on_device=on_device, store=store)
 
 
 def _backbone_kwargs(cfg: Config) -> dict:

@@ -57,8 +57,7 @@ def _load(recipe: str, overrides: list[str], smoke: bool):
 
     cfg = load_config(recipe, overrides)
     if smoke:
-        smoke_extra = smoke_overrides(cfg)
-        cfg = load_config(recipe, overrides + smoke_extra)
+        cfg = load_config(recipe, smoke_overrides(cfg) + overrides)  # the user's overrides win
         if not cfg.out:
             cfg.out = str(Path("runs") / "smoke" / recipe.replace("/", "_").removesuffix(".yaml"))
     return cfg
@@ -280,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe: contrastlab train RECIPE [key=value ...]")
     p.add_argument("recipe", help="recipe name (see `contrastlab recipes`) or path to a YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3 data.root=./data out=runs/a")
-    p.add_argument("--smoke", action="store_true", help="2 steps on the embedded demo data, CPU, small resolution")
+    p.add_argument("--smoke", action="store_true", help="2 steps on the embedded demo data, CPU, small resolution; "
+                   "key=value overrides still apply (e.g. train.device=cuda)")
     p.add_argument("--show", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 

@@ -3,7 +3,8 @@
 :class:`DeviceViewLoader` gathers batches from a :class:`~contrastlab.data.device_images.DeviceImages` store (the
 whole dataset on the device; no worker processes). :class:`FileViewLoader` serves datasets of image files
 (ImageFolder, Tiny-ImageNet): workers only read the files' bytes, a batch is decoded on the device at once
-(:mod:`contrastlab.data.jpeg`) and rendered there.
+(:mod:`contrastlab.data.jpeg`) and rendered there. :class:`DeviceEvalLoader` renders the one deterministic
+evaluation view per image of the monitors and the localiser the same way, in dataset order.
 
 Both yield what the DataLoader of the CPU path yields, ``(views, labels, index)``, for the same list of batches
 (the trainer's :func:`~contrastlab.engine.trainer.epoch_batches`). The batch indices of an epoch go to the device
@@ -36,6 +37,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 
 from contrastlab.data.device_images import DeviceImages, file_paths
 from contrastlab.data.jpeg import decode_images, pad_to_canvas
+from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.seeding import sample_seed
@@ -175,3 +177,81 @@ class FileViewLoader:
             labels, index = labels.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
             self.generator.manual_seed(batch_seed(self.seed, self.rank, epoch, start + k))
             yield self.views(canvas, index, self.generator, image_sizes=sizes), labels, index
+
+
+def _view_dataset_and_rows(dataset: Any) -> tuple[Any, list[int]]:
+    """The evaluation ``ViewDataset`` under ``dataset``'s ``Subset`` / ``IndexedSubset`` wrappers, and the rows of
+    its base dataset that ``dataset``'s samples ``0 .. len - 1`` are."""
+    rows = list(range(len(dataset)))
+    while hasattr(dataset, "indices") and hasattr(dataset, "dataset") and not hasattr(dataset, "planner"):
+        rows = [int(dataset.indices[i]) for i in rows]
+        dataset = dataset.dataset
+    if not hasattr(dataset, "planner") or not hasattr(dataset, "photometrics"):
+        raise TypeError(f"DeviceEvalLoader needs a ViewDataset (optionally inside subsets), got {type(dataset).__name__}")
+    return dataset, rows
+
+
+class DeviceEvalLoader:
+    """Evaluation views of a dataset (one deterministic view per image), rendered on the device in dataset order.
+
+    The device counterpart of ``DataLoader(eval_set, shuffle=False)`` for the kNN monitor, the test-accuracy
+    monitor and the ContrastiveCrop localiser when training runs from a device-resident store: the base images are
+    copied to the device on the first pass and kept (or gathered from ``store``, the training store, when the
+    base dataset is the one it holds); each batch is an index gather and one batched render of the evaluation
+    recipe (centre crop or whole image, resize, normalise). Yields ``(view, labels, index)``: the view
+    ``[B, 3, S, S]`` and the labels on the device, ``index`` the base dataset's row numbers (a CPU tensor), as the
+    CPU ``ViewDataset`` yields them.
+
+    Args:
+        dataset: An evaluation :class:`~contrastlab.views.dataset.ViewDataset`, optionally inside ``Subset`` or
+            ``IndexedSubset`` wrappers (kNN bank fractions, random caps, a rank's shard).
+        device: Where to render.
+        batch_size: Images per batch.
+        store: The base dataset already on ``device`` (the training store), or None to copy what is needed.
+    """
+
+    def __init__(self, dataset: Any, device: torch.device, batch_size: int = 256,
+                 store: DeviceImages | None = None) -> None:
+        view_set, rows = _view_dataset_and_rows(dataset)
+        if len(view_set.sizes) != 1:
+            raise ValueError(f"an evaluation dataset renders one view per image, this one renders {len(view_set.sizes)}")
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.views = BatchViews.from_view_dataset(view_set)
+        self.base = view_set.dataset
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+        self._store = store
+        self._positions: torch.Tensor | None = None  # row of each sample in the store, on the device
+        self.generator = torch.Generator(device=self.device)
+
+    def __len__(self) -> int:
+        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+
+    def _load(self) -> tuple[DeviceImages, torch.Tensor]:
+        if self._store is None:  # only the rows this loader reads
+            self._store = DeviceImages.from_dataset(IndexedSubset(self.base, self.rows.tolist()), self.device)
+            self._positions = torch.arange(len(self.rows), device=self.device)
+        elif self._positions is None:
+            if len(self._store) != len(self.base):
+                raise ValueError(f"the store holds {len(self._store)} images, the evaluation base {len(self.base)}")
+            self._positions = self.rows.to(self.device)
+        return self._store, self._positions
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        store, positions = self._load()
+        for start in range(0, len(self.rows), self.batch_size):
+            picked = positions[start:start + self.batch_size]
+            self.generator.manual_seed(0)  # the evaluation recipe draws nothing random; kept for a fixed stream
+            view = self.views(store.images[picked], picked, self.generator)[0]
+            yield view, store.targets[picked], self.rows[start:start + self.batch_size]
+
+
+def evaluation_loader(dataset: Dataset, *, batch_size: int, workers: int, device: torch.device | str,
+                      on_device: bool = False, store: DeviceImages | None = None) -> DataLoader | DeviceEvalLoader:
+    """In-order batches of an evaluation dataset: rendered on ``device`` (``on_device``) or by CPU workers."""
+    device = torch.device(device)
+    if on_device:
+        return DeviceEvalLoader(dataset, device, batch_size, store)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=device.type == "cuda")

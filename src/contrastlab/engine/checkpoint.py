@@ -13,11 +13,11 @@ does not match: it is then treated as damaged and ``resume=auto`` falls back to 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -33,12 +33,31 @@ def checksum_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}.sha256")
 
 
-def write_atomically(data: bytes | memoryview, path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename."""
+class _HashingWriter:
+    """A write-only file that passes bytes on to ``fh`` and feeds them to ``digest`` on the way."""
+
+    def __init__(self, fh: BinaryIO, digest: Any) -> None:
+        self.fh = fh
+        self.digest = digest
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def write_atomically(data: bytes | memoryview | Callable[[BinaryIO], None], path: Path) -> None:
+    """Write ``data`` (bytes, or a function writing to a file) to ``path`` through a temporary file in the same
+    folder, fsync, then rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -56,12 +75,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getbuffer()
+    digest = hashlib.sha256()  # of the bytes as they stream to disk: the checkpoint is never copied in memory
     try:
-        write_atomically(data, path)
-        write_atomically(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), checksum_path(path))
+        write_atomically(lambda fh: torch.save(obj, _HashingWriter(fh, digest)), path)
+        write_atomically(f"{digest.hexdigest()}  {path.name}\n".encode(), checksum_path(path))
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -41,15 +41,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from contrastlab import __version__, assemble
 from contrastlab.config.derived import Derived, derive
 from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
 from contrastlab.data.base import BAD_IMAGE_POLICIES
-from contrastlab.data.device_images import DeviceImages, declared_size, file_paths, fits_on_device
-from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader
+from contrastlab.data.device_images import (
+    DeviceImages,
+    declared_size,
+    file_paths,
+    fits_on_device,
+    image_shape,
+)
+from contrastlab.data.device_loader import DeviceEvalLoader, DeviceViewLoader, FileViewLoader
 from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import (
@@ -314,12 +320,15 @@ class Trainer:
             test_base = assemble.dataset(cfg, cfg.data.test_split)
             _set_bad_images(test_base, cfg, self.bad_image_log)
             batch = max(64, d.per_rank_batch_size)
-            self.knn = assemble.knn_monitor(cfg, assemble.labeled_dataset(cfg, base_train), test_base,
-                                            self.device, batch_size=batch)
+            on_device = self._evaluate_on_device(test_base)
+            bank_base = assemble.labeled_dataset(cfg, base_train)
+            store = self.device_views.store if on_device and bank_base is base_train else None
+            self.knn = assemble.knn_monitor(cfg, bank_base, test_base, self.device, batch_size=batch,
+                                            on_device=on_device, store=store)
             if type(method).predict is not Method.predict:  # the method has classifiers: test accuracy too
                 self.classifier_monitor = ClassificationMonitor(
                     assemble.evaluation_views(cfg, test_base), batch_size=batch, workers=cfg.data.workers,
-                    max_test=cfg.monitor.max_test, device=self.device)
+                    max_test=cfg.monitor.max_test, device=self.device, on_device=on_device)
         self.progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every,
                                  enabled=self.main and not quiet)
         self.knn_top1: float | None = None
@@ -388,6 +397,11 @@ class Trainer:
         self.log(f"data.pipeline: {len(store)} images ({store.nbytes / 2**20:.0f} MiB) held on {self.device} in "
                  f"{time.perf_counter() - t0:.1f} s; views rendered there in batches")
         return loader
+
+    def _evaluate_on_device(self, test_base) -> bool:
+        """Whether the monitors render their evaluation views on the device: when the training images are held
+        there and the test split can be too (its size known without decoding)."""
+        return isinstance(self.device_views, DeviceViewLoader) and image_shape(test_base) is not None
 
     def _pipeline_name(self) -> str:
         """What feeds the steps, for run.json: ``gpu-resident``, ``gpu-files`` or ``cpu-workers``."""
@@ -726,9 +740,13 @@ class Trainer:
         v = self.cfg.views
         mean, std = assemble.normalization(self.cfg)
         images = eval_view_dataset(self.base_train, assemble.image_size(self.cfg), mean, std, crop_fraction=None)
+        batch = max(64, self.d.per_rank_batch_size)
+        if isinstance(self.device_views, DeviceViewLoader):  # this rank's share, rendered from the training store
+            shard = Subset(images, range(self.rank, len(images), self.world))
+            images = DeviceEvalLoader(shard, self.device, batch, self.device_views.store)
         boxes = localise(last_feature_map(self.method.backbone), images, v.box_threshold, self.device,
                          kind=v.heatmap, num_samples=len(self.base_train),
-                         batch_size=max(64, self.d.per_rank_batch_size), num_workers=self.cfg.data.workers)
+                         batch_size=batch, num_workers=self.cfg.data.workers)
         self.box_store.fill(boxes)
         self.box_store.set_enabled(True)
         area = self.box_store.mean_area()

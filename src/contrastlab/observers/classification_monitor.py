@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from contrastlab.data.device_loader import evaluation_loader
 from contrastlab.observers.knn_monitor import _subset
 
 
@@ -24,13 +25,14 @@ class ClassificationMonitor:
         batch_size / workers: DataLoader settings.
         max_test: a random subset (fixed seed) of at most this many images; 0 = all.
         device: where the method runs.
+        on_device: Render the test views on ``device`` instead of in CPU workers.
     """
 
     def __init__(self, test_set: Dataset, *, batch_size: int = 256, workers: int = 0, max_test: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", on_device: bool = False) -> None:
         self.device = torch.device(device)
-        self.loader = DataLoader(_subset(test_set, max_test, 1), batch_size=batch_size, shuffle=False,
-                                 num_workers=workers, pin_memory=self.device.type == "cuda")
+        self.loader = evaluation_loader(_subset(test_set, max_test, 1), batch_size=batch_size, workers=workers,
+                                        device=self.device, on_device=on_device)
 
     @torch.no_grad()
     def evaluate(self, method: nn.Module) -> dict[str, float]:
@@ -45,11 +47,12 @@ class ClassificationMonitor:
                 scores = method.predict(images.to(self.device, non_blocking=True))
                 labels = torch.as_tensor(labels).to(self.device)
                 for head, logits in scores.items():
-                    correct[head] = correct.get(head, 0) + int((logits.argmax(dim=1) == labels).sum())
+                    hits = (logits.argmax(dim=1) == labels).sum()
+                    correct[head] = correct.get(head, 0) + hits  # a device tensor: read once at the end
                 total += labels.numel()
         finally:
             method.train(was_training)
-        result = {head: 100.0 * hits / max(1, total) for head, hits in correct.items()}
+        result = {head: 100.0 * int(hits) / max(1, total) for head, hits in correct.items()}
         peers = [v for k, v in result.items() if k.startswith("peer")]
         if peers:
             result["peer_mean"] = sum(peers) / len(peers)

@@ -35,7 +35,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -269,7 +269,7 @@ def _scatter(indices: torch.Tensor, boxes: torch.Tensor, num_samples: int) -> to
 @torch.no_grad()
 def localise(
     feature_extractor: Callable[[torch.Tensor], torch.Tensor],
-    data: Dataset | DataLoader,
+    data: Dataset | Iterable,
     threshold: float = 0.1,
     device: torch.device | str | None = None,
     *,
@@ -290,9 +290,10 @@ def localise(
             ``last_feature_map(method.backbone)`` (the online encoder, as upstream).
         data: A dataset yielding ``(views, label, index)`` with one test-time view showing the whole image
             (``eval_view_dataset(train_set, size, mean, std, crop_fraction=None)``): under DDP it is split
-            into strided shards (rank ``r`` takes ``r, r + W, ...``, no padding). Or a ``DataLoader`` that
-            already yields this rank's share (e.g. with ``DistributedSampler(shuffle=False)``; padded
-            duplicates are harmless); together the ranks' loaders must cover every index.
+            into strided shards (rank ``r`` takes ``r, r + W, ...``, no padding). Or a loader (a ``DataLoader``,
+            a :class:`~contrastlab.data.device_loader.DeviceEvalLoader`) that already yields this rank's share
+            (e.g. with ``DistributedSampler(shuffle=False)``; padded duplicates are harmless); together the
+            ranks' loaders must cover every index.
         threshold: ``k`` in ``[0, 1)`` applied to the normalised, upsampled heatmap.
         device: Where the network runs (and the gathers: CUDA for NCCL); CPU by default.
         kind: Heatmap kind, one of :data:`HEATMAPS`.
@@ -325,7 +326,7 @@ def localise(
     elif distributed and not multi:
         raise ValueError("localise(distributed=True) needs an initialised process group with several ranks")
 
-    if isinstance(data, DataLoader):
+    if not isinstance(data, Dataset):  # a loader
         loader = data
         total = num_samples if num_samples is not None else len(loader.dataset)  # type: ignore[arg-type]
     else:
