@@ -159,6 +159,11 @@ def test_bench_measures_every_part_and_writes_consistent_ratios(tmp_path) -> Non
     jpeg = run_benchmark(cfg, shape="imagenet", images=16, steps=1, warmup=1, jpeg=True, parts=("render",),
                          log=lines.append)
     assert jpeg["results"]["render"]["name"] == "render+jpeg"
+    evaluation = run_benchmark(cfg, images=32, steps=2, warmup=1, workers=0, parts=("eval", "cpu_eval"),
+                               log=lines.append)
+    e = evaluation["results"]
+    assert evaluation["eval_over_cpu_eval"] == pytest.approx(e["eval"]["img_per_s"] / e["cpu_eval"]["img_per_s"])
+    assert any(line.startswith("eval / cpu eval") for line in lines)
 
 
 def test_demo_trains_through_the_gpu_pipeline_with_a_compiled_step(tmp_path) -> None:

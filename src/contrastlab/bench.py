@@ -11,7 +11,10 @@ For one recipe, on synthetic data of a chosen shape, on one device:
   flip, ``ColorJitter`` (p 0.8), ``RandomGrayscale`` (0.2), blur if the recipe blurs, ``ToTensor``,
   ``Normalize``, two views, in ``--workers`` DataLoader workers with pinned memory;
 - **render**: the batched renderer alone (plan, crop, resize, photometric ops of every view), no model;
-- **cpu_render**: the torchvision pipeline alone (workers, collation, pinned copies), no model.
+- **cpu_render**: the torchvision pipeline alone (workers, collation, pinned copies), no model;
+- **eval** / **cpu_eval** (on request): the kNN monitor's feature pass, the backbone in eval mode on one
+  deterministic evaluation view per image, the views rendered from the device store
+  (:class:`~contrastlab.data.device_loader.DeviceEvalLoader`) or by ``--workers`` CPU workers.
 
 It prints images per second, the ratios gpu/model and gpu/cpu, and peak device memory, and writes a JSON file.
 Numbers are only comparable within one run on one machine; the JSON names the device.
@@ -41,12 +44,15 @@ from contrastlab.config.derived import derive
 from contrastlab.config.schema import Config
 from contrastlab.data.base import ArrayDataset
 from contrastlab.data.device_images import DeviceImages
-from contrastlab.data.device_loader import DeviceViewLoader, batch_seed
+from contrastlab.data.device_loader import DeviceEvalLoader, DeviceViewLoader, batch_seed, evaluation_loader
 from contrastlab.data.jpeg import decode_batch
 from contrastlab.engine.optim import build_optimizer
 from contrastlab.engine.trainer import PRECISIONS, compile_model, select_device
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.photometric import blur_kernel_size
+
+PARTS = ("model", "gpu", "cpu", "render", "cpu_render", "eval", "cpu_eval")
+"""Every measurable part (see the module docstring); the first five run by default."""
 
 SHAPES = {"cifar": (32, 32), "imagenet": (256, 320)}
 """Source image (height, width) of the synthetic data of each ``--shape`` (the views take the recipe's size)."""
@@ -152,6 +158,31 @@ class TrainStep:
         return loss.detach()
 
 
+class FeaturePass:
+    """The kNN monitor's feature pass: the backbone in eval mode, no gradient, the recipe's precision."""
+
+    def __init__(self, cfg: Config, device: torch.device, backbone: torch.nn.Module | None = None) -> None:
+        if backbone is None:
+            torch.manual_seed(cfg.seed)
+            backbone = assemble.backbone(cfg)[0].to(device)
+        self.backbone, self.device, self.amp = backbone, device, PRECISIONS[cfg.train.precision]
+
+    @torch.no_grad()
+    def __call__(self, views: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
+        view = views[0] if isinstance(views, (list, tuple)) else views
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+            self.backbone(view.to(self.device, non_blocking=True))
+        self.backbone.train(was_training)
+
+
+def _repeat(loader: Iterable) -> Iterable:
+    """``loader``'s batches over and over."""
+    while True:
+        yield from loader
+
+
 def time_loop(name: str, batches: Iterable, step: Callable | None, batch_size: int, steps: int, warmup: int,
               device: torch.device) -> Measurement:
     """Run ``warmup`` then ``steps`` items of ``batches`` through ``step`` (None: only draw them); images per second."""
@@ -239,6 +270,16 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
         if "cpu_render" in parts:
             results["cpu_render"] = time_loop(f"cpu render ({workers} w)", endless(), None, batch, steps, warmup,
                                               device)
+    if "eval" in parts or "cpu_eval" in parts:
+        features = FeaturePass(cfg, device, step.method.backbone if step is not None else None)
+        eval_set = assemble.evaluation_views(cfg, data)
+        if "eval" in parts:
+            results["eval"] = time_loop("eval views (gpu)", _repeat(DeviceEvalLoader(eval_set, device, batch, store)),
+                                        features, batch, steps, warmup, device)
+        if "cpu_eval" in parts:
+            cpu_eval = evaluation_loader(eval_set, batch_size=batch, workers=workers, device=device)
+            results["cpu_eval"] = time_loop(f"eval views ({workers} w)", _repeat(cpu_eval), features, batch, steps,
+                                            warmup, device)
     summary = {
         "recipe_description": cfg.description, "shape": shape, "source_size": [height, width],
         "view_size": assemble.image_size(cfg), "batch_size": batch, "images": n, "steps": steps, "warmup": warmup,
@@ -253,6 +294,8 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
         summary["gpu_over_cpu"] = results["gpu"].img_per_s / results["cpu"].img_per_s
     if "render" in results and "cpu_render" in results:
         summary["render_over_cpu_render"] = results["render"].img_per_s / results["cpu_render"].img_per_s
+    if "eval" in results and "cpu_eval" in results:
+        summary["eval_over_cpu_eval"] = results["eval"].img_per_s / results["cpu_eval"].img_per_s
     if "gpu" in results:
         summary["epoch_50k_seconds"] = 50_000 / results["gpu"].img_per_s
     for line in format_table(summary):
@@ -276,7 +319,7 @@ def format_table(summary: dict) -> list[str]:
         peak = "-" if m["peak_memory_mib"] is None else f"{m['peak_memory_mib']:.0f}"
         lines.append(f"{m['name']:<22}{m['img_per_s']:>12,.0f}{peak:>12}")
     for key, label in (("gpu_over_model", "gpu / model"), ("gpu_over_cpu", "gpu / cpu"),
-                       ("render_over_cpu_render", "render / cpu render")):
+                       ("render_over_cpu_render", "render / cpu render"), ("eval_over_cpu_eval", "eval / cpu eval")):
         if key in summary:
             lines.append(f"{label:<22}{summary[key]:>12.2f}")
     if "epoch_50k_seconds" in summary:

@@ -120,13 +120,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from contrastlab.bench import run_benchmark, write_json
+    from contrastlab.bench import PARTS, run_benchmark, write_json
 
     cfg = _load(args.recipe, args.overrides, smoke=False)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"model", "gpu", "cpu", "render", "cpu_render"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise SystemExit(f"--parts: unknown part(s) {unknown}; choose from model, gpu, cpu, render, cpu_render")
+        raise SystemExit(f"--parts: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
     summary = run_benchmark(cfg, shape=args.shape, images=args.images, steps=args.steps, warmup=args.warmup,
                             workers=args.workers, jpeg=args.jpeg, compile_step=args.compile, parts=parts)
     if args.out:
@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg", action="store_true", help="GPU pipeline decodes JPEG bytes per batch (ImageFolder)")
     p.add_argument("--compile", action="store_true", help="torch.compile the method's forward")
     p.add_argument("--parts", default="model,gpu,cpu,render,cpu_render",
-                   help="comma-separated subset of model,gpu,cpu,render,cpu_render (default all)")
+                   help="comma-separated parts: model,gpu,cpu,render,cpu_render (the default) and eval,cpu_eval "
+                   "(the kNN monitor's feature pass, views from the device store or CPU workers)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
 
