@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from contrastlab.errors import CheckpointError, ConfigError
@@ -587,6 +587,18 @@ def _extractor() -> nn.Module:
     return last_feature_map(net)
 
 
+def _demo_views():
+    """N_DDP demo images as whole-image evaluation views, and their device store (CPU tensors here)."""
+    from contrastlab.data import build_dataset
+    from contrastlab.data.device_images import DeviceImages
+    from contrastlab.data.subsets import IndexedSubset
+    from contrastlab.views import eval_view_dataset
+
+    base = IndexedSubset(build_dataset("demo", None, "test"), range(N_DDP))
+    views = eval_view_dataset(base, 28, (0.3,) * 3, (0.3,) * 3, crop_fraction=None)
+    return views, DeviceImages.from_dataset(base, torch.device("cpu"))
+
+
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -602,6 +614,11 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
             ),
             "local": localise(extractor, data, THRESHOLD, batch_size=2, distributed=False),
         }
+        from contrastlab.data.device_loader import DeviceEvalLoader
+
+        views, store = _demo_views()  # each rank renders its strided share from the store, as the trainer does
+        shard = DeviceEvalLoader(Subset(views, range(rank, N_DDP, WORLD)), torch.device("cpu"), 2, store)
+        result["device"] = localise(extractor, shard, THRESHOLD, num_samples=N_DDP)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -619,3 +636,8 @@ def test_ddp_localise_restores_dataset_order_on_every_rank(tmp_path: Path) -> No
         torch.testing.assert_close(result["sharded"], reference, atol=1e-6, rtol=0)
     assert torch.equal(ranks[0]["sharded"], ranks[1]["sharded"])
     assert torch.equal(ranks[0]["sampler"], ranks[1]["sampler"])
+    views, _ = _demo_views()
+    on_cpu = localise(_extractor(), views, THRESHOLD, batch_size=N_DDP)
+    assert len({tuple(row) for row in on_cpu.tolist()}) > 2
+    for result in ranks:
+        torch.testing.assert_close(result["device"], on_cpu, atol=1e-6, rtol=0)
