@@ -94,10 +94,9 @@ class _Subset:
         n = self.n
 
         def small(cfg, split):
-            ds = self._orig(cfg, split)
-            sub = torch.utils.data.Subset(ds, list(range(n)))
-            sub.classes, sub.targets = ds.classes, [ds.targets[i] for i in range(n)]
-            return sub
+            from contrastlab.data.subsets import IndexedSubset
+
+            return IndexedSubset(self._orig(cfg, split), range(n))
 
         asm.dataset = small
         return self
@@ -186,7 +185,10 @@ def test_cli_eval_knn_and_linear(tmp_path, capsys):
         assert 0 <= knn["knn_top1"] <= 100 and knn["knn_k"] == 5
         assert main(["eval", "linear", ck, "linear.epochs=2", "linear.batch_size=16"]) == 0
         lin = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert lin["backbone_unchanged"] is True and lin["reported_epoch"] == 2
+        assert lin["backbone_unchanged"] is True and lin["reported_epoch"] == 2 and lin["views"] == "cpu-workers"
+        assert main(["eval", "knn", ck, "monitor.knn_k=5", "data.pipeline=gpu"]) == 0  # views rendered in batches
+        on_device = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert on_device["knn_views"] == "device" and on_device["knn_top1"] == pytest.approx(knn["knn_top1"], abs=2.0)
         # a linear-probe recipe replaces the protocol; overrides still win
         assert main(["eval", "linear", ck, "--recipe", "linear/cifar_r18_100ep", "linear.epochs=1",
                      "linear.batch_size=16", "--out", str(tmp_path / "lin.json")]) == 0

@@ -153,6 +153,18 @@ def _eval_config(args: argparse.Namespace):
     return ckpt, config_from_dict(tree)
 
 
+def _views_on_device(cfg, device, *datasets) -> bool:
+    """``data.pipeline`` for evaluation: render on the device (``gpu``; ``auto`` on a GPU the data fits) when
+    every dataset's images can be held there (their size known without decoding)."""
+    from contrastlab.data.device_images import fits_on_device, image_shape
+
+    if cfg.data.pipeline == "cpu":
+        return False
+    if cfg.data.pipeline == "auto":
+        return all(fits_on_device(d, device)[0] for d in datasets)
+    return all(image_shape(d) is not None for d in datasets)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -170,8 +182,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     num_classes = len(train_base.classes)
     info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name, "peer": args.peer or 0,
             "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
+    on_device = _views_on_device(cfg, device, train_base, test_base)
     if args.kind == "knn":
-        monitor = assemble.knn_monitor(cfg, train_base, test_base, device)
+        monitor = assemble.knn_monitor(cfg, train_base, test_base, device, on_device=on_device)
         result = {"knn_top1": monitor.evaluate(net), **monitor.describe(), **info}
     else:
         from contrastlab.eval.linear import linear_probe
@@ -189,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         test_set = assemble.evaluation_views(cfg, test_base)
         torch.manual_seed(cfg.seed)
         result = {**linear_probe(net, dim, num_classes, train_set, test_set, cfg.linear, device=device,
-                                 workers=cfg.data.workers, seed=cfg.seed,
+                                 workers=cfg.data.workers, seed=cfg.seed, on_device=on_device,
                                  log=lambda s: print(s, file=sys.stderr, flush=True)), **info}
     suffix = f"_peer{args.peer}" if args.peer is not None else ""
     out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"

@@ -10,6 +10,9 @@ Two modes:
   and the backbone runs on every batch;
 * ``augment=False``: features of one deterministic view are computed once and the classifier trains on
   them (much faster; a lower bound on the augmented protocol).
+
+With ``on_device`` the images are held on the device and every view is rendered there in batches
+(:mod:`contrastlab.data.device_loader`), as the GPU training pipeline does; the same protocol otherwise.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from contrastlab.config.schema import LinearConfig
+from contrastlab.data.device_images import DeviceImages
+from contrastlab.data.device_loader import DeviceViewLoader, evaluation_loader
 from contrastlab.engine.optim import LARC, LARS
 from contrastlab.errors import ConfigError
 from contrastlab.eval.features import extract_features
+from contrastlab.views.batch_views import BatchViews
+from contrastlab.views.dataset import ViewDataset
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -57,6 +64,25 @@ def _accuracy(classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
     return top1, top5
 
 
+class _ShuffledDeviceViews:
+    """The augmented training views of a linear probe rendered on the device: a new shuffle each epoch (drawn
+    from ``generator`` on the host), every batch rendered by :class:`DeviceViewLoader` from the images held there."""
+
+    def __init__(self, train_set: Any, device: torch.device, batch_size: int, generator: torch.Generator,
+                 seed: int) -> None:
+        if not isinstance(train_set, ViewDataset):
+            raise TypeError(f"linear_probe(on_device=True) renders a ViewDataset, got {type(train_set).__name__}")
+        store = DeviceImages.from_dataset(train_set.dataset, device)
+        self.loader = DeviceViewLoader(store, BatchViews.from_view_dataset(train_set), seed)
+        self.batch_size, self.generator, self.epoch = batch_size, generator, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.loader.store), generator=self.generator)
+        batches = [b.tolist() for b in order.split(self.batch_size)]
+        yield from self.loader(batches[:-1], self.epoch)  # one index table needs equal batches: the last apart
+        yield from self.loader(batches[-1:], self.epoch, start=len(batches) - 1)
+
+
 def linear_probe(
     backbone: nn.Module,
     feature_dim: int,
@@ -68,6 +94,7 @@ def linear_probe(
     device: torch.device | str = "cpu",
     workers: int = 0,
     seed: int = 0,
+    on_device: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Train a linear classifier on frozen features and return final-epoch test accuracy.
@@ -77,6 +104,9 @@ def linear_probe(
         train_set: yields ``(views, label, index)``: augmented views when ``cfg.augment``, else one
             deterministic view; ``test_set`` always one deterministic view.
         cfg: epochs, lr, optimizer, schedule, batch size.
+        on_device: Render the views on ``device`` from a device-resident copy of the images (``train_set`` and
+            ``test_set`` must then be ``ViewDataset`` objects, optionally inside subsets) instead of in
+            ``workers`` CPU workers.
 
     Returns:
         ``top1``, ``top5`` (percent, final epoch), the settings, and ``backbone_unchanged``.
@@ -102,22 +132,27 @@ def linear_probe(
     else:
         opt = LARS(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
-    loader_kw = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": device.type == "cuda"}
-    test_feats, test_labels = extract_features(backbone, DataLoader(test_set, shuffle=False, **loader_kw), device)
-    if cfg.augment:
-        g = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=g, **loader_kw)
+    in_order = {"batch_size": cfg.batch_size, "workers": workers, "device": device, "on_device": on_device}
+    test_feats, test_labels = extract_features(backbone, evaluation_loader(test_set, **in_order), device)
+    test_feats, test_labels = test_feats.cpu(), test_labels.cpu()
+    g = torch.Generator().manual_seed(seed)
+    if cfg.augment and on_device:
+        train_loader: Any = _ShuffledDeviceViews(train_set, device, cfg.batch_size, g, seed)
+    elif cfg.augment:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=g, batch_size=cfg.batch_size,
+                                  num_workers=workers, pin_memory=device.type == "cuda")
     else:
-        feats, labels = extract_features(backbone, DataLoader(train_set, shuffle=False, **loader_kw), device)
-        g = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(TensorDataset(feats, labels, torch.arange(len(labels))),
+        feats, labels = extract_features(backbone, evaluation_loader(train_set, **in_order), device)
+        train_loader = DataLoader(TensorDataset(feats.cpu(), labels.cpu(), torch.arange(len(labels))),
                                   batch_size=cfg.batch_size, shuffle=True, generator=g)
 
     for epoch in range(cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = _epoch_lr(cfg, epoch)
         classifier.train()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0  # the loss sum stays on the device: no sync per step
+        if isinstance(train_loader, _ShuffledDeviceViews):
+            train_loader.epoch = epoch
         for x, y, _ in train_loader:
             if cfg.augment:
                 x = x[0] if isinstance(x, (list, tuple)) else x
@@ -128,11 +163,12 @@ def linear_probe(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(y)
+            total += loss.detach() * len(y)
             count += len(y)
         if epoch == cfg.epochs - 1 or (epoch + 1) % max(1, cfg.epochs // 5) == 0:
             top1, _ = _accuracy(classifier, test_feats, test_labels, device)
-            log(f"linear epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(1, count):.4f}, test top-1 {top1:.2f}%")
+            log(f"linear epoch {epoch + 1}/{cfg.epochs}: train loss {float(total) / max(1, count):.4f}, "
+                f"test top-1 {top1:.2f}%")
 
     top1, top5 = _accuracy(classifier, test_feats, test_labels, device)
     unchanged = state_fingerprint(backbone) == before
@@ -143,4 +179,5 @@ def linear_probe(
         "epochs": cfg.epochs, "lr": cfg.lr, "optimizer": cfg.optimizer, "schedule": cfg.schedule,
         "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "augment": cfg.augment,
         "backbone_unchanged": unchanged, "train_size": len(train_set), "test_size": len(test_set),
+        "views": "device" if on_device else "cpu-workers",
     }
