@@ -129,6 +129,25 @@ def test_jpeg_batches_decode_into_a_zero_canvas_and_render_inside_each_image(cap
         assert all(float(v.abs().max()) == 0.0 for v in out)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_jpeg_files_decode_on_cuda_like_the_cpu_decoder(monkeypatch) -> None:
+    """On a GPU, JPEGs go through nvJPEG (no silent CPU fallback) and match libjpeg's pixels up to IDCT and
+    chroma-upsampling rounding."""
+    from contrastlab.bench import synthetic_images
+    from contrastlab.data import jpeg
+
+    images = [torch.from_numpy(synthetic_images(1, h, w, seed=k)[0]).permute(2, 0, 1).contiguous()
+              for k, (h, w) in enumerate(((48, 64), (64, 48), (33, 57)))]
+    blobs = [encode_jpeg(im, quality=90) for im in images]
+    reference = [decode_jpeg(blob) for blob in blobs]
+    monkeypatch.setattr(jpeg, "decode_image", lambda *a, **k: pytest.fail("JPEGs fell back to the CPU decoder"))
+    decoded = jpeg.decode_images(blobs, torch.device("cuda"))
+    for image, expected in zip(decoded, reference, strict=True):
+        assert image.device.type == "cuda" and image.shape == expected.shape and image.dtype == torch.uint8
+        diff = (image.cpu().int() - expected.int()).abs()
+        assert diff.float().mean() < 1.5 and diff.max() <= 16
+
+
 def test_pipeline_key_is_validated(tmp_path) -> None:
     from contrastlab.engine.trainer import train
 
