@@ -260,6 +260,42 @@ def test_trainer_runs_an_image_folder_through_the_gpu_pipeline(tmp_path) -> None
     results = train(cfg, quiet=True)
     assert results["steps"] == 2 and math.isfinite(results["final_loss"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["input_pipeline"] == "gpu-files"
+    assert results["knn_views"] == "device"  # the monitor decodes its files per batch too
+    cfg.out, cfg.train.epochs = str(tmp_path / "ccrop"), 2  # the localiser reads the files the same way
+    cfg.views.planner, cfg.views.box_warmup_epochs, cfg.views.box_update_every = "contrastive_crop", 1, 1
+    train(cfg, quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "ccrop" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "box_mean_area" in r] == [1]
+    assert 0.0 < records[0]["box_mean_area"] <= 1.0
+
+
+def test_evaluation_views_of_image_files_are_decoded_per_batch_like_the_cpu_views(tmp_path) -> None:
+    """Image files of various sizes: read by workers, decoded and rendered per batch; same rows and labels as the
+    CPU DataLoader through a subset, pixels within the renderer's tolerance (docs/gpu_pipeline.md)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from contrastlab.data.device_loader import DeviceEvalLoader
+    from contrastlab.views import eval_view_dataset
+
+    _image_tree(tmp_path, [(40 + 3 * k, 30 + 2 * k) for k in range(7)])
+    data = build_dataset("imagefolder", tmp_path, "train")
+    views = Subset(eval_view_dataset(data, 16, MEAN, STD, crop_fraction=0.875), [6, 1, 3, 0, 5])
+    loader = DeviceEvalLoader(views, torch.device("cpu"), batch_size=2)
+    assert loader._files is not None and len(loader) == 3
+    for (cpu_views, cpu_labels, cpu_index), (view, labels, index) in zip(DataLoader(views, batch_size=2), loader,
+                                                                         strict=True):
+        assert torch.equal(index, cpu_index) and torch.equal(labels, cpu_labels)
+        assert (view - cpu_views[0]).abs().max() * STD[0] <= 2e-2
+    # the linear probe's augmented views come from the files decoded per batch as well (a ragged last batch)
+    from contrastlab.config.schema import LinearConfig
+    from contrastlab.eval.linear import linear_probe
+
+    augmented = ViewDataset(data, make_planner("random_resized", num_views=1), [16],
+                            [make_photometric("none", 0, MEAN, STD)])
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    result = linear_probe(backbone, 4, 2, augmented, views, LinearConfig(epochs=2, batch_size=3, augment=True),
+                          on_device=True, log=lambda s: None)
+    assert result["views"] == "device" and result["train_size"] == 7 and result["backbone_unchanged"]
 
 
 SHORT_DEMO = ["data.subset=2000", "train.epochs=4", "monitor.knn_every=0", "monitor.plots=false",

@@ -154,15 +154,15 @@ def _eval_config(args: argparse.Namespace):
 
 
 def _views_on_device(cfg, device, *datasets) -> bool:
-    """``data.pipeline`` for evaluation: render on the device (``gpu``; ``auto`` on a GPU the data fits) when
-    every dataset's images can be held there (their size known without decoding)."""
-    from contrastlab.data.device_images import fits_on_device, image_shape
+    """``data.pipeline`` for evaluation, as for training: ``gpu`` renders on the device (datasets held there, or
+    image files decoded per batch), ``auto`` only on a GPU that holds every dataset."""
+    from contrastlab.data.device_images import file_paths, fits_on_device, image_shape
 
     if cfg.data.pipeline == "cpu":
         return False
     if cfg.data.pipeline == "auto":
         return all(fits_on_device(d, device)[0] for d in datasets)
-    return all(image_shape(d) is not None for d in datasets)
+    return all(image_shape(d) is not None or file_paths(d) is not None for d in datasets)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from contrastlab.data.device_images import DeviceImages, file_paths
+from contrastlab.data.device_images import DeviceImages, declared_size, file_paths
 from contrastlab.data.jpeg import decode_images, pad_to_canvas
 from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
@@ -195,12 +195,13 @@ class DeviceEvalLoader:
     """Evaluation views of a dataset (one deterministic view per image), rendered on the device in dataset order.
 
     The device counterpart of ``DataLoader(eval_set, shuffle=False)`` for the kNN monitor, the test-accuracy
-    monitor and the ContrastiveCrop localiser when training runs from a device-resident store: the base images are
-    copied to the device on the first pass and kept (or gathered from ``store``, the training store, when the
-    base dataset is the one it holds); each batch is an index gather and one batched render of the evaluation
-    recipe (centre crop or whole image, resize, normalise). Yields ``(view, labels, index)``: the view
-    ``[B, 3, S, S]`` and the labels on the device, ``index`` the base dataset's row numbers (a CPU tensor), as the
-    CPU ``ViewDataset`` yields them.
+    monitor, the ContrastiveCrop localiser and ``contrastlab eval`` when training runs on the GPU pipeline: the
+    base images are copied to the device on the first pass and kept (or gathered from ``store``, the training
+    store, when the base dataset is the one it holds); each batch is an index gather and one batched render of
+    the evaluation recipe (centre crop or whole image, resize, normalise). Image files of various sizes
+    (ImageFolder) are instead read by ``workers`` and decoded per batch, as :class:`FileViewLoader` does for
+    training. Yields ``(view, labels, index)``: the view ``[B, 3, S, S]`` and the labels on the device, ``index``
+    the base dataset's row numbers (a CPU tensor), as the CPU ``ViewDataset`` yields them.
 
     Args:
         dataset: An evaluation :class:`~contrastlab.views.dataset.ViewDataset`, optionally inside ``Subset`` or
@@ -208,10 +209,12 @@ class DeviceEvalLoader:
         device: Where to render.
         batch_size: Images per batch.
         store: The base dataset already on ``device`` (the training store), or None to copy what is needed.
+        workers: For image files of various sizes: the workers reading them. Unreadable files are handled
+            as the dataset's own ``set_bad_images`` policy says (``data.bad_images``).
     """
 
     def __init__(self, dataset: Any, device: torch.device, batch_size: int = 256,
-                 store: DeviceImages | None = None) -> None:
+                 store: DeviceImages | None = None, workers: int = 0) -> None:
         view_set, rows = _view_dataset_and_rows(dataset)
         if len(view_set.sizes) != 1:
             raise ValueError(f"an evaluation dataset renders one view per image, this one renders {len(view_set.sizes)}")
@@ -224,6 +227,12 @@ class DeviceEvalLoader:
         self._store = store
         self._positions: torch.Tensor | None = None  # row of each sample in the store, on the device
         self.generator = torch.Generator(device=self.device)
+        self._files: FileViewLoader | None = None  # image files of various sizes: decoded per batch
+        if store is None and file_paths(self.base) is not None and declared_size(self.base) is None:
+            files = self.base.dataset if isinstance(self.base, IndexedSubset) else self.base
+            self._files = FileViewLoader(self.base, self.views, self.device, seed=0, workers=workers,
+                                         bad_images=getattr(files, "bad_images", "fail"),
+                                         bad_image_log=getattr(files, "bad_image_log", None))
 
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
@@ -239,6 +248,11 @@ class DeviceEvalLoader:
         return self._store, self._positions
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self._files is not None:
+            batches = [chunk.tolist() for chunk in self.rows.split(self.batch_size)]
+            for views, labels, index in self._files(batches, epoch=0):
+                yield views[0], labels, index.cpu()  # rows of the files read (a skipped file's stand-in)
+            return
         store, positions = self._load()
         for start in range(0, len(self.rows), self.batch_size):
             picked = positions[start:start + self.batch_size]
@@ -252,6 +266,6 @@ def evaluation_loader(dataset: Dataset, *, batch_size: int, workers: int, device
     """In-order batches of an evaluation dataset: rendered on ``device`` (``on_device``) or by CPU workers."""
     device = torch.device(device)
     if on_device:
-        return DeviceEvalLoader(dataset, device, batch_size, store)
+        return DeviceEvalLoader(dataset, device, batch_size, store, workers=workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=device.type == "cuda")

@@ -322,7 +322,7 @@ class Trainer:
             batch = max(64, d.per_rank_batch_size)
             on_device = self._evaluate_on_device(test_base)
             bank_base = assemble.labeled_dataset(cfg, base_train)
-            store = self.device_views.store if on_device and bank_base is base_train else None
+            store = getattr(self.device_views, "store", None) if bank_base is base_train else None  # held images
             self.knn = assemble.knn_monitor(cfg, bank_base, test_base, self.device, batch_size=batch,
                                             on_device=on_device, store=store)
             if type(method).predict is not Method.predict:  # the method has classifiers: test accuracy too
@@ -399,8 +399,10 @@ class Trainer:
         return loader
 
     def _evaluate_on_device(self, test_base) -> bool:
-        """Whether the monitors render their evaluation views on the device: when the training images are held
-        there and the test split can be too (its size known without decoding)."""
+        """Whether the monitors render their evaluation views on the device: when the training views are made
+        there, and the test split can be held there too (its size known without decoding) or is image files."""
+        if isinstance(self.device_views, FileViewLoader):
+            return True
         return isinstance(self.device_views, DeviceViewLoader) and image_shape(test_base) is not None
 
     def _pipeline_name(self) -> str:
@@ -741,9 +743,10 @@ class Trainer:
         mean, std = assemble.normalization(self.cfg)
         images = eval_view_dataset(self.base_train, assemble.image_size(self.cfg), mean, std, crop_fraction=None)
         batch = max(64, self.d.per_rank_batch_size)
-        if isinstance(self.device_views, DeviceViewLoader):  # this rank's share, rendered from the training store
+        if self.device_views is not None:  # this rank's share, rendered on the device (from the store if held)
             shard = Subset(images, range(self.rank, len(images), self.world))
-            images = DeviceEvalLoader(shard, self.device, batch, self.device_views.store)
+            store = getattr(self.device_views, "store", None)
+            images = DeviceEvalLoader(shard, self.device, batch, store, workers=self.cfg.data.workers)
         boxes = localise(last_feature_map(self.method.backbone), images, v.box_threshold, self.device,
                          kind=v.heatmap, num_samples=len(self.base_train),
                          batch_size=batch, num_workers=self.cfg.data.workers)

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from contrastlab.config.schema import LinearConfig
-from contrastlab.data.device_images import DeviceImages
-from contrastlab.data.device_loader import DeviceViewLoader, evaluation_loader
+from contrastlab.data.device_images import DeviceImages, declared_size, file_paths
+from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader, evaluation_loader
 from contrastlab.engine.optim import LARC, LARS
 from contrastlab.errors import ConfigError
 from contrastlab.eval.features import extract_features
@@ -66,18 +66,22 @@ def _accuracy(classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
 
 class _ShuffledDeviceViews:
     """The augmented training views of a linear probe rendered on the device: a new shuffle each epoch (drawn
-    from ``generator`` on the host), every batch rendered by :class:`DeviceViewLoader` from the images held there."""
+    from ``generator`` on the host), every batch rendered from the images held there (:class:`DeviceViewLoader`),
+    or, for image files of various sizes, read by ``workers`` and decoded per batch (:class:`FileViewLoader`)."""
 
     def __init__(self, train_set: Any, device: torch.device, batch_size: int, generator: torch.Generator,
-                 seed: int) -> None:
+                 seed: int, workers: int) -> None:
         if not isinstance(train_set, ViewDataset):
             raise TypeError(f"linear_probe(on_device=True) renders a ViewDataset, got {type(train_set).__name__}")
-        store = DeviceImages.from_dataset(train_set.dataset, device)
-        self.loader = DeviceViewLoader(store, BatchViews.from_view_dataset(train_set), seed)
-        self.batch_size, self.generator, self.epoch = batch_size, generator, 0
+        base, views = train_set.dataset, BatchViews.from_view_dataset(train_set)
+        if file_paths(base) is not None and declared_size(base) is None:
+            self.loader: DeviceViewLoader | FileViewLoader = FileViewLoader(base, views, device, seed, workers=workers)
+        else:
+            self.loader = DeviceViewLoader(DeviceImages.from_dataset(base, device), views, seed)
+        self.size, self.batch_size, self.generator, self.epoch = len(base), batch_size, generator, 0
 
     def __iter__(self):
-        order = torch.randperm(len(self.loader.store), generator=self.generator)
+        order = torch.randperm(self.size, generator=self.generator)
         batches = [b.tolist() for b in order.split(self.batch_size)]
         yield from self.loader(batches[:-1], self.epoch)  # one index table needs equal batches: the last apart
         yield from self.loader(batches[-1:], self.epoch, start=len(batches) - 1)
@@ -137,7 +141,7 @@ def linear_probe(
     test_feats, test_labels = test_feats.cpu(), test_labels.cpu()
     g = torch.Generator().manual_seed(seed)
     if cfg.augment and on_device:
-        train_loader: Any = _ShuffledDeviceViews(train_set, device, cfg.batch_size, g, seed)
+        train_loader: Any = _ShuffledDeviceViews(train_set, device, cfg.batch_size, g, seed, workers)
     elif cfg.augment:
         train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=g, batch_size=cfg.batch_size,
                                   num_workers=workers, pin_memory=device.type == "cuda")
