@@ -11,8 +11,9 @@ Two modes:
 * ``augment=False``: features of one deterministic view are computed once and the classifier trains on
   them (much faster; a lower bound on the augmented protocol).
 
-With ``on_device`` the images are held on the device and every view is rendered there in batches
-(:mod:`contrastlab.data.device_loader`), as the GPU training pipeline does; the same protocol otherwise.
+With ``on_device`` every view is rendered on the device in batches, from images held there or from image
+files decoded per batch (:mod:`contrastlab.data.device_loader`), as the GPU training pipeline does; the same
+protocol otherwise.
 """
 
 from __future__ import annotations
@@ -108,9 +109,8 @@ def linear_probe(
         train_set: yields ``(views, label, index)``: augmented views when ``cfg.augment``, else one
             deterministic view; ``test_set`` always one deterministic view.
         cfg: epochs, lr, optimizer, schedule, batch size.
-        on_device: Render the views on ``device`` from a device-resident copy of the images (``train_set`` and
-            ``test_set`` must then be ``ViewDataset`` objects, optionally inside subsets) instead of in
-            ``workers`` CPU workers.
+        on_device: Render the views on ``device`` (``train_set`` and ``test_set`` must then be ``ViewDataset``
+            objects, optionally inside subsets) instead of in ``workers`` CPU workers.
 
     Returns:
         ``top1``, ``top5`` (percent, final epoch), the settings, and ``backbone_unchanged``.
