@@ -67,6 +67,11 @@ def declared_size(dataset: Any) -> tuple[int, int] | None:
     return None if size is None else (int(size[0]), int(size[1]))
 
 
+def decoded_per_batch(dataset: Any) -> bool:
+    """Whether the GPU pipeline decodes ``dataset`` batch by batch: image files with no declared common size."""
+    return file_paths(dataset) is not None and declared_size(dataset) is None
+
+
 def image_shape(dataset: Any) -> tuple[int, int, int] | None:
     """``(C, H, W)`` the store would hold, known without decoding anything, or None if only decoding can tell."""
     view = _array_view(dataset)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from contrastlab.data.device_images import DeviceImages, declared_size, file_paths
+from contrastlab.data.device_images import DeviceImages, decoded_per_batch, file_paths
 from contrastlab.data.jpeg import decode_images, pad_to_canvas
 from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
@@ -228,7 +228,7 @@ class DeviceEvalLoader:
         self._positions: torch.Tensor | None = None  # row of each sample in the store, on the device
         self.generator = torch.Generator(device=self.device)
         self._files: FileViewLoader | None = None  # image files of various sizes: decoded per batch
-        if store is None and file_paths(self.base) is not None and declared_size(self.base) is None:
+        if store is None and decoded_per_batch(self.base):
             files = self.base.dataset if isinstance(self.base, IndexedSubset) else self.base
             self._files = FileViewLoader(self.base, self.views, self.device, seed=0, workers=workers,
                                          bad_images=getattr(files, "bad_images", "fail"),

@@ -48,13 +48,7 @@ from contrastlab.config.derived import Derived, derive
 from contrastlab.config.load import dump_config
 from contrastlab.config.schema import Config
 from contrastlab.data.base import BAD_IMAGE_POLICIES
-from contrastlab.data.device_images import (
-    DeviceImages,
-    declared_size,
-    file_paths,
-    fits_on_device,
-    image_shape,
-)
+from contrastlab.data.device_images import DeviceImages, decoded_per_batch, fits_on_device, image_shape
 from contrastlab.data.device_loader import DeviceEvalLoader, DeviceViewLoader, FileViewLoader
 from contrastlab.data.samplers import MPerClassSampler
 from contrastlab.engine import distributed as dist
@@ -378,7 +372,7 @@ class Trainer:
                 self.log(f"data.pipeline=auto: views rendered in {self.cfg.data.workers} CPU workers ({why})")
                 return None
         views = BatchViews.from_view_dataset(self.train_set)
-        if file_paths(base) is not None and declared_size(base) is None:  # files of various sizes: decoded per batch
+        if decoded_per_batch(base):  # files of various sizes
             self.log(f"data.pipeline: {self.cfg.data.workers} workers read the image files, {self.device} decodes "
                      "and renders each batch")
             return FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, self.cfg.data.workers,

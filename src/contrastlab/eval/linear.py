@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from contrastlab.config.schema import LinearConfig
-from contrastlab.data.device_images import DeviceImages, declared_size, file_paths
+from contrastlab.data.device_images import DeviceImages, decoded_per_batch
 from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader, evaluation_loader
 from contrastlab.engine.optim import LARC, LARS
 from contrastlab.errors import ConfigError
@@ -75,17 +75,19 @@ class _ShuffledDeviceViews:
         if not isinstance(train_set, ViewDataset):
             raise TypeError(f"linear_probe(on_device=True) renders a ViewDataset, got {type(train_set).__name__}")
         base, views = train_set.dataset, BatchViews.from_view_dataset(train_set)
-        if file_paths(base) is not None and declared_size(base) is None:
+        if decoded_per_batch(base):
             self.loader: DeviceViewLoader | FileViewLoader = FileViewLoader(base, views, device, seed, workers=workers)
         else:
             self.loader = DeviceViewLoader(DeviceImages.from_dataset(base, device), views, seed)
         self.size, self.batch_size, self.generator, self.epoch = len(base), batch_size, generator, 0
 
     def __iter__(self):
+        """One epoch (the next: each pass is one)."""
         order = torch.randperm(self.size, generator=self.generator)
         batches = [b.tolist() for b in order.split(self.batch_size)]
         yield from self.loader(batches[:-1], self.epoch)  # one index table needs equal batches: the last apart
         yield from self.loader(batches[-1:], self.epoch, start=len(batches) - 1)
+        self.epoch += 1
 
 
 def linear_probe(
@@ -155,8 +157,6 @@ def linear_probe(
             group["lr"] = _epoch_lr(cfg, epoch)
         classifier.train()
         total, count = torch.zeros((), device=device), 0  # the loss sum stays on the device: no sync per step
-        if isinstance(train_loader, _ShuffledDeviceViews):
-            train_loader.epoch = epoch
         for x, y, _ in train_loader:
             if cfg.augment:
                 x = x[0] if isinstance(x, (list, tuple)) else x
