@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,6 +117,34 @@ def test_checkpoint_atomic_and_errors(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not written by contrastlab"):
         load_checkpoint(foreign)
+
+
+_SAVE_PAST_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys, torch
+from contrastlab.engine.checkpoint import FORMAT, atomic_save
+from contrastlab.errors import CheckpointError
+path = sys.argv[1]
+atomic_save({"format": FORMAT, "epoch": 1, "method": {"w": torch.ones(1000)}}, path)  # small: fits
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    atomic_save({"format": FORMAT, "epoch": 2, "method": {"w": torch.ones(1 << 20)}}, path)  # 4 MB: does not
+except CheckpointError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_old_one_survives(tmp_path):
+    """A real failed write (the OS refuses bytes past a file-size limit, as a full disk does) mid-stream."""
+    path = tmp_path / "last.pt"
+    done = subprocess.run([sys.executable, "-c", _SAVE_PAST_A_FILE_SIZE_LIMIT, str(path)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"could not write checkpoint {path} (File too large; it needs about 4 MB" in done.stdout
+    assert "previous checkpoint there, if any, is unchanged" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]  # no temp file left
+    assert load_checkpoint(path)["epoch"] == 1
 
 
 def _save_linear(path, epoch: int) -> None:

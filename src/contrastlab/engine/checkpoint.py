@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -84,10 +85,45 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); the previous "
-                              "checkpoint there, if any, is unchanged. Free disk space or choose another out=DIR, "
-                              "then resume with resume=auto") from exc
+    except (OSError, RuntimeError) as exc:
+        # Streaming into the file, torch.save reports a failed write (disk full, file too large) as the OSError
+        # itself or as a RuntimeError from its zip writer raised while handling it.
+        failure = _os_error_in(exc)
+        if failure is None:
+            raise
+        raise CheckpointError(f"could not write checkpoint {path} ({failure.strerror or failure}; it needs about "
+                              f"{_tensor_bytes(obj) / 2**20:.0f} MB, {_free_bytes(path.parent) / 2**20:.0f} MB "
+                              "are free there); the previous checkpoint there, if any, is unchanged. Free disk "
+                              "space or choose another out=DIR, then resume with resume=auto") from exc
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The first :class:`OSError` in ``exc``'s chain of causes and contexts, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list (the bulk of a checkpoint's size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 def verify_checksum(path: str | os.PathLike) -> bool | None:
