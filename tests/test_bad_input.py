@@ -137,7 +137,8 @@ def test_damaged_image_files_fail_naming_the_file_or_are_skipped(tmp_path_factor
     assert damaged_yet_readable == (not skipped)
 
 
-def test_skip_mode_counts_bad_images_in_the_metrics(tmp_path):
+@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])  # gpu: files decoded per batch by the renderer's device
+def test_skip_mode_counts_bad_images_in_the_metrics(tmp_path, pipeline):
     rng = np.random.default_rng(2)
     for cls in ("a", "b"):
         (tmp_path / "data" / "train" / cls).mkdir(parents=True)
@@ -149,7 +150,7 @@ def test_skip_mode_counts_bad_images_in_the_metrics(tmp_path):
     (tmp_path / "data" / "train" / "a" / "3.png").write_bytes(b"not an image")
     args = ["train", "demo", f"out={tmp_path / 'run'}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}",
             "data.test_split=val", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.epochs=1",
-            "train.device=cpu", "model.width=0.25", "monitor.plots=false", "monitor.knn_k=3"]
+            "train.device=cpu", "model.width=0.25", "monitor.plots=false", "monitor.knn_k=3", f"data.pipeline={pipeline}"]
     assert main(args) == 2  # fail (the default) names the file
     assert main([*args, "overwrite=true", "data.bad_images=skip"]) == 0
     import json

@@ -242,7 +242,8 @@ def test_file_loader_names_a_corrupt_file_or_skips_it(tmp_path) -> None:
     with pytest.raises(DatasetError, match="zz_bad.jpg.*data.bad_images=skip"):
         list(FileViewLoader(data, views, torch.device("cpu"), seed=0, workers=0)([[0, bad]], 0))
     log = tmp_path / "bad.txt"
-    loader = FileViewLoader(data, views, torch.device("cpu"), seed=0, workers=0, bad_images="skip", bad_image_log=log)
+    data.set_bad_images("skip", log)  # the dataset's policy (data.bad_images) is the loader's
+    loader = FileViewLoader(IndexedSubset(data, range(len(data))), views, torch.device("cpu"), seed=0, workers=0)
     _, labels, index = next(iter(loader([[bad, 0]], 0)))
     assert index.tolist() == [0, 0] and labels.tolist() == [data.targets[0]] * 2
     assert "zz_bad.jpg" in log.read_text()

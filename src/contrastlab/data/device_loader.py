@@ -113,9 +113,10 @@ class FileViewLoader:
     batch at once (:func:`~contrastlab.data.jpeg.decode_images`; JPEG on the GPU, anything else on the CPU)
     and the batched renderer makes the views.
 
-    A file that does not decode raises :class:`~contrastlab.errors.DatasetError` naming it; with
-    ``bad_images="skip"`` it is listed in ``bad_image_log`` and replaced by the batch's first readable sample
-    (its image, label and index), as the CPU path replaces it by the next readable one.
+    A file that does not decode raises :class:`~contrastlab.errors.DatasetError` naming it. When the dataset's
+    policy is to skip them (``FileDataset.set_bad_images("skip", log)``, i.e. ``data.bad_images=skip``) it is
+    listed in that log and replaced by the batch's first readable sample (its image, label and index), as the
+    CPU path replaces it by the next readable one.
 
     Args:
         dataset: A FileDataset (or a subset of one).
@@ -124,18 +125,19 @@ class FileViewLoader:
         seed: The run's seed.
         rank: This process's rank.
         workers: DataLoader workers reading the files.
-        bad_images: ``fail`` or ``skip``.
-        bad_image_log: Where skipped files are listed.
     """
 
     def __init__(self, dataset: Any, views: BatchViews, device: torch.device, seed: int, rank: int = 0,
-                 workers: int = 4, bad_images: str = "fail", bad_image_log: Path | None = None) -> None:
+                 workers: int = 4) -> None:
         paths = file_paths(dataset)
         if paths is None:
             raise DatasetError(f"{type(dataset).__name__} is not a dataset of image files")
         self.files = _FileBytes(paths, dataset.targets)
         self.views, self.device, self.seed, self.rank, self.workers = views, device, int(seed), int(rank), workers
-        self.bad_images, self.bad_image_log = bad_images, bad_image_log
+        files = dataset
+        while isinstance(files, IndexedSubset):
+            files = files.dataset
+        self.bad_images, self.bad_image_log = files.bad_images, files.bad_image_log  # the dataset's own policy
         self.generator = torch.Generator(device=device)
 
     def _decode(self, blobs: list[torch.Tensor], labels: torch.Tensor,
@@ -209,8 +211,8 @@ class DeviceEvalLoader:
         device: Where to render.
         batch_size: Images per batch.
         store: The base dataset already on ``device`` (the training store), or None to copy what is needed.
-        workers: For image files of various sizes: the workers reading them. Unreadable files are handled
-            as the dataset's own ``set_bad_images`` policy says (``data.bad_images``).
+        workers: For image files of various sizes: the workers reading them (unreadable files: see
+            :class:`FileViewLoader`).
     """
 
     def __init__(self, dataset: Any, device: torch.device, batch_size: int = 256,
@@ -229,10 +231,7 @@ class DeviceEvalLoader:
         self.generator = torch.Generator(device=self.device)
         self._files: FileViewLoader | None = None  # image files of various sizes: decoded per batch
         if store is None and decoded_per_batch(self.base):
-            files = self.base.dataset if isinstance(self.base, IndexedSubset) else self.base
-            self._files = FileViewLoader(self.base, self.views, self.device, seed=0, workers=workers,
-                                         bad_images=getattr(files, "bad_images", "fail"),
-                                         bad_image_log=getattr(files, "bad_image_log", None))
+            self._files = FileViewLoader(self.base, self.views, self.device, seed=0, workers=workers)
 
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size

@@ -375,8 +375,7 @@ class Trainer:
         if decoded_per_batch(base):  # files of various sizes
             self.log(f"data.pipeline: {self.cfg.data.workers} workers read the image files, {self.device} decodes "
                      "and renders each batch")
-            return FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, self.cfg.data.workers,
-                                  self.cfg.data.bad_images, self.bad_image_log)
+            return FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, self.cfg.data.workers)
         t0 = time.perf_counter()
         store = DeviceImages.from_dataset(base, self.device)
         loader = DeviceViewLoader(store, views, self.cfg.seed, self.rank)
