@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from contrastlab.config.load import load_config
 from contrastlab.engine.trainer import train
@@ -81,7 +82,7 @@ def test_classification_monitor_matches_a_direct_count():
     method = _mcl(peers=2)
     images, labels = _images(3, 20), torch.randint(0, C, (20,))
     data = [([images[i]], int(labels[i]), i) for i in range(20)]
-    result = ClassificationMonitor(data, batch_size=6).evaluate(method)
+    result = ClassificationMonitor(DataLoader(data, batch_size=6)).evaluate(method)
     assert method.training  # the monitor restores the mode
     method.eval()
     with torch.no_grad():

@@ -320,9 +320,7 @@ class Trainer:
             self.knn = assemble.knn_monitor(cfg, bank_base, test_base, self.device, batch_size=batch,
                                             on_device=on_device, store=store)
             if type(method).predict is not Method.predict:  # the method has classifiers: test accuracy too
-                self.classifier_monitor = ClassificationMonitor(
-                    assemble.evaluation_views(cfg, test_base), batch_size=batch, workers=cfg.data.workers,
-                    max_test=cfg.monitor.max_test, device=self.device, on_device=on_device)
+                self.classifier_monitor = ClassificationMonitor(self.knn.test_loader, self.device)
         self.progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every,
                                  enabled=self.main and not quiet)
         self.knn_top1: float | None = None

@@ -11,28 +11,24 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 
-from contrastlab.data.device_loader import evaluation_loader
-from contrastlab.observers.knn_monitor import _subset
+from contrastlab.data.device_loader import DeviceEvalLoader
 
 
 class ClassificationMonitor:
     """Top-1 accuracy of each classifier head of a method on a test set.
 
     Args:
-        test_set: yields ``(views, label, index)`` with one evaluation view.
-        batch_size / workers: DataLoader settings.
-        max_test: a random subset (fixed seed) of at most this many images; 0 = all.
+        loader: In-order batches ``(views, labels, index)`` of one evaluation view per test image, with a
+            ``dataset`` (:func:`~contrastlab.data.device_loader.evaluation_loader`). The trainer passes the kNN
+            monitor's test loader, so the two monitors read (and, on the device, hold) one copy of the test split.
         device: where the method runs.
-        on_device: Render the test views on ``device`` instead of in CPU workers.
     """
 
-    def __init__(self, test_set: Dataset, *, batch_size: int = 256, workers: int = 0, max_test: int = 0,
-                 device: torch.device | str = "cpu", on_device: bool = False) -> None:
+    def __init__(self, loader: DataLoader | DeviceEvalLoader, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.loader = evaluation_loader(_subset(test_set, max_test, 1), batch_size=batch_size, workers=workers,
-                                        device=self.device, on_device=on_device)
+        self.loader = loader
 
     @torch.no_grad()
     def evaluate(self, method: nn.Module) -> dict[str, float]:
