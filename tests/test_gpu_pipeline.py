@@ -183,6 +183,12 @@ def test_bench_measures_every_part_and_writes_consistent_ratios(tmp_path) -> Non
     e = evaluation["results"]
     assert evaluation["eval_over_cpu_eval"] == pytest.approx(e["eval"]["img_per_s"] / e["cpu_eval"]["img_per_s"])
     assert any(line.startswith("eval / cpu eval") for line in lines)
+    compiled = run_benchmark(cfg, images=32, steps=2, warmup=1, parts=("render", "compiled_render"), log=lines.append)
+    c = compiled["results"]
+    assert (c["render"]["name"], c["compiled_render"]["name"]) == ("render", "render compiled")
+    assert compiled["compiled_render_over_render"] == pytest.approx(c["compiled_render"]["img_per_s"] /
+                                                                   c["render"]["img_per_s"])
+    assert any(line.startswith("compiled / eager") for line in lines)
 
 
 def test_demo_trains_through_the_gpu_pipeline_with_a_compiled_step(tmp_path) -> None:
@@ -199,6 +205,23 @@ def test_demo_trains_through_the_gpu_pipeline_with_a_compiled_step(tmp_path) -> 
     assert json.loads((tmp_path / "run.json").read_text())["input_pipeline"] == "gpu-resident"
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["loss"]) and record["loss"] > 0
+
+
+def test_compiled_views_train_as_the_eager_views_do(tmp_path) -> None:
+    """data.compile_views=true: the same run, the same losses as the eager renderer (pixels equal to float
+    rounding), and run.json says the views were compiled."""
+    from contrastlab.engine.trainer import Trainer
+
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        trainer = Trainer(load_config("demo", [*_tiny_run(out), "data.pipeline=gpu", "train.log_every=1",
+                                               f"data.compile_views={str(compiled).lower()}"]), "demo", quiet=True)
+        trainer.run()
+        assert trainer.device_views.views.compile is compiled and trainer.device_views.views.compile_error is None
+        assert json.loads((out / "run.json").read_text())["views_compiled"] is compiled
+        losses[compiled] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def _image_tree(root, sizes, bad: bool = False) -> None:

@@ -234,15 +234,75 @@ def test_renderer_runs_every_recipe_without_reading_device_values(monkeypatch) -
         assert [tuple(v.shape) for v in out] == [(16, 3, 32, 32)] * 2
 
 
+def _all_stages_recipe():
+    """BYOL's second view with every stage firing half the time (jitter incl. hue, grayscale, blur, solarize, flip)."""
+    return make_photometric("byol", 1, MEAN, STD, blur_prob=0.5, solarize_prob=0.5, grayscale_prob=0.5)
+
+
+def test_compiled_views_render_the_pixels_of_the_eager_renderer() -> None:
+    """data.compile_views: the same draws through torch.compile give the eager renderer's pixels (float rounding)."""
+    from torch._dynamo.utils import counters
+
+    from contrastlab.views import make_planner
+    from contrastlab.views.batch_views import BatchViews
+
+    recipe = _all_stages_recipe()
+    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    eager = BatchViews(make_planner("random_resized"), [24, 24], [recipe, recipe])
+    compiled = BatchViews(make_planner("random_resized"), [24, 24], [recipe, recipe], compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for seed in (3, 4):  # the second batch reuses the compiled code
+        expected = eager(images, torch.arange(64), torch.Generator().manual_seed(seed))
+        got = compiled(images, torch.arange(64), torch.Generator().manual_seed(seed))
+        for a, b in zip(expected, got):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert compiled.compile and compiled.compile_error is None
+    assert counters["stats"]["unique_graphs"] > graphs  # it did go through Dynamo
+
+
+_COMPILE_WITHOUT_A_COMPILER = """
+import torch
+from contrastlab.views import make_photometric, make_planner
+from contrastlab.views.batch_views import BatchViews
+recipe = make_photometric("simclr", 0, (0.5,) * 3, (0.25,) * 3)
+images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
+messages = []
+views = BatchViews(make_planner("random_resized", num_views=1), [16], [recipe], compile=True)
+views.log = messages.append
+got = views(images, torch.arange(8), torch.Generator().manual_seed(0))[0]
+expected = BatchViews(make_planner("random_resized", num_views=1), [16], [recipe])(images, torch.arange(8),
+                                                                         torch.Generator().manual_seed(0))[0]
+assert torch.equal(got, expected) and not views.compile, views.compile_error
+print(messages[0])
+"""
+
+
+def test_views_are_rendered_eagerly_when_compiling_them_fails(tmp_path) -> None:
+    """A machine without a C++ compiler (inductor's CXX points nowhere, fresh cache): the batch is rendered eagerly,
+    the same pixels, and the failure is reported once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_WITHOUT_A_COMPILER], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("data.compile_views: compiling the views failed (")
+    assert done.stdout.rstrip().endswith("rendering them eagerly")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect synchronisations")
-def test_renderer_runs_without_synchronising_on_cuda() -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_renderer_runs_without_synchronising_on_cuda(compiled: bool) -> None:
     recipes = [make_photometric("byol", v, MEAN, STD) for v in range(2)]
     g = torch.Generator(device="cuda").manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     boxes = torch.tensor([[1.0, 2.0, 30.0, 31.0]], device="cuda").expand(64, 2, 4)
-    gr.render_views(images, boxes, [32, 32], recipes, g)  # warm the caches
+    render = gr.compiled_render_view() if compiled else gr.render_view
+    gr.render_views(images, boxes, [32, 32], recipes, g, render=render)  # warm the caches (and compile)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gr.render_views(images, boxes, [32, 32], recipes, g)
+        gr.render_views(images, boxes, [32, 32], recipes, g, render=render)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -10,7 +10,10 @@ For one recipe, on synthetic data of a chosen shape, on one device:
 - **cpu**: a plain torchvision pipeline, as the published codebases feed it: PIL images, ``RandomResizedCrop``,
   flip, ``ColorJitter`` (p 0.8), ``RandomGrayscale`` (0.2), blur if the recipe blurs, ``ToTensor``,
   ``Normalize``, two views, in ``--workers`` DataLoader workers with pinned memory;
-- **render**: the batched renderer alone (plan, crop, resize, photometric ops of every view), no model;
+- **render**: the batched renderer alone (plan, crop, resize, photometric ops of every view), no model; it and
+  **gpu** render eagerly unless the recipe sets ``data.compile_views=true``;
+- **compiled_render** (on request): the renderer alone with every view through ``torch.compile``
+  (``data.compile_views``), compiled during the warm-up; with **render** it prints the ratio of the two;
 - **cpu_render**: the torchvision pipeline alone (workers, collation, pinned copies), no model;
 - **eval** / **cpu_eval** (on request): the kNN monitor's feature pass, the backbone in eval mode on one
   deterministic evaluation view per image, the views rendered from the device store
@@ -51,7 +54,7 @@ from contrastlab.engine.trainer import PRECISIONS, compile_model, select_device
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.photometric import blur_kernel_size
 
-PARTS = ("model", "gpu", "cpu", "render", "cpu_render", "eval", "cpu_eval")
+PARTS = ("model", "gpu", "cpu", "render", "cpu_render", "eval", "cpu_eval", "compiled_render")
 """Every measurable part (see the module docstring); the first five run by default."""
 
 SHAPES = {"cifar": (32, 32), "imagenet": (256, 320)}
@@ -228,10 +231,9 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
     height, width = SHAPES[shape]
     n = images or min(max(4 * batch, 1024), 50_000)
     data = SyntheticImages(synthetic_images(n, height, width, cfg.seed))
-    views = BatchViews.from_view_dataset(assemble.training_views(cfg, data))
+    views = BatchViews.from_view_dataset(assemble.training_views(cfg, data), compile=cfg.data.compile_views)
     store = DeviceImages.from_dataset(data, device)
     count = warmup + steps
-    loader = DeviceViewLoader(store, views, cfg.seed)
     blobs = None
     if jpeg:
         blobs = [torchvision.io.encode_jpeg(torch.from_numpy(im).permute(2, 0, 1).contiguous(), quality=90)
@@ -240,11 +242,11 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
     step = TrainStep(cfg, device, compile_step) if {"model", "gpu", "cpu"} & set(parts) else None
     results: dict[str, Measurement] = {}
 
-    def gpu_batches():
+    def gpu_batches(views: BatchViews = views):
         batches = _random_batches(n, batch, count, cfg.seed)
         if blobs is not None:
             return _jpeg_batches(blobs, store.targets, views, batches, cfg.seed, device)
-        return loader(batches, epoch=0)
+        return DeviceViewLoader(store, views, cfg.seed)(batches, epoch=0)
 
     if "model" in parts:
         fixed = next(iter(gpu_batches()))
@@ -253,8 +255,14 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
         results["gpu"] = time_loop("gpu" + ("+jpeg" if jpeg else ""), gpu_batches(), step, batch, steps, warmup,
                                    device)
     if "render" in parts:
-        results["render"] = time_loop("render" + ("+jpeg" if jpeg else ""), gpu_batches(), None, batch, steps,
-                                      warmup, device)
+        results["render"] = time_loop("render" + ("+jpeg" if jpeg else "") + (" compiled" if views.compile else ""),
+                                      gpu_batches(), None, batch, steps, warmup, device)
+    if "compiled_render" in parts:
+        compiled = BatchViews.from_view_dataset(assemble.training_views(cfg, data), compile=True)
+        results["compiled_render"] = time_loop("render" + ("+jpeg" if jpeg else "") + " compiled",
+                                               gpu_batches(compiled), None, batch, steps, warmup, device)
+        if compiled.compile_error:
+            log(f"compiled_render ran eagerly: {compiled.compile_error}")
     if "cpu" in parts or "cpu_render" in parts:
         baseline = TorchvisionTwoViews(data, torchvision_transform(cfg))
         cpu_loader = DataLoader(baseline, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
@@ -283,7 +291,8 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
     summary = {
         "recipe_description": cfg.description, "shape": shape, "source_size": [height, width],
         "view_size": assemble.image_size(cfg), "batch_size": batch, "images": n, "steps": steps, "warmup": warmup,
-        "workers": workers, "jpeg": jpeg, "compile": compile_step, "precision": cfg.train.precision,
+        "workers": workers, "jpeg": jpeg, "compile": compile_step, "compile_views": views.compile,
+        "precision": cfg.train.precision,
         "channels_last": cfg.model.channels_last, "device": _device_name(device),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "contrastlab": __version__,
         "results": {k: asdict(v) for k, v in results.items()},
@@ -294,6 +303,8 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
         summary["gpu_over_cpu"] = results["gpu"].img_per_s / results["cpu"].img_per_s
     if "render" in results and "cpu_render" in results:
         summary["render_over_cpu_render"] = results["render"].img_per_s / results["cpu_render"].img_per_s
+    if "compiled_render" in results and "render" in results:
+        summary["compiled_render_over_render"] = results["compiled_render"].img_per_s / results["render"].img_per_s
     if "eval" in results and "cpu_eval" in results:
         summary["eval_over_cpu_eval"] = results["eval"].img_per_s / results["cpu_eval"].img_per_s
     if "gpu" in results:
@@ -319,7 +330,8 @@ def format_table(summary: dict) -> list[str]:
         peak = "-" if m["peak_memory_mib"] is None else f"{m['peak_memory_mib']:.0f}"
         lines.append(f"{m['name']:<22}{m['img_per_s']:>12,.0f}{peak:>12}")
     for key, label in (("gpu_over_model", "gpu / model"), ("gpu_over_cpu", "gpu / cpu"),
-                       ("render_over_cpu_render", "render / cpu render"), ("eval_over_cpu_eval", "eval / cpu eval")):
+                       ("render_over_cpu_render", "render / cpu render"),
+                       ("compiled_render_over_render", "compiled / eager"), ("eval_over_cpu_eval", "eval / cpu eval")):
         if key in summary:
             lines.append(f"{label:<22}{summary[key]:>12.2f}")
     if "epoch_50k_seconds" in summary:

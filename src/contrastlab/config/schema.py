@@ -32,6 +32,7 @@ class DataConfig:
     bad_images: str = "fail"  #: unreadable image files: fail (naming the file) | skip (counted, listed in <out>/bad_images.txt)
     workers: int = 4  #: DataLoader workers per rank
     pipeline: str = "auto"  #: gpu (dataset held on the device, views rendered there in batches) | cpu (DataLoader workers) | auto (gpu when training on a GPU and the dataset fits)
+    compile_views: bool = False  #: gpu pipeline: torch.compile the batched renderer (its element-wise ops fused into a few kernels; compiled on the first batch)
     image_size: int | None = None  #: training crop size; None = the dataset's native size
 
 

@@ -369,7 +369,8 @@ class Trainer:
             if not fits:
                 self.log(f"data.pipeline=auto: views rendered in {self.cfg.data.workers} CPU workers ({why})")
                 return None
-        views = BatchViews.from_view_dataset(self.train_set)
+        views = BatchViews.from_view_dataset(self.train_set, compile=self.cfg.data.compile_views)
+        views.log = self.log
         if decoded_per_batch(base):  # files of various sizes
             self.log(f"data.pipeline: {self.cfg.data.workers} workers read the image files, {self.device} decodes "
                      "and renders each batch")
@@ -379,7 +380,9 @@ class Trainer:
         loader = DeviceViewLoader(store, views, self.cfg.seed, self.rank)
         if choice == "auto":  # a trial batch first: auto falls back to the CPU workers rather than fail a run
             try:
+                views.compile = False  # the trial runs eagerly: compiling for its batch shape would be wasted
                 next(iter(loader([list(range(min(len(store), 8)))], epoch=-1)))
+                views.compile = self.cfg.data.compile_views
             except Exception as exc:  # noqa: BLE001 - any failure of the GPU path means: use the CPU path
                 self.log(f"data.pipeline=auto: the GPU pipeline failed a trial batch ({type(exc).__name__}: {exc}); "
                          f"views rendered in {self.cfg.data.workers} CPU workers instead. Set data.pipeline=gpu to "
@@ -454,6 +457,7 @@ class Trainer:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "contrastlab": __version__, "python": platform.python_version(),
             "input_pipeline": self._pipeline_name(),
+            "views_compiled": self.device_views is not None and self.cfg.data.compile_views,
         }, indent=2))
         if resume_path is None:
             self.metrics.path.unlink(missing_ok=True)

@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,7 +26,7 @@ from contrastlab.errors import ConfigError
 from contrastlab.views.batch_planners import joint_blur_batch, plan_batch
 from contrastlab.views.box_store import BoxStore
 from contrastlab.views.dataset import ViewDataset
-from contrastlab.views.gpu_render import render_views
+from contrastlab.views.gpu_render import compiled_render_view, render_views
 from contrastlab.views.joint_blur import JointBlur
 from contrastlab.views.photometric import PhotometricRecipe
 from contrastlab.views.planners import Planner
@@ -40,10 +41,14 @@ class BatchViews:
         photometrics: :class:`~contrastlab.views.photometric.PhotometricRecipe` of each view.
         joint_blur: JointBlur of the first two views, or None.
         independent_planner: The planner of JointBlur's pairs in ``either`` mode.
+        compile: Render each view through ``torch.compile`` (:func:`~contrastlab.views.gpu_render.
+            compiled_render_view`, ``data.compile_views``); if compiling fails, the views are rendered eagerly
+            from then on, ``compile_error`` says why and ``log`` (a warning by default) is told.
     """
 
     def __init__(self, planner: Planner, sizes: Sequence[int], photometrics: Sequence[PhotometricRecipe],
-                 joint_blur: JointBlur | None = None, independent_planner: Planner | None = None) -> None:
+                 joint_blur: JointBlur | None = None, independent_planner: Planner | None = None,
+                 compile: bool = False) -> None:
         if len(sizes) != planner.num_views or len(photometrics) != planner.num_views:
             raise ConfigError(f"the planner makes {planner.num_views} views but {len(sizes)} sizes and "
                               f"{len(photometrics)} photometric recipes were given")
@@ -57,12 +62,15 @@ class BatchViews:
         self.independent_planner = independent_planner
         self.pad = int(getattr(planner, "padding", 0)) if getattr(planner, "pads", False) else 0
         self._table: torch.Tensor | None = None
+        self.compile = compile
+        self.compile_error: str | None = None
+        self.log: Callable[[str], None] = lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     @classmethod
-    def from_view_dataset(cls, dataset: ViewDataset) -> BatchViews:
+    def from_view_dataset(cls, dataset: ViewDataset, compile: bool = False) -> BatchViews:
         """The batched renderer of the CPU ``ViewDataset`` ``dataset`` (same planner, sizes, recipes, JointBlur)."""
         return cls(dataset.planner, dataset.sizes, dataset.photometrics, dataset.joint_blur,
-                   dataset.independent_planner)
+                   dataset.independent_planner, compile=compile)
 
     @property
     def store(self) -> BoxStore | None:
@@ -95,4 +103,14 @@ class BatchViews:
             if self.joint_blur.mode == "either":
                 other = plan_batch(self.independent_planner, index, width, height, generator)
                 boxes = torch.where(use_joint[:, None, None], other, boxes)
+        if self.compile:
+            state = generator.get_state()  # host-side (seed, offset): no device read
+            try:
+                return render_views(images, boxes, self.sizes, self.photometrics, generator, sigmas, use_joint,
+                                    self.pad, render=compiled_render_view())
+            except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported backend: the eager renderer is exact too
+                self.compile, self.compile_error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                generator.set_state(state)  # the eager render draws what the failed attempt drew
+                self.log(f"data.compile_views: compiling the views failed ({self.compile_error}); rendering them "
+                         "eagerly")
         return render_views(images, boxes, self.sizes, self.photometrics, generator, sigmas, use_joint, self.pad)

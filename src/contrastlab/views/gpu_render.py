@@ -38,7 +38,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +49,16 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 """ITU-R 601-2 luma weights, as torchvision's ``rgb_to_grayscale``."""
 
 
-@functools.lru_cache(maxsize=256)
 def _constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A small constant tensor on ``device``, copied there once (a fresh copy each step would wait for the device)."""
+    """A small constant tensor on ``device``, copied there once (a fresh copy each step would wait for the device);
+    inside a compiled render, a constant of the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, device, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device)
 
 
@@ -185,9 +192,20 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.remainder(hue + shift.reshape(-1, 1, 1), 1.0), saturation, value)
 
 
-@functools.lru_cache(maxsize=32)
 def _reflect_taps(size: int, kernel: int, device: torch.device) -> torch.Tensor:
-    """``P [kernel, size, size]``: ``P[t, i, j] = 1`` when tap ``t`` of output ``i`` reads pixel ``j`` (reflect pad)."""
+    """``P [kernel, size, size]``: ``P[t, i, j] = 1`` when tap ``t`` of output ``i`` reads pixel ``j`` (reflect pad);
+    built once per shape and device (inside a compiled render: a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return _build_reflect_taps(size, kernel, device)
+    return _cached_reflect_taps(size, kernel, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_reflect_taps(size: int, kernel: int, device: torch.device) -> torch.Tensor:
+    return _build_reflect_taps(size, kernel, device)
+
+
+def _build_reflect_taps(size: int, kernel: int, device: torch.device) -> torch.Tensor:
     half = kernel // 2
     if half >= size:
         raise ValueError(f"a blur kernel of {kernel} pixels needs views larger than {half} pixels, got {size}")
@@ -350,10 +368,32 @@ def apply_photometric(x: torch.Tensor, recipe: PhotometricRecipe, draw: Photomet
     return (x - mean) / std
 
 
+def render_view(images: torch.Tensor, boxes: torch.Tensor, size: int, recipe: PhotometricRecipe,
+                draw: PhotometricDraw, pad: int = 0) -> torch.Tensor:
+    """One view of a batch: crop ``boxes [B, 4]``, resize to ``size``, flip, then ``recipe`` with the parameters
+    ``draw``; normalised float ``[B, 3, size, size]``. A pure function of its tensors (no random draw), so it
+    can be compiled (:func:`compiled_render_view`)."""
+    x = render_crops(images, boxes, size, draw.flip if recipe.flip_prob > 0 else None, pad)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return apply_photometric(x, recipe, draw)
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def compiled_render_view() -> Callable:
+    """:func:`render_view` through ``torch.compile`` (inductor, static shapes): its ~150 element-wise ops per view
+    fused into a few kernels. One compilation per view size, recipe and batch shape, on the first batch."""
+    if "render_view" not in _compiled:
+        _compiled["render_view"] = torch.compile(render_view)
+    return _compiled["render_view"]
+
+
 def render_views(images: torch.Tensor, boxes: torch.Tensor, sizes: Sequence[int],
                  recipes: Sequence[PhotometricRecipe], generator: torch.Generator,
                  blur_sigmas: torch.Tensor | None = None, use_joint_blur: torch.Tensor | None = None,
-                 pad: int = 0) -> list[torch.Tensor]:
+                 pad: int = 0, render: Callable = render_view) -> list[torch.Tensor]:
     """Every view of a batch: crop, resize, flip and the view's photometric recipe, all batched.
 
     Args:
@@ -365,6 +405,7 @@ def render_views(images: torch.Tensor, boxes: torch.Tensor, sizes: Sequence[int]
         blur_sigmas: ``[B, 2]`` JointBlur sigmas of the first two views, used where ``use_joint_blur`` holds.
         use_joint_blur: ``[B]`` bool.
         pad: How far boxes may leave the image (padded crops).
+        render: :func:`render_view` or its compiled form (:func:`compiled_render_view`).
 
     Returns:
         ``V`` normalised float views ``[B, 3, S_v, S_v]``.
@@ -374,8 +415,5 @@ def render_views(images: torch.Tensor, boxes: torch.Tensor, sizes: Sequence[int]
         draw = draw_photometric(recipe, images.shape[0], generator)
         if blur_sigmas is not None and use_joint_blur is not None and v < 2:
             draw.sigma = torch.where(use_joint_blur, blur_sigmas[:, v].to(draw.sigma.dtype), draw.sigma)
-        x = render_crops(images, boxes[:, v], size, draw.flip if recipe.flip_prob > 0 else None, pad)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        views.append(apply_photometric(x, recipe, draw))
+        views.append(render(images, boxes[:, v], size, recipe, draw, pad))
     return views
