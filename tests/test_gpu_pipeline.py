@@ -183,6 +183,7 @@ def test_bench_measures_every_part_and_writes_consistent_ratios(tmp_path) -> Non
     e = evaluation["results"]
     assert evaluation["eval_over_cpu_eval"] == pytest.approx(e["eval"]["img_per_s"] / e["cpu_eval"]["img_per_s"])
     assert any(line.startswith("eval / cpu eval") for line in lines)
+    cfg.data.batch_size = 16  # the shapes test_compiled_views_train_as_the_eager_views_do renders: one compilation
     compiled = run_benchmark(cfg, images=32, steps=2, warmup=1, parts=("render", "compiled_render"), log=lines.append)
     c = compiled["results"]
     assert (c["render"]["name"], c["compiled_render"]["name"]) == ("render", "render compiled")
