@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# torch.compile (data.compile_views tests): on CI's 2 cores, inductor's pool of compile workers costs more than it
+# saves (a cold compile of the renderer took 35 s with the pool, 25 s without).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @pytest.fixture(scope="module")

@@ -264,7 +264,7 @@ _COMPILE_WITHOUT_A_COMPILER = """
 import torch
 from contrastlab.views import make_photometric, make_planner
 from contrastlab.views.batch_views import BatchViews
-recipe = make_photometric("simclr", 0, (0.5,) * 3, (0.25,) * 3)
+recipe = make_photometric("none", 0, (0.5,) * 3, (0.25,) * 3)
 images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
 messages = []
 views = BatchViews(make_planner("random_resized", num_views=1), [16], [recipe], compile=True)
