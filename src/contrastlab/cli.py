@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg", action="store_true", help="GPU pipeline decodes JPEG bytes per batch (ImageFolder)")
     p.add_argument("--compile", action="store_true", help="torch.compile the method's forward")
     p.add_argument("--parts", default="model,gpu,cpu,render,cpu_render",
-                   help="comma-separated parts: model,gpu,cpu,render,cpu_render (the default) and eval,cpu_eval "
-                   "(the kNN monitor's feature pass, views from the device store or CPU workers)")
+                   help="comma-separated parts: model,gpu,cpu,render,cpu_render (the default), eval,cpu_eval "
+                   "(the kNN monitor's feature pass, views from the device store or CPU workers) and "
+                   "compiled_render (the renderer through torch.compile, data.compile_views)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
 
