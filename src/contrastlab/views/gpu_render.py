@@ -148,12 +148,6 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
-def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``clamp(f x + (1 - f) other, 0, 1)`` with one factor per sample (torchvision's ``_blend``)."""
-    f = _per_sample(factor)
-    return (f * x + (1.0 - f) * other).clamp(0.0, 1.0)
-
-
 def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hue (in turns, 0..1), saturation and value of RGB images ``[B, 3, H, W]`` on the 0..1 scale."""
     r, g, b = x.unbind(1)
@@ -305,39 +299,54 @@ def draw_photometric(recipe: PhotometricRecipe, batch: int, generator: torch.Gen
                            sigma=sigma, solarize=coins[:, 3], flip=coins[:, 4])
 
 
-def _blend_stage(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """One jitter stage of the three blend ops: sample ``b`` runs op ``op[b]`` (0 brightness, 1 contrast,
-    2 saturation) where ``active[b]``; elsewhere (and for op 3, hue) the blend factor is 1, the identity."""
-    run = active & (op < 3)
-    factor = torch.where(run, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], torch.ones_like(factors[:, 0]))
+def _blend_weights(order: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights ``[3, B, 4]`` of the blend at each jitter stage: ``(f, (1 - f) [contrast], (1 - f)
+    [saturation])``, so that stage ``k`` maps ``x`` to ``clamp(f x + w_mean mean(gray(x)) + w_gray gray(x), 0, 1)``.
+
+    Sample ``b`` runs op ``order[b, k]`` (0 brightness: partner black, 1 contrast: partner the grayscale mean,
+    2 saturation: partner the grayscale image) where ``active[b, k]``; elsewhere (and for op 3, hue) the stage
+    is the identity ``f = 1``, zero weights. Each weight is zero or ``(1 - f)``, so the sum is bit for bit
+    torchvision's ``f x + (1 - f) partner``.
+    """
+    run = active & (order < 3)
+    f = torch.where(run, factors.gather(1, order.clamp(max=2)), torch.ones_like(factors))
+    rest = 1.0 - f
+    zero = torch.zeros_like(f)
+    return torch.stack([f, torch.where(order == 1, rest, zero), torch.where(order == 2, rest, zero)])
+
+
+def _blend_stage(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One jitter stage of the three blend ops with per-sample ``weights [3, B]`` (:func:`_blend_weights`)."""
+    f, w_mean, w_gray = (_per_sample(w) for w in weights)
     gray = grayscale(x)
-    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-    zero = torch.zeros((), device=x.device)
-    partner = torch.where(_per_sample(op == 0), zero, torch.where(_per_sample(op == 1), mean, gray))
-    return blend(x, partner, factor)
+    return (f * x + w_mean * gray.mean(dim=(1, 2, 3), keepdim=True) + w_gray * gray).clamp(0.0, 1.0)
 
 
 def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, with_hue: bool = True) -> torch.Tensor:
     """torchvision's ``ColorJitter`` with per-sample op order and factors (identity factors: no change).
 
     Brightness, contrast and saturation are one blend per stage whose partner (black, the grayscale mean, the
-    grayscale image) and factor are chosen per sample. The hue op, the costly one, runs once for the whole batch:
-    first every sample's blends *before* its hue stage, then the hue shift, then its blends *after* it, which is
-    the same sequence of ops per sample as running the four stages in order. ``with_hue=False`` (no hue jitter in
-    the recipe) runs the four blend stages only.
+    grayscale image) and factor are chosen per sample; the weights of all stages are computed at once
+    (:func:`_blend_weights`). The hue op, the costly one, runs once for the whole batch: first every sample's
+    blends *before* its hue stage, then the hue shift, then its blends *after* it, which is the same sequence of
+    ops per sample as running the four stages in order. ``with_hue=False`` (no hue jitter in the recipe) runs the
+    four blend stages only.
     """
-    all_stages = torch.ones_like(order[:, 0], dtype=torch.bool)
     if not with_hue:
+        weights = _blend_weights(order, factors, torch.ones_like(order, dtype=torch.bool))
         for stage in range(4):
-            x = _blend_stage(x, order[:, stage], factors, all_stages)
+            x = _blend_stage(x, weights[:, :, stage])
         return x
-    hue_stage = (order == 3).int().argmax(dim=1)
+    hue_stage = (order == 3).int().argmax(dim=1, keepdim=True)
+    stages = torch.arange(4, device=order.device)
+    before = _blend_weights(order, factors, stages < hue_stage)
+    after = _blend_weights(order, factors, stages > hue_stage)
     for stage in range(3):  # blends before the hue stage (which is at most stage 3)
-        x = _blend_stage(x, order[:, stage], factors, stage < hue_stage)
+        x = _blend_stage(x, before[:, :, stage])
     shift = factors[:, 3]
     x = torch.where(_per_sample(shift != 0), adjust_hue(x, shift), x)
     for stage in range(1, 4):  # blends after it
-        x = _blend_stage(x, order[:, stage], factors, stage > hue_stage)
+        x = _blend_stage(x, after[:, :, stage])
     return x
 
 
