@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,22 @@ def test_folder_layout_errors(tmp_path, layout):
         build_dataset("imagefolder", tmp_path, "train", **kwargs)
     assert ("'b' has no images" if layout == "empty_class" else "'c'") in str(exc.value)
     assert Path(tmp_path).name in str(exc.value)
+
+
+def test_a_model_too_big_for_memory_is_a_clear_error(tmp_path, capsys):
+    """model.width beyond its range is refused; within it, a model the machine cannot hold (here: a 6 GB address
+    space limit in a subprocess, a real allocation failure) stops with the model settings named, exit code 2."""
+    assert main(["train", "demo", "--show", "model.width=65"]) == 2
+    assert "model.width must be in (0, 64]" in capsys.readouterr().err
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RLIMIT_AS"):
+        pytest.skip("needs an address-space limit")
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+              "from contrastlab.cli import main\n"
+              f"sys.exit(main(['train', 'demo', '--smoke', 'out={tmp_path / 'run'}', 'model.width=64', "
+              "'monitor.plots=false']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "building the model ran out of memory on cpu" in done.stderr
+    assert "model.arch=resnet20, model.width=64.0" in done.stderr

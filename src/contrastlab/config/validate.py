@@ -73,7 +73,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "views.box_update_every": (_positive_int, "a positive integer"),
     "views.box_threshold": (_unit_open, "in [0, 1)"),
     "views.semantic_suppression": (_unit_closed, "in [0, 1]"),
-    "model.width": (_positive, "> 0"),
+    "model.width": (lambda v: 0 < v <= 64, "in (0, 64] (a channel multiplier)"),
     "model.peers": (_positive_int, "a positive integer"),
     "optim.lr": (_nonneg, ">= 0"),
     "optim.base_batch_size": (_positive_int, "a positive integer"),

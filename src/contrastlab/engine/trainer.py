@@ -147,6 +147,11 @@ PIPELINES = ("auto", "gpu", "cpu")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "eager")
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA out of memory, or the CPU allocator refusing a size)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
     """``torch.compile`` of ``model`` for ``train.compile``: an inductor mode, or ``eager`` (Dynamo tracing only,
     to check that a method compiles without paying for code generation)."""
@@ -275,7 +280,15 @@ class Trainer:
         num_classes = len(getattr(base_train, "classes", [])) or 1
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        method = assemble.method(cfg, num_classes, self.targets).to(self.device)
+        try:
+            method = assemble.method(cfg, num_classes, self.targets).to(self.device)
+        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) is one too
+            if not _out_of_memory(exc):
+                raise
+            raise ConfigError(f"building the model ran out of memory on {self.device} ({str(exc).splitlines()[0]}); "
+                              f"model.arch={cfg.model.arch}, model.width={cfg.model.width}, "
+                              f"model.peers={cfg.model.peers}, method.name={cfg.method.name}: choose a smaller model "
+                              "or method setting (a queue or memory size)") from exc
         if cfg.model.channels_last:
             method = method.to(memory_format=torch.channels_last)
         self.model: nn.Module = method
