@@ -231,7 +231,8 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
     height, width = SHAPES[shape]
     n = images or min(max(4 * batch, 1024), 50_000)
     data = SyntheticImages(synthetic_images(n, height, width, cfg.seed))
-    views = BatchViews.from_view_dataset(assemble.training_views(cfg, data), compile=cfg.data.compile_views)
+    training_views = assemble.training_views(cfg, data)
+    views = BatchViews.from_view_dataset(training_views, compile=cfg.data.compile_views)
     store = DeviceImages.from_dataset(data, device)
     count = warmup + steps
     blobs = None
@@ -254,13 +255,14 @@ def run_benchmark(cfg: Config, shape: str = "cifar", images: int = 0, steps: int
     if "gpu" in parts:
         results["gpu"] = time_loop("gpu" + ("+jpeg" if jpeg else ""), gpu_batches(), step, batch, steps, warmup,
                                    device)
+    render = "render+jpeg" if jpeg else "render"
     if "render" in parts:
-        results["render"] = time_loop("render" + ("+jpeg" if jpeg else "") + (" compiled" if views.compile else ""),
-                                      gpu_batches(), None, batch, steps, warmup, device)
+        results["render"] = time_loop(render + (" compiled" if views.compile else ""), gpu_batches(), None, batch,
+                                      steps, warmup, device)
     if "compiled_render" in parts:
-        compiled = BatchViews.from_view_dataset(assemble.training_views(cfg, data), compile=True)
-        results["compiled_render"] = time_loop("render" + ("+jpeg" if jpeg else "") + " compiled",
-                                               gpu_batches(compiled), None, batch, steps, warmup, device)
+        compiled = BatchViews.from_view_dataset(training_views, compile=True)
+        results["compiled_render"] = time_loop(render + " compiled", gpu_batches(compiled), None, batch, steps,
+                                               warmup, device)
         if compiled.compile_error:
             log(f"compiled_render ran eagerly: {compiled.compile_error}")
     if "cpu" in parts or "cpu_render" in parts:

@@ -140,7 +140,6 @@ def linear_probe(
 
     in_order = {"batch_size": cfg.batch_size, "workers": workers, "device": device, "on_device": on_device}
     test_feats, test_labels = extract_features(backbone, evaluation_loader(test_set, **in_order), device)
-    test_feats, test_labels = test_feats.cpu(), test_labels.cpu()
     g = torch.Generator().manual_seed(seed)
     if cfg.augment and on_device:
         train_loader: Any = _ShuffledDeviceViews(train_set, device, cfg.batch_size, g, seed, workers)
@@ -149,7 +148,7 @@ def linear_probe(
                                   num_workers=workers, pin_memory=device.type == "cuda")
     else:
         feats, labels = extract_features(backbone, evaluation_loader(train_set, **in_order), device)
-        train_loader = DataLoader(TensorDataset(feats.cpu(), labels.cpu(), torch.arange(len(labels))),
+        train_loader = DataLoader(TensorDataset(feats, labels, torch.arange(len(labels))),
                                   batch_size=cfg.batch_size, shuffle=True, generator=g)
 
     for epoch in range(cfg.epochs):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,16 +50,22 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 """ITU-R 601-2 luma weights, as torchvision's ``rgb_to_grayscale``."""
 
 
+def _cached_unless_compiling(maxsize: int) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache`` for the device constants below; inside a compiled render the function runs
+    uncached instead, and its result becomes a constant of the graph."""
+    def wrap(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+        return call
+    return wrap
+
+
+@_cached_unless_compiling(maxsize=256)
 def _constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A small constant tensor on ``device``, copied there once (a fresh copy each step would wait for the device);
-    inside a compiled render, a constant of the graph."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=dtype, device=device)
-    return _cached_constant(values, device, dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor on ``device``, copied there once (a fresh copy each step would wait for the device)."""
     return torch.tensor(values, dtype=dtype).to(device)
 
 
@@ -186,20 +193,9 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.remainder(hue + shift.reshape(-1, 1, 1), 1.0), saturation, value)
 
 
+@_cached_unless_compiling(maxsize=32)
 def _reflect_taps(size: int, kernel: int, device: torch.device) -> torch.Tensor:
-    """``P [kernel, size, size]``: ``P[t, i, j] = 1`` when tap ``t`` of output ``i`` reads pixel ``j`` (reflect pad);
-    built once per shape and device (inside a compiled render: a constant of the graph)."""
-    if torch.compiler.is_compiling():
-        return _build_reflect_taps(size, kernel, device)
-    return _cached_reflect_taps(size, kernel, device)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_reflect_taps(size: int, kernel: int, device: torch.device) -> torch.Tensor:
-    return _build_reflect_taps(size, kernel, device)
-
-
-def _build_reflect_taps(size: int, kernel: int, device: torch.device) -> torch.Tensor:
+    """``P [kernel, size, size]``: ``P[t, i, j] = 1`` when tap ``t`` of output ``i`` reads pixel ``j`` (reflect pad)."""
     half = kernel // 2
     if half >= size:
         raise ValueError(f"a blur kernel of {kernel} pixels needs views larger than {half} pixels, got {size}")
