@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastlab.data import DATASETS, build_dataset
+from contrastlab.data import DATASETS, build_dataset, native_size, normalization
 from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
-from contrastlab.errors import DatasetError
+from contrastlab.errors import ConfigError, DatasetError
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -509,10 +509,12 @@ def test_registry_names_splits_and_stats() -> None:
         "demo",
     }
     assert set(NORMALIZATION) == set(DATASETS) == set(NATIVE_SIZE)
-    assert [NATIVE_SIZE[n] for n in DATASETS] == [32, 32, 96, 64, 224, 28, 28]
+    names = ["cifar10", "cifar100", "stl10", "tiny_imagenet", "imagefolder", "fashion_mnist", "demo"]
+    assert [native_size(n) for n in names] == [NATIVE_SIZE[n] for n in names] == [32, 32, 96, 64, 224, 28, 28]
+    assert all(normalization(n) == NORMALIZATION[n] for n in names)
     for mean, std in NORMALIZATION.values():
         assert len(mean) == len(std) == 3 and all(0 < v < 1 for v in (*mean, *std))
-    with pytest.raises(DatasetError, match="did you mean 'tiny_imagenet'") as info:
+    with pytest.raises(ConfigError, match="Did you mean 'tiny_imagenet'") as info:
         build_dataset("tinyimagenet", None, "train")
     assert all(n in str(info.value) for n in DATASETS)
     with pytest.raises(DatasetError, match="valid splits: train, test"):

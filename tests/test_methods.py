@@ -320,7 +320,7 @@ def test_build_method_errors() -> None:
     net, dim = _backbone()
     with pytest.raises(ConfigError, match="moco") as excinfo:
         build_method("mocco", net, dim)
-    assert "did you mean" in str(excinfo.value)
+    assert "did you mean" in str(excinfo.value).lower()
     with pytest.raises(ConfigError, match="queue_sz") as excinfo:
         build_method("moco", net, dim, queue_sz=1024)
     message = str(excinfo.value)

@@ -14,7 +14,6 @@ import json
 import os
 
 import pytest
-
 from step_losses import CASES, PIPELINES, REFERENCE, step_losses
 
 RECORDED = json.loads(REFERENCE.read_text())

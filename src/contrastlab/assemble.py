@@ -13,16 +13,15 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from contrastlab.config.schema import Config
-from contrastlab.data import build_dataset
+from contrastlab.data import build_dataset, native_size
+from contrastlab.data import normalization as dataset_normalization
 from contrastlab.data.device_images import DeviceImages
-from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
 from contrastlab.data.subsets import IndexedSubset, class_balanced_subset
 from contrastlab.errors import ConfigError
 from contrastlab.methods import METHODS, build_method
 from contrastlab.methods.base import Method
-from contrastlab.models.backbones import build_backbone
+from contrastlab.models.backbones import backbone_options, build_backbone
 from contrastlab.models.cohort import build_cohort
-from contrastlab.models.vit import VIT_ARCHS
 from contrastlab.observers.knn_monitor import KNNMonitor
 from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
 from contrastlab.views.box_store import BoxStore
@@ -33,7 +32,7 @@ from contrastlab.views.joint_crop import JointCropPlanner
 
 def dataset(cfg: Config, split: str) -> Dataset:
     """The raw dataset of ``split`` (``(PIL image, label, index)`` items)."""
-    kwargs = {"class_list": cfg.data.class_list} if cfg.data.name == "imagefolder" else {}
+    kwargs = {"class_list": cfg.data.class_list} if cfg.data.class_list is not None else {}
     return build_dataset(cfg.data.name, cfg.data.root, split, **kwargs)
 
 
@@ -59,12 +58,12 @@ def labeled_dataset(cfg: Config, train_base: Dataset | None = None) -> Dataset:
 
 def image_size(cfg: Config) -> int:
     """Training crop side: ``data.image_size`` or the dataset's native size."""
-    return cfg.data.image_size or NATIVE_SIZE[cfg.data.name]
+    return cfg.data.image_size or native_size(cfg.data.name)
 
 
 def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-dataset mean and std."""
-    return NORMALIZATION[cfg.data.name]
+    return dataset_normalization(cfg.data.name)
 
 
 def _box_store(cfg: Config, base: Dataset) -> BoxStore:
@@ -163,15 +162,18 @@ def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: tor
 
 
 def _backbone_kwargs(cfg: Config) -> dict:
+    """The ``model.*`` options for the backbone builder of ``model.arch``: each one the builder accepts, and any
+    other only when it is set away from its default (then the builder's rejection names it)."""
     m = cfg.model
-    kwargs: dict = {"cifar_stem": m.cifar_stem, "zero_init_residual": m.zero_init_residual}
-    if m.width != 1.0:
-        kwargs["width"] = m.width
-    if m.arch in VIT_ARCHS:
-        kwargs.update(img_size=image_size(cfg), stop_grad_conv1=m.stop_grad_conv1)
-    elif m.stop_grad_conv1:
-        raise ConfigError(f"model.stop_grad_conv1 freezes a ViT's patch projection; model.arch={m.arch!r} is not a "
-                          f"ViT ({', '.join(VIT_ARCHS)})")
+    accepted = backbone_options(m.arch)
+    given = {"cifar_stem": (m.cifar_stem, False), "zero_init_residual": (m.zero_init_residual, False),
+             "width": (m.width, 1.0), "stop_grad_conv1": (m.stop_grad_conv1, False),
+             "img_size": (image_size(cfg), None)}
+    kwargs = {k: v for k, (v, default) in given.items() if k in accepted or (default is not None and v != default)}
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}={kwargs[unknown[0]]!r} is not an option of backbone {m.arch!r} (its "
+                          f"options: {', '.join(accepted) or 'none'}); leave it at its default")
     return kwargs
 
 

@@ -37,9 +37,9 @@ def smoke_overrides(cfg) -> list[str]:
     memory shrinks to 8 columns, so CaCo's warm start takes one step; crop strategies with a localiser
     train two one-step epochs so that the localiser runs between them.
     """
-    from contrastlab.models.backbones import IMAGENET_STEMS
+    from contrastlab.registry import BACKBONES
 
-    small_net = cfg.model.cifar_stem or cfg.model.arch not in IMAGENET_STEMS
+    small_net = cfg.model.cifar_stem or BACKBONES.info(cfg.model.arch)["small_input"]
     extra = [f"data.image_size={16 if small_net else 32}"]
     if cfg.train.precision != "fp32":
         extra.append("train.precision=fp32")
@@ -147,7 +147,7 @@ def _eval_config(args: argparse.Namespace):
         tree["linear"] = {**tree.get("linear", {}), **linear_section(args.recipe)}
     if args.data:
         tree["data"]["name"] = args.data
-        tree["data"].setdefault("class_list", None)
+        tree["data"]["class_list"] = None  # a class list selects classes of the checkpoint's dataset only
     for text in args.overrides:
         set_dotted(tree, *parse_override(text))
     return ckpt, config_from_dict(tree)

@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from contrastlab.config.schema import Config
-from contrastlab.config.validate import validate
+from contrastlab.config.validate import check_names, validate
 from contrastlab.errors import ConfigError
+from contrastlab.registry import METHODS, import_plugin
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -157,12 +158,9 @@ def valid_keys(method_name: str | None = None) -> list[str]:
 
 def method_parameters(method_name: str) -> dict[str, inspect.Parameter]:
     """Keyword arguments the method's constructor accepts (besides the backbone)."""
-    from contrastlab.methods import METHODS, method_kwargs
+    from contrastlab.methods import method_kwargs
 
-    if not isinstance(method_name, str) or method_name not in METHODS:
-        close = difflib.get_close_matches(str(method_name), list(METHODS), n=3, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown method.name {method_name!r}.{hint} Valid: {', '.join(sorted(METHODS))}")
+    METHODS.check(method_name)
     return method_kwargs(method_name)
 
 
@@ -186,6 +184,8 @@ def _is_instance(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if tp is type(None):
         return value is None, value
+    if origin is typing.Literal:
+        return value in typing.get_args(tp) and isinstance(value, str), value
     if tp is Any:
         return True, value
     if origin is list:
@@ -232,6 +232,11 @@ def _build_section(cls: type, data: Any, prefix: str) -> Any:
             kwargs[key] = _build_section(ftype, value, f"{prefix}{key}.")
             continue
         ok, conv = _is_instance(value, ftype)
+        if not ok and typing.get_origin(ftype) is typing.Literal:
+            choices = [str(c) for c in typing.get_args(ftype)]
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key {prefix}{key} must be one of {', '.join(choices)}, got {value!r}{hint}")
         if not ok:
             tname = getattr(ftype, "__name__", str(ftype)).replace("typing.", "")
             raise ConfigError(f"config key {prefix}{key} expects {tname}, got {value!r}")
@@ -253,14 +258,30 @@ def _build_method(data: Any) -> dict[str, Any]:
     return {"name": name, "params": data}
 
 
+def import_plugins(plugins: Any) -> None:
+    """Import the ``plugins`` of a config (modules or ``.py`` files that register their entries)."""
+    if plugins is None:
+        return
+    if not isinstance(plugins, list):
+        raise ConfigError(f"config key plugins expects a list of module names or .py paths, got {plugins!r}")
+    for spec in plugins:
+        import_plugin(spec)
+
+
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Validate a nested mapping and build the :class:`Config` (ConfigError on any bad key or type)."""
+    """Validate a nested mapping and build the :class:`Config` (ConfigError on any bad key, type or name).
+
+    The ``plugins`` are imported first, so the names they register (methods, crop laws, datasets, ...) are
+    known when every name of the config is checked against its registry.
+    """
     tree = copy.deepcopy(tree)
+    import_plugins(tree.get("plugins"))
     method = _build_method(tree.pop("method", {}))
     cfg = _build_section(Config, tree, "")
     cfg.method.name = method["name"]
     cfg.method.params = method["params"]
     validate(cfg)
+    check_names(cfg)
     return cfg
 
 

@@ -11,7 +11,7 @@ constructor (see :mod:`contrastlab.methods`), validated against that constructor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -25,13 +25,13 @@ class DataConfig:
     labeled_split: str | None = None  #: labelled split for the kNN bank and linear-probe training; None = train_split
     class_list: str | None = None  #: ImageFolder subset file (one class folder per line)
     batch_size: int = 256  #: GLOBAL batch size, split evenly over ranks
-    sampler: str = "random"  #: random (a permutation per epoch) | m_per_class (MCL: batch_size / m classes x m images)
+    sampler: Literal["random", "m_per_class"] = "random"  #: random (a permutation per epoch) | m_per_class (MCL: batch_size / m classes x m images)
     samples_per_class: int = 2  #: m of the m_per_class sampler
     epoch_length: int = 0  #: images per epoch before trimming to whole batches; 0 = the dataset size
     subset: int = 0  #: train on an evenly spaced subset of this many training images (0 = all; smoke runs: 64)
-    bad_images: str = "fail"  #: unreadable image files: fail (naming the file) | skip (counted, listed in <out>/bad_images.txt)
+    bad_images: Literal["fail", "skip"] = "fail"  #: unreadable image files: fail (naming the file) | skip (counted, listed in <out>/bad_images.txt)
     workers: int = 4  #: DataLoader workers per rank
-    pipeline: str = "auto"  #: gpu (dataset held on the device, views rendered there in batches) | cpu (DataLoader workers) | auto (gpu when training on a GPU and the dataset fits)
+    pipeline: Literal["auto", "gpu", "cpu"] = "auto"  #: gpu (dataset held on the device, views rendered there in batches) | cpu (DataLoader workers) | auto (gpu when training on a GPU and the dataset fits)
     compile_views: bool = False  #: gpu pipeline: torch.compile the batched renderer (its element-wise ops fused into a few kernels; compiled on the first batch)
     image_size: int | None = None  #: training crop size; None = the dataset's native size
 
@@ -51,15 +51,15 @@ class ViewsConfig:
     padding: int = 4  #: padded_crop: zero padding on each side (RandomCrop(size, padding))
     joint_beta: float = 0.0  #: joint_crop: shape of the log-area-ratio law (0 = uniform, JointCrop(0))
     joint_epsilon: float = 0.1  #: joint_crop: bound log(smax / smin - epsilon) on |log area ratio|
-    joint_fallback: str = "whole_image"  #: joint_crop: whole_image (released code) | central_crop
-    joint_blur: str = "off"  #: off | always (the pair's blur sigmas drawn jointly) | either (per pair JointCrop or JointBlur, p 0.5)
+    joint_fallback: Literal["whole_image", "central_crop"] = "whole_image"  #: joint_crop: whole_image (released code) | central_crop
+    joint_blur: Literal["off", "always", "either"] = "off"  #: off | always (the pair's blur sigmas drawn jointly) | either (per pair JointCrop or JointBlur, p 0.5)
     joint_blur_beta: float = 0.0  #: JointBlur: shape of the log-sigma-ratio law (a reconstruction)
     joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
     ccrop_alpha: float = 0.1  #: contrastive_crop / simccrop: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
     box_warmup_epochs: int = 0  #: contrastive/semantic crop: epochs of plain random crops before the first localisation
     box_update_every: int = 1  #: ... then localise every this many epochs
     box_threshold: float = 0.1  #: heatmap threshold of the localiser
-    heatmap: str = "channel_sum"  #: channel_sum (ContrastiveCrop) | mean_similarity (SemanticCrop option)
+    heatmap: Literal["channel_sum", "mean_similarity"] = "channel_sum"  #: channel_sum (ContrastiveCrop) | mean_similarity (SemanticCrop option)
     semantic_suppression: float = 0.5  #: semantic_crop: crop-centre density 1 - s at the box centre, 1 + s at its edges
     semantic_push_apart: bool = True  #: semantic_crop: the two views' centres in opposite quadrants of the box
 
@@ -120,19 +120,19 @@ class TrainConfig:
 
     epochs: int = 100
     max_steps: int = 0  #: stop after this many optimiser steps in total (0 = no limit)
-    device: str = "auto"  #: auto | cpu | cuda
-    precision: str = "fp32"  #: fp32 | bf16 | fp16
+    device: Literal["auto", "cpu", "cuda"] = "auto"  #: auto | cpu | cuda
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  #: fp32 | bf16 | fp16
     ema_momentum: float = 0.99  #: momentum encoders (MoCo, BYOL)
     ema_schedule: str = "constant"  #: constant | cosine (to 1.0, BYOL)
-    schedule_unit: str = "step"  #: step | epoch: whether lr, EMA momentum and method schedules change per step or per epoch
+    schedule_unit: Literal["step", "epoch"] = "step"  #: step | epoch: whether lr, EMA momentum and method schedules change per step or per epoch
     checkpoint_every: int = 10  #: epochs between numbered checkpoints (last.pt is written every epoch)
     keep_checkpoints: int = 0  #: keep only the newest K numbered checkpoints (0 = keep all)
     checkpoint_every_steps: int = 0  #: also write last.pt every N steps, mid-epoch (0 = at epoch ends only)
-    nonfinite: str = "stop"  #: a non-finite loss or gradient: stop (with a message) | skip (the step, counted)
+    nonfinite: Literal["stop", "skip"] = "stop"  #: a non-finite loss or gradient: stop (with a message) | skip (the step, counted)
     finite_check_every: int = 1  #: steps between host reads of the non-finite check; > 1 lets the GPU run ahead (a bad step then stops the run up to N - 1 steps late; nonfinite=stop only)
     max_skipped_steps: int = 100  #: nonfinite=skip: stop after this many skipped steps in the run
     log_every: int = 20  #: steps between progress lines
-    compile: str = "none"  #: none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step's forward; eager = Dynamo tracing only
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune", "eager"] = "none"  #: none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step's forward; eager = Dynamo tracing only
     deterministic: bool = False  #: torch.use_deterministic_algorithms
 
 
@@ -180,6 +180,7 @@ class Config:
     seed: int = 0
     resume: str | None = None  #: a checkpoint path, or "auto" (the run directory's last.pt)
     overwrite: bool = False  #: start afresh even if ``out`` already holds a run
+    plugins: list[str] = field(default_factory=list)  #: modules or .py files imported before the config's names are checked (they register methods, crop laws, datasets, ...)
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

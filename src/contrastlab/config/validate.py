@@ -1,8 +1,9 @@
 """Range checks of config values, run when a config is built: a bad value fails with the key and the fix.
 
-Types are checked by :mod:`contrastlab.config.load`; this module checks what a type cannot say (a batch
-size must be positive, a momentum lies in [0, 1), no value may be NaN). Choices (names of optimisers,
-planners, schedules) are checked where they are used, with the list of valid names.
+Types and fixed choices (``Literal`` fields) are checked by :mod:`contrastlab.config.load`; this module checks what
+a type cannot say (a batch size must be positive, a momentum lies in [0, 1), no value may be NaN, two settings
+that exclude each other) and every name against its registry (:data:`NAMED`), when the config loads, so
+``train --show`` and ``train`` fail alike.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 from contrastlab.errors import ConfigError
+from contrastlab.registry import (
+    BACKBONES,
+    DATASETS,
+    LR_SCHEDULES,
+    MOMENTUM_SCHEDULES,
+    OPTIMIZERS,
+    PHOTOMETRICS,
+    Registry,
+)
 
 Check = Callable[[Any], bool]
 
@@ -93,6 +103,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "train.keep_checkpoints": (_nonneg, ">= 0 (0 = keep all)"),
     "train.checkpoint_every_steps": (_nonneg, ">= 0"),
     "train.log_every": (_positive_int, "a positive integer"),
+    "train.finite_check_every": (_positive_int, "a positive integer (1 = a host check after every step)"),
     "train.max_skipped_steps": (_nonneg, ">= 0"),
     "monitor.knn_every": (_nonneg, ">= 0"),
     "monitor.knn_every_epoch_until": (_nonneg, ">= 0"),
@@ -147,3 +158,33 @@ def validate(cfg: Any) -> None:
         rule = RULES.get(key)
         if rule is not None and not rule[0](value):
             raise ConfigError(f"config key {key} must be {rule[1]}, got {value!r}")
+
+
+NAMED: dict[str, Registry] = {
+    "data.name": DATASETS,
+    "views.photometric": PHOTOMETRICS,
+    "model.arch": BACKBONES,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": LR_SCHEDULES,
+    "train.ema_schedule": MOMENTUM_SCHEDULES,
+    "linear.optimizer": OPTIMIZERS,
+    "linear.schedule": LR_SCHEDULES,
+}
+"""Config keys that name a registry entry (``method.name`` is checked when the method section is read)."""
+
+
+def _value(cfg: Any, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_names(cfg: Any) -> None:
+    """Raise the registry's :class:`ConfigError` (nearest names, every valid one) for a name no registry holds."""
+    for key, registry in NAMED.items():
+        value = _value(cfg, key)
+        for name in value if isinstance(value, list) else [value]:
+            registry.check(name, key)
+    t = cfg.train
+    if t.finite_check_every > 1 and t.nonfinite == "skip":
+        raise ConfigError("train.nonfinite=skip decides at every step whether to skip it; it needs "
+                          f"train.finite_check_every=1, got {t.finite_check_every}")

@@ -1,4 +1,4 @@
-"""Optimisers: SGD, AdamW, and LARS with MoCo v3's rules.
+"""Optimisers: SGD, AdamW, LARS with MoCo v3's rules, and LARC; registered by name (``optim.name``).
 
 LARS (You et al. 2017) as used by MoCo v3 (Chen et al. 2021) and BYOL: the trust ratio
 ``eta * ||w|| / ||g + wd * w||`` scales each update, and neither weight decay nor the trust ratio
@@ -14,9 +14,13 @@ from typing import Any
 import torch
 
 from contrastlab.config.schema import OptimConfig
-from contrastlab.errors import ConfigError
+from contrastlab.registry import OPTIMIZERS as _OPTIMIZERS
+from contrastlab.registry import register_optimizer
 
-OPTIMIZERS = ("sgd", "lars", "adamw")
+OPTIMIZERS = _OPTIMIZERS
+"""Optimiser registry (:data:`contrastlab.registry.OPTIMIZERS`): name -> builder ``(param_groups, settings, lr)``,
+``settings`` an :class:`~contrastlab.config.schema.OptimConfig`. Users add theirs with
+:func:`contrastlab.register_optimizer`."""
 
 
 class LARS(torch.optim.Optimizer):
@@ -130,13 +134,38 @@ def _split_weight_decay(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+@register_optimizer("sgd")
+def _sgd(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (``optim.nesterov`` for Nesterov's)."""
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
+@register_optimizer("adamw")
+def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019), MoCo v3's ViT optimiser."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+@register_optimizer("lars")
+def _lars(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """:class:`LARS` with MoCo v3's exclusions."""
+    return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                trust_coefficient=cfg.lars_trust_coefficient)
+
+
+@register_optimizer("larc")
+def _larc(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """:class:`LARC` (CaCo's linear probe)."""
+    return LARC(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                trust_coefficient=cfg.lars_trust_coefficient)
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The optimiser named by ``cfg.name`` over the method's parameter groups, at peak rate ``lr``.
 
     Each group remembers its schedule factor: ``fixed_lr`` groups (SimSiam's predictor) keep ``lr``.
     """
-    if cfg.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.name!r}")
+    OPTIMIZERS.check(cfg.name)
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     groups = [g for g in groups if g["params"]]
     if cfg.exclude_bias_bn_wd:
@@ -144,13 +173,7 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -
     for g in groups:
         g.setdefault("fixed_lr", False)
         g.setdefault("exclude_from_lars", False)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                trust_coefficient=cfg.lars_trust_coefficient)
+    return OPTIMIZERS[cfg.name](groups, cfg, lr)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float) -> None:

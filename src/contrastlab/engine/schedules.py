@@ -1,4 +1,4 @@
-"""Schedules: learning rate (warm-up + cosine / step / constant) and EMA momentum.
+"""Schedules: learning rate (warm-up + cosine / step / constant) and EMA momentum, their shapes registered by name.
 
 Per iteration by default (:func:`learning_rate`, :func:`ema_momentum` of the global step); with
 ``train.schedule_unit=epoch`` the trainer holds each value for a whole epoch (:func:`epoch_learning_rate`,
@@ -10,10 +10,42 @@ from __future__ import annotations
 
 import math
 
-from contrastlab.errors import ConfigError
+from contrastlab.registry import (
+    LR_SCHEDULES,
+    MOMENTUM_SCHEDULES,
+    register_lr_schedule,
+    register_momentum_schedule,
+)
 
-LR_SCHEDULES = ("cosine", "step", "constant")
-MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+@register_lr_schedule("constant")
+def constant(progress: float, passed: int, *, base: float, final: float, gamma: float) -> float:
+    """The peak rate throughout."""
+    return base
+
+
+@register_lr_schedule("step")
+def step_decay(progress: float, passed: int, *, base: float, final: float, gamma: float) -> float:
+    """The peak rate times ``gamma`` per milestone passed (He et al. 2016)."""
+    return base * gamma**passed
+
+
+@register_lr_schedule("cosine")
+def cosine(progress: float, passed: int, *, base: float, final: float, gamma: float) -> float:
+    """Half a cosine from the peak rate to ``final`` (Loshchilov & Hutter 2017, no restarts)."""
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+
+@register_momentum_schedule("constant")
+def constant_momentum(progress: float, *, base: float) -> float:
+    """The base momentum throughout."""
+    return base
+
+
+@register_momentum_schedule("cosine")
+def cosine_momentum(progress: float, *, base: float) -> float:
+    """BYOL's cosine increase from ``base`` to 1 (Grill et al. 2020)."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
 def learning_rate(
@@ -34,18 +66,12 @@ def learning_rate(
     Cosine then decays to ``final_lr`` at ``total_steps`` (Loshchilov & Hutter 2017, no restarts);
     step multiplies by ``gamma`` at each milestone; constant keeps ``base_lr``.
     """
-    if schedule not in LR_SCHEDULES:
-        raise ConfigError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    shape = LR_SCHEDULES[schedule]
     if step < warmup_steps:
         return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
-    if schedule == "constant":
-        return base_lr
-    if schedule == "step":
-        passed = sum(1 for m in milestones_steps if step >= m)
-        return base_lr * gamma**passed
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    passed = sum(1 for m in milestones_steps if step >= m)
+    return shape(progress, passed, base=base_lr, final=final_lr, gamma=gamma)
 
 
 def epoch_learning_rate(
@@ -66,23 +92,14 @@ def epoch_learning_rate(
     remaining ``total_epochs - warmup_epochs`` epochs; step multiplies by ``gamma`` at each milestone
     epoch; constant keeps ``base_lr``.
     """
-    if schedule not in LR_SCHEDULES:
-        raise ConfigError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    shape = LR_SCHEDULES[schedule]
     if epoch < warmup_epochs:
         return base_lr * (epoch + 1) / warmup_epochs
-    if schedule == "constant":
-        return base_lr
-    if schedule == "step":
-        return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
     progress = min(1.0, (epoch - warmup_epochs) / max(1e-12, total_epochs - warmup_epochs))
-    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+    passed = sum(1 for m in milestones if epoch >= m)
+    return shape(progress, passed, base=base_lr, final=final_lr, gamma=gamma)
 
 
 def ema_momentum(step: int, *, base: float, total_steps: int, schedule: str = "constant") -> float:
     """EMA momentum at ``step``: constant, or BYOL's cosine increase from ``base`` to 1 (Grill et al. 2020)."""
-    if schedule not in MOMENTUM_SCHEDULES:
-        raise ConfigError(f"train.ema_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, got {schedule!r}")
-    if schedule == "constant":
-        return base
-    progress = min(1.0, step / max(1, total_steps))
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+    return MOMENTUM_SCHEDULES[schedule](min(1.0, step / max(1, total_steps)), base=base)

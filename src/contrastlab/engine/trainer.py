@@ -45,9 +45,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from contrastlab import __version__, assemble
 from contrastlab.config.derived import Derived, derive
-from contrastlab.config.load import dump_config
+from contrastlab.config.load import config_from_dict, config_to_dict, dump_config
 from contrastlab.config.schema import Config
-from contrastlab.data.base import BAD_IMAGE_POLICIES
 from contrastlab.data.device_images import DeviceImages, decoded_per_batch, fits_on_device, image_shape
 from contrastlab.data.device_loader import DeviceEvalLoader, DeviceViewLoader, FileViewLoader
 from contrastlab.data.samplers import MPerClassSampler
@@ -86,8 +85,6 @@ class CollapseError(ContrastlabError):
     """The kNN collapse guard stopped a run whose representation collapsed."""
 
 
-SCHEDULE_UNITS = ("step", "epoch")
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:
@@ -142,9 +139,6 @@ def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
     return None
 
 
-SAMPLERS = ("random", "m_per_class")
-PIPELINES = ("auto", "gpu", "cpu")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "eager")
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -261,7 +255,7 @@ class Trainer:
         self.device = select_device(cfg.train.device, denv.local_rank)
         self.main = self.rank == 0
         self.quiet = quiet
-        self._check(cfg)
+        config_from_dict(config_to_dict(cfg))  # a config built in Python gets the checks of a loaded one
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
 
@@ -354,23 +348,6 @@ class Trainer:
     def log(self, *args: object) -> None:
         if self.main and not self.quiet:
             print(*args, file=sys.stderr, flush=True)
-
-    @staticmethod
-    def _check(cfg: Config) -> None:
-        for key, value, valid in (("train.precision", cfg.train.precision, tuple(PRECISIONS)),
-                                  ("data.sampler", cfg.data.sampler, SAMPLERS),
-                                  ("data.pipeline", cfg.data.pipeline, PIPELINES),
-                                  ("train.compile", cfg.train.compile, COMPILE_MODES),
-                                  ("train.schedule_unit", cfg.train.schedule_unit, SCHEDULE_UNITS),
-                                  ("train.nonfinite", cfg.train.nonfinite, NONFINITE_POLICIES),
-                                  ("data.bad_images", cfg.data.bad_images, BAD_IMAGE_POLICIES)):
-            if value not in valid:
-                raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
-        if cfg.train.finite_check_every < 1:
-            raise ConfigError(f"train.finite_check_every must be >= 1, got {cfg.train.finite_check_every}")
-        if cfg.train.finite_check_every > 1 and cfg.train.nonfinite == "skip":
-            raise ConfigError("train.nonfinite=skip decides at every step whether to skip it; it needs "
-                              f"train.finite_check_every=1, got {cfg.train.finite_check_every}")
 
     def _device_pipeline(self, base) -> DeviceViewLoader | FileViewLoader | None:
         """``data.pipeline``: the dataset on the device with batched views, or None for CPU DataLoader workers."""

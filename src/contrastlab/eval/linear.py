@@ -19,7 +19,6 @@ protocol otherwise.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 import torch
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from contrastlab.config.schema import LinearConfig
+from contrastlab.config.schema import LinearConfig, OptimConfig
 from contrastlab.data.device_images import DeviceImages, decoded_per_batch
 from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader, evaluation_loader
-from contrastlab.engine.optim import LARC, LARS
-from contrastlab.errors import ConfigError
+from contrastlab.engine.optim import OPTIMIZERS, build_optimizer
+from contrastlab.engine.schedules import epoch_learning_rate
 from contrastlab.eval.features import extract_features
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.dataset import ViewDataset
@@ -47,13 +46,9 @@ def state_fingerprint(module: nn.Module) -> str:
 
 
 def _epoch_lr(cfg: LinearConfig, epoch: int) -> float:
-    if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    if cfg.schedule == "step":
-        return cfg.lr * 0.1 ** sum(1 for m in cfg.milestones if epoch >= m)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    raise ConfigError(f"linear.schedule must be cosine, step or constant, got {cfg.schedule!r}")
+    """The probe's rate in ``epoch``: ``linear.schedule`` from ``linear.lr`` (step: x0.1 per milestone)."""
+    return epoch_learning_rate(epoch, base_lr=cfg.lr, total_epochs=cfg.epochs, schedule=cfg.schedule,
+                               milestones=tuple(cfg.milestones), gamma=0.1)
 
 
 @torch.no_grad()
@@ -117,8 +112,7 @@ def linear_probe(
     Returns:
         ``top1``, ``top5`` (percent, final epoch), the settings, and ``backbone_unchanged``.
     """
-    if cfg.optimizer not in ("sgd", "lars", "larc"):
-        raise ConfigError(f"linear.optimizer must be sgd, lars or larc, got {cfg.optimizer!r}")
+    OPTIMIZERS.check(cfg.optimizer, "linear.optimizer")
     device = torch.device(device)
     torch.manual_seed(seed)
     backbone = backbone.to(device).eval()
@@ -129,14 +123,8 @@ def linear_probe(
     classifier = nn.Linear(feature_dim, num_classes).to(device)
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
-    params = classifier.parameters()
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                     weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "larc":
-        opt = LARC(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = LARS(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    settings = OptimConfig(name=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = build_optimizer([{"params": list(classifier.parameters())}], settings, cfg.lr)
 
     in_order = {"batch_size": cfg.batch_size, "workers": workers, "device": device, "on_device": on_device}
     test_feats, test_labels = extract_features(backbone, evaluation_loader(test_set, **in_order), device)

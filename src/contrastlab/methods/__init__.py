@@ -1,8 +1,9 @@
 """Methods: SimCLR, MoCo v1/v2/v3, BYOL, SimSiam, CaCo, MCL (supervised and on MoCo) and the supervised
 baseline, and their registry.
 
-``build_method(name, backbone, feature_dim, **kwargs)`` checks the name and the keyword arguments
-against the method's constructor, so a typo in a recipe fails with the nearest valid names.
+Each method class registers itself (``@register_method()``); ``build_method(name, backbone, feature_dim,
+**kwargs)`` checks the name and the keyword arguments against the method's constructor, so a typo in a recipe
+fails with the nearest valid names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from contrastlab.methods.mocov3 import MoCoV3
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
 from contrastlab.methods.supervised import Supervised
+from contrastlab.registry import METHODS as _METHODS
 
 __all__ = [
     "BYOL",
@@ -43,8 +45,9 @@ __all__ = [
     "method_kwargs",
 ]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCo, MoCoV3, BYOL, SimSiam, CaCo, MoCoMCL, MCL, Supervised)}
-"""Registry name -> method class."""
+METHODS = _METHODS
+"""Registry name -> method class (:data:`contrastlab.registry.METHODS`; users add theirs with
+:func:`contrastlab.register_method`)."""
 
 _POSITIONAL = ("self", "backbone", "feature_dim")
 
@@ -59,7 +62,8 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, **kwargs: Any
     """Build a registered method.
 
     Args:
-        name: a key of :data:`METHODS` (``simclr``, ``moco``, ``byol``, ``simsiam``, ``supervised``).
+        name: a name of :data:`METHODS` (``simclr``, ``moco``, ``mocov3``, ``byol``, ``simsiam``, ``caco``, ``mcl``,
+            ``moco_mcl``, ``supervised``, or one registered with :func:`contrastlab.register_method`).
         backbone: feature extractor ``[B, 3, H, W] -> [B, feature_dim]``.
         feature_dim: its output dimension.
         **kwargs: the method's constructor arguments.
@@ -73,10 +77,7 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, **kwargs: Any
         >>> net, dim = build_backbone("resnet20", width=0.25)
         >>> method = build_method("moco", net, dim, queue_size=1024, temperature=0.2)
     """
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown method {name!r}{hint} Valid methods: {', '.join(sorted(METHODS))}")
+    METHODS.check(name)
     accepted = method_kwargs(name)
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:

@@ -18,10 +18,12 @@ from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.cosine import BYOLLoss
+from contrastlab.registry import register_method
 
 __all__ = ["BYOL"]
 
 
+@register_method()
 class BYOL(Method):
     """BYOL with an EMA target network.
 

@@ -61,6 +61,7 @@ from contrastlab.models.ema import copy_params_, ema_update_, momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.batch_info_nce import split_positive
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
+from contrastlab.registry import register_method
 
 __all__ = ["CaCo", "memory_learning_rate"]
 
@@ -81,6 +82,7 @@ def memory_learning_rate(epoch: float, total_epochs: int, *, base: float, final:
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
 
 
+@register_method()
 class CaCo(Method):
     """CaCo with a learnable memory, optional multi-crop and the MoCo-style warm start of the memory.
 

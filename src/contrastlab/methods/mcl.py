@@ -48,6 +48,7 @@ from contrastlab.objectives.mutual import (
     logit_distillation,
     memory_bank_mutual_loss,
 )
+from contrastlab.registry import register_method
 
 __all__ = ["MCL", "cohort_predictions"]
 
@@ -61,6 +62,7 @@ def cohort_predictions(logits: Sequence[torch.Tensor]) -> dict[str, torch.Tensor
     return scores
 
 
+@register_method()
 class MCL(Method):
     """Supervised MCL over a cohort of peer networks.
 

@@ -52,6 +52,7 @@ from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.info_nce import InfoNCELoss
+from contrastlab.registry import register_method
 
 __all__ = ["MoCo", "shuffled_across_ranks"]
 
@@ -86,6 +87,7 @@ def shuffled_across_ranks(encoder: Callable[[torch.Tensor], T]) -> Callable[[tor
     return encode
 
 
+@register_method()
 class MoCo(Method):
     """MoCo v1/v2 with a momentum key encoder and a queue of negatives.
 

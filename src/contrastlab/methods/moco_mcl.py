@@ -44,6 +44,7 @@ from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.mutual import REDUCTIONS, moco_mutual_loss
+from contrastlab.registry import register_method
 
 __all__ = ["MoCoMCL"]
 
@@ -60,6 +61,7 @@ class _KeyEncoder(nn.Module):
         return [F.normalize(p(h), dim=1) for p, h in zip(self.projectors, self.cohort(x))]
 
 
+@register_method()
 class MoCoMCL(Method):
     """MoCo with a cohort of ``M`` peers contrasting against each other's keys and queues.
 

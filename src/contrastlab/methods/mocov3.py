@@ -40,6 +40,7 @@ from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.batch_info_nce import BatchInfoNCELoss
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
+from contrastlab.registry import register_method
 
 __all__ = ["MoCoV3", "is_vit"]
 
@@ -51,6 +52,7 @@ def is_vit(backbone: nn.Module) -> bool:
     return type(backbone).__name__ == "VisionTransformer" or hasattr(backbone, "cls_token")
 
 
+@register_method()
 class MoCoV3(Method):
     """MoCo v3 with a momentum encoder and a predictor, contrasting within the global batch.
 

@@ -24,10 +24,12 @@ from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.nt_xent import NTXentLoss
+from contrastlab.registry import register_method
 
 __all__ = ["SimCLR"]
 
 
+@register_method()
 class SimCLR(Method):
     """SimCLR with a BN-MLP projector and NT-Xent.
 

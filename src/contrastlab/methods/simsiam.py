@@ -20,10 +20,12 @@ from torch import nn
 from contrastlab.methods.base import Method, StepOutput, make_param_groups
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.cosine import NegativeCosineSimilarity
+from contrastlab.registry import register_method
 
 __all__ = ["SimSiam"]
 
 
+@register_method()
 class SimSiam(Method):
     """SimSiam with a 3-layer projector and a 2-layer predictor.
 

@@ -12,10 +12,12 @@ from torch import nn
 
 from contrastlab.errors import ConfigError
 from contrastlab.methods.base import Method, StepOutput
+from contrastlab.registry import register_method
 
 __all__ = ["Supervised"]
 
 
+@register_method()
 class Supervised(Method):
     """Backbone + linear classifier trained with cross-entropy on the first view.
 

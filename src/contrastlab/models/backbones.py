@@ -31,7 +31,7 @@ cut points of the shared trunk of an MCL cohort (:mod:`contrastlab.models.cohort
 
 from __future__ import annotations
 
-import difflib
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -42,18 +42,14 @@ from contrastlab.models.hcgnet import hcgnet
 from contrastlab.models.shufflenetv2 import shufflenetv2
 from contrastlab.models.vit import VIT_ARCHS, build_vit
 from contrastlab.models.wrn import wide_resnet
+from contrastlab.registry import BACKBONES as _BACKBONES
+from contrastlab.registry import register_backbone
 
-__all__ = ["BACKBONES", "build_backbone"]
-
-_TORCHVISION_KWARGS = ("zero_init_residual",)
-_CIFAR_KWARGS = ("width", "zero_init_residual")
-_WRN_KWARGS = ("dropout", "zero_init_residual")
-_NON_RESIDUAL_KWARGS = ("zero_init_residual",)
-_VIT_KWARGS = ("img_size", "stop_grad_conv1", "zero_init_residual")
+__all__ = ["BACKBONES", "backbone_options", "build_backbone"]
 
 
 def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
-    def build(cifar_stem: bool, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+    def build(cifar_stem: bool = False, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
         import torchvision  # imported here: it costs seconds and only these backbones need it
 
         net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
@@ -70,7 +66,7 @@ def _torchvision_resnet(name: str) -> Callable[..., tuple[nn.Module, int]]:
 
 def _cifar(depth: int, bottleneck: bool = False) -> Callable[..., tuple[nn.Module, int]]:
     def build(
-        cifar_stem: bool, width: float = 1.0, zero_init_residual: bool = False
+        cifar_stem: bool = False, width: float = 1.0, zero_init_residual: bool = False
     ) -> tuple[nn.Module, int]:
         del cifar_stem  # already a 3x3 stride-1 stem without max-pool
         net = cifar_resnet(depth, width=width, zero_init_residual=zero_init_residual, bottleneck=bottleneck)
@@ -81,7 +77,7 @@ def _cifar(depth: int, bottleneck: bool = False) -> Callable[..., tuple[nn.Modul
 
 def _wrn(depth: int, widen_factor: int) -> Callable[..., tuple[nn.Module, int]]:
     def build(
-        cifar_stem: bool, dropout: float = 0.0, zero_init_residual: bool = False
+        cifar_stem: bool = False, dropout: float = 0.0, zero_init_residual: bool = False
     ) -> tuple[nn.Module, int]:
         del cifar_stem  # already a 3x3 stride-1 stem
         net = wide_resnet(depth, widen_factor, dropout=dropout, zero_init_residual=zero_init_residual)
@@ -91,7 +87,7 @@ def _wrn(depth: int, widen_factor: int) -> Callable[..., tuple[nn.Module, int]]:
 
 
 def _non_residual(name: str, factory: Callable[[], nn.Module]) -> Callable[..., tuple[nn.Module, int]]:
-    def build(cifar_stem: bool, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+    def build(cifar_stem: bool = False, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
         del cifar_stem  # already a 3x3 stride-1 stem without max-pool
         if zero_init_residual:
             raise ConfigError(
@@ -105,7 +101,7 @@ def _non_residual(name: str, factory: Callable[[], nn.Module]) -> Callable[..., 
 
 
 def _vit(name: str) -> Callable[..., tuple[nn.Module, int]]:
-    def build(cifar_stem: bool, img_size: int = 224, stop_grad_conv1: bool = False,
+    def build(cifar_stem: bool = False, img_size: int = 224, stop_grad_conv1: bool = False,
               zero_init_residual: bool = False) -> tuple[nn.Module, int]:
         del cifar_stem  # a ViT's stem is its patch embedding
         if zero_init_residual:
@@ -116,62 +112,66 @@ def _vit(name: str) -> Callable[..., tuple[nn.Module, int]]:
     return build
 
 
-BACKBONES: dict[str, tuple[Callable[..., tuple[nn.Module, int]], tuple[str, ...]]] = {
-    "resnet18": (_torchvision_resnet("resnet18"), _TORCHVISION_KWARGS),
-    "resnet34": (_torchvision_resnet("resnet34"), _TORCHVISION_KWARGS),
-    "resnet50": (_torchvision_resnet("resnet50"), _TORCHVISION_KWARGS),
-    "resnet20": (_cifar(20), _CIFAR_KWARGS),
-    "resnet32": (_cifar(32), _CIFAR_KWARGS),
-    "resnet56": (_cifar(56), _CIFAR_KWARGS),
-    "resnet110": (_cifar(110, bottleneck=True), _CIFAR_KWARGS),
-    "resnet110_basic": (_cifar(110), _CIFAR_KWARGS),
-    "wrn_16_2": (_wrn(16, 2), _WRN_KWARGS),
-    "wrn_40_2": (_wrn(40, 2), _WRN_KWARGS),
-    "wrn_28_4": (_wrn(28, 4), _WRN_KWARGS),
-    "shufflenetv2_05x": (_non_residual("shufflenetv2_05x", lambda: shufflenetv2(0.5)), _NON_RESIDUAL_KWARGS),
-    "shufflenetv2_1x": (_non_residual("shufflenetv2_1x", lambda: shufflenetv2(1.0)), _NON_RESIDUAL_KWARGS),
-    "hcgnet_a1": (_non_residual("hcgnet_a1", lambda: hcgnet("a1")), _NON_RESIDUAL_KWARGS),
-    "hcgnet_a2": (_non_residual("hcgnet_a2", lambda: hcgnet("a2")), _NON_RESIDUAL_KWARGS),
-    **{name: (_vit(name), _VIT_KWARGS) for name in VIT_ARCHS},
+_BUILTINS: dict[str, tuple[Callable[..., tuple[nn.Module, int]], bool]] = {
+    "resnet18": (_torchvision_resnet("resnet18"), False),
+    "resnet34": (_torchvision_resnet("resnet34"), False),
+    "resnet50": (_torchvision_resnet("resnet50"), False),
+    "resnet20": (_cifar(20), True),
+    "resnet32": (_cifar(32), True),
+    "resnet56": (_cifar(56), True),
+    "resnet110": (_cifar(110, bottleneck=True), True),
+    "resnet110_basic": (_cifar(110), True),
+    "wrn_16_2": (_wrn(16, 2), True),
+    "wrn_40_2": (_wrn(40, 2), True),
+    "wrn_28_4": (_wrn(28, 4), True),
+    "shufflenetv2_05x": (_non_residual("shufflenetv2_05x", lambda: shufflenetv2(0.5)), True),
+    "shufflenetv2_1x": (_non_residual("shufflenetv2_1x", lambda: shufflenetv2(1.0)), True),
+    "hcgnet_a1": (_non_residual("hcgnet_a1", lambda: hcgnet("a1")), True),
+    "hcgnet_a2": (_non_residual("hcgnet_a2", lambda: hcgnet("a2")), True),
+    **{name: (_vit(name), False) for name in VIT_ARCHS},
 }
-"""name -> (builder, accepted keyword arguments)."""
+"""The built-in zoo: name -> (builder, built for small images). Small-input networks keep a 3x3 stride-1 stem; the
+others downsample early (the ResNets' 7x7/2 + max-pool unless ``cifar_stem``, the ViTs' 16x16 patches)."""
 
-IMAGENET_STEMS: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50", *VIT_ARCHS})
-"""Backbones that downsample their input early (the ResNets' 7x7/2 + max-pool unless ``cifar_stem``, the ViTs'
-16x16 patches); every other is a CIFAR network."""
+for _name, (_builder, _small) in _BUILTINS.items():
+    register_backbone(_name, _builder, small_input=_small)
+
+BACKBONES = _BACKBONES
+"""The backbone registry (:data:`contrastlab.registry.BACKBONES`): name -> builder ``(**options) -> (module, dim)``
+whose keyword arguments are the options it accepts; ``small_input`` is its information. Users add theirs with
+:func:`contrastlab.register_backbone`."""
 
 
-def build_backbone(name: str, cifar_stem: bool = False, **kw: object) -> tuple[nn.Module, int]:
+def backbone_options(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments backbone ``name``'s builder accepts."""
+    params = inspect.signature(BACKBONES[name]).parameters
+    return {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def build_backbone(name: str, **options: object) -> tuple[nn.Module, int]:
     """Build a backbone by name.
 
     Args:
-        name: one of :data:`BACKBONES`.
-        cifar_stem: 3x3 stride-1 stem and no max-pool (torchvision ResNets only; the CIFAR networks
-            always have it).
-        **kw: ``zero_init_residual`` for every backbone, ``width`` for the CIFAR ResNets, ``dropout``
-            for the WideResNets, ``img_size`` and ``stop_grad_conv1`` for the ViTs.
+        name: a name of :data:`BACKBONES`.
+        **options: ``cifar_stem`` (3x3 stride-1 stem and no max-pool; torchvision ResNets only, the CIFAR
+            networks always have it) and ``zero_init_residual`` for every built-in backbone, ``width`` for the
+            CIFAR ResNets, ``dropout`` for the WideResNets, ``img_size`` and ``stop_grad_conv1`` for the ViTs.
 
     Returns:
         ``(module, feature_dim)``; the module maps ``[B, 3, H, W]`` to ``[B, feature_dim]``.
 
     Raises:
-        ConfigError: unknown name or keyword argument; ``zero_init_residual=True`` for a backbone
-            without residual sums.
+        ConfigError: unknown name or option; ``zero_init_residual=True`` for a backbone without residual sums.
 
     Example:
         >>> net, dim = build_backbone("resnet18", cifar_stem=True)
         >>> dim
         512
     """
-    if name not in BACKBONES:
-        close = difflib.get_close_matches(name, list(BACKBONES), n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(f"unknown backbone {name!r}{hint}; valid names: {', '.join(sorted(BACKBONES))}")
-    builder, accepted = BACKBONES[name]
-    unknown = sorted(set(kw) - set(accepted))
+    accepted = backbone_options(name)
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(
-            f"backbone {name!r} does not accept {', '.join(unknown)}; valid keyword arguments: "
-            f"{', '.join(accepted)}"
+            f"backbone {name!r} does not accept {', '.join(unknown)}; valid options: {', '.join(accepted) or 'none'}"
         )
-    return builder(cifar_stem, **kw)
+    return BACKBONES[name](**options)

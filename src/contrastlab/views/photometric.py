@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,8 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 from contrastlab.errors import ConfigError
+from contrastlab.registry import PHOTOMETRICS as _PHOTOMETRICS
+from contrastlab.registry import register_photometric
 
 Triple = tuple[float, float, float]
 
@@ -222,7 +224,7 @@ def _eval(view: int) -> dict[str, object]:
     return {"flip_prob": 0.0}
 
 
-PHOTOMETRICS: dict[str, Callable[[int], dict[str, object]]] = {
+for _name, _settings in {
     "simclr": _simclr,
     "mocov2": _simclr,  # MoCo v2 adopted SimCLR's jitter, grayscale and blur (sigma 0.1-2.0, p=0.5)
     "mocov1": _mocov1,
@@ -230,8 +232,12 @@ PHOTOMETRICS: dict[str, Callable[[int], dict[str, object]]] = {
     "small": _small,
     "none": _none,
     "eval": _eval,
-}
-"""Recipe registry: name -> function of the view index giving that view's recipe settings."""
+}.items():
+    register_photometric(_name, _settings)
+
+PHOTOMETRICS = _PHOTOMETRICS
+"""Recipe registry (:data:`contrastlab.registry.PHOTOMETRICS`): name -> function of the view index giving that
+view's :class:`PhotometricRecipe` settings. Users add theirs with :func:`contrastlab.register_photometric`."""
 
 _OVERRIDABLE = tuple(f.name for f in dataclasses.fields(PhotometricRecipe) if f.name not in ("mean", "std"))
 
@@ -242,7 +248,7 @@ def make_photometric(
     """Build the photometric recipe ``name`` for view number ``view``.
 
     Args:
-        name: One of ``PHOTOMETRICS``.
+        name: A name of :data:`PHOTOMETRICS`.
         view: Index of the view (matters for asymmetric recipes such as ``"byol"``).
         mean: Normalisation mean (RGB, [0, 1] scale).
         std: Normalisation standard deviation.
@@ -254,11 +260,7 @@ def make_photometric(
     Raises:
         ConfigError: If the name or an override is unknown, or a value is invalid.
     """
-    if name not in PHOTOMETRICS:
-        valid = sorted(PHOTOMETRICS)
-        close = difflib.get_close_matches(name, valid, n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(f"unknown photometric recipe {name!r}{hint}; valid recipes: {valid}")
+    PHOTOMETRICS.check(name)
     if isinstance(view, bool) or not isinstance(view, int) or view < 0:
         raise ConfigError(f"view must be a non-negative integer, got {view!r}")
     valid_keys = (*_OVERRIDABLE, "jitter_strength")
