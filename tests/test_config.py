@@ -42,7 +42,7 @@ def test_overrides_are_typed():
                                                    "data.root=/tmp/x", "method.temperature=0.2"])
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.seed == 7
-    assert cfg.views.scale == [0.1, 0.9]
+    assert cfg.views.params["scale"] == [0.1, 0.9]
     assert cfg.data.root == "/tmp/x"
     assert cfg.method.params["temperature"] == 0.2
     assert parse_override("out=runs/a") == ("out", "runs/a")
@@ -105,3 +105,28 @@ def test_config_from_dict_rejects_non_mapping_section():
     tree = yaml.safe_load("data: 3\n")
     with pytest.raises(ConfigError, match="section data must be a mapping"):
         config_from_dict(tree)
+
+
+def test_a_version_1_config_from_a_checkpoint_still_loads():
+    """Checkpoints before planners owned their keys saved every planner's views keys; the keys the chosen planner
+    does not read are dropped when such a config is read back, and only then."""
+    from contrastlab.config.load import (
+        LEGACY_VIEWS_KEYS,
+        config_from_dict,
+        config_to_dict,
+        upgrade_saved_config,
+    )
+
+    tree = config_to_dict(load_config("cifar10/mocov2_jointcrop_r18_500ep"))
+    legacy = {"num_views": 2, "scale": [0.2, 1.0], "ratio": [0.75, 4 / 3], "num_small": 0, "small_size": 0,
+              "small_scale": [0.05, 0.14], "padding": 4, "joint_beta": 0.0, "joint_epsilon": 0.1,
+              "joint_fallback": "whole_image", "ccrop_alpha": 0.1, "box_warmup_epochs": 0, "box_update_every": 1,
+              "box_threshold": 0.1, "heatmap": "channel_sum", "semantic_suppression": 0.5, "semantic_push_apart": True}
+    assert set(legacy) == set(LEGACY_VIEWS_KEYS)
+    old = {**tree, "views": {**legacy, **tree["views"]}}
+    with pytest.raises(ConfigError, match="views.padding.*planner .joint_crop. reads"):
+        config_from_dict(old)
+    cfg = config_from_dict(upgrade_saved_config(old, version=1))
+    assert cfg.views.planner == "joint_crop" and cfg.views.params == config_from_dict(tree).views.params
+    with pytest.raises(ConfigError, match="views.padding"):
+        config_from_dict(upgrade_saved_config(old, version=2))  # a current config keeps every key it has

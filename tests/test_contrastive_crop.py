@@ -27,23 +27,25 @@ from contrastlab.errors import CheckpointError, ConfigError
 from contrastlab.models import build_backbone
 from contrastlab.views import sample_resized_crop, validate_box
 from contrastlab.views.box_store import BoxStore, ConstantBox
-from contrastlab.views.contrastive_crop import (
-    ALPHA_IMAGENET,
-    ALPHA_SMALL,
-    SIMCCROP_BOX,
-    ContrastiveCropPlanner,
-    SemanticCropPlanner,
-    place_crop,
-    sample_beta,
-    sample_suppressed_fraction,
-    semantic_centre_density,
-    simccrop_planner,
-)
 from contrastlab.views.localiser import (
     boxes_from_heatmaps,
     heatmap,
     last_feature_map,
     localise,
+)
+from contrastlab.views.planners.contrastive_crop import (
+    ALPHA_IMAGENET,
+    ALPHA_SMALL,
+    SIMCCROP_BOX,
+    ContrastiveCropPlanner,
+    SimCCropPlanner,
+    place_crop,
+    sample_beta,
+)
+from contrastlab.views.planners.semantic_crop import (
+    SemanticCropPlanner,
+    sample_suppressed_fraction,
+    semantic_centre_density,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks on 2 shared cores: a second thread only contends
@@ -281,7 +283,7 @@ def test_crops_always_lie_inside_the_image(box: tuple[float, float, float, float
         ContrastiveCropPlanner(store, alpha=ALPHA_IMAGENET, scale=(0.08, 1.0), ratio=(0.5, 2.0), num_views=3),
         SemanticCropPlanner(store, suppression=1.0, push_apart=True, num_views=4),
         SemanticCropPlanner(store, suppression=0.3, push_apart=False),
-        simccrop_planner(),
+        SimCCropPlanner(),
     ]
     for planner in planners:
         for width, height in SHAPES:
@@ -372,7 +374,7 @@ def test_disabled_store_gives_random_resized_crops() -> None:
 
 
 def test_simccrop_reads_the_central_half_box() -> None:
-    planner = simccrop_planner()
+    planner = SimCCropPlanner()
     assert SIMCCROP_BOX == (0.25, 0.25, 0.75, 0.75)
     assert planner.store.box(123, 64, 32) == (16.0, 8.0, 48.0, 24.0)
     assert planner.alpha == ALPHA_SMALL and planner.scale == (0.2, 1.0)

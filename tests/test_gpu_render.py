@@ -218,8 +218,8 @@ def test_renderer_runs_every_recipe_without_reading_device_values(monkeypatch) -
     from contrastlab.views import batch_views, make_planner
     from contrastlab.views.batch_views import BatchViews
     from contrastlab.views.box_store import BoxStore
-    from contrastlab.views.contrastive_crop import ContrastiveCropPlanner
     from contrastlab.views.joint_blur import JointBlur
+    from contrastlab.views.planners.contrastive_crop import ContrastiveCropPlanner
 
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     cases = [(make_planner("random_resized"), name, None, None) for name in ("simclr", "byol", "mocov1", "eval")]

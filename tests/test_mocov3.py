@@ -167,7 +167,7 @@ def test_vit_config_errors_name_the_key() -> None:
         build_backbone("vit_small", img_size=40)
     with pytest.raises(ConfigError, match="stop_grad_conv1"):
         build_backbone("vit_conv_small", img_size=32, stop_grad_conv1=True)
-    with pytest.raises(ConfigError, match="not a ViT"):
+    with pytest.raises(ConfigError, match="model.stop_grad_conv1=True is not an option of backbone .resnet20."):
         from contrastlab import assemble
 
         assemble.backbone(load_config("demo", ["model.stop_grad_conv1=true"]))
@@ -189,6 +189,6 @@ def test_recipes_carry_the_published_settings(recipe: str, lr: float, batch: int
     assert cfg.train.ema_schedule == "cosine" and cfg.model.sync_bn
     vit = "vit" in recipe
     assert cfg.method.params["temperature"] == (0.2 if vit else 1.0)
-    assert cfg.views.scale == ([0.08, 1.0] if vit else [0.2, 1.0])
+    assert cfg.views.params["scale"] == ([0.08, 1.0] if vit else [0.2, 1.0])
     assert cfg.optim.name == ("adamw" if vit else "lars") and cfg.optim.warmup_epochs == (40 if vit else 10)
     assert cfg.linear.epochs == 90 and cfg.linear.batch_size == 1024 and cfg.linear.lr == (12.0 if vit else 0.4)

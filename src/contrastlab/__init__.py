@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     # registries and the functions that extend them
     "Registry": "contrastlab.registry",
     "METHODS": "contrastlab.registry",
-    "CROP_LAWS": "contrastlab.registry",
+    "PLANNERS": "contrastlab.registry",
     "DATASETS": "contrastlab.registry",
     "BACKBONES": "contrastlab.registry",
     "PHOTOMETRICS": "contrastlab.registry",

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from contrastlab.config.load import planner_settings
 from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset, native_size
 from contrastlab.data import normalization as dataset_normalization
@@ -23,11 +24,10 @@ from contrastlab.methods.base import Method
 from contrastlab.models.backbones import backbone_options, build_backbone
 from contrastlab.models.cohort import build_cohort
 from contrastlab.observers.knn_monitor import KNNMonitor
-from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric, make_planner
-from contrastlab.views.box_store import BoxStore
-from contrastlab.views.contrastive_crop import ContrastiveCropPlanner, SemanticCropPlanner, simccrop_planner
+from contrastlab.registry import PLANNERS
+from contrastlab.views import ViewDataset, eval_view_dataset, make_photometric
 from contrastlab.views.joint_blur import JointBlur
-from contrastlab.views.joint_crop import JointCropPlanner
+from contrastlab.views.planners.base import Planner, PlannerContext
 
 
 def dataset(cfg: Config, split: str) -> Dataset:
@@ -66,9 +66,10 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return dataset_normalization(cfg.data.name)
 
 
-def _box_store(cfg: Config, base: Dataset) -> BoxStore:
-    """The per-image box table of ContrastiveCrop / SemanticCrop, off (plain crops) during the warm-up."""
-    return BoxStore(len(base), enabled=cfg.views.box_warmup_epochs == 0)
+def planner(cfg: Config, num_images: int) -> Planner:
+    """The crop law ``views.planner`` configured by its ``views.*`` keys, for ``num_images`` training images."""
+    context = PlannerContext(image_size=image_size(cfg), num_images=num_images)
+    return PLANNERS[cfg.views.planner].from_settings(planner_settings(cfg.views), context)
 
 
 def training_views(cfg: Config, base: Dataset) -> ViewDataset:
@@ -76,49 +77,16 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
 
     Random draws are seeded per sample from ``(seed, epoch, index)``: the trainer calls ``set_epoch``.
     """
-    v = cfg.views
-    size = image_size(cfg)
+    law = planner(cfg, len(base))
+    sizes = law.view_sizes(image_size(cfg))
     mean, std = normalization(cfg)
-    if v.planner == "multicrop":
-        small = v.small_size or max(8, size // 2)
-        planner = make_planner("multicrop", num_large=v.num_views, num_small=v.num_small,
-                               large_scale=tuple(v.scale), small_scale=tuple(v.small_scale), ratio=tuple(v.ratio))
-        sizes = [size] * v.num_views + [small] * v.num_small
-    elif v.planner == "random_resized":
-        planner = make_planner("random_resized", num_views=v.num_views, scale=tuple(v.scale), ratio=tuple(v.ratio))
-        sizes = [size] * v.num_views
-    elif v.planner == "joint_crop":
-        small = v.small_size or max(8, size // 2)
-        planner = JointCropPlanner(beta=v.joint_beta, scale=tuple(v.scale), ratio=tuple(v.ratio),
-                                   epsilon=v.joint_epsilon, fallback=v.joint_fallback, num_small=v.num_small,
-                                   small_scale=tuple(v.small_scale))
-        sizes = [size, size] + [small] * v.num_small
-    elif v.planner == "contrastive_crop":
-        planner = ContrastiveCropPlanner(_box_store(cfg, base), alpha=v.ccrop_alpha, scale=tuple(v.scale),
-                                         ratio=tuple(v.ratio), num_views=v.num_views)
-        sizes = [size] * v.num_views
-    elif v.planner == "semantic_crop":
-        planner = SemanticCropPlanner(_box_store(cfg, base), suppression=v.semantic_suppression,
-                                      push_apart=v.semantic_push_apart, scale=tuple(v.scale), ratio=tuple(v.ratio),
-                                      num_views=v.num_views)
-        sizes = [size] * v.num_views
-    elif v.planner == "simccrop":
-        planner = simccrop_planner(alpha=v.ccrop_alpha, scale=tuple(v.scale), ratio=tuple(v.ratio),
-                                   num_views=v.num_views)
-        sizes = [size] * v.num_views
-    elif v.planner == "padded_crop":
-        planner = make_planner("padded_crop", num_views=v.num_views, padding=v.padding)
-        sizes = [size] * v.num_views
-    else:
-        planner = make_planner(v.planner, num_views=v.num_views)
-        sizes = [size] * v.num_views
-    photometrics = [make_photometric(v.photometric, view=i, mean=mean, std=std) for i in range(len(sizes))]
-    joint_blur, independent = _joint_blur(cfg, photometrics)
-    return ViewDataset(base, planner, sizes, photometrics, seed=cfg.seed, joint_blur=joint_blur,
+    photometrics = [make_photometric(cfg.views.photometric, view=i, mean=mean, std=std) for i in range(len(sizes))]
+    joint_blur, independent = _joint_blur(cfg, law, photometrics)
+    return ViewDataset(base, law, sizes, photometrics, seed=cfg.seed, joint_blur=joint_blur,
                        independent_planner=independent)
 
 
-def _joint_blur(cfg: Config, photometrics: list) -> tuple[JointBlur | None, object | None]:
+def _joint_blur(cfg: Config, law: Planner, photometrics: list) -> tuple[JointBlur | None, Planner | None]:
     """``views.joint_blur``: the JointBlur sampler and, for mode ``either``, the independent-crop planner."""
     v = cfg.views
     if v.joint_blur == "off":
@@ -130,14 +98,10 @@ def _joint_blur(cfg: Config, photometrics: list) -> tuple[JointBlur | None, obje
     joint_blur = JointBlur(mode=v.joint_blur, beta=v.joint_blur_beta, sigma=sigma, epsilon=v.joint_blur_epsilon)
     if v.joint_blur != "either":
         return joint_blur, None
-    if v.planner != "joint_crop":
-        raise ConfigError(f"views.joint_blur=either picks JointCrop or JointBlur per pair and needs "
-                          f"views.planner=joint_crop, got {v.planner!r}")
-    if v.num_small:
-        independent = make_planner("multicrop", num_large=2, num_small=v.num_small, large_scale=tuple(v.scale),
-                                   small_scale=tuple(v.small_scale), ratio=tuple(v.ratio))
-    else:
-        independent = make_planner("random_resized", num_views=2, scale=tuple(v.scale), ratio=tuple(v.ratio))
+    independent = law.independent()
+    if independent is None:
+        raise ConfigError(f"views.joint_blur=either picks JointCrop or JointBlur per pair and needs a planner with "
+                          f"an independent counterpart (views.planner=joint_crop), got {v.planner!r}")
     return joint_blur, independent
 
 

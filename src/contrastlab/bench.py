@@ -108,7 +108,9 @@ def torchvision_transform(cfg: Config) -> T.Compose:
     """The recipe's first view as the torchvision transforms the published codebases use."""
     recipe = assemble.training_views(cfg, SyntheticImages(synthetic_images(1, 8, 8))).photometrics[0]
     size = assemble.image_size(cfg)
-    steps: list = [T.RandomResizedCrop(size, scale=tuple(cfg.views.scale), ratio=tuple(cfg.views.ratio))]
+    params = cfg.views.params  # the baseline crops as torchvision's RandomResizedCrop (every planner's sizes do)
+    steps: list = [T.RandomResizedCrop(size, scale=tuple(params.get("scale", (0.08, 1.0))),
+                                       ratio=tuple(params.get("ratio", (3 / 4, 4 / 3))))]
     if recipe.jitter_prob > 0 and any(recipe.jitter):
         steps.append(T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_prob))
     if recipe.grayscale_prob > 0:

@@ -37,18 +37,15 @@ def smoke_overrides(cfg) -> list[str]:
     memory shrinks to 8 columns, so CaCo's warm start takes one step; crop strategies with a localiser
     train two one-step epochs so that the localiser runs between them.
     """
-    from contrastlab.registry import BACKBONES
+    from contrastlab.registry import BACKBONES, PLANNERS
 
     small_net = cfg.model.cifar_stem or BACKBONES.info(cfg.model.arch)["small_input"]
     extra = [f"data.image_size={16 if small_net else 32}"]
     if cfg.train.precision != "fp32":
         extra.append("train.precision=fp32")
-    if cfg.views.planner == "multicrop":
-        extra.append(f"views.small_size={8 if small_net else 16}")
     if "memory_size" in cfg.method.params:
         extra.append("method.memory_size=8")
-    if cfg.views.planner in ("contrastive_crop", "semantic_crop"):  # two 1-step epochs: the localiser runs once
-        extra += ["data.epoch_length=8", "train.epochs=2", "views.box_warmup_epochs=1", "views.box_update_every=1"]
+    extra += PLANNERS[cfg.views.planner].smoke_overrides(small_net)  # e.g. a localiser's two one-step epochs
     return SMOKE_OVERRIDES + extra
 
 
@@ -138,11 +135,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _eval_config(args: argparse.Namespace):
     import yaml
 
-    from contrastlab.config.load import config_from_dict, linear_section, parse_override, set_dotted
+    from contrastlab.config.load import (
+        config_from_dict,
+        linear_section,
+        parse_override,
+        set_dotted,
+        upgrade_saved_config,
+    )
     from contrastlab.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    tree = yaml.safe_load(ckpt["config"])
+    tree = upgrade_saved_config(yaml.safe_load(ckpt["config"]), ckpt.get("version", 1))
     if getattr(args, "recipe", None):
         tree["linear"] = {**tree.get("linear", {}), **linear_section(args.recipe)}
     if args.data:
@@ -250,22 +253,24 @@ def cmd_views(args: argparse.Namespace) -> int:
     views = assemble.training_views(cfg, images)
     views.return_boxes = True
     mean, std = assemble.normalization(cfg)
-    planner = cfg.views.planner + (f" (beta {cfg.views.joint_beta:g})" if cfg.views.planner == "joint_crop" else "")
+    label = views.planner.label()
+    planner = cfg.views.planner + (f" ({label})" if label else "")
     title = f"{args.recipe}: planner {planner}, photometric {cfg.views.photometric}, seed {args.seed}"
     localised = None
     if args.checkpoint:
         from contrastlab.engine.checkpoint import load_backbone_weights, load_checkpoint
+        from contrastlab.views.planners.base import DEFAULT_LOCALISATION
         from contrastlab.viz.view_sheet import localise_images
 
         backbone, _ = assemble.backbone(cfg)
         load_backbone_weights(backbone, load_checkpoint(args.checkpoint), source=args.checkpoint)
+        loc = views.planner.localisation or DEFAULT_LOCALISATION
         localised = localise_images(backbone, images, assemble.image_size(cfg), mean, std,
-                                    kind=cfg.views.heatmap, threshold=cfg.views.box_threshold)
-        store = getattr(views.planner, "store", None)
-        if hasattr(store, "fill"):  # ContrastiveCrop / SemanticCrop sample around the localised boxes
-            store.fill(localised.boxes)
-            store.set_enabled(True)
-        title += f"\nheatmap {cfg.views.heatmap}, threshold {cfg.views.box_threshold:g}, {Path(args.checkpoint).name}"
+                                    kind=loc.heatmap, threshold=loc.threshold)
+        if views.planner.localisation is not None:  # ContrastiveCrop / SemanticCrop sample around the boxes
+            views.planner.store.fill(localised.boxes)
+            views.planner.store.set_enabled(True)
+        title += f"\nheatmap {loc.heatmap}, threshold {loc.threshold:g}, {Path(args.checkpoint).name}"
     print(draw_view_sheet(views, images, mean, std, args.out, title=title, localised=localised))
     return 0
 

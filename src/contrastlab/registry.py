@@ -220,8 +220,8 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", "method.name", ("contrastlab.methods",), "contrastlab.register_method")
 """Method classes (:class:`~contrastlab.methods.base.Method` subclasses)."""
 
-CROP_LAWS: Registry = Registry("crop law", "views.planner", ("contrastlab.views.laws",), "contrastlab.register_planner")
-"""Crop laws (:class:`~contrastlab.views.laws.base.CropLaw` subclasses): where each view's box lies."""
+PLANNERS: Registry = Registry("planner", "views.planner", ("contrastlab.views.planners",), "contrastlab.register_planner")
+"""Crop laws (:class:`~contrastlab.views.planners.base.Planner` subclasses): where each view's box lies."""
 
 DATASETS: Registry = Registry("dataset", "data.name", ("contrastlab.data",), "contrastlab.register_dataset")
 """Dataset factories ``(root, split, **options) -> dataset``; info: ``normalization``, ``native_size``."""
@@ -254,8 +254,8 @@ def register_method(name: str | None = None, obj: Any = None, **info: Any) -> An
 
 
 def register_planner(name: str | None = None, obj: Any = None, **info: Any) -> Any:
-    """Register a crop law (a :class:`~contrastlab.views.laws.base.CropLaw` subclass) as ``views.planner=name``."""
-    return CROP_LAWS.register(name, obj, **info)
+    """Register a crop law (a :class:`~contrastlab.views.planners.base.Planner` subclass) as ``views.planner=name``."""
+    return PLANNERS.register(name, obj, **info)
 
 
 def register_dataset(name: str | None = None, obj: Any = None, *, normalization: tuple, native_size: int,

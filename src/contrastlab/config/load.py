@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from contrastlab.config.schema import Config
+from contrastlab.config.schema import Config, ViewsConfig
 from contrastlab.config.validate import check_names, validate
 from contrastlab.errors import ConfigError
-from contrastlab.registry import METHODS, import_plugin
+from contrastlab.registry import METHODS, PLANNERS, import_plugin
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -138,8 +138,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def valid_keys(method_name: str | None = None) -> list[str]:
-    """Every dotted key a recipe or override may set (method keys for ``method_name`` included)."""
+def valid_keys(method_name: str | None = None, planner_name: str | None = None) -> list[str]:
+    """Every dotted key a recipe or override may set (the keys of ``method_name`` and ``planner_name`` included)."""
     keys: list[str] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -147,13 +147,20 @@ def valid_keys(method_name: str | None = None) -> list[str]:
             ftype = typing.get_type_hints(cls)[f.name]
             if dataclasses.is_dataclass(ftype):
                 walk(ftype, f"{prefix}{f.name}.")
-            elif not (cls.__name__ == "MethodConfig" and f.name == "params"):
+            elif not (cls.__name__ in ("MethodConfig", "ViewsConfig") and f.name == "params"):
                 keys.append(f"{prefix}{f.name}")
 
     walk(Config, "")
     if method_name is not None:
         keys.extend(f"method.{name}" for name in method_parameters(method_name))
+    if planner_name is not None:
+        keys.extend(f"views.{name}" for name in planner_keys(planner_name))
     return keys
+
+
+def planner_keys(planner_name: str) -> list[str]:
+    """The ``views.*`` keys that planner ``planner_name`` declares in its ``Settings``."""
+    return [f.name for f in dataclasses.fields(PLANNERS[planner_name].Settings)]
 
 
 def method_parameters(method_name: str) -> dict[str, inspect.Parameter]:
@@ -164,13 +171,14 @@ def method_parameters(method_name: str) -> dict[str, inspect.Parameter]:
     return method_kwargs(method_name)
 
 
-def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
+def _unknown_key(key: str, candidates: list[str], note: str = "") -> ConfigError:
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
     if not close:
         leaf = key.split(".")[-1]
         close = [c for c in candidates if c.split(".")[-1] == leaf][:3]
     hint = f" Nearest valid keys: {', '.join(close)}." if close else ""
-    return ConfigError(f"unknown config key {key!r}.{hint} `contrastlab train RECIPE --show` prints every key.")
+    return ConfigError(f"unknown config key {key!r}{note}.{hint} `contrastlab train RECIPE --show` prints every "
+                       "key.")
 
 
 def _is_instance(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -244,6 +252,49 @@ def _build_section(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _build_views(data: Any) -> ViewsConfig:
+    """The ``views`` section: its own keys, and the chosen planner's keys typed and completed by its ``Settings``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section views must be a mapping, got {data!r}")
+    planner = data.get("planner", ViewsConfig().planner)
+    PLANNERS.check(planner, "views.planner")
+    common = {f.name for f in dataclasses.fields(ViewsConfig)} - {"params"}
+    settings_cls = PLANNERS[planner].Settings
+    own = set(planner_keys(planner))
+    for key in data:
+        if key not in common and key not in own:
+            raise _unknown_key(f"views.{key}", valid_keys(None, planner), f" (planner {planner!r} reads "
+                               f"{', '.join(sorted(own)) or 'no keys of its own'})")
+    views = _build_section(ViewsConfig, {k: v for k, v in data.items() if k in common}, "views.")
+    settings = _build_section(settings_cls, {k: v for k, v in data.items() if k in own}, "views.")
+    views.params = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    return views
+
+
+def planner_settings(views: ViewsConfig) -> Any:
+    """The chosen planner's ``Settings`` instance from ``views.params``."""
+    return _build_section(PLANNERS[views.planner].Settings, dict(views.params), "views.")
+
+
+LEGACY_VIEWS_KEYS = ("num_views", "scale", "ratio", "num_small", "small_size", "small_scale", "padding", "joint_beta",
+                     "joint_epsilon", "joint_fallback", "ccrop_alpha", "box_warmup_epochs", "box_update_every",
+                     "box_threshold", "heatmap", "semantic_suppression", "semantic_push_apart")
+"""The planner keys that version-1 configs (checkpoints before planners owned their keys) held for every planner."""
+
+
+def upgrade_saved_config(tree: dict[str, Any], version: int) -> dict[str, Any]:
+    """A config saved by an older contrastlab, made loadable: version 1 wrote every planner's ``views`` keys whatever
+    the planner; the keys the chosen planner does not read were ignored then and are dropped now."""
+    if version >= 2 or not isinstance(tree.get("views"), dict):
+        return tree
+    views = dict(tree["views"])
+    planner = views.get("planner", ViewsConfig().planner)
+    if planner in PLANNERS:
+        keep = set(planner_keys(planner))
+        views = {k: v for k, v in views.items() if k not in LEGACY_VIEWS_KEYS or k in keep}
+    return {**tree, "views": views}
+
+
 def _build_method(data: Any) -> dict[str, Any]:
     from contrastlab.config.schema import MethodConfig
 
@@ -277,20 +328,26 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     tree = copy.deepcopy(tree)
     import_plugins(tree.get("plugins"))
     method = _build_method(tree.pop("method", {}))
+    views = _build_views(tree.pop("views", {}))
     cfg = _build_section(Config, tree, "")
     cfg.method.name = method["name"]
     cfg.method.params = method["params"]
+    cfg.views = views
     validate(cfg)
     check_names(cfg)
     return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """The nested mapping of a config, method params flattened into ``method`` (round-trips)."""
+    """The nested mapping of a config, method and planner params flattened into their sections (round-trips)."""
     tree = dataclasses.asdict(cfg)
     method = tree.pop("method")
     tree["method"] = {"name": method["name"], **method["params"]}
-    return tree
+    views = tree.pop("views")
+    params = views.pop("params")
+    tree["views"] = {**views, **params}
+    order = list(dataclasses.asdict(Config()))  # keep the sections in the schema's order
+    return {key: tree[key] for key in order}
 
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

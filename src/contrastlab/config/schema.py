@@ -38,30 +38,20 @@ class DataConfig:
 
 @dataclass
 class ViewsConfig:
-    """How the views of each image are planned (boxes) and rendered (photometric recipe)."""
+    """How the views of each image are planned (boxes) and rendered (photometric recipe).
 
-    planner: str = "random_resized"  #: random_resized | multicrop | joint_crop | contrastive_crop | semantic_crop | simccrop | padded_crop | fixed | center
-    num_views: int = 2
-    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
-    photometric: str = "small"  #: simclr | mocov2 | byol | small | none | eval
-    num_small: int = 0  #: multi-crop: number of small views
-    small_size: int = 0  #: multi-crop: side of the small views (0 = half the crop size)
-    small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
-    padding: int = 4  #: padded_crop: zero padding on each side (RandomCrop(size, padding))
-    joint_beta: float = 0.0  #: joint_crop: shape of the log-area-ratio law (0 = uniform, JointCrop(0))
-    joint_epsilon: float = 0.1  #: joint_crop: bound log(smax / smin - epsilon) on |log area ratio|
-    joint_fallback: Literal["whole_image", "central_crop"] = "whole_image"  #: joint_crop: whole_image (released code) | central_crop
+    Besides the keys below, the section holds the chosen planner's own keys (``num_views``, ``scale``, ``ratio``,
+    ``ccrop_alpha``, ``joint_beta``, ...): each planner declares them in its ``Settings``
+    (:mod:`contrastlab.views.planners`); they are checked against it when the config loads and kept, with the
+    planner's defaults filled in, in ``params``. ``train RECIPE --show`` lists them.
+    """
+
+    planner: str = "random_resized"  #: a crop law of contrastlab.views.planners (random_resized | multicrop | joint_crop | contrastive_crop | semantic_crop | simccrop | padded_crop | fixed | center) or one registered with contrastlab.register_planner
+    photometric: str = "small"  #: simclr | mocov2 | mocov1 | byol | small | none | eval, or one registered with contrastlab.register_photometric
     joint_blur: Literal["off", "always", "either"] = "off"  #: off | always (the pair's blur sigmas drawn jointly) | either (per pair JointCrop or JointBlur, p 0.5)
     joint_blur_beta: float = 0.0  #: JointBlur: shape of the log-sigma-ratio law (a reconstruction)
     joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
-    ccrop_alpha: float = 0.1  #: contrastive_crop / simccrop: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
-    box_warmup_epochs: int = 0  #: contrastive/semantic crop: epochs of plain random crops before the first localisation
-    box_update_every: int = 1  #: ... then localise every this many epochs
-    box_threshold: float = 0.1  #: heatmap threshold of the localiser
-    heatmap: Literal["channel_sum", "mean_similarity"] = "channel_sum"  #: channel_sum (ContrastiveCrop) | mean_similarity (SemanticCrop option)
-    semantic_suppression: float = 0.5  #: semantic_crop: crop-centre density 1 - s at the box centre, 1 + s at its edges
-    semantic_push_apart: bool = True  #: semantic_crop: the two views' centres in opposite quadrants of the box
+    params: dict[str, Any] = field(default_factory=dict)  #: the planner's own keys (flattened into ``views`` in YAML)
 
 
 @dataclass

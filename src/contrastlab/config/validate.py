@@ -143,8 +143,9 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(_flatten(value, key + "."))
-        elif key == "method.params":
-            out.update({f"method.{k}": v for k, v in value.items()})
+        elif key in ("method.params", "views.params"):
+            section = key.split(".")[0]
+            out.update({f"{section}.{k}": v for k, v in value.items()})
         else:
             out[key] = value
     return out

@@ -26,7 +26,8 @@ from torch import nn
 from contrastlab.errors import CheckpointError
 
 FORMAT = "contrastlab-checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: a config's ``views`` section holds the keys of its planner only (1: every planner's keys)."""
 
 
 def checksum_path(path: str | os.PathLike) -> Path:

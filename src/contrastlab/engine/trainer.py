@@ -71,7 +71,6 @@ from contrastlab.observers.score_statistics import ScoreStatistics
 from contrastlab.observers.tensorboard import TensorBoardLog
 from contrastlab.views import eval_view_dataset, seed_worker
 from contrastlab.views.batch_views import BatchViews
-from contrastlab.views.box_store import BoxStore
 from contrastlab.views.localiser import last_feature_map, localise
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -300,8 +299,9 @@ class Trainer:
         self.per_epoch = cfg.train.schedule_unit == "epoch"
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
-        store = getattr(self.train_set.planner, "store", None)
-        self.box_store = store if isinstance(store, BoxStore) else None  # ContrastiveCrop / SemanticCrop
+        law = self.train_set.planner
+        self.localisation = law.localisation  # a box store a localiser refreshes (ContrastiveCrop, SemanticCrop)
+        self.box_store = law.store if self.localisation is not None else None
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.epoch, self.step = 0, 0
         self.progress_in_epoch = EpochProgress()
@@ -717,14 +717,14 @@ class Trainer:
 
     def _localise_now(self) -> bool:
         """ContrastiveCrop's schedule: after the warm-up epochs, then every ``box_update_every``, not after the last."""
-        v = self.cfg.views
-        if self.box_store is None or self.epoch < v.box_warmup_epochs or self.step >= self.d.total_steps:
+        loc = self.localisation
+        if loc is None or self.epoch < loc.warmup_epochs or self.step >= self.d.total_steps:
             return False
-        return (self.epoch - v.box_warmup_epochs) % max(1, v.box_update_every) == 0
+        return (self.epoch - loc.warmup_epochs) % max(1, loc.every) == 0
 
     def _localise(self) -> float:
         """Refresh every image's box from the online backbone's heatmap (all ranks); returns the mean box area."""
-        v = self.cfg.views
+        loc = self.localisation
         mean, std = assemble.normalization(self.cfg)
         images = eval_view_dataset(self.base_train, assemble.image_size(self.cfg), mean, std, crop_fraction=None)
         batch = max(64, self.d.per_rank_batch_size)
@@ -732,13 +732,13 @@ class Trainer:
             shard = Subset(images, range(self.rank, len(images), self.world))
             store = getattr(self.device_views, "store", None)
             images = DeviceEvalLoader(shard, self.device, batch, store, workers=self.cfg.data.workers)
-        boxes = localise(last_feature_map(self.method.backbone), images, v.box_threshold, self.device,
-                         kind=v.heatmap, num_samples=len(self.base_train),
+        boxes = localise(last_feature_map(self.method.backbone), images, loc.threshold, self.device,
+                         kind=loc.heatmap, num_samples=len(self.base_train),
                          batch_size=batch, num_workers=self.cfg.data.workers)
         self.box_store.fill(boxes)
         self.box_store.set_enabled(True)
         area = self.box_store.mean_area()
-        self.log(f"epoch {self.epoch}: localised {len(boxes)} boxes (threshold {v.box_threshold}, {v.heatmap}); "
+        self.log(f"epoch {self.epoch}: localised {len(boxes)} boxes (threshold {loc.threshold}, {loc.heatmap}); "
                  f"mean box area {area:.3f} of the image")
         return area
 

@@ -1,4 +1,4 @@
-"""The view layer: planners decide crop boxes, the renderer crops and resizes, recipes augment per view.
+"""The view layer: planners (crop laws) decide crop boxes, the renderer crops and resizes, recipes augment per view.
 
 Crops are boxes (``docs/architecture.md``): every crop strategy only plans boxes and rendering is shared.
 
@@ -19,32 +19,32 @@ from contrastlab.views.boxes import (
     whole_image_box,
 )
 from contrastlab.views.dataset import ViewDataset, eval_view_dataset
-from contrastlab.views.joint_crop import (
-    AreaPair,
-    AreaRatioStatistics,
-    JointCropPlanner,
-    area_ratio_statistics,
-    log_area_ratio_bound,
-    sample_area_pair,
-)
 from contrastlab.views.photometric import PHOTOMETRICS, PhotometricRecipe, blur_kernel_size, make_photometric
 from contrastlab.views.planners import (
     PLANNERS,
     CenterCropPlanner,
+    ContrastiveCropPlanner,
     FixedBoxPlanner,
+    JointCropPlanner,
     MultiCropPlanner,
     PaddedCropPlanner,
     Planner,
+    PlannerContext,
     RandomResizedCropPlanner,
+    SemanticCropPlanner,
+    SimCCropPlanner,
     make_planner,
     sample_resized_crop,
 )
+from contrastlab.views.planners.joint_crop import (
+    AreaPair,
+    AreaRatioStatistics,
+    area_ratio_statistics,
+    log_area_ratio_bound,
+    sample_area_pair,
+)
 from contrastlab.views.render import render_box
 from contrastlab.views.seeding import seed_worker
-
-# Registered here rather than in planners.py: joint_crop imports planners, so planners cannot import it back.
-# Importing any contrastlab.views submodule runs this file first, so make_planner always sees the entry.
-PLANNERS["joint_crop"] = JointCropPlanner
 
 __all__ = [
     "PHOTOMETRICS",
@@ -53,13 +53,17 @@ __all__ = [
     "AreaRatioStatistics",
     "Box",
     "CenterCropPlanner",
+    "ContrastiveCropPlanner",
     "FixedBoxPlanner",
     "JointCropPlanner",
     "MultiCropPlanner",
     "PaddedCropPlanner",
     "PhotometricRecipe",
     "Planner",
+    "PlannerContext",
     "RandomResizedCropPlanner",
+    "SemanticCropPlanner",
+    "SimCCropPlanner",
     "ViewDataset",
     "area_ratio_statistics",
     "blur_kernel_size",

@@ -1,7 +1,7 @@
 """``BatchViews``: the batched counterpart of :class:`~contrastlab.views.dataset.ViewDataset` (plan, render, recipe).
 
 The same planner, view sizes, photometric recipes and JointBlur as the CPU dataset of views, applied to a whole
-batch of images already on the device: boxes from :func:`~contrastlab.views.batch_planners.plan_batch`, pixels
+batch of images already on the device: boxes from the planner's batched law (``plan_batch``), pixels
 from :func:`~contrastlab.views.gpu_render.render_views`. Every random draw comes from the generator passed in, on
 the images' device, so a run is reproducible from its seed; the draws follow the CPU path's laws but are not the
 same numbers.
@@ -23,20 +23,19 @@ from collections.abc import Callable, Sequence
 import torch
 
 from contrastlab.errors import ConfigError
-from contrastlab.views.batch_planners import joint_blur_batch, plan_batch
 from contrastlab.views.box_store import BoxStore
 from contrastlab.views.dataset import ViewDataset
 from contrastlab.views.gpu_render import compiled_render_view, render_views
 from contrastlab.views.joint_blur import JointBlur
 from contrastlab.views.photometric import PhotometricRecipe
-from contrastlab.views.planners import Planner
+from contrastlab.views.planners.base import Planner
 
 
 class BatchViews:
     """Render every view of a batch on its device (see the module docstring).
 
     Args:
-        planner: Any planner of :mod:`contrastlab.views` (boxes planned in a batch).
+        planner: Any :class:`~contrastlab.views.planners.base.Planner` (boxes planned in a batch).
         sizes: Side of each view.
         photometrics: :class:`~contrastlab.views.photometric.PhotometricRecipe` of each view.
         joint_blur: JointBlur of the first two views, or None.
@@ -96,12 +95,12 @@ class BatchViews:
             height, width = image_sizes[:, 0], image_sizes[:, 1]
         if self.store is not None and (self._table is None or self._table.device != images.device):
             self.refresh(images.device)
-        boxes = plan_batch(self.planner, index, width, height, generator, store_table=self._table)
+        boxes = self.planner.plan_batch(index, width, height, generator, store_table=self._table)
         sigmas = use_joint = None
         if self.joint_blur is not None:
-            use_joint, sigmas = joint_blur_batch(self.joint_blur, images.shape[0], generator)
+            use_joint, sigmas = self.joint_blur.sample_batch(images.shape[0], generator)
             if self.joint_blur.mode == "either":
-                other = plan_batch(self.independent_planner, index, width, height, generator)
+                other = self.independent_planner.plan_batch(index, width, height, generator)
                 boxes = torch.where(use_joint[:, None, None], other, boxes)
         if self.compile:
             state = generator.get_state()  # host-side (seed, offset): no device read

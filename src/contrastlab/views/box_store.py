@@ -3,7 +3,7 @@
 ContrastiveCrop (Peng, Wang, Zhu, You, "Crafting Better Contrastive Views for Siamese Representation
 Learning", CVPR 2022, section 3.2) keeps one bounding box per training image. Every box starts as the whole
 image; every few epochs the encoder's own heatmap replaces it (:func:`contrastlab.views.localiser.localise`),
-and the crop planner (:class:`contrastlab.views.contrastive_crop.ContrastiveCropPlanner`) draws crops
+and the crop planner (:class:`contrastlab.views.planners.contrastive_crop.ContrastiveCropPlanner`) draws crops
 around it. Boxes are stored *normalised*, ``(x0, y0, x1, y1)`` with ``0 <= x0 < x1 <= 1`` and
 ``0 <= y0 < y1 <= 1``, so one table serves an image at any resolution; :meth:`BoxStore.box` converts a row
 to source pixels.

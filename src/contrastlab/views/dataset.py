@@ -27,7 +27,9 @@ from contrastlab.errors import ConfigError
 from contrastlab.views.boxes import validate_box
 from contrastlab.views.joint_blur import JointBlur
 from contrastlab.views.photometric import make_photometric
-from contrastlab.views.planners import CenterCropPlanner, FixedBoxPlanner, Planner
+from contrastlab.views.planners.base import Planner
+from contrastlab.views.planners.center_crop import CenterCropPlanner
+from contrastlab.views.planners.fixed_box import FixedBoxPlanner
 from contrastlab.views.render import render_box
 from contrastlab.views.seeding import sample_seed
 

@@ -403,7 +403,7 @@ def render_views(images: torch.Tensor, boxes: torch.Tensor, sizes: Sequence[int]
 
     Args:
         images: ``[B, C, H, W]`` uint8 (C = 1 is repeated to RGB after the resize) or float on 0..1.
-        boxes: ``[B, V, 4]`` planned boxes (:func:`~contrastlab.views.batch_planners.plan_batch`).
+        boxes: ``[B, V, 4]`` planned boxes (a planner's ``plan_batch``).
         sizes: Side of each view.
         recipes: Photometric recipe of each view.
         generator: Draws every photometric parameter (on the images' device).

@@ -3,12 +3,12 @@
 Zhang et al., AAAI 2025 (arXiv 2412.16522), appendix: besides JointCrop the authors sample the blur of the
 two views jointly, and report as best drawing, for each pair, *one* of JointCrop or JointBlur with p = 0.5.
 The appendix does not publish JointBlur's formula, so this is a **reconstruction**: the JointCrop(beta) law
-(:mod:`contrastlab.views.joint_crop`) applied to the blur sigmas instead of the crop areas.
+(:mod:`contrastlab.views.planners.joint_crop`) applied to the blur sigmas instead of the crop areas.
 
     L = log(sigma_max / sigma_min - epsilon),   r = log(sigma_2 / sigma_1) ~ the beta family on [-L, L],
     sigma_1 | r ~ U[max(sigma_min, sigma_min e^-r), min(sigma_max, sigma_max e^-r)],   sigma_2 = sigma_1 e^r.
 
-The family depends only on ratios, so it is drawn by :func:`~contrastlab.views.joint_crop.sample_area_pair`
+The family depends only on ratios, so it is drawn by :func:`~contrastlab.views.planners.joint_crop.sample_area_pair`
 on ``(sigma_min / sigma_max, 1)`` and scaled by ``sigma_max``. Each view keeps its own blur probability
 (a view whose blur coin fails is not blurred); when it is blurred its sigma is the joint one.
 
@@ -24,7 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from contrastlab.errors import ConfigError
-from contrastlab.views.joint_crop import sample_area_pair
+from contrastlab.views.planners.joint_crop import (
+    log_area_ratio_bound,
+    sample_area_pair,
+    sample_area_pair_batch,
+)
 
 __all__ = ["JOINT_BLUR_MODES", "JointBlur"]
 
@@ -71,3 +75,28 @@ class JointBlur:
         low, high = self.sigma
         pair = sample_area_pair(self.beta, (low / high, 1.0), self.epsilon, generator)
         return pair.first * high, min(high, pair.second * high)
+
+    def sample_batch(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batched law: each pair's decision and sigmas for ``batch`` pairs, on the generator's device.
+
+        Returns:
+            ``use_joint [B]`` bool (all True in mode ``always``, a fair coin in ``either``) and ``sigmas [B, 2]``
+            float32: the JointCrop(beta) law on ``(sigma_min / sigma_max, 1)`` scaled by ``sigma_max``, the second
+            sigma clamped to at most ``sigma_max``; the same law as :meth:`use_joint_blur` and :meth:`sample`.
+
+        Example:
+            >>> use, sigmas = JointBlur().sample_batch(4, torch.Generator().manual_seed(0))
+            >>> tuple(use.shape), tuple(sigmas.shape)
+            ((4,), (4, 2))
+        """
+        device = generator.device
+        if self.mode == "always":
+            use_joint = torch.ones(batch, dtype=torch.bool, device=device)
+        else:
+            use_joint = torch.rand(batch, generator=generator, device=device) < 0.5
+        low, high = self.sigma
+        scale = (low / high, 1.0)
+        bound = log_area_ratio_bound(scale, self.epsilon)
+        _, first, second = sample_area_pair_batch(self.beta, bound, scale, (batch,), generator)
+        sigmas = torch.stack([first * high, torch.clamp_max(second * high, high)], dim=1)
+        return use_joint, sigmas

@@ -17,7 +17,7 @@ and keep the tight box around every pixel above a threshold ``k`` (0.1 in all re
   ``DistributedSampler``'s padding order).
 
 ``kind="mean_similarity"`` is a second, more semantic heatmap for SemanticCrop (PRCV 2023; our
-reconstruction, see :mod:`contrastlab.views.contrastive_crop`): the cosine similarity of each location's
+reconstruction, see :mod:`contrastlab.views.planners.semantic_crop`): the cosine similarity of each location's
 feature vector to the image's mean (globally pooled) feature, i.e. how much each location looks like what
 the pooled representation encodes.
 

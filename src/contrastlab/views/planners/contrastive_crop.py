@@ -1,4 +1,4 @@
-"""ContrastiveCrop, SimCCrop and SemanticCrop: crops drawn around a per-image box.
+"""ContrastiveCrop and SimCCrop (``views.planner=contrastive_crop`` / ``simccrop``): crops drawn around a per-image box.
 
 **ContrastiveCrop** (Peng, Wang, Zhu, You, "Crafting Better Contrastive Views for Siamese Representation
 Learning", CVPR 2022, section 3.3, "center-suppressed sampling"). Each image has a box (the whole image at
@@ -35,24 +35,14 @@ The upstream clamp and why it is replaced. Upstream clamps the two *ends* of the
 
 **SimCCrop** (upstream README, ``configs/small/*/moco_simccrop.py``): no localiser, a fixed central box of
 half the height and width, ``init_box=(0.25, 0.25, 0.75, 0.75)``, read by the same planner
-(:func:`simccrop_planner`).
+(:class:`SimCCropPlanner`).
 
-**SemanticCrop** (PRCV 2023) -- a RECONSTRUCTION. Only the paper's abstract is public: a heatmap, a tuned
-threshold and a centre-suppressed probabilistic sampling. What is built here is our reading of it, not the
-authors' code. The heatmap and threshold are the localiser's (``localise(..., kind="mean_similarity",
-threshold=k)`` for the more semantic map: cosine similarity of each location to the pooled feature). The
-sampler (:class:`SemanticCropPlanner`) draws the centre fraction ``u`` on each axis, independently, from
-
-    ``f_s(u) = (1 - s) + 2 s |2u - 1|``,  ``0 <= u <= 1``, suppression ``s`` in ``[0, 1]``,
-
-a mixture of the uniform density (weight ``1 - s``) and the V-shaped density ``2 |2u - 1|`` (weight ``s``;
-``u = 1/2 +- T/2`` with ``T ~ Beta(2, 1)``). Its value is ``1 - s`` at the box centre and ``1 + s`` at the box
-edges: the centre density is suppressed by ``2 s`` relative to the edges (ratio ``(1 - s) / (1 + s)``);
-``s = 0`` is uniform, ``s = 1`` gives zero density at the centre. CDF for ``u <= 1/2``:
-``F(u) = (1 - s) u + s (2u - 2u^2)``, and ``F(u) = 1 - F(1 - u)`` above. With ``push_apart=True`` the
-second view of each pair (views ``2k`` and ``2k + 1``) is drawn in the opposite half of the box on each
-axis, i.e. the opposite quadrant: ``u' = 1/2 + sign * |v - 1/2|`` with ``v ~ f_s`` and ``sign = +1`` if the
-first view's ``u < 1/2``, else ``-1``. Each view's marginal density stays ``f_s``.
+The batched law (``plan_batch``, the GPU input pipeline) draws the same sizes with tensor operations and the Beta
+fractions as ``sigmoid`` of a Gamma log-ratio (:mod:`~contrastlab.views.planners.batch_sampling`), then places
+the crop in float64 and snaps it to whole pixels there, as the renderer would: in float32 a fraction close to 1
+rounds to exactly 1 and a near edge ``x.5 - tiny`` to the tie ``x.5``, which the renderer rounds up, so with
+``alpha = 0.1`` and a small box about 3% of float32 crops had their snapped centre half a pixel outside the box
+(0.8% for the per-image law).
 
 Randomness: ``generator=None`` draws from torch's global RNG (seeded per DataLoader worker). Beta and gamma
 variates are drawn from torch uniforms and normals (Marsaglia and Tsang's method), so an explicit
@@ -71,20 +61,25 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from contrastlab.errors import ConfigError
-from contrastlab.views.box_store import BoxSource, ConstantBox
+from contrastlab.registry import register_planner
+from contrastlab.views.box_store import BoxSource, BoxStore, ConstantBox
 from contrastlab.views.boxes import Box
-from contrastlab.views.planners import (
-    _as_range,
-    _check_image_size,
-    _check_num_views,
-    central_crop_box,
-    sample_resized_crop,
+from contrastlab.views.planners import batch_sampling as bs
+from contrastlab.views.planners.base import (
+    Localisation,
+    Planner,
+    PlannerContext,
+    as_range,
+    check_image_size,
+    check_num_views,
 )
+from contrastlab.views.planners.random_resized import central_crop_box, sample_resized_crop
 
 ALPHA_SMALL = 0.1
 """Beta parameter of the released configs on CIFAR-10/100, STL-10 and Tiny-ImageNet."""
@@ -143,33 +138,13 @@ def sample_beta(a: float, b: float, generator: torch.Generator | None = None) ->
     return 1.0 / (1.0 + math.exp(diff))
 
 
-def semantic_centre_density(u: float, suppression: float) -> float:
-    """SemanticCrop's (reconstructed) centre density ``f_s(u) = (1 - s) + 2 s |2u - 1|`` on [0, 1]."""
-    if not 0.0 <= u <= 1.0:
-        return 0.0
-    return (1.0 - suppression) + 2.0 * suppression * abs(2.0 * u - 1.0)
-
-
-def sample_suppressed_fraction(suppression: float, generator: torch.Generator | None = None) -> float:
-    """One centre fraction from :func:`semantic_centre_density` (three uniforms per draw).
-
-    With probability ``s``: ``1/2 +- sqrt(V)/2`` (``sqrt(V) ~ Beta(2, 1)``, side by a fair coin); otherwise
-    ``V`` itself (uniform).
-    """
-    choose, magnitude, side = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
-    if choose < suppression:
-        half = 0.5 * math.sqrt(magnitude)
-        return 0.5 - half if side < 0.5 else 0.5 + half
-    return magnitude
-
-
 @functools.lru_cache(maxsize=64)
 def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
     log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision
     return float(log_ratio[0]), float(log_ratio[1])
 
 
-def _crop_size(
+def crop_size(
     width: int,
     height: int,
     scale: tuple[float, float],
@@ -204,7 +179,7 @@ def place_crop(width: int, height: int, crop_width: int, crop_height: int, cx: f
     return (left, top, left + crop_width, top + crop_height)
 
 
-def _check_store(store: object) -> None:
+def check_store(store: object) -> None:
     if not isinstance(store, BoxSource):
         raise ConfigError(
             f"store must provide box(index, width, height) and enabled (a BoxStore or ConstantBox), "
@@ -212,13 +187,89 @@ def _check_store(store: object) -> None:
         )
 
 
+@dataclass
+class BoxSettings:
+    """The config keys of a planner whose box store a localiser refreshes (ContrastiveCrop, SemanticCrop)."""
+
+    box_warmup_epochs: int = 0  #: epochs of plain random crops before the first localisation
+    box_update_every: int = 1  #: ... then localise every this many epochs
+    box_threshold: float = 0.1  #: heatmap threshold of the localiser
+    heatmap: Literal["channel_sum", "mean_similarity"] = "channel_sum"  #: channel_sum (ContrastiveCrop) | mean_similarity (SemanticCrop option)
+
+
+def localised_store(settings: BoxSettings, context: PlannerContext) -> tuple[BoxStore, Localisation]:
+    """A fresh box store of the run's images, off (plain crops) during the warm-up, and its schedule."""
+    store = BoxStore(context.num_images, enabled=settings.box_warmup_epochs == 0)
+    schedule = Localisation(warmup_epochs=settings.box_warmup_epochs, every=settings.box_update_every,
+                            threshold=settings.box_threshold, heatmap=settings.heatmap)
+    return store, schedule
+
+
+LOCALISED_SMOKE = ["data.epoch_length=8", "train.epochs=2", "views.box_warmup_epochs=1", "views.box_update_every=1"]
+"""``--smoke`` of a localised planner: two one-step epochs, so the localiser runs between them."""
+
+
+def store_boxes_batch(store: object, index: torch.Tensor, width: torch.Tensor, height: torch.Tensor,
+                store_table: torch.Tensor | None) -> torch.Tensor:
+    """``[B, 4]`` float64 stored boxes in pixels, sanitised like :meth:`~contrastlab.views.box_store.BoxStore.box`."""
+    w64, h64 = width.double(), height.double()
+    if isinstance(store, ConstantBox):
+        x0, y0, x1, y1 = store.normalised
+        return torch.stack([x0 * w64, y0 * h64, x1 * w64, y1 * h64], dim=-1)
+    if not isinstance(store, BoxStore):
+        raise TypeError(f"plan_batch reads boxes from a BoxStore or a ConstantBox, got a {type(store).__name__} store")
+    table = store.table.to(width.device) if store_table is None else store_table
+    if table.dim() != 2 or table.shape[1] != 4:
+        raise ValueError(f"store_table must have shape [N, 4], got {tuple(table.shape)}")
+    rows = table[index].double().clamp(0.0, 1.0)  # NaN stays NaN and becomes the whole axis below
+    x0, x1 = torch.minimum(rows[:, 0], rows[:, 2]), torch.maximum(rows[:, 0], rows[:, 2])
+    y0, y1 = torch.minimum(rows[:, 1], rows[:, 3]), torch.maximum(rows[:, 1], rows[:, 3])
+    empty_x, empty_y = ~(x0 < x1), ~(y0 < y1)
+    x0, x1 = torch.where(empty_x, 0.0, x0), torch.where(empty_x, 1.0, x1)
+    y0, y1 = torch.where(empty_y, 0.0, y0), torch.where(empty_y, 1.0, y1)
+    return torch.stack([x0 * w64, y0 * h64, x1 * w64, y1 * h64], dim=-1)
+
+
+def place_around_batch(w: torch.Tensor, h: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, box: torch.Tensor,
+                 width: torch.Tensor, height: torch.Tensor) -> torch.Tensor:
+    """Crops ``w x h [B, V]`` centred at fractions ``fx, fy`` (float64) across ``box [B, 4]`` (float64), clamped
+    into the image as :func:`place_crop`, snapped to whole pixels (half up, as the renderer) in float64; float32."""
+    bx0, by0, bx1, by1 = (edge[:, None] for edge in box.unbind(-1))
+    w64, h64 = w.double(), h.double()
+    cx = bx0 + fx * (bx1 - bx0)
+    cy = by0 + fy * (by1 - by0)
+    left = torch.minimum((cx - w64 / 2.0).clamp_min(0.0), width.double()[:, None] - w64)
+    top = torch.minimum((cy - h64 / 2.0).clamp_min(0.0), height.double()[:, None] - h64)
+    return bs.boxes_from(torch.floor(left + 0.5), torch.floor(top + 0.5), w64, h64).float()
+
+
+def plan_around_box_batch(planner: Any, fractions: Any, index: torch.Tensor, width: int | torch.Tensor,
+                    height: int | torch.Tensor, generator: torch.Generator,
+                    store_table: torch.Tensor | None) -> torch.Tensor:
+    """The batched law of a box-reading planner: random resized crop sizes, centres at the fractions that
+    ``fractions(batch, views, generator) -> (fy, fx)`` (float64 ``[B, V]`` each) draws across the stored box; plain
+    random resized crops while the store is disabled."""
+    w_img, h_img = bs.batch_arguments(index, width, height, generator)
+    views = planner.num_views
+    if not planner.store.enabled:  # a host flag (shared memory), not a device tensor
+        return bs.random_resized(w_img, h_img, views, planner.scale, planner.ratio, generator)
+    box = store_boxes_batch(planner.store, index, w_img, h_img, store_table)
+    batch = w_img.shape[0]
+    fraction = bs.uniform((batch, views, bs.ATTEMPTS), planner.scale[0], planner.scale[1], generator)
+    w, h, fits = bs.attempt_sizes(fraction, w_img, h_img, planner.ratio, generator)
+    fy, fx = fractions(batch, views, generator)
+    boxes = place_around_batch(w, h, fx, fy, box, w_img, h_img)
+    return torch.where(fits[..., None], boxes, bs.central_crop(w_img, h_img, planner.ratio)[:, None, :])
+
+
+@register_planner("contrastive_crop")
 @dataclass(frozen=True)
-class ContrastiveCropPlanner:
+class ContrastiveCropPlanner(Planner):
     """ContrastiveCrop (Peng et al., CVPR 2022): crop centres ``Beta(alpha, alpha)``-distributed across a box.
 
     See the module docstring for the exact procedure and the fixed upstream clamp. While the store is
     disabled (``store.enabled`` False: upstream's warm-up epochs) every view is a plain random resized crop
-    with the same ``scale`` and ``ratio`` (:func:`~contrastlab.views.planners.sample_resized_crop`).
+    with the same ``scale`` and ``ratio`` (:func:`~contrastlab.views.planners.random_resized.sample_resized_crop`).
 
     Args:
         store: Per-image boxes (:class:`~contrastlab.views.box_store.BoxStore`, refreshed by the localiser),
@@ -227,6 +278,7 @@ class ContrastiveCropPlanner:
         scale: Range of the crop area as a fraction of the image area.
         ratio: Range of the crop aspect ratio (width / height).
         num_views: Number of views, each drawn independently.
+        localisation: When a localiser refreshes ``store`` (None: never, e.g. a constant box).
 
     Raises:
         ConfigError: Invalid ``alpha``, ranges, ``num_views`` or store.
@@ -240,36 +292,53 @@ class ContrastiveCropPlanner:
         True
     """
 
+    @dataclass
+    class Settings(BoxSettings):
+        num_views: int = 2  #: number of views
+        scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
+        ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
+        ccrop_alpha: float = ALPHA_SMALL  #: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
+
     store: BoxSource
     alpha: float = ALPHA_SMALL
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     num_views: int = 2
+    localisation: Localisation | None = None
 
     def __post_init__(self) -> None:
-        _check_store(self.store)
-        _check_num_views(self.num_views)
+        check_store(self.store)
+        check_num_views(self.num_views)
         alpha = float(self.alpha)
         if not (math.isfinite(alpha) and alpha > 0.0):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", alpha)
-        object.__setattr__(self, "scale", _as_range(self.scale, "scale", 0.0, 1.0))
-        object.__setattr__(self, "ratio", _as_range(self.ratio, "ratio", 0.0, math.inf))
+        object.__setattr__(self, "scale", as_range(self.scale, "scale", 0.0, 1.0))
+        object.__setattr__(self, "ratio", as_range(self.ratio, "ratio", 0.0, math.inf))
 
-    def plan(
-        self, index: int, width: int, height: int, generator: torch.Generator | None = None
-    ) -> list[Box]:
+    @classmethod
+    def from_settings(cls, settings: Settings, context: PlannerContext) -> ContrastiveCropPlanner:
+        store, schedule = localised_store(settings, context)
+        return cls(store, alpha=settings.ccrop_alpha, scale=tuple(settings.scale), ratio=tuple(settings.ratio),
+                   num_views=settings.num_views, localisation=schedule)
+
+    @classmethod
+    def smoke_overrides(cls, small_input: bool) -> list[str]:
+        return list(LOCALISED_SMOKE)
+
+    def label(self) -> str:
+        return f"alpha {self.alpha:g}"
+
+    def plan(self, index: int, width: int, height: int, generator: torch.Generator | None = None) -> list[Box]:
         """Return ``num_views`` boxes for sample ``index``, each drawn around the sample's stored box."""
-        _check_image_size(width, height)
+        check_image_size(width, height)
         if not self.store.enabled:
-            return [
-                sample_resized_crop(width, height, self.scale, self.ratio, generator)
-                for _ in range(self.num_views)
-            ]
+            return [sample_resized_crop(width, height, self.scale, self.ratio, generator)
+                    for _ in range(self.num_views)]
         bx0, by0, bx1, by1 = self.store.box(index, width, height)
         boxes = []
         for _ in range(self.num_views):
-            size = _crop_size(width, height, self.scale, self.ratio, generator)
+            size = crop_size(width, height, self.scale, self.ratio, generator)
             if size is None:
                 boxes.append(central_crop_box(width, height, self.ratio))
                 continue
@@ -279,83 +348,17 @@ class ContrastiveCropPlanner:
             boxes.append(place_crop(width, height, size[0], size[1], cx, cy))
         return boxes
 
+    def plan_batch(self, index: torch.Tensor, width: int | torch.Tensor, height: int | torch.Tensor,
+                   generator: torch.Generator, *, store_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Random resized crop sizes, centres at ``Beta(alpha, alpha)`` fractions across the stored box, placed in
+        float64 and snapped to whole pixels (see the module docstring); ``[B, V, 4]``."""
+        return plan_around_box_batch(self, self._beta_fractions_batch, index, width, height, generator, store_table)
 
-@dataclass(frozen=True)
-class SemanticCropPlanner:
-    """SemanticCrop (PRCV 2023), RECONSTRUCTED from its abstract: centre-suppressed sampling in a box.
-
-    Not the authors' code (none is published). Crop sizes as ContrastiveCrop (upstream's random resized
-    crop draw); the centre fraction across the stored box on each axis has the density
-    ``f_s(u) = (1 - s) + 2 s |2u - 1|`` (``s = suppression``): ``1 - s`` at the box centre, ``1 + s`` at its
-    edges. With ``push_apart`` the second view of each pair is drawn in the opposite quadrant of the box
-    (each view's marginal stays ``f_s``). Placement clamps the crop into the image as ContrastiveCrop does.
-    The semantic box comes from the localiser, e.g. ``localise(..., kind="mean_similarity", threshold=k)``
-    with a threshold tuned per dataset. A disabled store gives plain random resized crops (warm-up).
-
-    Args:
-        store: Per-image boxes (a ``BoxStore`` the localiser fills) or a ``ConstantBox``.
-        suppression: ``s`` in ``[0, 1]``: 0 uniform, 1 zero density at the box centre.
-        push_apart: Draw views ``2k + 1`` in the quadrant opposite view ``2k``'s.
-        scale: Range of the crop area as a fraction of the image area.
-        ratio: Range of the crop aspect ratio (width / height).
-        num_views: Number of views.
-
-    Raises:
-        ConfigError: Invalid ``suppression``, ranges, ``num_views`` or store.
-
-    Example:
-        >>> from contrastlab.views.box_store import BoxStore
-        >>> planner = SemanticCropPlanner(BoxStore(10), suppression=0.8, push_apart=True)
-        >>> len(planner.plan(0, 96, 96, torch.Generator().manual_seed(0)))
-        2
-    """
-
-    store: BoxSource
-    suppression: float = 0.5
-    push_apart: bool = True
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    num_views: int = 2
-
-    def __post_init__(self) -> None:
-        _check_store(self.store)
-        _check_num_views(self.num_views)
-        suppression = float(self.suppression)
-        if not 0.0 <= suppression <= 1.0:
-            raise ConfigError(f"suppression must be in [0, 1], got {self.suppression!r}")
-        if not isinstance(self.push_apart, bool):
-            raise ConfigError(f"push_apart must be true or false, got {self.push_apart!r}")
-        object.__setattr__(self, "suppression", suppression)
-        object.__setattr__(self, "scale", _as_range(self.scale, "scale", 0.0, 1.0))
-        object.__setattr__(self, "ratio", _as_range(self.ratio, "ratio", 0.0, math.inf))
-
-    def plan(
-        self, index: int, width: int, height: int, generator: torch.Generator | None = None
-    ) -> list[Box]:
-        """Return ``num_views`` boxes for sample ``index`` around its stored (semantic) box."""
-        _check_image_size(width, height)
-        if not self.store.enabled:
-            return [
-                sample_resized_crop(width, height, self.scale, self.ratio, generator)
-                for _ in range(self.num_views)
-            ]
-        bx0, by0, bx1, by1 = self.store.box(index, width, height)
-        boxes: list[Box] = []
-        previous = (0.5, 0.5)
-        for view in range(self.num_views):
-            size = _crop_size(width, height, self.scale, self.ratio, generator)
-            fy = sample_suppressed_fraction(self.suppression, generator)
-            fx = sample_suppressed_fraction(self.suppression, generator)
-            if self.push_apart and view % 2 == 1:
-                fy = 0.5 + (1.0 if previous[0] < 0.5 else -1.0) * abs(fy - 0.5)
-                fx = 0.5 + (1.0 if previous[1] < 0.5 else -1.0) * abs(fx - 0.5)
-            previous = (fy, fx)
-            if size is None:
-                boxes.append(central_crop_box(width, height, self.ratio))
-                continue
-            cx, cy = bx0 + fx * (bx1 - bx0), by0 + fy * (by1 - by0)
-            boxes.append(place_crop(width, height, size[0], size[1], cx, cy))
-        return boxes
+    def _beta_fractions_batch(self, batch: int, views: int,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = bs.beta_logit(self.alpha, self.alpha, (2, batch, views), generator)
+        fy, fx = torch.sigmoid(logit.double()).unbind(0)
+        return fy, fx
 
 
 def simccrop_box() -> ConstantBox:
@@ -363,19 +366,33 @@ def simccrop_box() -> ConstantBox:
     return ConstantBox(SIMCCROP_BOX)
 
 
-def simccrop_planner(
-    alpha: float = ALPHA_SMALL,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-    num_views: int = 2,
-) -> ContrastiveCropPlanner:
-    """SimCCrop (ContrastiveCrop's README): the ContrastiveCrop planner reading a fixed central box.
+@register_planner("simccrop")
+@dataclass(frozen=True)
+class SimCCropPlanner(ContrastiveCropPlanner):
+    """SimCCrop (ContrastiveCrop's README): the ContrastiveCrop law around a fixed central box.
 
-    No localiser and no warm-up (``configs/small/*/moco_simccrop.py``: ``warmup_epochs = 0``, the boxes are
-    never updated), ``alpha = 0.1`` as released.
+    No localiser and no warm-up (``configs/small/*/moco_simccrop.py``: ``warmup_epochs = 0``, the boxes are never
+    updated), ``alpha = 0.1`` as released; the box is :data:`SIMCCROP_BOX`.
 
     Example:
-        >>> simccrop_planner().store.box(0, 32, 32)
+        >>> SimCCropPlanner().store.box(0, 32, 32)
         (8.0, 8.0, 24.0, 24.0)
     """
-    return ContrastiveCropPlanner(simccrop_box(), alpha=alpha, scale=scale, ratio=ratio, num_views=num_views)
+
+    @dataclass
+    class Settings:
+        num_views: int = 2  #: number of views
+        scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
+        ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
+        ccrop_alpha: float = ALPHA_SMALL  #: Beta(alpha, alpha) crop centres
+
+    store: BoxSource = field(default_factory=simccrop_box)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, context: PlannerContext) -> SimCCropPlanner:
+        return cls(simccrop_box(), alpha=settings.ccrop_alpha, scale=tuple(settings.scale),
+                   ratio=tuple(settings.ratio), num_views=settings.num_views)
+
+    @classmethod
+    def smoke_overrides(cls, small_input: bool) -> list[str]:
+        return []

@@ -80,16 +80,24 @@ import statistics
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
 from contrastlab.errors import ConfigError
+from contrastlab.registry import register_planner
 from contrastlab.views.boxes import Box, box_area, box_from_pixels, whole_image_box
-from contrastlab.views.planners import (
+from contrastlab.views.planners import batch_sampling as bs
+from contrastlab.views.planners.base import (
     Planner,
-    _as_range,
-    _check_image_size,
+    PlannerContext,
+    as_range,
+    check_image_size,
+    small_view_size,
+)
+from contrastlab.views.planners.multicrop import MultiCropPlanner
+from contrastlab.views.planners.random_resized import (
+    RandomResizedCropPlanner,
     central_crop_box,
     sample_resized_crop,
 )
@@ -164,7 +172,7 @@ def log_area_ratio_bound(scale: Sequence[float], epsilon: float = 0.1) -> float:
         >>> round(log_area_ratio_bound((0.2, 1.0), 0.1), 4)  # log(4.9)
         1.5892
     """
-    lo, hi = _as_range(scale, "scale", 0.0, 1.0)
+    lo, hi = as_range(scale, "scale", 0.0, 1.0)
     return _float32_log_bound(lo, hi, _check_epsilon(epsilon, (lo, hi)))
 
 
@@ -233,7 +241,7 @@ def sample_area_pair(
         True
     """
     beta = _check_beta(beta)
-    scale = _as_range(scale, "scale", 0.0, 1.0)
+    scale = as_range(scale, "scale", 0.0, 1.0)
     bound = log_area_ratio_bound(scale, epsilon)
     log_ratio, ratio, first = _draw_pair(beta, bound, scale, generator)
     first_fraction = first.item()
@@ -270,8 +278,9 @@ def _place(
     return None
 
 
+@register_planner("joint_crop")
 @dataclass(frozen=True)
-class JointCropPlanner:
+class JointCropPlanner(Planner):
     """JointCrop(beta) (Zhang et al., AAAI 2025): a positive pair whose areas are drawn jointly.
 
     The log area ratio ``r = log(s2 / s1)`` follows the beta family on ``[-L, L]``,
@@ -293,6 +302,7 @@ class JointCropPlanner:
             ``"central_crop"`` (torchvision RandomResizedCrop's clamped central crop).
         num_small: Number of small (local) views after the global pair; may be 0.
         small_scale: Area range of the small views.
+        small_size: Side of the small views when rendered (0: half the large side, at least 8).
 
     Example:
         >>> planner = JointCropPlanner(beta=-2.0, num_small=4)
@@ -302,6 +312,23 @@ class JointCropPlanner:
         6
     """
 
+    @dataclass
+    class Settings:
+        num_views: int = 2  #: the joint pair (always 2; small views come from num_small)
+        joint_beta: float = 0.0  #: shape of the log-area-ratio law (0 = uniform, JointCrop(0))
+        joint_epsilon: float = 0.1  #: bound log(smax / smin - epsilon) on |log area ratio|
+        joint_fallback: Literal["whole_image", "central_crop"] = "whole_image"  #: whole_image (released code) | central_crop
+        scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: area fraction range of the pair
+        ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: aspect ratio range
+        num_small: int = 0  #: multi-crop: number of small views after the pair
+        small_size: int = 0  #: side of the small views (0 = half the crop size)
+        small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])  #: area range of the small views
+
+        def __post_init__(self) -> None:
+            if self.num_views != 2:
+                raise ConfigError(f"views.num_views must be 2 for views.planner=joint_crop (it draws one pair jointly; "
+                                  f"add small views with views.num_small), got {self.num_views}")
+
     beta: float = 0.0
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -309,28 +336,49 @@ class JointCropPlanner:
     fallback: str = "whole_image"
     num_small: int = 0
     small_scale: tuple[float, float] = (0.05, 0.14)
+    small_size: int = 0
     _bound: float = field(init=False, repr=False, compare=False)
     _log_aspect: tuple[float, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", _check_beta(self.beta))
-        object.__setattr__(self, "scale", _as_range(self.scale, "scale", 0.0, 1.0))
-        object.__setattr__(self, "ratio", _as_range(self.ratio, "ratio", 0.0, math.inf))
+        object.__setattr__(self, "scale", as_range(self.scale, "scale", 0.0, 1.0))
+        object.__setattr__(self, "ratio", as_range(self.ratio, "ratio", 0.0, math.inf))
         object.__setattr__(self, "epsilon", _check_epsilon(self.epsilon, self.scale))
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"fallback must be one of {list(FALLBACKS)}, got {self.fallback!r}")
         if isinstance(self.num_small, bool) or not isinstance(self.num_small, int) or self.num_small < 0:
             raise ConfigError(f"num_small must be a non-negative integer, got {self.num_small!r}")
-        object.__setattr__(self, "small_scale", _as_range(self.small_scale, "small_scale", 0.0, 1.0))
+        object.__setattr__(self, "small_scale", as_range(self.small_scale, "small_scale", 0.0, 1.0))
         object.__setattr__(self, "_bound", log_area_ratio_bound(self.scale, self.epsilon))
         # Same float32 log as torchvision and the released code.
         log_aspect = torch.log(torch.tensor(self.ratio))
         object.__setattr__(self, "_log_aspect", (float(log_aspect[0]), float(log_aspect[1])))
 
+    @classmethod
+    def from_settings(cls, settings: Settings, context: PlannerContext) -> JointCropPlanner:
+        return cls(beta=settings.joint_beta, scale=tuple(settings.scale), ratio=tuple(settings.ratio),
+                   epsilon=settings.joint_epsilon, fallback=settings.joint_fallback, num_small=settings.num_small,
+                   small_scale=tuple(settings.small_scale), small_size=settings.small_size)
+
     @property
     def num_views(self) -> int:
         """Total number of views: the joint pair plus the small views."""
         return 2 + self.num_small
+
+    def view_sizes(self, size: int) -> list[int]:
+        """``size`` for the pair, the small side for the small views."""
+        return [size, size] + [small_view_size(size, self.small_size)] * self.num_small
+
+    def label(self) -> str:
+        return f"beta {self.beta:g}"
+
+    def independent(self) -> Planner:
+        """Independent crops with the same scale, ratio and small views (JointBlur's ``either`` mode)."""
+        if self.num_small:
+            return MultiCropPlanner(num_large=2, num_small=self.num_small, large_scale=self.scale,
+                                    small_scale=self.small_scale, ratio=self.ratio, small_size=self.small_size)
+        return RandomResizedCropPlanner(num_views=2, scale=self.scale, ratio=self.ratio)
 
     @property
     def log_ratio_bound(self) -> float:
@@ -341,7 +389,7 @@ class JointCropPlanner:
         self, index: int, width: int, height: int, generator: torch.Generator | None = None
     ) -> list[Box]:
         """Return the joint pair's two boxes, then ``num_small`` independent small boxes."""
-        _check_image_size(width, height)
+        check_image_size(width, height)
         _, ratio, first = _draw_pair(self.beta, self._bound, self.scale, generator)
         target_first = (height * width) * first  # float32 pixels, as the released code
         target_second = target_first * ratio
@@ -361,6 +409,70 @@ class JointCropPlanner:
         ]
         return boxes
 
+
+    def plan_batch(self, index: torch.Tensor, width: int | torch.Tensor, height: int | torch.Tensor,
+                   generator: torch.Generator, *, store_table: torch.Tensor | None = None) -> torch.Tensor:
+        """The joint pair (each view's area fixed across its attempts), then the small views; ``[B, V, 4]``."""
+        w_img, h_img = bs.batch_arguments(index, width, height, generator)
+        batch = w_img.shape[0]
+        _, first, second = sample_area_pair_batch(self.beta, self._bound, self.scale, (batch,), generator)
+        fraction = torch.stack([first, second], dim=1)[..., None]  # [B, 2, 1]: the area is fixed per view
+        w, h, fits = bs.attempt_sizes(fraction, w_img, h_img, self.ratio, generator)
+        boxes = bs.place_uniform(w, h, w_img, h_img, generator)
+        if self.fallback == "whole_image":
+            fallback = bs.whole_image(w_img, h_img)
+        else:
+            fallback = bs.central_crop(w_img, h_img, self.ratio)
+        boxes = torch.where(fits[..., None], boxes, fallback[:, None, :])
+        if self.num_small == 0:
+            return boxes
+        small = bs.random_resized(w_img, h_img, self.num_small, self.small_scale, self.ratio, generator)
+        return torch.cat([boxes, small], dim=1)
+
+
+def _log_ratio_batch(beta: float, bound: float, size: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """The batched log ratio ``r`` on ``[-bound, bound]`` (the beta family; one uniform per variate).
+
+    For ``beta != 0`` the truncated normal is drawn by inverting its CDF: with ``u`` uniform, the per-image law's
+    ``p = 1/2 + (u - 1/2) Z`` (``Z = erf(|beta| / sqrt 2)``) is written through its lower tail,
+    ``min(p, 1 - p) = (1 - Z) / 2 + Z min(u, 1 - u)``, so float32 keeps the tails accurate.
+    """
+    if beta == 0.0 or bound == 0.0:
+        return bs.uniform(size, -bound, bound, generator)
+    u = torch.rand(tuple(size), generator=generator, device=generator.device)
+    z = math.erf(abs(beta) / math.sqrt(2.0))
+    tail = 0.5 * math.erfc(abs(beta) / math.sqrt(2.0))
+    sigma = bound / abs(beta)
+    lower = torch.special.ndtri(tail + z * torch.minimum(u, 1.0 - u))  # <= 0
+    x = torch.where(u < 0.5, sigma * lower, -sigma * lower).clamp(-bound, bound)
+    if beta < 0:
+        # Reflect each half towards its edge, as the per-image law.
+        x = torch.where(x < 0, -bound - x, bound - x)
+    return x
+
+
+def sample_area_pair_batch(
+    beta: float, bound: float, scale: tuple[float, float], size: Sequence[int], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """JointCrop(beta)'s ``(r, s1, s2)`` of shape ``size`` on the device: the batched :func:`sample_area_pair`.
+
+    Args:
+        beta: Shape of the log-ratio law (0 uniform, > 0 truncated normal, < 0 reflected normal).
+        bound: ``L``, the bound on ``|r|`` (``JointCropPlanner.log_ratio_bound``).
+        scale: ``(smin, smax)``.
+        size: Shape of each result.
+        generator: RNG to draw from.
+
+    Returns:
+        The log ratio ``r``, the first area fraction ``s1 ~ U[max(smin, smin e^-r), min(smax, smax e^-r)]``
+        and ``s2 = s1 e^r``.
+    """
+    log_ratio = _log_ratio_batch(beta, bound, size, generator)
+    ratio = torch.exp(log_ratio)
+    low = torch.clamp_min(scale[0] / ratio, scale[0])
+    high = torch.maximum(low, torch.clamp_max(scale[1] / ratio, scale[1]))
+    first = low + (high - low) * torch.rand(tuple(size), generator=generator, device=generator.device)
+    return log_ratio, first, first * ratio
 
 def area_ratio_statistics(
     planner: Planner, n: int, width: int, height: int, generator: torch.Generator | None = None
