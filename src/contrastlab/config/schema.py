@@ -109,6 +109,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0  #: linear warm-up, per iteration
     warmup_start_lr: float = 0.0  #: scaled with ``lr`` (per-iteration warm-up only)
     final_lr: float = 0.0  #: cosine end value, scaled with ``lr`` (CaCo: lr 0.3 -> final 0.003)
+    final_lr_ratio: float | None = None  #: cosine end value as a fraction of the peak lr, following lr overrides (ContrastiveCrop's decay_rate 0.1); set, it replaces final_lr
     milestones: list[int] = field(default_factory=list)  #: step schedule: epochs
     gamma: float = 0.1  #: step schedule factor (ContrastiveCrop's MoCo v1 configs had 0: lr 0 after the first milestone)
     clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping

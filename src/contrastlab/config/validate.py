@@ -84,6 +84,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "optim.warmup_epochs": (_nonneg, ">= 0"),
     "optim.warmup_start_lr": (_nonneg, ">= 0"),
     "optim.final_lr": (_nonneg, ">= 0"),
+    "optim.final_lr_ratio": (lambda v: v is None or 0 <= v <= 1, "in [0, 1] (a fraction of the peak lr), or null"),
     "optim.gamma": (_nonneg, ">= 0 (0: lr 0 after the first milestone, upstream ContrastiveCrop MoCo v1)"),
     "optim.clip_grad": (_nonneg, ">= 0 (0 = no clipping)"),
     "train.epochs": (_positive_int, "a positive integer"),
