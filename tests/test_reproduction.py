@@ -186,3 +186,35 @@ def test_mcl_kd_recipes_distil_as_released() -> None:
             want = expected_grads[peer] if expected_grads[peer] is not None else torch.zeros_like(logits[peer])
             torch.testing.assert_close(grads[peer], want)
             assert bool(grads[peer].abs().sum() > 0) == (peer in students or not detached), (name, peer)
+
+
+def test_byol_rows_start_the_target_from_its_own_initialisation() -> None:
+    """ContrastiveCrop's BYOL builds the target with a second build_model call and never copies the online weights
+    (issue 18, item 9); the library default copies them (BYOL's algorithm 1)."""
+    from contrastlab import assemble
+    from contrastlab.methods import BYOL
+
+    for name in ("cifar10/byol_r18_500ep", "cifar100/byol_ccrop_r18_500ep"):
+        assert load_config(name).method.params["target_init"] == "independent", name
+    pairs = {}
+    for init in ("independent", "copy"):
+        torch.manual_seed(0)
+        method = assemble.method(load_config("cifar10/byol_r18_500ep", [f"method.target_init={init}"]), 10)
+        online = list(method.backbone.parameters()) + list(method.projector.parameters())
+        target = list(method.target_encoder.parameters())
+        assert [p.shape for p in online] == [p.shape for p in target] and not any(p.requires_grad for p in target)
+        pairs[init] = (online, target)
+    online, target = pairs["copy"]
+    assert all(torch.equal(o, t) for o, t in zip(online, target))
+    online, target = pairs["independent"]
+    drawn = [(o, t) for o, t in zip(online, target) if o.ndim > 1]  # random draws; BN weights start at 1 in both
+    assert drawn and not any(torch.equal(o, t) for o, t in drawn)
+    # the same law: torchvision's kaiming_normal(fan_out) for the 3x3 convolutions of the first stage
+    conv_o, conv_t = online[3], target[3]
+    assert conv_o.shape == (64, 64, 3, 3)
+    for w in (conv_o, conv_t):
+        assert float(w.std()) == pytest.approx(math.sqrt(2.0 / (64 * 9)), rel=0.05)
+    with pytest.raises(ConfigError, match="backbone_factory"):
+        BYOL(torch.nn.Linear(4, 4), 4, 8, 4, 8, target_init="independent")
+    with pytest.raises(ConfigError, match="target_init"):
+        BYOL(torch.nn.Linear(4, 4), 4, 8, 4, 8, target_init="random")
