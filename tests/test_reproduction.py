@@ -32,10 +32,12 @@ def _resolved(recipe: str):
 
 
 def _epochs(recipe: str) -> int:
-    """The epochs a recipe resolves to: pre-training, or the protocol of a linear-probe recipe."""
+    """The epochs a recipe resolves to: pre-training, or the protocol of a linear-probe or fine-tuning recipe."""
     cfg = _resolved(recipe)
     if recipe.startswith("linear/"):
         return cfg.linear.epochs
+    if recipe.startswith("finetune/"):
+        return cfg.finetune.epochs
     return cfg.train.epochs
 
 
@@ -213,7 +215,7 @@ def test_byol_rows_start_the_target_from_its_own_initialisation() -> None:
     conv_o, conv_t = online[3], target[3]
     assert conv_o.shape == (64, 64, 3, 3)
     for w in (conv_o, conv_t):
-        assert float(w.std()) == pytest.approx(math.sqrt(2.0 / (64 * 9)), rel=0.05)
+        assert float(w.detach().std()) == pytest.approx(math.sqrt(2.0 / (64 * 9)), rel=0.05)
     with pytest.raises(ConfigError, match="backbone_factory"):
         BYOL(torch.nn.Linear(4, 4), 4, 8, 4, 8, target_init="independent")
     with pytest.raises(ConfigError, match="target_init"):

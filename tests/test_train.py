@@ -16,7 +16,7 @@ from contrastlab.engine.trainer import Trainer, train
 torch.set_num_threads(2)
 
 
-TRAIN_RECIPES = [r for r in recipe_names() if not r.startswith("linear/")]
+TRAIN_RECIPES = [r for r in recipe_names() if not r.startswith(("linear/", "finetune/"))]
 
 
 # Numbers that set a rate, not a code path: recipes that differ only in these (MoCo v3 100 vs 300 epochs: lr 0.6

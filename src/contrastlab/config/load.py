@@ -59,6 +59,25 @@ def linear_section(recipe: str) -> dict[str, Any]:
     return section
 
 
+FINETUNE_PREFIX = "finetune/"
+
+
+def is_finetune_recipe(recipe: str) -> bool:
+    """Fine-tuning recipes (``finetune/<name>``) hold only a ``finetune:`` section, for ``eval finetune --recipe``."""
+    return recipe.startswith(FINETUNE_PREFIX)
+
+
+def finetune_section(recipe: str) -> dict[str, Any]:
+    """The ``finetune:`` mapping of a fine-tuning recipe."""
+    if not is_finetune_recipe(recipe):
+        raise ConfigError(f"{recipe!r} is not a fine-tuning recipe; those are named {FINETUNE_PREFIX}<name> "
+                          "(see `contrastlab recipes`)")
+    section = read_recipe(recipe).get("finetune")
+    if not isinstance(section, dict):
+        raise ConfigError(f"fine-tuning recipe {recipe!r} has no 'finetune:' mapping")
+    return section
+
+
 def recipe_path(recipe: str) -> Path:
     """The YAML file of a recipe name or path; ConfigError naming the nearest recipes if absent."""
     as_path = Path(recipe)

@@ -124,7 +124,8 @@ def _xavier_qkv_(linear: nn.Linear) -> None:
     nn.init.uniform_(linear.weight, -bound, bound)
 
 
-def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> tuple[nn.Module, int]:
+def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False,
+              drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
     """One of :data:`VIT_ARCHS` with MoCo v3's position embedding and initialisation.
 
     Args:
@@ -132,6 +133,8 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> 
         img_size: input side (a multiple of 16); the position embedding has ``(img_size / 16)^2`` patches.
         stop_grad_conv1: freeze the random patch projection (not applicable to the conv stems, whose
             convolutions always train, as upstream).
+        drop_path_rate: stochastic depth (Huang et al. 2016), timm's ``drop_path_rate``: the rate rises linearly
+            from 0 in the first block to this value in the last. 0 for pre-training; DeiT fine-tunes with 0.1.
 
     Returns:
         ``(vit, embed_dim)``; ``vit`` maps ``[B, 3, img_size, img_size]`` to the class token ``[B, embed_dim]``.
@@ -148,7 +151,7 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> 
     kwargs: dict[str, Any] = {"embed_layer": ConvStem} if spec["conv_stem"] else {}
     vit = VisionTransformer(img_size=img_size, patch_size=16, num_classes=0, embed_dim=spec["embed_dim"],
                             depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4.0, qkv_bias=True,
-                            norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+                            norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate, **kwargs)
     grid_h, grid_w = vit.patch_embed.grid_size
     vit.pos_embed = nn.Parameter(sincos_position_embedding(grid_h, grid_w, spec["embed_dim"]), requires_grad=False)
     for module_name, module in vit.named_modules():
