@@ -96,7 +96,7 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
         sizes = [size, size] + [small] * v.num_small
     elif v.planner == "contrastive_crop":
         planner = ContrastiveCropPlanner(_box_store(cfg, base), alpha=v.ccrop_alpha, scale=tuple(v.scale),
-                                         ratio=tuple(v.ratio), num_views=v.num_views)
+                                         ratio=tuple(v.ratio), num_views=v.num_views, placement=v.ccrop_placement)
         sizes = [size] * v.num_views
     elif v.planner == "semantic_crop":
         planner = SemanticCropPlanner(_box_store(cfg, base), suppression=v.semantic_suppression,
@@ -105,7 +105,7 @@ def training_views(cfg: Config, base: Dataset) -> ViewDataset:
         sizes = [size] * v.num_views
     elif v.planner == "simccrop":
         planner = simccrop_planner(alpha=v.ccrop_alpha, scale=tuple(v.scale), ratio=tuple(v.ratio),
-                                   num_views=v.num_views)
+                                   num_views=v.num_views, placement=v.ccrop_placement)
         sizes = [size] * v.num_views
     elif v.planner == "padded_crop":
         planner = make_planner("padded_crop", num_views=v.num_views, padding=v.padding)

@@ -56,6 +56,7 @@ class ViewsConfig:
     joint_blur_beta: float = 0.0  #: JointBlur: shape of the log-sigma-ratio law (a reconstruction)
     joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
     ccrop_alpha: float = 0.1  #: contrastive_crop / simccrop: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
+    ccrop_placement: str = "centre"  #: contrastive_crop / simccrop: centre (the paper: centres across the box, crop moved into the image) | released (upstream: clamped corner interval, integer truncation, box far edges last index / size)
     box_warmup_epochs: int = 0  #: contrastive/semantic crop: epochs of plain random crops before the first localisation
     box_update_every: int = 1  #: ... then localise every this many epochs
     box_threshold: float = 0.1  #: heatmap threshold of the localiser

@@ -368,6 +368,32 @@ def _place_around(
     return _boxes(left, top, w, h)
 
 
+def _place_released(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    fx: torch.Tensor,
+    fy: torch.Tensor,
+    box: torch.Tensor,
+    width: torch.Tensor,
+    height: torch.Tensor,
+) -> torch.Tensor:
+    """ContrastiveCrop's released placement of crops ``w x h [B, V]`` (corner fractions ``fx, fy``), batched.
+
+    :func:`~contrastlab.views.contrastive_crop.place_crop_released`: each end of the corner interval
+    ``int(edge) - side // 2`` clamped to ``[0, L - side]``, then ``low + int((high - low) * f)``, ``f`` capped
+    below 1 as upstream's float32 Beta sampler is (float32 rounds about a tenth of Beta(0.1, 0.1) draws to 1).
+    """
+    def corner(side: torch.Tensor, crop: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
+               fraction: torch.Tensor) -> torch.Tensor:
+        limit = side[:, None] - crop
+        low = torch.minimum((torch.floor(near[:, None]) - torch.floor(crop / 2.0)).clamp_min(0.0), limit)
+        high = torch.minimum((torch.floor(far[:, None]) - torch.floor(crop / 2.0)).clamp_min(0.0), limit)
+        return low + torch.floor((high - low) * fraction.clamp_max(1.0 - 2.0**-24))
+
+    bx0, by0, bx1, by1 = box.unbind(-1)
+    return _boxes(corner(width, w, bx0, bx1, fx), corner(height, h, by0, by1, fy), w, h)
+
+
 # ----------------------------------------------------------------------------- planners
 
 
@@ -449,7 +475,10 @@ def _plan_around_box(
         fy, fx = _suppressed_fraction(planner.suppression, (2, batch, views), generator).unbind(0)
         if planner.push_apart:
             fy, fx = _push_apart(fy), _push_apart(fx)
-    boxes = _place_around(w, h, fx, fy, box, width, height)
+    if getattr(planner, "placement", "centre") == "released":
+        boxes = _place_released(w, h, fx, fy, box, width, height)
+    else:
+        boxes = _place_around(w, h, fx, fy, box, width, height)
     return torch.where(fits[..., None], boxes, _central_crop(width, height, planner.ratio)[:, None, :])
 
 

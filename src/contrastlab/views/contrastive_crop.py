@@ -33,6 +33,12 @@ The upstream clamp and why it is replaced. Upstream clamps the two *ends* of the
    centre). Clamping the drawn position instead keeps the centre ``Beta(alpha, alpha)`` across the box
    whenever the crop fits around it, and otherwise moves the crop the least distance into the image.
 
+**The released placement** (``placement="released"``, :func:`place_crop_released`; the recipes that reproduce
+ContrastiveCrop's rows set ``views.ccrop_placement=released``): upstream's clamp of the two ends of the corner
+interval and its integer truncation, as above, reproduced for the numbers that came from it. The localiser's
+matching option gives upstream's box far edges, ``last index / size`` (``edges="released"`` in
+:func:`~contrastlab.views.localiser.boxes_from_heatmaps`).
+
 **SimCCrop** (upstream README, ``configs/small/*/moco_simccrop.py``): no localiser, a fixed central box of
 half the height and width, ``init_box=(0.25, 0.25, 0.75, 0.75)``, read by the same planner
 (:func:`simccrop_planner`).
@@ -96,6 +102,14 @@ SIMCCROP_BOX: tuple[float, float, float, float] = (0.25, 0.25, 0.75, 0.75)
 """SimCCrop's fixed normalised box: centred, half the height and half the width."""
 
 _ATTEMPTS = 10  # as upstream and torchvision's RandomResizedCrop
+
+_BELOW_ONE = 1.0 - 2.0**-24
+"""The largest float32 below 1: the most upstream's float32 ``Beta.sample()`` returns (torch clamps it there)."""
+
+CCROP_PLACEMENTS = ("centre", "released")
+"""``centre``: the centre ``Beta(alpha, alpha)`` across the box, the crop moved the least way into the image
+(:func:`place_crop`); ``released``: upstream's clamped corner interval and integer truncation
+(:func:`place_crop_released`)."""
 
 
 def _log_gamma_variate(shape: float, generator: torch.Generator | None) -> float:
@@ -204,6 +218,32 @@ def place_crop(width: int, height: int, crop_width: int, crop_height: int, cx: f
     return (left, top, left + crop_width, top + crop_height)
 
 
+def place_crop_released(width: int, height: int, crop_width: int, crop_height: int, box: Box,
+                        fx: float, fy: float) -> Box:
+    """ContrastiveCrop's released placement (``ContrastiveCrop.get_params``): the crop's corner, not its centre.
+
+    On each axis (rows shown; ``H`` the image height, ``h`` the crop height, ``y0, y1`` the box edges in pixels)
+    the interval of top rows ``[a0, a1]`` has ends ``a = min(max(int(y) - h // 2, 0), H - h)``, each clamped into
+    the image on its own, and the top row is ``a0 + int((a1 - a0) * fy)``: truncation, so the far end is never
+    reached (upstream's float32 Beta sampler never returns 1; fractions are capped at the largest float32 below
+    1 here too) and crops lean to the top-left: a whole-image box never lets a smaller crop touch the bottom or
+    right border. Columns likewise with ``fx``.
+
+    Example:
+        >>> place_crop_released(32, 32, 10, 10, (0.0, 0.0, 32.0, 32.0), fx=0.999, fy=0.0)
+        (21.0, 0.0, 31.0, 10.0)
+    """
+    def corner(side: int, crop: int, near: float, far: float, fraction: float) -> int:
+        low = min(max(int(near) - crop // 2, 0), side - crop)
+        high = min(max(int(far) - crop // 2, 0), side - crop)
+        return low + int((high - low) * min(fraction, _BELOW_ONE))
+
+    bx0, by0, bx1, by1 = box
+    top = corner(height, crop_height, by0, by1, fy)
+    left = corner(width, crop_width, bx0, bx1, fx)
+    return (float(left), float(top), float(left + crop_width), float(top + crop_height))
+
+
 def _check_store(store: object) -> None:
     if not isinstance(store, BoxSource):
         raise ConfigError(
@@ -227,9 +267,11 @@ class ContrastiveCropPlanner:
         scale: Range of the crop area as a fraction of the image area.
         ratio: Range of the crop aspect ratio (width / height).
         num_views: Number of views, each drawn independently.
+        placement: ``centre`` (default) or ``released`` (upstream's corner clamp and truncation), see
+            :data:`CCROP_PLACEMENTS`.
 
     Raises:
-        ConfigError: Invalid ``alpha``, ranges, ``num_views`` or store.
+        ConfigError: Invalid ``alpha``, ranges, ``num_views``, ``placement`` or store.
 
     Example:
         >>> from contrastlab.views.box_store import BoxStore
@@ -245,10 +287,13 @@ class ContrastiveCropPlanner:
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     num_views: int = 2
+    placement: str = "centre"
 
     def __post_init__(self) -> None:
         _check_store(self.store)
         _check_num_views(self.num_views)
+        if self.placement not in CCROP_PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(CCROP_PLACEMENTS)}, got {self.placement!r}")
         alpha = float(self.alpha)
         if not (math.isfinite(alpha) and alpha > 0.0):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
@@ -275,6 +320,9 @@ class ContrastiveCropPlanner:
                 continue
             fy = sample_beta(self.alpha, self.alpha, generator)  # vertical first, as upstream (i, then j)
             fx = sample_beta(self.alpha, self.alpha, generator)
+            if self.placement == "released":
+                boxes.append(place_crop_released(width, height, size[0], size[1], (bx0, by0, bx1, by1), fx, fy))
+                continue
             cx, cy = bx0 + fx * (bx1 - bx0), by0 + fy * (by1 - by0)
             boxes.append(place_crop(width, height, size[0], size[1], cx, cy))
         return boxes
@@ -368,6 +416,7 @@ def simccrop_planner(
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
     num_views: int = 2,
+    placement: str = "centre",
 ) -> ContrastiveCropPlanner:
     """SimCCrop (ContrastiveCrop's README): the ContrastiveCrop planner reading a fixed central box.
 
@@ -378,4 +427,5 @@ def simccrop_planner(
         >>> simccrop_planner().store.box(0, 32, 32)
         (8.0, 8.0, 24.0, 24.0)
     """
-    return ContrastiveCropPlanner(simccrop_box(), alpha=alpha, scale=scale, ratio=ratio, num_views=num_views)
+    return ContrastiveCropPlanner(simccrop_box(), alpha=alpha, scale=scale, ratio=ratio, num_views=num_views,
+                                  placement=placement)
