@@ -180,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from contrastlab.engine.checkpoint import load_backbone_weights
     from contrastlab.engine.trainer import select_device
 
+    if args.resume and args.kind != "finetune":
+        raise ContrastlabError(f"--resume continues a fine-tuning run (`eval finetune`); `eval {args.kind}` has none")
     ckpt, cfg = _eval_config(args)
     suffix = f"_peer{args.peer}" if args.peer is not None else ""
     out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"

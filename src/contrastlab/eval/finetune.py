@@ -59,7 +59,7 @@ from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_che
 from contrastlab.engine.distributed import all_reduce_mean, barrier
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.schedules import learning_rate
-from contrastlab.engine.trainer import PRECISIONS, epoch_seed, seed_everything
+from contrastlab.engine.trainer import PRECISIONS, NonFiniteLossError, epoch_seed, seed_everything
 from contrastlab.errors import ConfigError
 from contrastlab.models.vit import VIT_ARCHS, build_vit
 from contrastlab.observers.classification_monitor import ClassificationMonitor
@@ -217,7 +217,8 @@ def finetune(
         out: folder for ``checkpoints/last.pt`` (every epoch) and ``metrics.jsonl``.
         device: where to train.
         workers: DataLoader workers per rank.
-        seed: seeds the head initialisation's caller, the mixup draws and the sampler.
+        seed: seeds each epoch's random streams (augmentations, mixup, the sampler without repeated augmentation;
+            DeiT's repeated-augmentation sampler orders each epoch from the epoch number alone).
         resume: a fine-tuning checkpoint (``out/checkpoints/last.pt``) to continue from its next epoch.
         rank: this process's rank under ``torchrun`` (the process group must be initialised when ``world_size > 1``).
         world_size: number of ranks; ``cfg.batch_size`` is the global batch.
@@ -304,8 +305,8 @@ def finetune(
                 logits = net(images)
             loss = criterion(logits.float(), labels)
             if not torch.isfinite(loss):
-                raise ConfigError(f"fine-tuning loss {loss.item()} at step {step} (epoch {epoch + 1}), lr {lr:.4g}; "
-                                  "lower finetune.lr or use finetune.precision=fp32")
+                raise NonFiniteLossError(f"fine-tuning loss {loss.item()} at step {step} (epoch {epoch + 1}), lr "
+                                         f"{lr:.4g}; lower finetune.lr or use finetune.precision=fp32")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad > 0:
