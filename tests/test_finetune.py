@@ -116,3 +116,34 @@ def test_eval_finetune_trains_end_to_end_and_resumes(tmp_path, capsys) -> None:
     assert epochs == [1, 2]
     assert main(["train", "finetune/mocov3_vit_s_300ep"]) == 2
     assert "eval finetune" in capsys.readouterr().err
+
+
+@needs_timm
+def test_a_tiny_vit_fine_tunes_every_parameter_through_the_library(tmp_path) -> None:
+    """The library path with ready objects: a 2-block ViT at 16 px, one epoch of 2 steps with the recipe's
+    augmentations, mixup/cutmix and EMA; the position embedding and the patch projection move too."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from contrastlab.data import build_dataset
+    from contrastlab.data.stats import NORMALIZATION
+    from contrastlab.data.subsets import IndexedSubset
+    from contrastlab.eval.finetune import TransformedDataset, finetune, finetune_transforms
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, num_classes=0, embed_dim=32, depth=2, num_heads=2,
+                            drop_path_rate=0.1)
+    vit.pos_embed.requires_grad_(False)  # frozen in pre-training, as MoCo v3's
+    model = FinetuneClassifier(vit, 32, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = load_config("finetune/mocov3_vit_s_300ep", ["finetune.epochs=1", "finetune.batch_size=8",
+                                                      "finetune.precision=fp32", "finetune.warmup_epochs=0",
+                                                      "finetune.schedule=cosine", "finetune.lr=0.01"]).finetune
+    train_tf, test_tf = finetune_transforms(cfg, 16, *NORMALIZATION["demo"])
+    train = IndexedSubset(build_dataset("demo", None, "train"), range(16))
+    test = IndexedSubset(build_dataset("demo", None, "test"), range(8))
+    result = finetune(model, TransformedDataset(train, train_tf), TransformedDataset(test, test_tf), cfg,
+                      tmp_path / "ft", workers=0, log=lambda s: None)
+    assert result["steps"] == 2 and 0 <= result["finetune_top1"] <= 100 and "finetune_ema_top1" in result
+    after = model.state_dict()
+    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.patch_embed.proj.weight", "head.weight"):
+        assert not torch.equal(before[name], after[name]), name
