@@ -76,7 +76,9 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 def _check(cfg: FinetuneConfig) -> None:
     for key, value, valid in (("finetune.schedule", cfg.schedule, FINETUNE_SCHEDULES),
                               ("finetune.mixup_mode", cfg.mixup_mode, MIXUP_MODES),
-                              ("finetune.precision", cfg.precision, tuple(PRECISIONS))):
+                              ("finetune.precision", cfg.precision, tuple(PRECISIONS)),
+                              ("finetune.interpolation", cfg.interpolation, ("bicubic", "bilinear", "random")),
+                              ("finetune.remode", cfg.remode, ("pixel", "rand", "const"))):
         if value not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
 
