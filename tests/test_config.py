@@ -130,3 +130,19 @@ def test_a_version_1_config_from_a_checkpoint_still_loads():
     assert cfg.views.planner == "joint_crop" and cfg.views.params == config_from_dict(tree).views.params
     with pytest.raises(ConfigError, match="views.padding"):
         config_from_dict(upgrade_saved_config(old, version=2))  # a current config keeps every key it has
+
+
+def test_switching_the_planner_or_method_drops_the_keys_only_the_old_one_read(tmp_path):
+    """An override or a child recipe that changes views.planner / method.name keeps the inherited keys the new one
+    reads and drops the rest; a key given explicitly is still checked."""
+    cfg = load_config("cifar10/mocov2_ccrop_r18_500ep", ["views.planner=padded_crop"])
+    assert set(cfg.views.params) == {"num_views", "padding"} and cfg.views.params["num_views"] == 2
+    with pytest.raises(ConfigError, match="views.ccrop_alpha"):
+        load_config("cifar10/mocov2_ccrop_r18_500ep", ["views.planner=padded_crop", "views.ccrop_alpha=0.3"])
+    cfg = load_config("demo", ["method.name=byol"])  # demo is SimCLR: its temperature is not BYOL's
+    assert "temperature" not in cfg.method.params and cfg.method.params["proj_out_dim"] == 64
+    child = tmp_path / "child.yaml"
+    child.write_text("base: cifar10/mocov2_jointcrop_r18_500ep\nviews: {planner: multicrop, num_small: 2}\n")
+    cfg = load_config(str(child))
+    assert cfg.views.planner == "multicrop" and cfg.views.params["num_small"] == 2
+    assert "joint_beta" not in cfg.views.params

@@ -103,19 +103,28 @@ def test_cosine_momentum_is_upstream_moco_m_cos_per_iteration() -> None:
         assert ema_momentum(step, base=m, total_steps=epochs * iters, schedule="cosine") == pytest.approx(upstream)
 
 
-def test_sincos_position_embedding_matches_its_formula() -> None:
-    h, w, dim = 3, 4, 16
-    pe = sincos_position_embedding(h, w, dim)
-    assert pe.shape == (1, 1 + h * w, dim)
+def _sincos(a: float, b: float, dim: int) -> list[float]:
+    """``[sin(a w_d)..., cos(a w_d)..., sin(b w_d)..., cos(b w_d)...]``, ``w_d = 10000^(-d / (dim / 4))``."""
+    omegas = [1.0 / 10000 ** (d / (dim // 4)) for d in range(dim // 4)]
+    return ([math.sin(a * o) for o in omegas] + [math.cos(a * o) for o in omegas]
+            + [math.sin(b * o) for o in omegas] + [math.cos(b * o) for o in omegas])
+
+
+def test_sincos_position_embedding_puts_the_row_first_as_upstream() -> None:
+    """Patch (row r, column c) gets [sin r w, cos r w, sin c w, cos c w] (moco-v3 vits.py builds its grid with
+    torch.meshgrid(grid_w, grid_h), "ij" indexing); the class token is zero."""
+    side, dim = 4, 16
+    pe = sincos_position_embedding(side, side, dim)
+    assert pe.shape == (1, 1 + side * side, dim)
     assert torch.equal(pe[0, 0], torch.zeros(dim))
-    for row in range(h):
-        for col in range(w):
-            vec = pe[0, 1 + row * w + col]
-            for d in range(dim // 4):
-                omega = 1.0 / 10000 ** (d / (dim // 4))
-                expected = [math.sin(col * omega), math.cos(col * omega), math.sin(row * omega), math.cos(row * omega)]
-                got = [float(vec[d + j * dim // 4]) for j in range(4)]
-                assert got == pytest.approx(expected, abs=1e-6)
+    for row in range(side):
+        for col in range(side):
+            assert pe[0, 1 + row * side + col].tolist() == pytest.approx(_sincos(row, col, dim), abs=1e-6)
+    # a non-square grid keeps upstream's tensor: patch k gets (k // grid_h, k % grid_h)
+    h, w = 3, 5
+    pe = sincos_position_embedding(h, w, dim)
+    for k in range(h * w):
+        assert pe[0, 1 + k].tolist() == pytest.approx(_sincos(k // h, k % h, dim), abs=1e-6)
 
 
 @needs_timm

@@ -1,4 +1,4 @@
-"""Mutual Contrastive Learning building blocks against explicit loops and formulas (mcl.md section 11.6).
+"""Mutual Contrastive Learning building blocks against explicit loops and formulas (arXiv 2104.12565; github.com/winycg/MCL).
 
 The references below are written independently of :mod:`contrastlab.objectives.mutual`: plain Python
 loops over peers, anchors and candidates, with masks spelled out from the labels.

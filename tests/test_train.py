@@ -16,15 +16,18 @@ from contrastlab.engine.trainer import Trainer, train
 torch.set_num_threads(2)
 
 
-TRAIN_RECIPES = [r for r in recipe_names() if not r.startswith("linear/")]
+TRAIN_RECIPES = [r for r in recipe_names() if not r.startswith(("linear/", "finetune/"))]
 
 
 # Numbers that set a rate, not a code path: recipes that differ only in these (MoCo v3 100 vs 300 epochs: lr 0.6
 # vs 0.3; step-schedule milestones, which a 2-step run never reaches) run the same code in a 2-step smoke run.
 # Every recipe's own values are still loaded and validated.
-RATE_ONLY = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "final_lr"), ("optim", "warmup_epochs"),
-             ("optim", "milestones"), ("optim", "gamma"),
-             ("train", "ema_momentum"), ("linear", "lr"),
+# Training reads no linear-probe value but linear.crop_fraction (the kNN monitor's views), so the probe's protocol is
+# rates only here too.
+RATE_ONLY = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "final_lr"), ("optim", "final_lr_ratio"),
+             ("optim", "warmup_epochs"), ("optim", "milestones"), ("optim", "gamma"),
+             ("train", "ema_momentum"), ("linear", "lr"), ("linear", "schedule"), ("linear", "milestones"),
+             ("linear", "scale"),
              ("monitor", "knn_every"), ("train", "checkpoint_every"))  # a 2-step run evaluates and saves at its end
 
 

@@ -1,6 +1,6 @@
-"""The MCL architecture zoo, staged networks and peer cohorts (shared/reference/mcl.md, sections 4, 5, 11.6).
+"""The MCL architecture zoo, staged networks and peer cohorts (Yang et al., AAAI 2022; github.com/winycg/MCL).
 
-Parameter counts are compared with two independent sources: the table of mcl.md section 5 (to the
+Parameter counts are compared with two independent sources: the architecture table of the MCL release (to the
 rounding it shows) and the exact counts of the upstream implementation (winycg/MCL, models/*.py at HEAD:
 ``sum(p.numel())`` of ``<factory>(num_classes, number_net)``, which includes the fc of every peer).
 Counts need no forward pass; forwards use 2 images of 32x32 (16x16 for backward passes).
@@ -60,7 +60,7 @@ FEATURE_DIM = {
     "resnet34": 512,
 }
 
-# mcl.md section 5: (single, M=2 independent, M=4 shared trunk), as printed. "x2" means twice the single
+# The MCL release's table: (single, M=2 independent, M=4 shared trunk), as printed. "x2" means twice the single
 # count. The table counts a 100-class fc per peer for CIFAR; its ImageNet ResNet numbers (11.69M =
 # torchvision's ResNet-18) are those of the 1000-class ImageNet fc, so the ImageNet rows use 1000.
 TABLE = {
@@ -147,7 +147,7 @@ def test_param_counts_match_mcl_table(arch: str) -> None:
 @pytest.mark.parametrize("arch", ["hcgnet_a1", "hcgnet_a2"])
 def test_hcgnet_param_counts_match_readme(arch: str) -> None:
     # winycg/HCGNet README: 1.1M (A1) and 3.1M (A2) with a 100-class fc, printed to 0.1M. Tolerance:
-    # that rounding, +-0.05M. mcl.md gives no cohort counts ("-"), so those are checked by structure:
+    # that rounding, +-0.05M. the table gives no cohort counts ("-"), so those are checked by structure:
     # two independent nets, and trunk + 4 branches with the trunk measured on a fresh network.
     single, independent, shared = _counts(arch)
     assert abs(single / 1e6 - {"hcgnet_a1": 1.1, "hcgnet_a2": 3.1}[arch]) <= 0.05
@@ -213,7 +213,7 @@ def _conv_std(conv: nn.Conv2d) -> float:
 
 
 def test_initialisation_rules() -> None:
-    # mcl.md section 5: Kaiming normal (fan_out) for ResNets and WRN, PyTorch defaults for ShuffleNetV2.
+    # The release's initialisation: Kaiming normal (fan_out) for ResNets and WRN, PyTorch defaults for ShuffleNetV2.
     torch.manual_seed(0)
     wrn, _ = build_backbone("wrn_28_4")
     conv = wrn.block3[1].conv2  # 256 -> 256, 3x3: 590k samples

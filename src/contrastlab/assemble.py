@@ -170,4 +170,6 @@ def method(cfg: Config, num_classes: int, targets: Sequence[int] | None = None) 
         params["num_classes"] = num_classes
     if "dataset_targets" in accepted and "dataset_targets" not in params:
         params["dataset_targets"] = targets
+    if "backbone_factory" in accepted and "backbone_factory" not in params:  # more networks of the same kind
+        params["backbone_factory"] = lambda: backbone(cfg)[0]
     return build_method(cfg.method.name, net, dim, **params)

@@ -1,4 +1,4 @@
-"""The ``contrastlab`` command line: train, eval, recipes, demo, plot, views, export.
+"""The ``contrastlab`` command line: train, eval (knn, linear, finetune), recipes, demo, plot, views, export.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -71,12 +71,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from contrastlab.config.load import dump_config, is_linear_recipe
+    from contrastlab.config.load import dump_config, is_finetune_recipe, is_linear_recipe
     from contrastlab.engine.trainer import train
 
-    if is_linear_recipe(args.recipe):
-        raise ContrastlabError(f"{args.recipe} is a linear-probe recipe; run it with "
-                               f"`contrastlab eval linear CHECKPOINT --recipe {args.recipe}`")
+    if is_linear_recipe(args.recipe) or is_finetune_recipe(args.recipe):
+        kind = "linear" if is_linear_recipe(args.recipe) else "finetune"
+        raise ContrastlabError(f"{args.recipe} is a {'linear-probe' if kind == 'linear' else 'fine-tuning'} recipe; "
+                               f"run it with `contrastlab eval {kind} CHECKPOINT --recipe {args.recipe}`")
     cfg = _load(args.recipe, args.overrides, args.smoke)
     if args.show:
         print(dump_config(cfg), end="")
@@ -137,6 +138,7 @@ def _eval_config(args: argparse.Namespace):
 
     from contrastlab.config.load import (
         config_from_dict,
+        finetune_section,
         linear_section,
         parse_override,
         set_dotted,
@@ -147,7 +149,8 @@ def _eval_config(args: argparse.Namespace):
     ckpt = load_checkpoint(args.checkpoint)
     tree = upgrade_saved_config(yaml.safe_load(ckpt["config"]), ckpt.get("version", 1))
     if getattr(args, "recipe", None):
-        tree["linear"] = {**tree.get("linear", {}), **linear_section(args.recipe)}
+        section, read = ("finetune", finetune_section) if args.kind == "finetune" else ("linear", linear_section)
+        tree[section] = {**tree.get(section, {}), **read(args.recipe)}
     if args.data:
         tree["data"]["name"] = args.data
         tree["data"]["class_list"] = None  # a class list selects classes of the checkpoint's dataset only
@@ -175,7 +178,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from contrastlab.engine.checkpoint import load_backbone_weights
     from contrastlab.engine.trainer import select_device
 
+    if args.resume and args.kind != "finetune":
+        raise ContrastlabError(f"--resume continues a fine-tuning run (`eval finetune`); `eval {args.kind}` has none")
     ckpt, cfg = _eval_config(args)
+    suffix = f"_peer{args.peer}" if args.peer is not None else ""
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
+    if args.kind == "finetune":
+        from contrastlab.engine.distributed import is_main_process
+        from contrastlab.eval.finetune import finetune_checkpoint
+
+        folder = out.with_suffix("")  # <run>/eval_finetune_<data>/: checkpoints and metrics of the fine-tuning
+        result = {**finetune_checkpoint(ckpt, cfg, str(args.checkpoint), folder, peer=args.peer, resume=args.resume),
+                  "checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name,
+                  "peer": args.peer or 0, "train_split": cfg.data.labeled_split or cfg.data.train_split,
+                  "test_split": cfg.data.test_split}
+        if is_main_process():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result))
+        return 0
     device = select_device(cfg.train.device)
     net, dim = assemble.backbone(cfg)
     load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer)
@@ -207,8 +228,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = {**linear_probe(net, dim, num_classes, train_set, test_set, cfg.linear, device=device,
                                  workers=cfg.data.workers, seed=cfg.seed, on_device=on_device,
                                  log=lambda s: print(s, file=sys.stderr, flush=True)), **info}
-    suffix = f"_peer{args.peer}" if args.peer is not None else ""
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
@@ -302,12 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: kNN or linear probe")
-    p.add_argument("kind", choices=["knn", "linear"])
+    p = sub.add_parser("eval", help="evaluate a checkpoint: kNN, linear probe or end-to-end fine-tuning")
+    p.add_argument("kind", choices=["knn", "linear", "finetune"])
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=./data linear.epochs=100")
     p.add_argument("--data", help="dataset name to evaluate on (default: the training dataset)")
-    p.add_argument("--recipe", help="linear-probe recipe (linear/<name>) whose protocol replaces the run's own")
+    p.add_argument("--recipe", help="protocol recipe whose section replaces the run's own: linear/<name> for "
+                   "`eval linear`, finetune/<name> for `eval finetune`")
+    p.add_argument("--resume", help="eval finetune: continue from a fine-tuning checkpoint, or 'auto' (the last one "
+                   "in <run>/eval_finetune_<data>/checkpoints)")
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): evaluate peer N (default 0)")
     p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN].json)")
     p.set_defaults(func=cmd_eval)

@@ -65,5 +65,17 @@ def derive(cfg: Config, world_size: int, dataset_len: int) -> Derived:
         total = min(total, cfg.train.max_steps)
     warmup = round(cfg.optim.warmup_epochs * steps)
     scale = lr_scale(cfg)
-    return Derived(world_size, batch, per_rank, cfg.optim.lr * scale, cfg.optim.final_lr * scale,
+    return Derived(world_size, batch, per_rank, cfg.optim.lr * scale, final_lr(cfg),
                    cfg.optim.warmup_start_lr * scale, steps, total, warmup)
+
+
+def final_lr(cfg: Config) -> float:
+    """The cosine end value used: ``optim.final_lr_ratio`` times the scaled peak rate when set, else
+    ``optim.final_lr`` scaled like the peak rate; ConfigError when both are set."""
+    ratio = cfg.optim.final_lr_ratio
+    if ratio is None:
+        return cfg.optim.final_lr * lr_scale(cfg)
+    if cfg.optim.final_lr:
+        raise ConfigError(f"optim.final_lr={cfg.optim.final_lr} and optim.final_lr_ratio={ratio} both set the end of "
+                          "the cosine; set one of them (the other to 0 / null)")
+    return ratio * scaled_lr(cfg)

@@ -60,6 +60,25 @@ def linear_section(recipe: str) -> dict[str, Any]:
     return section
 
 
+FINETUNE_PREFIX = "finetune/"
+
+
+def is_finetune_recipe(recipe: str) -> bool:
+    """Fine-tuning recipes (``finetune/<name>``) hold only a ``finetune:`` section, for ``eval finetune --recipe``."""
+    return recipe.startswith(FINETUNE_PREFIX)
+
+
+def finetune_section(recipe: str) -> dict[str, Any]:
+    """The ``finetune:`` mapping of a fine-tuning recipe."""
+    if not is_finetune_recipe(recipe):
+        raise ConfigError(f"{recipe!r} is not a fine-tuning recipe; those are named {FINETUNE_PREFIX}<name> "
+                          "(see `contrastlab recipes`)")
+    section = read_recipe(recipe).get("finetune")
+    if not isinstance(section, dict):
+        raise ConfigError(f"fine-tuning recipe {recipe!r} has no 'finetune:' mapping")
+    return section
+
+
 def recipe_path(recipe: str) -> Path:
     """The YAML file of a recipe name or path; ConfigError naming the nearest recipes if absent."""
     as_path = Path(recipe)
@@ -109,7 +128,33 @@ def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return deep_merge(read_recipe(str(base), _seen + (recipe,)), data)
+    return merge_switching(read_recipe(str(base), _seen + (recipe,)), data)
+
+
+def _switchable() -> dict[str, tuple[str, set[str], Any]]:
+    """Sections whose keys depend on a name in them: section -> (name key, keys of every entry, entry's keys)."""
+    views_common = {f.name for f in dataclasses.fields(ViewsConfig)} - {"params"}
+    return {"views": ("planner", views_common, planner_keys),
+            "method": ("name", {"name"}, lambda name: list(method_parameters(name)))}
+
+
+def merge_switching(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``deep_merge(base, update)``, except that when ``update`` switches the planner (``views.planner``) or the
+    method (``method.name``), the keys ``base`` set for the old one that the new one does not read are not
+    inherited (a recipe or override that changes the planner starts from that planner's defaults for its keys)."""
+    base = copy.deepcopy(base)
+    import_plugins(update.get("plugins", base.get("plugins")))  # their planners and methods may be switched to
+    for section, (name_key, common, keys_of) in _switchable().items():
+        new = update.get(section, {}).get(name_key) if isinstance(update.get(section), dict) else None
+        old_section = base.get(section)
+        if new is None or not isinstance(old_section, dict) or old_section.get(name_key) == new:
+            continue
+        registry = PLANNERS if section == "views" else METHODS
+        if new not in registry:
+            continue  # the unknown name fails later, naming the nearest ones
+        keep = common | set(keys_of(new))
+        base[section] = {k: v for k, v in old_section.items() if k in keep}
+    return deep_merge(base, update)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -352,11 +397,11 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a recipe, apply ``key=value`` overrides, validate, and return the :class:`Config`."""
-    tree = read_recipe(recipe)
+    given: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(tree, key, value)
-    return config_from_dict(tree)
+        set_dotted(given, key, value)
+    return config_from_dict(merge_switching(read_recipe(recipe), given))
 
 
 def dump_config(cfg: Config) -> str:

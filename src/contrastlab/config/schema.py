@@ -99,6 +99,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0  #: linear warm-up, per iteration
     warmup_start_lr: float = 0.0  #: scaled with ``lr`` (per-iteration warm-up only)
     final_lr: float = 0.0  #: cosine end value, scaled with ``lr`` (CaCo: lr 0.3 -> final 0.003)
+    final_lr_ratio: float | None = None  #: cosine end value as a fraction of the peak lr, following lr overrides (ContrastiveCrop's decay_rate 0.1); set, it replaces final_lr
     milestones: list[int] = field(default_factory=list)  #: step schedule: epochs
     gamma: float = 0.1  #: step schedule factor (ContrastiveCrop's MoCo v1 configs had 0: lr 0 after the first milestone)
     clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
@@ -162,6 +163,45 @@ class LinearConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning with a linear head (DeiT's recipe, as MoCo v3 fine-tuned its ViTs), final-epoch accuracy.
+
+    The defaults are DeiT's ``main.py`` defaults, except the schedule (``cosine``: per step); ``finetune/``
+    recipes set what the released runs used. See :mod:`contrastlab.eval.finetune`.
+    """
+
+    epochs: int = 100
+    batch_size: int = 1024  #: GLOBAL batch, split evenly over ranks
+    lr: float = 5.0e-4  #: at base_batch_size; the rate used is lr * batch_size / base_batch_size
+    base_batch_size: int = 512
+    weight_decay: float = 0.05  #: AdamW; none on biases, norms, the position embedding and the class token
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1.0e-6  #: the warm-up starts here (not scaled)
+    min_lr: float = 1.0e-5  #: the cosine ends here (not scaled)
+    schedule: str = "cosine"  #: cosine (per step: linear warm-up from warmup_lr, cosine to min_lr) | deit (DeiT's release: timm's cosine once per epoch, each epoch at the rate computed for the one before)
+    clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
+    drop_path: float = 0.1  #: stochastic depth of a ViT (timm's drop_path_rate)
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  #: mixup alpha (timm Mixup); 0 = off
+    cutmix: float = 1.0  #: cutmix alpha; 0 = off
+    mixup_prob: float = 1.0  #: probability of mixing a batch
+    mixup_switch_prob: float = 0.5  #: probability of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"  #: batch | pair | elem (timm Mixup)
+    randaugment: str = "rand-m9-mstd0.5-inc1"  #: timm auto_augment policy string; empty = none
+    color_jitter: float = 0.4
+    interpolation: str = "bicubic"  #: training crops: bicubic | bilinear | random
+    reprob: float = 0.25  #: random erasing probability
+    remode: str = "pixel"  #: random erasing fill: pixel | rand | const
+    recount: int = 1  #: random erasing count
+    repeated_aug: int = 3  #: each image this many times per epoch, on different ranks (DeiT's RASampler); 1 = off
+    ema_decay: float = 0.99996  #: EMA of the weights (timm ModelEmaV2), reported as an extra; 0 = off
+    precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast; fp16 with a loss scaler)
+    crop_fraction: float = 0.875  #: test views: resize to size / crop_fraction, centre crop
+    eval_every: int = 0  #: epochs between test-set evaluations (0 = the final epoch only)
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -179,3 +219,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -145,7 +145,7 @@ class MPerClassSampler(Sampler[list[int]]):
     """Batches of ``batch_size / m`` random classes times ``m`` random images of each (MCL, in-batch).
 
     Yang, An, Cai, Xu, "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022
-    (upstream ``dataset/class_sampler.py``, mcl.md sections 2.2 and 11.1).
+    (upstream ``dataset/class_sampler.py``).
 
     This is a **batch sampler**: pass it as ``DataLoader(dataset, batch_sampler=sampler)`` (no
     ``batch_size``, ``shuffle`` or ``sampler``). Each item it yields is one batch, a list of dataset

@@ -734,7 +734,7 @@ class Trainer:
             images = DeviceEvalLoader(shard, self.device, batch, store, workers=self.cfg.data.workers)
         boxes = localise(last_feature_map(self.method.backbone), images, loc.threshold, self.device,
                          kind=loc.heatmap, num_samples=len(self.base_train),
-                         batch_size=batch, num_workers=self.cfg.data.workers)
+                         batch_size=batch, num_workers=self.cfg.data.workers, edges=loc.edges)
         self.box_store.fill(boxes)
         self.box_store.set_enabled(True)
         area = self.box_store.mean_area()

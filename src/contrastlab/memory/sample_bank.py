@@ -2,7 +2,7 @@
 
 Yang, An, Cai, Xu, "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022,
 supervised ImageNet setting (upstream ``losses/imagenet_sup_mcl_loss.py`` and ``dataset/imagenet.py``,
-a CRD-style ``ContrastMemory``; mcl.md section 6.2).
+a CRD-style ``ContrastMemory``; github.com/winycg/MCL).
 
 Each peer ``m`` owns a bank ``M_m`` with one row per training image. A step samples, for every anchor
 ``a``, its own index, ``pos_k`` same-class indices and ``neg_k`` other-class indices

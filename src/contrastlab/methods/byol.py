@@ -7,20 +7,34 @@ backbone -> projector (:meth:`BYOL.after_optimizer_step`, only parameters are av
 symmetric and, as in the paper (section 3.1), the *sum* of the two directions:
 ``L = (2 - 2 cos(p1, sg(z2'))) + (2 - 2 cos(p2, sg(z1')))``, each averaged over the batch, so it lies in
 ``[0, 8]`` and the paper's learning rates apply unchanged.
+
+Target initialisation (``target_init``): ``"copy"`` (default, the paper's algorithm 1) starts the target as a
+copy of the online backbone and projector. ``"independent"`` reproduces ContrastiveCrop's released BYOL
+(``DDP_byol_ccrop.py`` builds ``encoder_k`` with a second ``build_model`` call, ``models/byol.py`` gives it
+its own projector, and nothing copies the online weights in): the target starts from its own random
+initialisation, drawn by ``backbone_factory`` (a fresh backbone of the same architecture) and a fresh
+projector, and only the EMA pulls it towards the online network. The recipes that reproduce ContrastiveCrop's
+BYOL rows set it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from contrastlab.errors import ConfigError
 from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.ema import momentum_copy
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.cosine import BYOLLoss
 from contrastlab.registry import register_method
 
-__all__ = ["BYOL"]
+__all__ = ["BYOL", "TARGET_INITS"]
+
+TARGET_INITS = ("copy", "independent")
+"""How the target network starts: a copy of the online one, or its own random initialisation."""
 
 
 @register_method()
@@ -33,6 +47,13 @@ class BYOL(Method):
         proj_hidden_dim: hidden width of the projector.
         proj_out_dim: output dimension of the projector and of the predictor.
         pred_hidden_dim: hidden width of the predictor.
+        target_init: ``"copy"`` (the target starts as the online network) or ``"independent"`` (its own random
+            initialisation, ContrastiveCrop's released BYOL).
+        backbone_factory: builds a fresh backbone of the online one's architecture; needed by
+            ``target_init="independent"`` (:func:`contrastlab.assemble.method` passes it).
+
+    Raises:
+        ConfigError: an unknown ``target_init``, or ``"independent"`` without a ``backbone_factory``.
 
     Attributes:
         projector: online projector (Linear-BN-ReLU-Linear).
@@ -56,11 +77,24 @@ class BYOL(Method):
         proj_hidden_dim: int = 4096,
         proj_out_dim: int = 256,
         pred_hidden_dim: int = 4096,
+        target_init: str = "copy",
+        backbone_factory: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
+        if target_init not in TARGET_INITS:
+            raise ConfigError(f"method.target_init must be one of {', '.join(TARGET_INITS)}, got {target_init!r}")
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, 2)
         self.predictor = build_mlp(proj_out_dim, pred_hidden_dim, proj_out_dim, 2)
-        self.target_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
+        if target_init == "copy":
+            target = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
+        else:
+            if backbone_factory is None:
+                raise ConfigError("method.target_init=independent builds the target from a fresh backbone: pass "
+                                  "backbone_factory (contrastlab.assemble.method does)")
+            target = nn.Sequential(backbone_factory(), build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, 2))
+            for p in target.parameters():
+                p.requires_grad_(False)
+        self.target_encoder = target
         self.criterion = BYOLLoss()
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:

@@ -1,8 +1,8 @@
 """CaCo: contrast against a learnable memory of adversarial negatives and cooperative positives.
 
 Wang, Qi, "Contrastive Learning with Cooperative-Adversarial Negatives and Positives", TPAMI 2023
-(arXiv 2203.14370). Behaviour follows the released code (maple-research-lab/CaCo) as specified in
-``shared/reference/caco.md``; where upstream had a defect the fix is the default (below).
+(arXiv 2203.14370). Behaviour follows the released code (github.com/maple-research-lab/CaCo); where upstream had a defect the
+fix is the default (below).
 
 One step, two views (``update_sym_network`` upstream):
 

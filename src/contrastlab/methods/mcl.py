@@ -1,7 +1,7 @@
 """Supervised Mutual Contrastive Learning: a cohort of classifiers that contrast within and across peers.
 
 Yang, An, Cai, Xu, "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022
-(arXiv 2104.12565); the released code is winycg/MCL, specified in ``shared/reference/mcl.md``.
+(arXiv 2104.12565); the released code is github.com/winycg/MCL.
 
 A :class:`~contrastlab.models.Cohort` of ``M`` peers (independent, or on a shared trunk) sees one view of
 each image. Every peer has a linear classifier and a projection head ``Linear(d, 128) - ReLU -
@@ -20,7 +20,7 @@ contrast sources:
 - ``contrast="none"``: no MCL terms, every peer trained with cross-entropy alone: upstream's "baseline"
   (which trains two independent networks and reports the better one).
 
-Defects of the release fixed by default (mcl.md sections 3, 10 and 11.3): the logit-distillation teacher
+Defects of the release fixed by default (arXiv 2104.12565; github.com/winycg/MCL): the logit-distillation teacher
 is detached and every peer is distilled (``distill_targets="last"`` and ``distill_detach_teacher=False``
 reproduce the ImageNet script); the number of peers and trunk sharing are separate settings
 (``model.peers``, ``model.shared_until``).

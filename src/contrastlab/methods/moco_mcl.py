@@ -1,8 +1,7 @@
 """Self-supervised Mutual Contrastive Learning on MoCo: one query encoder, key encoder and queue per peer.
 
 Yang, An, Cai, Xu, "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022; the
-released ``main_moco_mcl.py`` / ``moco/builder_mcl.py`` (winycg/MCL), specified in
-``shared/reference/mcl.md`` section 6.3.
+released ``main_moco_mcl.py`` / ``moco/builder_mcl.py`` (github.com/winycg/MCL).
 
 Every peer ``i`` of the cohort has a query encoder (its backbone and projector), a momentum key encoder and
 a queue ``Q_i`` of its own keys. One step (one direction, as MoCo v1/v2): queries ``q_i`` of ``views[0]``,

@@ -1,7 +1,7 @@
 """Backbone registry: a name -> a feature extractor ``[B, 3, H, W] -> [B, D]`` and its ``D``.
 
 Names (the architecture zoo of Mutual Contrastive Learning, Yang et al., AAAI 2022,
-``shared/reference/mcl.md``, section 5, plus the usual ImageNet ResNets):
+github.com/winycg/MCL, plus the usual ImageNet ResNets):
 
 - ``resnet18``, ``resnet34``, ``resnet50``: torchvision ResNets (He et al. 2016), random init, the
   classifier replaced by ``nn.Identity``. ``cifar_stem=True`` swaps the 7x7/2 stem convolution for a

@@ -6,11 +6,11 @@ stages 2 and 3 halves the resolution), global average pooling; depth ``6n + 2``.
 
 Where a block changes shape the shortcut is a 1x1 convolution followed by BatchNorm (the paper's
 option B), not the zero-padded identity (option A). This matches the CIFAR ResNets that MCL ships
-(``shared/reference/mcl.md``, section 5).
+(github.com/winycg/MCL).
 
 ``bottleneck=True`` stacks :class:`Bottleneck` blocks (1x1, 3x3, 1x1 with expansion 4; He et al.,
 section 4.1) instead, depth ``9n + 2``. Mutual Contrastive Learning's "ResNet-110" (Yang et al.,
-AAAI 2022; mcl.md, section 5) is this network with ``n = 12``: widths 16/32/64 expanded to a 256-d
+AAAI 2022; github.com/winycg/MCL) is this network with ``n = 12``: widths 16/32/64 expanded to a 256-d
 output, 1.17M parameters with a 100-class fc. It is not the BasicBlock ResNet-110 of He et al.
 (``6n + 2`` with ``n = 18``, 64-d output), which ``bottleneck=False`` builds.
 

@@ -1,7 +1,7 @@
 """Peer cohorts for Mutual Contrastive Learning: M peers, independent or on one shared trunk.
 
 Yang, An, Cai, Xu, "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022
-(``shared/reference/mcl.md``, section 4.1). Upstream ties the layout to the number of peers: two peers
+(github.com/winycg/MCL). Upstream ties the layout to the number of peers: two peers
 are always independent networks, four peers always share a trunk (ONE-style, Lan et al. 2018). Here the
 two settings are separate: ``num_peers`` says how many peers, ``shared_until`` where the shared trunk
 ends (``None``: nothing is shared; a stage name of :mod:`contrastlab.models.staged`; or ``"upstream"``
@@ -166,7 +166,7 @@ def build_cohort(
         arch: a name of :data:`contrastlab.models.BACKBONES`.
         num_peers: M >= 1.
         shared_until: ``None`` (independent peers), a stage name of ``arch`` (that stage and the ones
-            before it form the shared trunk), or ``"upstream"`` (mcl.md, section 4.1).
+            before it form the shared trunk), or ``"upstream"`` (arXiv 2104.12565; github.com/winycg/MCL).
         **backbone_kwargs: passed to :func:`contrastlab.models.build_backbone` for every peer
             (``cifar_stem``, ``width``, ...).
 

@@ -19,7 +19,7 @@ stride 2) and applies the same gate. After the last block come BN, ReLU and glob
 HCGNet-A1: growth rates (12, 24, 36), 8 SMG modules per block, 414-d features, about 1.1M parameters
 with a 100-class fc; HCGNet-A2: growth rates (24, 36, 64), 716-d features, about 3.1M (upstream
 README). These are the HCGNets of Mutual Contrastive Learning (Yang et al., AAAI 2022;
-``shared/reference/mcl.md``, section 5). PyTorch's default initialisation, as upstream.
+github.com/winycg/MCL). PyTorch's default initialisation, as upstream.
 
 The gates normalise pooled vectors with ``BatchNorm1d``, so training needs more than one image per batch.
 

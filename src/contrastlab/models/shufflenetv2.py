@@ -6,7 +6,7 @@ units (channel split in halves, one half through 1x1 - depthwise 3x3 - 1x1, conc
 shuffle with 2 groups); a 1x1 convolution to 1024 channels (the paper's Conv5) ends the network.
 
 The CIFAR variant is the one Mutual Contrastive Learning ships (Yang et al., AAAI 2022;
-``shared/reference/mcl.md``, section 5): a 3x3 stem with 24 channels at stride 1 and no max-pool, three
+github.com/winycg/MCL): a 3x3 stem with 24 channels at stride 1 and no max-pool, three
 stages of a down-sampling unit and 3, 7 and 3 basic units, stage widths 48/96/192 (0.5x) or 116/232/464
 (1x), Conv5 to 1024, global average pooling (upstream pools a 4x4 map with ``avg_pool2d(4)``, the same
 on 32x32 inputs). PyTorch's default initialisation, as upstream.

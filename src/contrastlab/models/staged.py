@@ -1,6 +1,6 @@
 """Staged networks: a backbone seen as an ordered list of named stages.
 
-Mutual Contrastive Learning (Yang et al., AAAI 2022; ``shared/reference/mcl.md``, section 4.1) builds
+Mutual Contrastive Learning (Yang et al., AAAI 2022; github.com/winycg/MCL) builds
 its 4-peer cohorts as one trunk shared by all peers followed by per-peer branches, in the style of ONE
 (Lan et al., NeurIPS 2018). To cut any backbone at a named point, every backbone of the zoo declares a
 *stage spec*: the stage names in forward order, and for each stage the attributes of the network that
@@ -85,7 +85,7 @@ def stage_names(net: nn.Module) -> list[str]:
 
 
 def upstream_shared_until(net: nn.Module) -> str:
-    """The stage where upstream MCL's shared trunk ends for ``net``'s family (mcl.md, section 4.1)."""
+    """The stage where upstream MCL's shared trunk ends for ``net``'s family (arXiv 2104.12565; github.com/winycg/MCL)."""
     split = getattr(type(net), "upstream_shared_until", None)
     if split is not None:
         return split

@@ -3,9 +3,12 @@ Vision Transformers", ICCV 2021), on timm's ``VisionTransformer`` (Dosovitskiy e
 
 Differences from timm's defaults, all from MoCo v3 (section 4 and its released ``vits.py``):
 
-- a **fixed 2-D sin-cos position embedding** (not learned): for a patch at grid position ``(h, w)``,
-  ``[sin(w * omega), cos(w * omega), sin(h * omega), cos(h * omega)]`` with ``omega_d = 10000^(-d / (D/4))``,
-  ``d = 0 .. D/4 - 1``, and a zero vector for the class token;
+- a **fixed 2-D sin-cos position embedding** (not learned): the patch in row ``r`` and column ``c`` gets
+  ``[sin(r * omega), cos(r * omega), sin(c * omega), cos(c * omega)]`` with ``omega_d = 10000^(-d / (D/4))``,
+  ``d = 0 .. D/4 - 1`` (each block ``D/4`` wide), and the class token a zero vector. This is the tensor of
+  upstream's ``build_2d_sincos_position_embedding`` (:func:`sincos_position_embedding`), row terms first, so an
+  embedding regenerated here (another resolution, a checkpoint without ``pos_embed``) is the one an
+  upstream-trained model saw;
 - **initialisation**: Xavier-uniform Linears, with the fused ``qkv`` weight treated as three separate
   ``D x D`` matrices (bound ``sqrt(6 / (D + D))``); zero biases; class token ``N(0, 1e-6)``; the patch
   projection Xavier-uniform over its flattened ``3 * 16 * 16`` fan-in;
@@ -49,17 +52,32 @@ TIMM_EQUIVALENT = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_p
 def sincos_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """MoCo v3's fixed 2-D sin-cos embedding ``[1, 1 + grid_h * grid_w, dim]``, row 0 (class token) zero.
 
-    Patches are numbered row-major (``index = h * grid_w + w``), timm's patch order.
+    Token ``1 + k`` belongs to patch ``k`` in timm's row-major order (``k = r * grid_w + c``). As upstream's
+    ``build_2d_sincos_position_embedding`` (``torch.meshgrid(grid_w, grid_h)``, "ij" indexing), patch ``k``
+    gets ``[sin(a w), cos(a w), sin(b w), cos(b w)]`` with ``a = k // grid_h`` and ``b = k % grid_h``: on a
+    square grid (every ViT built here) ``a`` is the patch's row ``r`` and ``b`` its column ``c``. On a
+    non-square grid upstream's ``a, b`` are not the row and column; the same tensor is returned, so that it
+    stays upstream's.
+
+    Args:
+        grid_h: patches per column (image height / patch size).
+        grid_w: patches per row.
+        dim: embedding width, divisible by 4.
+        temperature: the frequency base (10000).
+
+    Example:
+        >>> pe = sincos_position_embedding(2, 2, 4)  # omega = 1: [sin r, cos r, sin c, cos c]
+        >>> [round(v, 4) for v in pe[0, 1 + 1 * 2 + 0].tolist()]  # row 1, column 0
+        [0.8415, 0.5403, 0.0, 1.0]
     """
     if dim % 4:
         raise ConfigError(f"a 2-D sin-cos position embedding needs an embedding width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    hh, ww = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
-                            indexing="ij")
-    angle_w = ww.reshape(-1, 1) * omega
-    angle_h = hh.reshape(-1, 1) * omega
-    patches = torch.cat([angle_w.sin(), angle_w.cos(), angle_h.sin(), angle_h.cos()], dim=1)
+    patch = torch.arange(grid_h * grid_w, dtype=torch.int64)
+    first = torch.div(patch, grid_h, rounding_mode="floor").to(torch.float64).reshape(-1, 1) * omega
+    second = (patch % grid_h).to(torch.float64).reshape(-1, 1) * omega
+    patches = torch.cat([first.sin(), first.cos(), second.sin(), second.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).unsqueeze(0).float()
 
 
@@ -106,7 +124,8 @@ def _xavier_qkv_(linear: nn.Linear) -> None:
     nn.init.uniform_(linear.weight, -bound, bound)
 
 
-def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> tuple[nn.Module, int]:
+def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False,
+              drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
     """One of :data:`VIT_ARCHS` with MoCo v3's position embedding and initialisation.
 
     Args:
@@ -114,6 +133,8 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> 
         img_size: input side (a multiple of 16); the position embedding has ``(img_size / 16)^2`` patches.
         stop_grad_conv1: freeze the random patch projection (not applicable to the conv stems, whose
             convolutions always train, as upstream).
+        drop_path_rate: stochastic depth (Huang et al. 2016), timm's ``drop_path_rate``: the rate rises linearly
+            from 0 in the first block to this value in the last. 0 for pre-training; DeiT fine-tunes with 0.1.
 
     Returns:
         ``(vit, embed_dim)``; ``vit`` maps ``[B, 3, img_size, img_size]`` to the class token ``[B, embed_dim]``.
@@ -130,7 +151,7 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False) -> 
     kwargs: dict[str, Any] = {"embed_layer": ConvStem} if spec["conv_stem"] else {}
     vit = VisionTransformer(img_size=img_size, patch_size=16, num_classes=0, embed_dim=spec["embed_dim"],
                             depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4.0, qkv_bias=True,
-                            norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+                            norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate, **kwargs)
     grid_h, grid_w = vit.patch_embed.grid_size
     vit.pos_embed = nn.Parameter(sincos_position_embedding(grid_h, grid_w, spec["embed_dim"]), requires_grad=False)
     for module_name, module in vit.named_modules():

@@ -6,8 +6,8 @@ and ``64k`` channels (the first block of groups 2 and 3 has stride 2), a final B
 average pooling; depth ``6n + 4``. Where a block changes the shape, the shortcut is a 1x1 convolution
 applied to the pre-activated input.
 
-This is the WRN that Mutual Contrastive Learning ships (Yang et al., AAAI 2022; ``shared/reference/mcl.md``,
-section 5), with dropout 0. Initialisation: convolutions He-normal with ``fan_out = k * k * out_channels``,
+This is the WRN that Mutual Contrastive Learning ships (Yang et al., AAAI 2022;
+github.com/winycg/MCL), with dropout 0. Initialisation: convolutions He-normal with ``fan_out = k * k * out_channels``,
 BatchNorm scale 1 and shift 0. Upstream writes that rule two ways (by hand for independent peers,
 ``kaiming_normal_(mode="fan_out")`` for the shared-trunk network); both draw from the same distribution.
 

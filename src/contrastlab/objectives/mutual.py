@@ -1,7 +1,7 @@
 """Mutual Contrastive Learning (MCL): contrast within and across a cohort of peer networks.
 
 Yang, An, Cai, Xu, "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022
-(arXiv 2104.12565); the formulas follow the released code (winycg/MCL), see ``reference/mcl.md``.
+(arXiv 2104.12565); the formulas follow the released code (github.com/winycg/MCL).
 
 A cohort of ``M`` peers embeds the same images. Four terms are computed:
 
@@ -85,7 +85,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def supcon_operator(logits: torch.Tensor, pos_mask: torch.Tensor, denom_mask: torch.Tensor) -> torch.Tensor:
-    """MCL's supervised-contrastive operator ``L(S)`` (mcl.md section 2.3).
+    """MCL's supervised-contrastive operator ``L(S)`` (arXiv 2104.12565; github.com/winycg/MCL).
 
     ``L(S) = -(1/A) sum_a (1/|P_a|) sum_b P_ab [S_ab - log sum_c D_ac exp(S_ac)]``
 
@@ -135,7 +135,7 @@ def kl_mimicry(
     *,
     detach_teacher: bool = True,
 ) -> torch.Tensor:
-    """MCL's mutual mimicry ``psi_T`` (mcl.md section 2.4), Hinton et al.'s distillation loss.
+    """MCL's mutual mimicry ``psi_T`` (arXiv 2104.12565; github.com/winycg/MCL), Hinton et al.'s distillation loss.
 
     ``psi_T(s, t) = T^2 * (1/B) sum_a KL( softmax(t_a / T) || softmax(s_a / T) )``
 
@@ -274,7 +274,7 @@ def in_batch_masks(
     offset: int = 0,
     cross_view: str = "exclude",
 ) -> InBatchMasks:
-    """The masks of in-batch supervised MCL (mcl.md section 2.3).
+    """The masks of in-batch supervised MCL (arXiv 2104.12565; github.com/winycg/MCL).
 
     The anchor in row ``a`` is candidate column ``a + offset`` (its own image). VCL excludes that
     column from positives and denominator. For ICL, column ``a + offset`` is the same image seen by the
@@ -310,7 +310,7 @@ def in_batch_masks(
 
 
 class MutualContrastLoss(nn.Module):
-    """Supervised in-batch MCL (CIFAR-100 setting, mcl.md section 2).
+    """Supervised in-batch MCL (CIFAR-100 setting of the release).
 
     For peers ``m, n`` let ``S^{mn} = z_m z_n^T / tau`` (anchors of peer ``m`` against candidates of
     peer ``n``), with the masks of :func:`in_batch_masks` and the operator ``L`` of
@@ -424,7 +424,7 @@ def memory_bank_mutual_loss(
     lam: float = 1.0,
     reduction: str = "sum",
 ) -> MutualTerms:
-    """Supervised MCL against per-peer memory banks (ImageNet setting, mcl.md section 6.2).
+    """Supervised MCL against per-peer memory banks (ImageNet setting of the release).
 
     Every anchor ``a`` comes with ``K = 1 + pos_k + neg_k`` sampled dataset indices ``I_a`` (see
     :func:`~contrastlab.memory.sample_contrast_indices`): column 0 its own index, columns
@@ -525,7 +525,7 @@ def moco_mutual_loss(
     reduction: str = "sum",
     feature_transform: FeatureTransform | None = None,
 ) -> MutualTerms:
-    """Self-supervised MCL on MoCo, one key encoder and one queue per peer (mcl.md section 6.3).
+    """Self-supervised MCL on MoCo, one key encoder and one queue per peer (arXiv 2104.12565; github.com/winycg/MCL).
 
     For peers ``i, j`` let ``l^{ij} = [q_i . k_j, q_i Q_j^T] / tau`` (``[B, 1 + K]``; the positive in
     column 0): peer ``i``'s query against peer ``j``'s key **and** peer ``j``'s queue.
@@ -648,7 +648,7 @@ def logit_distillation(
     detach_teacher: bool = True,
     reduction: str = "sum",
 ) -> DistillationTerms:
-    """Distil class logits from the peer ensemble (MCL's ``--logit-distill``, mcl.md section 3).
+    """Distil class logits from the peer ensemble (MCL's ``--logit-distill``).
 
     The teacher is the ensemble mean ``e = (1/M) sum_m logits_m``; each distilled peer ``k`` adds
     ``psi_T(logits_k, e)`` (:func:`kl_mimicry`). There is no peer-to-peer logit term.

@@ -4,7 +4,7 @@ For every head that :meth:`~contrastlab.methods.base.Method.predict` returns (MC
 ``peerM-1`` and ``ensemble``, the sum of the peers' logits) the monitor reports top-1 accuracy in percent
 on one deterministic view per test image, the network in eval mode. When there are peer heads it adds
 ``peer_mean`` and ``peer_best``. The numbers of a run are those of its final epoch: no epoch is ever
-selected on the test set (MCL's release kept the epoch with the best test accuracy; mcl.md section 4.2).
+selected on the test set (MCL's release kept the epoch with the best test accuracy; github.com/winycg/MCL).
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ and keep the tight box around every pixel above a threshold ``k`` (0.1 in all re
 ``update_box`` in ``DDP_*_ccrop.py`` does this; the differences here:
 
 - the far edge is exclusive: a box ending at pixel row ``r`` ends at ``(r + 1) / H`` (upstream divides the
-  last index by ``H``, so even a box covering the whole image was one pixel short at the bottom and right);
+  last index by ``H``, so even a box covering the whole image was one pixel short at the bottom and right;
+  ``edges="released"`` reproduces it, for the released placement of
+  :func:`~contrastlab.views.planners.contrastive_crop.place_crop_released`);
 - a constant heatmap (a dead or collapsed network) gives the whole image. Upstream divides ``0 / 0``,
   every pixel becomes NaN, none passes the threshold and indexing the empty selection raises;
 - under DDP each rank localises its own shard and the ``(index, box)`` pairs are gathered and scattered
@@ -127,8 +129,12 @@ def _as_size(input_size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
+BOX_EDGES = ("exclusive", "released")
+"""Far box edges: ``(last + 1) / size`` (exclusive, default) or upstream's ``last / size``."""
+
+
 def boxes_from_heatmaps(
-    heatmaps: torch.Tensor, input_size: int | Sequence[int], threshold: float = 0.1
+    heatmaps: torch.Tensor, input_size: int | Sequence[int], threshold: float = 0.1, edges: str = "exclusive"
 ) -> torch.Tensor:
     """Tight normalised boxes ``[B, 4]`` ``(x0, y0, x1, y1)`` around the pixels above ``threshold``.
 
@@ -142,9 +148,11 @@ def boxes_from_heatmaps(
         heatmaps: ``[B, h, w]``.
         input_size: ``H`` or ``(H, W)`` of the images the maps came from.
         threshold: ``k`` in ``[0, 1)``; 0.1 in every released ContrastiveCrop config.
+        edges: ``exclusive`` or ``released``: the far edges ``last / size`` of upstream's ``update_box``
+            (one pixel short of the last pixel above the threshold).
 
     Raises:
-        ConfigError: ``threshold`` outside ``[0, 1)``.
+        ConfigError: ``threshold`` outside ``[0, 1)``, or unknown ``edges``.
 
     Example:
         >>> maps = torch.zeros(1, 4, 4)
@@ -153,6 +161,9 @@ def boxes_from_heatmaps(
         [[0.5, 0.25, 0.75, 0.5]]
     """
     threshold = _check_threshold(threshold)
+    if edges not in BOX_EDGES:
+        raise ConfigError(f"box edges must be one of {', '.join(BOX_EDGES)}, got {edges!r}")
+    far_offset = 1 if edges == "exclusive" else 0
     height, width = _as_size(input_size)
     maps = normalise_heatmaps(heatmaps)
     up = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
@@ -163,7 +174,7 @@ def boxes_from_heatmaps(
     def span(hit: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         first = hit.float().argmax(1)
         last = n - 1 - hit.flip(1).float().argmax(1)
-        return first.float() / n, (last + 1).float() / n
+        return first.float() / n, (last + far_offset).float() / n
 
     x0, x1 = span(cols, width)
     y0, y1 = span(rows, height)
@@ -278,6 +289,7 @@ def localise(
     batch_size: int = 256,
     num_workers: int = 0,
     distributed: bool | None = None,
+    edges: str = "exclusive",
 ) -> torch.Tensor:
     """Localise every sample: the ``[N, 4]`` table of normalised boxes, in dataset-index order.
 
@@ -301,6 +313,7 @@ def localise(
         batch_size: Batch size when ``data`` is a dataset.
         num_workers: DataLoader workers when ``data`` is a dataset.
         distributed: Shard and gather across ranks; ``None``: when a process group with several ranks exists.
+        edges: Far box edges, :data:`BOX_EDGES` (``released``: upstream's ``last / size``).
 
     Returns:
         A float32 CPU tensor ``[N, 4]``, row ``i`` the box ``(x0, y0, x1, y1)`` of the sample with index
@@ -346,7 +359,7 @@ def localise(
         for batch in loader:
             images, index = _unpack(batch)
             fmap = feature_extractor(images.to(device, non_blocking=True))
-            boxes = boxes_from_heatmaps(heatmap(fmap, kind), images.shape[-2:], threshold)
+            boxes = boxes_from_heatmaps(heatmap(fmap, kind), images.shape[-2:], threshold, edges)
             seen_idx.append(index)
             seen_boxes.append(boxes.cpu())
     finally:

@@ -70,12 +70,15 @@ class Localisation:
         every: Epochs between localisations after the warm-up.
         threshold: Heatmap threshold of the box.
         heatmap: Heatmap kind (:data:`contrastlab.views.localiser.HEATMAPS`).
+        edges: Far box edges (:data:`contrastlab.views.localiser.BOX_EDGES`): ``exclusive`` or ContrastiveCrop's
+            ``released`` ``last index / size``.
     """
 
     warmup_epochs: int
     every: int
     threshold: float
     heatmap: str
+    edges: str = "exclusive"
 
 
 DEFAULT_LOCALISATION = Localisation(warmup_epochs=0, every=1, threshold=0.1, heatmap="channel_sum")

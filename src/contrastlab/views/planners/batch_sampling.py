@@ -22,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ATTEMPTS", "GAMMA_ROUNDS", "attempt_sizes", "beta_logit", "boxes_from", "central_crop", "image_side",
-           "place_uniform", "random_resized", "sample_beta_batch", "uniform", "whole_image"]
+__all__ = ["ATTEMPTS", "GAMMA_ROUNDS", "attempt_sizes", "batch_arguments", "beta_logit", "boxes_from", "central_crop",
+           "image_side", "log_gamma", "place_uniform", "random_resized", "sample_beta_batch", "uniform",
+           "uniform_offset", "whole_image"]
 
 ATTEMPTS = 10
 """Size attempts per view, as torchvision's ``RandomResizedCrop`` and the per-image planners."""

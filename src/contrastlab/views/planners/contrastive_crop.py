@@ -33,6 +33,12 @@ The upstream clamp and why it is replaced. Upstream clamps the two *ends* of the
    centre). Clamping the drawn position instead keeps the centre ``Beta(alpha, alpha)`` across the box
    whenever the crop fits around it, and otherwise moves the crop the least distance into the image.
 
+**The released placement** (``placement="released"``, :func:`place_crop_released`; the recipes that reproduce
+ContrastiveCrop's rows set ``views.ccrop_placement=released``): upstream's clamp of the two ends of the corner
+interval and its integer truncation, as above, reproduced for the numbers that came from it. The localiser's
+matching option gives upstream's box far edges, ``last index / size`` (``edges="released"`` in
+:func:`~contrastlab.views.localiser.boxes_from_heatmaps`).
+
 **SimCCrop** (upstream README, ``configs/small/*/moco_simccrop.py``): no localiser, a fixed central box of
 half the height and width, ``init_box=(0.25, 0.25, 0.75, 0.75)``, read by the same planner
 (:class:`SimCCropPlanner`).
@@ -91,6 +97,14 @@ SIMCCROP_BOX: tuple[float, float, float, float] = (0.25, 0.25, 0.75, 0.75)
 """SimCCrop's fixed normalised box: centred, half the height and half the width."""
 
 _ATTEMPTS = 10  # as upstream and torchvision's RandomResizedCrop
+
+_BELOW_ONE = 1.0 - 2.0**-24
+"""The largest float32 below 1: the most upstream's float32 ``Beta.sample()`` returns (torch clamps it there)."""
+
+CCROP_PLACEMENTS = ("centre", "released")
+"""``centre``: the centre ``Beta(alpha, alpha)`` across the box, the crop moved the least way into the image
+(:func:`place_crop`); ``released``: upstream's clamped corner interval and integer truncation
+(:func:`place_crop_released`)."""
 
 
 def _log_gamma_variate(shape: float, generator: torch.Generator | None) -> float:
@@ -179,6 +193,32 @@ def place_crop(width: int, height: int, crop_width: int, crop_height: int, cx: f
     return (left, top, left + crop_width, top + crop_height)
 
 
+def place_crop_released(width: int, height: int, crop_width: int, crop_height: int, box: Box,
+                        fx: float, fy: float) -> Box:
+    """ContrastiveCrop's released placement (``ContrastiveCrop.get_params``): the crop's corner, not its centre.
+
+    On each axis (rows shown; ``H`` the image height, ``h`` the crop height, ``y0, y1`` the box edges in pixels)
+    the interval of top rows ``[a0, a1]`` has ends ``a = min(max(int(y) - h // 2, 0), H - h)``, each clamped into
+    the image on its own, and the top row is ``a0 + int((a1 - a0) * fy)``: truncation, so the far end is never
+    reached (upstream's float32 Beta sampler never returns 1; fractions are capped at the largest float32 below
+    1 here too) and crops lean to the top-left: a whole-image box never lets a smaller crop touch the bottom or
+    right border. Columns likewise with ``fx``.
+
+    Example:
+        >>> place_crop_released(32, 32, 10, 10, (0.0, 0.0, 32.0, 32.0), fx=0.999, fy=0.0)
+        (21.0, 0.0, 31.0, 10.0)
+    """
+    def corner(side: int, crop: int, near: float, far: float, fraction: float) -> int:
+        low = min(max(int(near) - crop // 2, 0), side - crop)
+        high = min(max(int(far) - crop // 2, 0), side - crop)
+        return low + int((high - low) * min(fraction, _BELOW_ONE))
+
+    bx0, by0, bx1, by1 = box
+    top = corner(height, crop_height, by0, by1, fy)
+    left = corner(width, crop_width, bx0, bx1, fx)
+    return (float(left), float(top), float(left + crop_width), float(top + crop_height))
+
+
 def check_store(store: object) -> None:
     if not isinstance(store, BoxSource):
         raise ConfigError(
@@ -197,11 +237,12 @@ class BoxSettings:
     heatmap: Literal["channel_sum", "mean_similarity"] = "channel_sum"  #: channel_sum (ContrastiveCrop) | mean_similarity (SemanticCrop option)
 
 
-def localised_store(settings: BoxSettings, context: PlannerContext) -> tuple[BoxStore, Localisation]:
+def localised_store(settings: BoxSettings, context: PlannerContext,
+                    edges: str = "exclusive") -> tuple[BoxStore, Localisation]:
     """A fresh box store of the run's images, off (plain crops) during the warm-up, and its schedule."""
     store = BoxStore(context.num_images, enabled=settings.box_warmup_epochs == 0)
     schedule = Localisation(warmup_epochs=settings.box_warmup_epochs, every=settings.box_update_every,
-                            threshold=settings.box_threshold, heatmap=settings.heatmap)
+                            threshold=settings.box_threshold, heatmap=settings.heatmap, edges=edges)
     return store, schedule
 
 
@@ -243,12 +284,30 @@ def place_around_batch(w: torch.Tensor, h: torch.Tensor, fx: torch.Tensor, fy: t
     return bs.boxes_from(torch.floor(left + 0.5), torch.floor(top + 0.5), w64, h64).float()
 
 
+def place_released_batch(w: torch.Tensor, h: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, box: torch.Tensor,
+                         width: torch.Tensor, height: torch.Tensor) -> torch.Tensor:
+    """ContrastiveCrop's released placement of crops ``w x h [B, V]`` (corner fractions ``fx, fy``), batched:
+    :func:`place_crop_released` (each end of the corner interval ``int(edge) - side // 2`` clamped to
+    ``[0, L - side]``, then ``low + int((high - low) * f)`` with ``f`` capped below 1), in float64; float32."""
+    def corner(side: torch.Tensor, crop: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
+               fraction: torch.Tensor) -> torch.Tensor:
+        limit = side.double()[:, None] - crop
+        half = torch.floor(crop / 2.0)
+        low = torch.minimum((torch.floor(near[:, None]) - half).clamp_min(0.0), limit)
+        high = torch.minimum((torch.floor(far[:, None]) - half).clamp_min(0.0), limit)
+        return low + torch.floor((high - low) * fraction.clamp_max(_BELOW_ONE))
+
+    bx0, by0, bx1, by1 = box.unbind(-1)
+    w64, h64 = w.double(), h.double()
+    return bs.boxes_from(corner(width, w64, bx0, bx1, fx), corner(height, h64, by0, by1, fy), w64, h64).float()
+
+
 def plan_around_box_batch(planner: Any, fractions: Any, index: torch.Tensor, width: int | torch.Tensor,
-                    height: int | torch.Tensor, generator: torch.Generator,
-                    store_table: torch.Tensor | None) -> torch.Tensor:
+                          height: int | torch.Tensor, generator: torch.Generator, store_table: torch.Tensor | None,
+                          place: Any = place_around_batch) -> torch.Tensor:
     """The batched law of a box-reading planner: random resized crop sizes, centres at the fractions that
-    ``fractions(batch, views, generator) -> (fy, fx)`` (float64 ``[B, V]`` each) draws across the stored box; plain
-    random resized crops while the store is disabled."""
+    ``fractions(batch, views, generator) -> (fy, fx)`` (float64 ``[B, V]`` each) draws across the stored box,
+    placed by ``place``; plain random resized crops while the store is disabled."""
     w_img, h_img = bs.batch_arguments(index, width, height, generator)
     views = planner.num_views
     if not planner.store.enabled:  # a host flag (shared memory), not a device tensor
@@ -258,7 +317,7 @@ def plan_around_box_batch(planner: Any, fractions: Any, index: torch.Tensor, wid
     fraction = bs.uniform((batch, views, bs.ATTEMPTS), planner.scale[0], planner.scale[1], generator)
     w, h, fits = bs.attempt_sizes(fraction, w_img, h_img, planner.ratio, generator)
     fy, fx = fractions(batch, views, generator)
-    boxes = place_around_batch(w, h, fx, fy, box, w_img, h_img)
+    boxes = place(w, h, fx, fy, box, w_img, h_img)
     return torch.where(fits[..., None], boxes, bs.central_crop(w_img, h_img, planner.ratio)[:, None, :])
 
 
@@ -279,9 +338,11 @@ class ContrastiveCropPlanner(Planner):
         ratio: Range of the crop aspect ratio (width / height).
         num_views: Number of views, each drawn independently.
         localisation: When a localiser refreshes ``store`` (None: never, e.g. a constant box).
+        placement: ``centre`` (default) or ``released`` (upstream's corner clamp and truncation), see
+            :data:`CCROP_PLACEMENTS`.
 
     Raises:
-        ConfigError: Invalid ``alpha``, ranges, ``num_views`` or store.
+        ConfigError: Invalid ``alpha``, ranges, ``num_views``, ``placement`` or store.
 
     Example:
         >>> from contrastlab.views.box_store import BoxStore
@@ -298,6 +359,7 @@ class ContrastiveCropPlanner(Planner):
         scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
         ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
         ccrop_alpha: float = ALPHA_SMALL  #: Beta(alpha, alpha) crop centres (ImageNet: 0.6)
+        ccrop_placement: Literal["centre", "released"] = "centre"  #: centre (the paper: centres across the box, crop moved into the image) | released (upstream: clamped corner interval, integer truncation, box far edges last index / size)
 
     store: BoxSource
     alpha: float = ALPHA_SMALL
@@ -305,10 +367,13 @@ class ContrastiveCropPlanner(Planner):
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     num_views: int = 2
     localisation: Localisation | None = None
+    placement: Literal["centre", "released"] = "centre"
 
     def __post_init__(self) -> None:
         check_store(self.store)
         check_num_views(self.num_views)
+        if self.placement not in CCROP_PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(CCROP_PLACEMENTS)}, got {self.placement!r}")
         alpha = float(self.alpha)
         if not (math.isfinite(alpha) and alpha > 0.0):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
@@ -318,9 +383,10 @@ class ContrastiveCropPlanner(Planner):
 
     @classmethod
     def from_settings(cls, settings: Settings, context: PlannerContext) -> ContrastiveCropPlanner:
-        store, schedule = localised_store(settings, context)
+        edges = "released" if settings.ccrop_placement == "released" else "exclusive"  # upstream's box far edges
+        store, schedule = localised_store(settings, context, edges)
         return cls(store, alpha=settings.ccrop_alpha, scale=tuple(settings.scale), ratio=tuple(settings.ratio),
-                   num_views=settings.num_views, localisation=schedule)
+                   num_views=settings.num_views, localisation=schedule, placement=settings.ccrop_placement)
 
     @classmethod
     def smoke_overrides(cls, small_input: bool) -> list[str]:
@@ -344,6 +410,9 @@ class ContrastiveCropPlanner(Planner):
                 continue
             fy = sample_beta(self.alpha, self.alpha, generator)  # vertical first, as upstream (i, then j)
             fx = sample_beta(self.alpha, self.alpha, generator)
+            if self.placement == "released":
+                boxes.append(place_crop_released(width, height, size[0], size[1], (bx0, by0, bx1, by1), fx, fy))
+                continue
             cx, cy = bx0 + fx * (bx1 - bx0), by0 + fy * (by1 - by0)
             boxes.append(place_crop(width, height, size[0], size[1], cx, cy))
         return boxes
@@ -352,7 +421,9 @@ class ContrastiveCropPlanner(Planner):
                    generator: torch.Generator, *, store_table: torch.Tensor | None = None) -> torch.Tensor:
         """Random resized crop sizes, centres at ``Beta(alpha, alpha)`` fractions across the stored box, placed in
         float64 and snapped to whole pixels (see the module docstring); ``[B, V, 4]``."""
-        return plan_around_box_batch(self, self._beta_fractions_batch, index, width, height, generator, store_table)
+        place = place_released_batch if self.placement == "released" else place_around_batch
+        return plan_around_box_batch(self, self._beta_fractions_batch, index, width, height, generator, store_table,
+                                     place)
 
     def _beta_fractions_batch(self, batch: int, views: int,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,13 +456,14 @@ class SimCCropPlanner(ContrastiveCropPlanner):
         scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  #: crop area fraction range
         ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  #: crop aspect ratio range
         ccrop_alpha: float = ALPHA_SMALL  #: Beta(alpha, alpha) crop centres
+        ccrop_placement: Literal["centre", "released"] = "centre"  #: centre | released (upstream's clamped corner interval and integer truncation)
 
     store: BoxSource = field(default_factory=simccrop_box)
 
     @classmethod
     def from_settings(cls, settings: Settings, context: PlannerContext) -> SimCCropPlanner:
         return cls(simccrop_box(), alpha=settings.ccrop_alpha, scale=tuple(settings.scale),
-                   ratio=tuple(settings.ratio), num_views=settings.num_views)
+                   ratio=tuple(settings.ratio), num_views=settings.num_views, placement=settings.ccrop_placement)
 
     @classmethod
     def smoke_overrides(cls, small_input: bool) -> list[str]:
