@@ -134,6 +134,7 @@ class TrainConfig:
     log_every: int = 20  #: steps between progress lines
     compile: str = "none"  #: none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step's forward; eager = Dynamo tracing only
     deterministic: bool = False  #: torch.use_deterministic_algorithms
+    lock_timeout: float = 300.0  #: seconds: a run-directory lock (<out>/run.lock) whose holder on another host stopped refreshing it this long ago is taken over
 
 
 @dataclass

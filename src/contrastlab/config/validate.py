@@ -94,6 +94,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "train.checkpoint_every_steps": (_nonneg, ">= 0"),
     "train.log_every": (_positive_int, "a positive integer"),
     "train.max_skipped_steps": (_nonneg, ">= 0"),
+    "train.lock_timeout": (_positive, "> 0 seconds"),
     "monitor.knn_every": (_nonneg, ">= 0"),
     "monitor.knn_every_epoch_until": (_nonneg, ">= 0"),
     "monitor.knn_k": (_positive_int, "a positive integer"),
