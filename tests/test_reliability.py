@@ -86,7 +86,7 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, t
     try:
         _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc)
         proc.send_signal(signal.SIGSTOP)  # alive but paused, so that it is still running when the second starts
-        second = subprocess.run(_cli(tmp_path, "train.checkpoint_every_steps=2", "resume=auto"), env=env,
+        second = subprocess.run(_cli(tmp_path, "train.checkpoint_every_steps=2", "resume=auto"), check=False, env=env,
                                 capture_output=True, text=True, timeout=120)
         proc.send_signal(signal.SIGKILL)
     finally:
