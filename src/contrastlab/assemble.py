@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset
 from contrastlab.data.device_images import DeviceImages
+from contrastlab.data.download import download_dataset
 from contrastlab.data.stats import NATIVE_SIZE, NORMALIZATION
 from contrastlab.data.subsets import IndexedSubset, class_balanced_subset
 from contrastlab.errors import ConfigError
@@ -33,6 +34,8 @@ from contrastlab.views.joint_crop import JointCropPlanner
 
 def dataset(cfg: Config, split: str) -> Dataset:
     """The raw dataset of ``split`` (``(PIL image, label, index)`` items)."""
+    if cfg.data.download:  # fetch and verify the files unless they are in place (data.download)
+        download_dataset(cfg.data.name, cfg.data.root, cfg.data.download_mirror, cfg.data.download_checksums)
     kwargs = {"class_list": cfg.data.class_list} if cfg.data.name == "imagefolder" else {}
     return build_dataset(cfg.data.name, cfg.data.root, split, **kwargs)
 

@@ -34,6 +34,9 @@ class DataConfig:
     pipeline: str = "auto"  #: gpu (dataset held on the device, views rendered there in batches) | cpu (DataLoader workers) | auto (gpu when training on a GPU and the dataset fits)
     compile_views: bool = False  #: gpu pipeline: torch.compile the batched renderer (its element-wise ops fused into a few kernels; compiled on the first batch)
     image_size: int | None = None  #: training crop size; None = the dataset's native size
+    download: bool = False  #: fetch and verify (MD5) the dataset into data.root if it is not there: cifar10, cifar100, stl10, fashion_mnist, tiny_imagenet
+    download_mirror: str | None = None  #: base URL replacing the upstream hosts: each file is fetched as <mirror>/<file name>
+    download_checksums: str | None = None  #: md5sum-format file ("<md5>  <file name>" lines) replacing the published MD5s of the files it names (a mirror's own files)
 
 
 @dataclass

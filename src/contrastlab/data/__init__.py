@@ -1,8 +1,9 @@
 """Datasets: every item is ``(PIL RGB image, label, index)``; see ``docs/architecture.md``.
 
-:func:`build_dataset` is the registry; :data:`DATASETS` lists its names. Nothing here downloads:
+:func:`build_dataset` is the registry; :data:`DATASETS` lists its names. Reading never downloads:
 missing or malformed files raise :class:`~contrastlab.errors.DatasetError` naming the path, the
-expected layout and where to get the data.
+expected layout and where to get the data. The classes that can fetch their files carry a
+:class:`~contrastlab.data.download.DownloadSpec` as ``download`` (used with ``data.download=true``).
 """
 
 from __future__ import annotations
@@ -53,16 +54,26 @@ def build_dataset(name: str, root: PathLike | None, split: str, **kwargs: Any) -
     Raises:
         DatasetError: For an unknown name or split, or missing or malformed files.
     """
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), DATASETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DatasetError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASETS)}")
-    accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters if p not in ("root", "split")]
+    cls = dataset_class(name)
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("root", "split")]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise DatasetError(f"dataset {name!r} takes no option {', '.join(map(repr, unknown))}; "
                            f"its options: {', '.join(accepted) or 'none'}")
-    return _REGISTRY[name](root, split=split, **kwargs)
+    return cls(root, split=split, **kwargs)
+
+
+def dataset_class(name: str) -> Callable[..., ImageDataset]:
+    """The class registered as ``name`` (its ``download`` attribute, if any, fetches it: :mod:`.download`).
+
+    Raises:
+        DatasetError: For an unknown name, with the closest valid one.
+    """
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DatasetError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASETS)}")
+    return _REGISTRY[name]
 
 
 __all__ = [
@@ -81,4 +92,5 @@ __all__ = [
     "MPerClassSampler",
     "TinyImageNet",
     "build_dataset",
+    "dataset_class",
 ]
