@@ -1,4 +1,4 @@
-"""The ``contrastlab`` command line: train, eval, recipes, demo, plot, views, export.
+"""The ``contrastlab`` command line: train, eval, recipes, demo, plot, views, export, import, bench.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -177,11 +177,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     net, dim = assemble.backbone(cfg)
     load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer)
     net = net.to(device)
-    train_base = assemble.labeled_dataset(cfg)
     test_base = assemble.dataset(cfg, cfg.data.test_split)
-    num_classes = len(train_base.classes)
     info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name, "peer": args.peer or 0,
             "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
+    if args.stored_classifier:
+        if args.kind != "linear":
+            raise ContrastlabError("--stored-classifier evaluates a stored linear classifier: use `eval linear`")
+        from contrastlab.engine.checkpoint import stored_classifier
+        from contrastlab.eval.linear import classifier_accuracy
+
+        weight, bias, source = stored_classifier(ckpt, args.peer)
+        on_device = _views_on_device(cfg, device, test_base)
+        result = {**classifier_accuracy(net, weight, bias, assemble.evaluation_views(cfg, test_base), device=device,
+                                        batch_size=cfg.linear.batch_size, workers=cfg.data.workers,
+                                        on_device=on_device), "classifier": source, **info}
+        return _write_eval(args, cfg, result)
+    train_base = assemble.labeled_dataset(cfg)
+    num_classes = len(train_base.classes)
     on_device = _views_on_device(cfg, device, train_base, test_base)
     if args.kind == "knn":
         monitor = assemble.knn_monitor(cfg, train_base, test_base, device, on_device=on_device)
@@ -204,11 +216,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = {**linear_probe(net, dim, num_classes, train_set, test_set, cfg.linear, device=device,
                                  workers=cfg.data.workers, seed=cfg.seed, on_device=on_device,
                                  log=lambda s: print(s, file=sys.stderr, flush=True)), **info}
+    return _write_eval(args, cfg, result)
+
+
+def _write_eval(args: argparse.Namespace, cfg, result: dict) -> int:
+    """Write an evaluation's JSON (``--out`` or beside the run) and print it."""
     suffix = f"_peer{args.peer}" if args.peer is not None else ""
+    suffix += "_stored" if getattr(args, "stored_classifier", False) else ""
     out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from contrastlab.importers import import_checkpoint
+
+    summary = import_checkpoint(args.checkpoint, args.source, args.out, recipe=args.recipe,
+                                overrides=args.overrides, allow_pickle=args.trust_pickle)
+    print(json.dumps(summary))
     return 0
 
 
@@ -304,8 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset name to evaluate on (default: the training dataset)")
     p.add_argument("--recipe", help="linear-probe recipe (linear/<name>) whose protocol replaces the run's own")
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): evaluate peer N (default 0)")
-    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN].json)")
+    p.add_argument("--stored-classifier", action="store_true", help="eval linear: report the test accuracy of the "
+                   "classifier stored in the checkpoint (an imported linear-probe file's, or an MCL peer's) instead "
+                   "of training a probe")
+    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN][_stored].json)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import", help="convert a released checkpoint of an upstream project into a contrastlab "
+                       "checkpoint (docs/importing.md)")
+    p.add_argument("checkpoint", help="the released file (.pth.tar / .pth)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. data.root=./data")
+    p.add_argument("--from", dest="source", required=True, help="the project that wrote it: mocov3, jointcrop, caco, "
+                   "ccrop, ft or mcl")
+    p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
+    p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
+    p.add_argument("--trust-pickle", action="store_true", help="load a file holding arbitrary Python objects (it may "
+                   "run code from the file); released checkpoints normally load without it")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="train the demo recipe on the embedded data and compare with random init")
     p.add_argument("overrides", nargs="*")

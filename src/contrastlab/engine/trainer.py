@@ -441,8 +441,11 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # an imported checkpoint (contrastlab import) has no loss-scaler state
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        if self.step is None:  # imported: upstream counts epochs only
+            self.step = self.epoch * self.d.steps_per_epoch
         self.skipped_total = ckpt.get("skipped_total", 0)
         if self.box_store is not None and "box_store" in ckpt:
             self.box_store.load_state_dict(ckpt["box_store"])

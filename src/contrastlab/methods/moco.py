@@ -95,6 +95,9 @@ class MoCo(Method):
         proj_hidden_dim: hidden width of the projector (v2's MLP head).
         proj_out_dim: embedding dimension (and queue dimension).
         proj_layers: 2 for v2's MLP head, 1 for v1's linear fc.
+        proj_hidden_bn: BatchNorm after the projector's hidden Linear (default); ``False`` gives the released
+            MoCo v2 head ``Linear-ReLU-Linear`` with biases (facebookresearch/moco, ContrastiveCrop, FT), which
+            ``contrastlab import`` needs for those projects' checkpoints.
         queue_size: number of negatives; a multiple of the keys written per step (global batch, twice
             that when symmetric).
         temperature: InfoNCE temperature (v1: 0.07, v2: 0.2).
@@ -127,6 +130,7 @@ class MoCo(Method):
         proj_hidden_dim: int = 2048,
         proj_out_dim: int = 128,
         proj_layers: int = 2,
+        proj_hidden_bn: bool = True,
         queue_size: int = 65536,
         temperature: float = 0.2,
         symmetric: bool = False,
@@ -135,7 +139,7 @@ class MoCo(Method):
         feature_transform: dict[str, Any] | FeatureTransform | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
+        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, hidden_bn=proj_hidden_bn)
         self.key_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
         self.queue = FeatureQueue(proj_out_dim, queue_size)
         self.criterion = InfoNCELoss(temperature=temperature,
