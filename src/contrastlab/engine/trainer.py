@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -122,10 +121,10 @@ def run_directory(cfg: Config, recipe: str) -> Path:
     return Path(cfg.out) if cfg.out else Path("runs") / Path(recipe).with_suffix("").as_posix().replace("/", "_")
 
 
-def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
+def _resolve_resume(cfg: Config, out: Path, log, device: torch.device) -> Path | None:
     last = out / "checkpoints" / "last.pt"
     resume = cfg.resume
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    if dist.restarted_by_torchrun(device) and resume is None:  # collective: every rank resumes, or none
         log("torchrun restarted this job: resuming from its last checkpoint")
         resume = "auto"
     if resume == "auto":  # the newest intact checkpoint: a damaged last.pt falls back to epoch_NNNN.pt
@@ -279,7 +278,7 @@ class Trainer:
 
     def _build(self, cfg: Config) -> None:
         """The rest of set-up, with the run directory locked."""
-        resume_path = _resolve_resume(cfg, self.out, self.log)
+        resume_path = _resolve_resume(cfg, self.out, self.log, self.device)
         seed_everything(cfg.seed + self.rank)
         base_train = self.base_train = assemble.training_dataset(cfg)
         self.bad_image_log = self.out / "bad_images.txt"
