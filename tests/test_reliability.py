@@ -77,26 +77,19 @@ def _wait_for_partial_checkpoint(path: Path, proc: subprocess.Popen, timeout: fl
     raise AssertionError("no mid-epoch checkpoint appeared")
 
 
-def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path, capsys):
-    """Also the run-directory lock: a second trainer started while the first is alive (a requeued job whose first
-    copy still runs) stops at once naming it; once the first is killed, the requeued run takes over and resumes."""
+def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every_steps=2", "train.deterministic=true"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc)
-        proc.send_signal(signal.SIGSTOP)  # alive but paused, so that it is still running when the second starts
-        second = subprocess.run(_cli(tmp_path, "train.checkpoint_every_steps=2", "resume=auto"), check=False, env=env,
-                                capture_output=True, text=True, timeout=120)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    assert second.returncode == 2 and f"in use by another trainer: pid {proc.pid}" in second.stderr, second.stderr
     assert proc.returncode == -signal.SIGKILL
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["partial"] is not None and ckpt["step"] % 2 == 0 and 0 < ckpt["step"] < 12
-    train(_tiny(tmp_path, "train.checkpoint_every_steps=2", "resume=auto", "train.log_every=1000"))
-    assert f"took over {tmp_path / 'run.lock'} from pid {proc.pid}" in capsys.readouterr().err
+    train(_tiny(tmp_path, "train.checkpoint_every_steps=2", "resume=auto"), quiet=True)
     _assert_same_run(reference, tmp_path)
 
 
