@@ -119,7 +119,7 @@ class Importer:
         return 1
 
     def place(self, released: Released, placement: Placement) -> None:
-        """Put every tensor of ``released.state`` into ``placement`` (or drop it, with the reason)."""
+        """Put every tensor of ``released.state`` into ``placement`` (see :class:`Placement`)."""
         raise NotImplementedError
 
     def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:

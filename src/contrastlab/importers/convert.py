@@ -9,8 +9,9 @@ writes a normal checkpoint (:mod:`contrastlab.engine.checkpoint`): ``contrastlab
 What the written checkpoint holds besides the usual entries:
 
 - ``imported``: where it came from (project, file, kind, layout, upstream epoch and metadata), the overrides,
-  and the account of the conversion: how many tensors were placed, which upstream keys were dropped and why,
-  which of our keys kept their initial value and why, and what happened to each other top-level entry;
+  and the account of the conversion: how many tensors were placed (and which went elsewhere: the classifier),
+  which of our keys kept their initial value and why, and what happened to each other top-level entry (the
+  optimizer state, not carried over, and so on);
 - ``classifier`` (linear-probe files): ``{"weight": [C, D], "bias": [C], "num_classes": C, "source": ...}``, the
   released classifier on the backbone's features; ``contrastlab eval linear --stored-classifier`` reports its
   test accuracy without training one;
@@ -51,7 +52,7 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         log: where the account of the conversion goes.
 
     Returns:
-        A summary: the recipe, kind, epoch, counts of placed / dropped / initialised tensors, ``out``.
+        A summary: the recipe, kind, epoch, counts of placed / initialised tensors, ``out``.
 
     Raises:
         CheckpointError: the file is not a layout of that project, a key cannot be placed, or a shape differs.
@@ -108,8 +109,6 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
     log(f"import: placed {summary['placed']} tensors into the {cfg.method.name} model"
         + (f"; the classifier ({ckpt['classifier']['num_classes']} classes) is stored for `eval linear "
            "--stored-classifier`" if classifier is not None else ""))
-    for why, count in summary["dropped"].items():
-        log(f"import: dropped {count} upstream tensor(s): {why}")
     for why, count in summary["initial"].items():
         log(f"import: {count} tensor(s) not in the file: {why}")
     for name, what in released.other.items():
@@ -118,5 +117,5 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
     atomic_save(ckpt, out)
     log(f"import: wrote {out}")
     return {"out": str(out), "recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
-            "placed": summary["placed"], "dropped": sum(summary["dropped"].values()),
-            "initialised": sum(summary["initial"].values()), "classifier": classifier is not None}
+            "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
+            "classifier": classifier is not None}

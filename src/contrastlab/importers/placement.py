@@ -1,12 +1,13 @@
 """Placing a released checkpoint's tensors into our method's state dict, with an account of every key.
 
 :class:`Placement` is the bookkeeping of one conversion. An importer moves upstream tensors to our keys
-(:meth:`Placement.put`, :meth:`Placement.put_prefix`, :meth:`Placement.fold_bias`), declares the upstream
-keys that carry nothing for our model (:meth:`Placement.drop`, with the reason) and fills the keys of ours
-that the file does not hold from our freshly built model (:meth:`Placement.keep_initial`, with the reason).
-:meth:`Placement.finish` then refuses the conversion if an upstream key was neither placed nor dropped
+(:meth:`Placement.put`, :meth:`Placement.put_prefix`, :meth:`Placement.fold_bias`) or to another entry of
+our checkpoint (:meth:`Placement.take`: a linear probe's classifier), and fills the keys of ours that the file
+does not hold, each with the reason (:meth:`Placement.keep_initial`, :meth:`Placement.copy_ours`,
+:meth:`Placement.fill`). :meth:`Placement.finish` then refuses the conversion if an upstream key was not placed
 (a :class:`~contrastlab.errors.CheckpointError` naming it), if one of our keys got nothing, or if a shape
-differs; nothing is silently left behind.
+differs; nothing is silently left behind. (Top-level entries of a file that hold no weights, such as the
+optimizer state, are accounted for by the importer: :attr:`~contrastlab.importers.base.Released.other`.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class Placement:
     Attributes:
         placed: our key -> the upstream key (or description) it came from.
         elsewhere: upstream key -> where in our checkpoint it went outside the method (the stored classifier).
-        dropped: upstream key -> why it carries nothing for our model.
         initial: our key -> why it keeps the value of the freshly built model.
     """
 
@@ -41,7 +41,6 @@ class Placement:
     where: str = "the checkpoint"
     out: dict[str, torch.Tensor] = field(default_factory=dict)
     placed: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
     initial: dict[str, str] = field(default_factory=dict)
     elsewhere: dict[str, str] = field(default_factory=dict)
     _used: set[str] = field(default_factory=set)
@@ -117,14 +116,6 @@ class Placement:
         self.elsewhere[src] = where
         return self.source[src].detach().clone()
 
-    def drop(self, pattern: str, why: str) -> int:
-        """Declare the upstream keys matching glob ``pattern`` as carrying nothing for our model. Returns the count."""
-        matched = [k for k in self.source if k not in self._used and fnmatch.fnmatchcase(k, pattern)]
-        for key in matched:
-            self.dropped[key] = why
-            self._used.add(key)
-        return len(matched)
-
     def keep_initial(self, pattern: str, why: str) -> int:
         """Keep the freshly built model's value for our keys matching glob ``pattern`` (the file has none)."""
         matched = [k for k in self.target if k not in self.out and fnmatch.fnmatchcase(k, pattern)]
@@ -168,12 +159,8 @@ class Placement:
 
     def summary(self) -> dict[str, object]:
         """Counts and reasons, for the log and the checkpoint's ``imported`` record."""
-        by_reason: dict[str, list[str]] = {}
-        for key, why in self.dropped.items():
-            by_reason.setdefault(why, []).append(key)
         kept: dict[str, list[str]] = {}
         for key, why in self.initial.items():
             kept.setdefault(why, []).append(key)
-        return {"placed": len(self.placed), "elsewhere": dict(self.elsewhere), "dropped": {why: len(keys) for why, keys in by_reason.items()},
-                "dropped_keys": {why: keys[:5] for why, keys in by_reason.items()},
+        return {"placed": len(self.placed), "elsewhere": dict(self.elsewhere),
                 "initial": {why: len(keys) for why, keys in kept.items()}}

@@ -64,11 +64,11 @@ class SimCLR(Method):
         proj_hidden_dim: int = 2048,
         proj_out_dim: int = 128,
         proj_layers: int = 2,
-        proj_hidden_bn: bool = True,
         temperature: float = 0.5,
         gather_distributed: bool = True,
         feature_transform: dict[str, Any] | FeatureTransform | None = None,
         base_temperature: float | None = None,
+        proj_hidden_bn: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, hidden_bn=proj_hidden_bn)
