@@ -17,6 +17,7 @@ from contrastlab.config.schema import Config
 from contrastlab.data import build_dataset, native_size
 from contrastlab.data import normalization as dataset_normalization
 from contrastlab.data.device_images import DeviceImages
+from contrastlab.data.download import download_dataset
 from contrastlab.data.subsets import IndexedSubset, class_balanced_subset
 from contrastlab.errors import ConfigError
 from contrastlab.methods import METHODS, build_method
@@ -32,6 +33,8 @@ from contrastlab.views.planners.base import Planner, PlannerContext
 
 def dataset(cfg: Config, split: str) -> Dataset:
     """The raw dataset of ``split`` (``(PIL image, label, index)`` items)."""
+    if cfg.data.download:  # fetch and verify the files unless they are in place (data.download)
+        download_dataset(cfg.data.name, cfg.data.root, cfg.data.download_mirror, cfg.data.download_checksums)
     kwargs = {"class_list": cfg.data.class_list} if cfg.data.class_list is not None else {}
     return build_dataset(cfg.data.name, cfg.data.root, split, **kwargs)
 

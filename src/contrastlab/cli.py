@@ -1,4 +1,5 @@
-"""The ``contrastlab`` command line: train, eval (knn, linear, finetune), recipes, demo, plot, views, export.
+"""The ``contrastlab`` command line: train, eval (knn, linear, finetune), recipes, demo, plot, views, export, import,
+bench.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -171,66 +172,111 @@ def _views_on_device(cfg, device, *datasets) -> bool:
     return all(image_shape(d) is not None or file_paths(d) is not None for d in datasets)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _eval_out(args: argparse.Namespace, cfg) -> Path:
+    """Where an evaluation's JSON goes: ``--out``, or ``<run>/eval_<kind>_<data>[_peerN][_stored].json``."""
+    suffix = f"_peer{args.peer}" if args.peer is not None else ""
+    suffix += "_stored" if getattr(args, "stored_classifier", False) else ""
+    return Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
+
+
+def _eval_info(args: argparse.Namespace, cfg, ckpt) -> dict:
+    """What every evaluation's result says about its input."""
+    return {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name, "peer": args.peer or 0,
+            "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
+
+
+def _pretrained_backbone(args: argparse.Namespace, cfg, ckpt, device):
+    from contrastlab import assemble
+    from contrastlab.engine.checkpoint import load_backbone_weights
+
+    net, dim = assemble.backbone(cfg)
+    load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer)
+    return net.to(device), dim
+
+
+def _eval_knn(args: argparse.Namespace, cfg, ckpt, device) -> dict:
+    """Weighted kNN on the frozen backbone's features."""
+    from contrastlab import assemble
+
+    net, _ = _pretrained_backbone(args, cfg, ckpt, device)
+    train_base, test_base = assemble.labeled_dataset(cfg), assemble.dataset(cfg, cfg.data.test_split)
+    monitor = assemble.knn_monitor(cfg, train_base, test_base, device,
+                                   on_device=_views_on_device(cfg, device, train_base, test_base))
+    return {"knn_top1": monitor.evaluate(net), **monitor.describe()}
+
+
+def _eval_linear(args: argparse.Namespace, cfg, ckpt, device) -> dict:
+    """A linear probe trained on the frozen backbone, or (``--stored-classifier``) the checkpoint's own classifier."""
     import torch
 
     from contrastlab import assemble
-    from contrastlab.engine.checkpoint import load_backbone_weights
+
+    net, dim = _pretrained_backbone(args, cfg, ckpt, device)
+    test_base = assemble.dataset(cfg, cfg.data.test_split)
+    if args.stored_classifier:
+        from contrastlab.engine.checkpoint import stored_classifier
+        from contrastlab.eval.linear import classifier_accuracy
+
+        weight, bias, source = stored_classifier(ckpt, args.peer)
+        return {**classifier_accuracy(net, weight, bias, assemble.evaluation_views(cfg, test_base), device=device,
+                                      batch_size=cfg.linear.batch_size, workers=cfg.data.workers,
+                                      on_device=_views_on_device(cfg, device, test_base)), "classifier": source}
+    from contrastlab.eval.linear import linear_probe
+    from contrastlab.views import eval_view_dataset, make_photometric, make_planner
+    from contrastlab.views.dataset import ViewDataset
+
+    train_base = assemble.labeled_dataset(cfg)
+    mean, std = assemble.normalization(cfg)
+    size = assemble.image_size(cfg)
+    if cfg.linear.augment:
+        train_set = ViewDataset(train_base, make_planner("random_resized", num_views=1, scale=tuple(cfg.linear.scale)),
+                                [size], [make_photometric("none", view=0, mean=mean, std=std)])
+    else:
+        train_set = eval_view_dataset(train_base, size, mean, std, crop_fraction=cfg.linear.crop_fraction)
+    torch.manual_seed(cfg.seed)
+    return linear_probe(net, dim, len(train_base.classes), train_set, assemble.evaluation_views(cfg, test_base),
+                        cfg.linear, device=device, workers=cfg.data.workers, seed=cfg.seed,
+                        on_device=_views_on_device(cfg, device, train_base, test_base),
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def _eval_finetune(args: argparse.Namespace, cfg, ckpt, device) -> dict:
+    """End-to-end fine-tuning (``finetune:`` protocol); its checkpoints and metrics beside the result."""
+    from contrastlab.eval.finetune import finetune_checkpoint
+
+    folder = _eval_out(args, cfg).with_suffix("")  # <run>/eval_finetune_<data>/
+    return finetune_checkpoint(ckpt, cfg, str(args.checkpoint), folder, peer=args.peer, resume=args.resume)
+
+
+EVALUATIONS = {"knn": _eval_knn, "linear": _eval_linear, "finetune": _eval_finetune}
+"""``contrastlab eval KIND``: kind -> evaluation ``(args, cfg, checkpoint, device) -> result``."""
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from contrastlab.engine.distributed import is_main_process
     from contrastlab.engine.trainer import select_device
 
     if args.resume and args.kind != "finetune":
         raise ContrastlabError(f"--resume continues a fine-tuning run (`eval finetune`); `eval {args.kind}` has none")
+    if args.stored_classifier and args.kind != "linear":
+        raise ContrastlabError("--stored-classifier evaluates a stored linear classifier: use `eval linear`")
     ckpt, cfg = _eval_config(args)
-    suffix = f"_peer{args.peer}" if args.peer is not None else ""
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
-    if args.kind == "finetune":
-        from contrastlab.engine.distributed import is_main_process
-        from contrastlab.eval.finetune import finetune_checkpoint
-
-        folder = out.with_suffix("")  # <run>/eval_finetune_<data>/: checkpoints and metrics of the fine-tuning
-        result = {**finetune_checkpoint(ckpt, cfg, str(args.checkpoint), folder, peer=args.peer, resume=args.resume),
-                  "checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name,
-                  "peer": args.peer or 0, "train_split": cfg.data.labeled_split or cfg.data.train_split,
-                  "test_split": cfg.data.test_split}
-        if is_main_process():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
-            print(json.dumps(result))
-        return 0
     device = select_device(cfg.train.device)
-    net, dim = assemble.backbone(cfg)
-    load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer)
-    net = net.to(device)
-    train_base = assemble.labeled_dataset(cfg)
-    test_base = assemble.dataset(cfg, cfg.data.test_split)
-    num_classes = len(train_base.classes)
-    info = {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name, "peer": args.peer or 0,
-            "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
-    on_device = _views_on_device(cfg, device, train_base, test_base)
-    if args.kind == "knn":
-        monitor = assemble.knn_monitor(cfg, train_base, test_base, device, on_device=on_device)
-        result = {"knn_top1": monitor.evaluate(net), **monitor.describe(), **info}
-    else:
-        from contrastlab.eval.linear import linear_probe
-        from contrastlab.views import eval_view_dataset, make_photometric, make_planner
-        from contrastlab.views.dataset import ViewDataset
+    result = {**EVALUATIONS[args.kind](args, cfg, ckpt, device), **_eval_info(args, cfg, ckpt)}
+    if is_main_process():
+        out = _eval_out(args, cfg)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result))
+    return 0
 
-        mean, std = assemble.normalization(cfg)
-        size = assemble.image_size(cfg)
-        if cfg.linear.augment:
-            train_set = ViewDataset(train_base, make_planner("random_resized", num_views=1,
-                                                             scale=tuple(cfg.linear.scale)),
-                                    [size], [make_photometric("none", view=0, mean=mean, std=std)])
-        else:
-            train_set = eval_view_dataset(train_base, size, mean, std, crop_fraction=cfg.linear.crop_fraction)
-        test_set = assemble.evaluation_views(cfg, test_base)
-        torch.manual_seed(cfg.seed)
-        result = {**linear_probe(net, dim, num_classes, train_set, test_set, cfg.linear, device=device,
-                                 workers=cfg.data.workers, seed=cfg.seed, on_device=on_device,
-                                 log=lambda s: print(s, file=sys.stderr, flush=True)), **info}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from contrastlab.importers import import_checkpoint
+
+    summary = import_checkpoint(args.checkpoint, args.source, args.out, recipe=args.recipe,
+                                overrides=args.overrides, allow_pickle=args.trust_pickle)
+    print(json.dumps(summary))
     return 0
 
 
@@ -322,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: kNN, linear probe or end-to-end fine-tuning")
-    p.add_argument("kind", choices=["knn", "linear", "finetune"])
+    p.add_argument("kind", choices=list(EVALUATIONS))
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=./data linear.epochs=100")
     p.add_argument("--data", help="dataset name to evaluate on (default: the training dataset)")
@@ -331,8 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="eval finetune: continue from a fine-tuning checkpoint, or 'auto' (the last one "
                    "in <run>/eval_finetune_<data>/checkpoints)")
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): evaluate peer N (default 0)")
-    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN].json)")
+    p.add_argument("--stored-classifier", action="store_true", help="eval linear: report the test accuracy of the "
+                   "classifier stored in the checkpoint (an imported linear-probe file's, or an MCL peer's) instead "
+                   "of training a probe")
+    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN][_stored].json)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import", help="convert a released checkpoint of an upstream project into a contrastlab "
+                       "checkpoint (docs/importing.md)")
+    p.add_argument("checkpoint", help="the released file (.pth.tar / .pth)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. data.root=./data")
+    p.add_argument("--from", dest="source", required=True, help="the project that wrote it: mocov3, jointcrop, caco, "
+                   "ccrop, ft or mcl")
+    p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
+    p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
+    p.add_argument("--trust-pickle", action="store_true", help="load a file holding arbitrary Python objects (it may "
+                   "run code from the file); released checkpoints normally load without it")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="train the demo recipe on the embedded data and compare with random init")
     p.add_argument("overrides", nargs="*")

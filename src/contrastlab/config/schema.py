@@ -34,6 +34,9 @@ class DataConfig:
     pipeline: Literal["auto", "gpu", "cpu"] = "auto"  #: gpu (dataset held on the device, views rendered there in batches) | cpu (DataLoader workers) | auto (gpu when training on a GPU and the dataset fits)
     compile_views: bool = False  #: gpu pipeline: torch.compile the batched renderer (its element-wise ops fused into a few kernels; compiled on the first batch)
     image_size: int | None = None  #: training crop size; None = the dataset's native size
+    download: bool = False  #: fetch and verify (MD5) the dataset into data.root if it is not there: cifar10, cifar100, stl10, fashion_mnist, tiny_imagenet
+    download_mirror: str | None = None  #: base URL replacing the upstream hosts: each file is fetched as <mirror>/<file name>
+    download_checksums: str | None = None  #: md5sum-format file ("<md5>  <file name>" lines) replacing the published MD5s of the files it names (a mirror's own files)
 
 
 @dataclass
@@ -125,6 +128,7 @@ class TrainConfig:
     log_every: int = 20  #: steps between progress lines
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "eager"] = "none"  #: none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step's forward; eager = Dynamo tracing only
     deterministic: bool = False  #: torch.use_deterministic_algorithms
+    lock_timeout: float = 300.0  #: seconds: a run-directory lock (<out>/run.lock) whose holder on another host stopped refreshing it this long ago is taken over
 
 
 @dataclass

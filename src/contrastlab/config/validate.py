@@ -106,6 +106,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "train.log_every": (_positive_int, "a positive integer"),
     "train.finite_check_every": (_positive_int, "a positive integer (1 = a host check after every step)"),
     "train.max_skipped_steps": (_nonneg, ">= 0"),
+    "train.lock_timeout": (_positive, "> 0 seconds"),
     "monitor.knn_every": (_nonneg, ">= 0"),
     "monitor.knn_every_epoch_until": (_nonneg, ">= 0"),
     "monitor.knn_k": (_positive_int, "a positive integer"),

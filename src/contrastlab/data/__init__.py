@@ -1,9 +1,10 @@
 """Datasets: every item is ``(PIL RGB image, label, index)``; see ``docs/architecture.md``.
 
 :data:`DATASETS` is the registry (with each dataset's normalisation and native size); :func:`build_dataset`
-builds by name. Nothing here downloads:
+builds by name. Reading never downloads:
 missing or malformed files raise :class:`~contrastlab.errors.DatasetError` naming the path, the
-expected layout and where to get the data.
+expected layout and where to get the data. The classes that can fetch their files carry a
+:class:`~contrastlab.data.download.DownloadSpec` as ``download`` (used with ``data.download=true``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def build_dataset(name: str, root: PathLike | None, split: str, **kwargs: Any) -
     return DATASETS[name](root, split=split, **kwargs)
 
 
+def dataset_class(name: str) -> Callable[..., ImageDataset]:
+    """The factory registered as ``name`` (a class's ``download`` attribute, if any, fetches it: :mod:`.download`).
+
+    Raises:
+        ConfigError: For an unknown name, with the nearest valid ones.
+    """
+    return DATASETS[name]
+
+
 __all__ = [
     "CIFAR10",
     "CIFAR100",
@@ -91,6 +101,7 @@ __all__ = [
     "MPerClassSampler",
     "TinyImageNet",
     "build_dataset",
+    "dataset_class",
     "dataset_options",
     "native_size",
     "normalization",

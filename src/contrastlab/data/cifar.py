@@ -15,9 +15,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from contrastlab.data.base import ArrayDataset
+from contrastlab.data.download import DownloadSpec, RemoteFile
 from contrastlab.data.layout import PathLike, check_split, dataset_error, require_file, resolve_folder
 
-SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html (the 'python version' archives; extract them)"
+SOURCE = ("https://www.cs.toronto.edu/~kriz/cifar.html (the 'python version' archives; extract them), or "
+          "data.download=true")
 
 CIFAR10_LAYOUT = """
 root/cifar-10-batches-py/     (or root itself is this folder)
@@ -140,6 +142,10 @@ class CIFAR10(_CIFAR):
     """CIFAR-10: 50,000 train and 10,000 test 32x32 RGB images in 10 classes."""
 
     name = "cifar10"
+    download = DownloadSpec("cifar10", (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                                                   "c58f30108f718f92721af3b95e74349a"),),
+                            tuple(f"cifar-10-batches-py/{f}" for f in (*(f"data_batch_{k}" for k in range(1, 6)),
+                                                                       "test_batch", "batches.meta")))
     folder = "cifar-10-batches-py"
     marker = "batches.meta"
     layout = CIFAR10_LAYOUT
@@ -156,6 +162,9 @@ class CIFAR100(_CIFAR):
     """CIFAR-100: 50,000 train and 10,000 test 32x32 RGB images in 100 fine classes."""
 
     name = "cifar100"
+    download = DownloadSpec("cifar100", (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                                                    "eb9058c3a382ffc7106e4002c42a8d85"),),
+                            ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"))
     folder = "cifar-100-python"
     marker = "meta"
     layout = CIFAR100_LAYOUT

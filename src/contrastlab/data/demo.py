@@ -38,6 +38,7 @@ class Demo(FashionMNIST):
     name = "demo"
     layout = LAYOUT
     source = SOURCE
+    download = None  # embedded in the package: nothing to fetch (not FashionMNIST's archives)
 
     def __init__(self, root: PathLike | None = None, split: str = "train") -> None:
         """Read one split of the embedded files.

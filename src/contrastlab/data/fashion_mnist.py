@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from contrastlab.data.base import ArrayDataset
+from contrastlab.data.download import DownloadSpec, RemoteFile
 from contrastlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from contrastlab.data.layout import PathLike, check_split, dataset_error
 
@@ -20,7 +21,7 @@ DEBIAN_PATH = Path("/usr/share/datasets/fashion-mnist")
 
 SOURCE = (
     "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz), or on Debian/Ubuntu "
-    f"`apt install dataset-fashion-mnist`, which installs the files in {DEBIAN_PATH}/"
+    f"`apt install dataset-fashion-mnist`, which installs the files in {DEBIAN_PATH}/, or data.download=true"
 )
 
 LAYOUT = """
@@ -61,6 +62,13 @@ class FashionMNIST(ArrayDataset):
     """Fashion-MNIST: 60,000 train and 10,000 test 28x28 grayscale images in 10 classes, served as RGB."""
 
     name = "fashion_mnist"
+    download = DownloadSpec("fashion_mnist", tuple(
+        RemoteFile(f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{name}", md5, extract=False)
+        for name, md5 in (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                          ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+                          ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+                          ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"))),
+        tuple(f"{stem}.gz" for pair in FILES.values() for stem in pair))
     layout = LAYOUT
     source = SOURCE
 

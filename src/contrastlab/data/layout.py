@@ -3,7 +3,8 @@
 Every loader describes its expected layout as a short tree sketch and names where to get the data.
 When something is missing or malformed, :func:`dataset_error` builds a
 :class:`~contrastlab.errors.DatasetError` whose message names the offending path, shows that sketch
-and says where the data comes from. Nothing here (or anywhere in :mod:`contrastlab.data`) downloads.
+and says where the data comes from. Nothing here downloads (:mod:`contrastlab.data.download` does, only
+with ``data.download=true``).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ import numpy as np
 from PIL import Image
 
 from contrastlab.data.base import UNLABELED, ArrayDataset
+from contrastlab.data.download import DownloadSpec, RemoteFile
 from contrastlab.data.layout import PathLike, check_split, dataset_error, require_file, resolve_folder
 
-SOURCE = "https://cs.stanford.edu/~acoates/stl10/ (stl10_binary.tar.gz; extract it)"
+SOURCE = "https://cs.stanford.edu/~acoates/stl10/ (stl10_binary.tar.gz; extract it), or data.download=true"
 
 LAYOUT = """
 root/stl10_binary/            (or root itself is this folder)
@@ -83,6 +84,10 @@ class STL10(ArrayDataset):
     """
 
     name = "stl10"
+    download = DownloadSpec("stl10", (RemoteFile("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+                                                 "91f7769df0f17e558f3565bffb0c7dfb"),),
+                            tuple(f"stl10_binary/{f}" for f in ("class_names.txt", "train_X.bin", "train_y.bin",
+                                                                "test_X.bin", "test_y.bin", "unlabeled_X.bin")))
 
     def __init__(self, root: PathLike | None, split: str = "train") -> None:
         """Open one split.

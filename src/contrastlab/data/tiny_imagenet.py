@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from contrastlab.data.base import FileDataset
+from contrastlab.data.download import DownloadSpec, RemoteFile
 from contrastlab.data.imagefolder import is_image_file
 from contrastlab.data.layout import PathLike, check_split, dataset_error, require_file, resolve_folder
 
-SOURCE = "http://cs231n.stanford.edu/tiny-imagenet-200.zip (extract it)"
+SOURCE = "http://cs231n.stanford.edu/tiny-imagenet-200.zip (extract it), or data.download=true"
 
 LAYOUT = """
 root/tiny-imagenet-200/       (or root itself is this folder)
@@ -118,6 +119,10 @@ class TinyImageNet(FileDataset):
     """
 
     name = "tiny_imagenet"
+    download = DownloadSpec("tiny_imagenet", (RemoteFile("http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+                                                         "90528d7ca1a48142e341f4ef8d21d0de"),),
+                            tuple(f"tiny-imagenet-200/{f}" for f in ("wnids.txt", "train", "val/images",
+                                                                     "val/val_annotations.txt")))
     uniform_size = (64, 64)  #: every image is 64x64 (height, width): the GPU pipeline may hold the split on the device
 
     def __init__(self, root: PathLike | None, split: str = "train") -> None:

@@ -198,6 +198,26 @@ def backbone_state(ckpt: dict[str, Any], peer: int | None = None) -> dict[str, t
     return state
 
 
+def stored_classifier(ckpt: dict[str, Any], peer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The classifier a checkpoint carries: ``(weight [C, D], bias [C], where it came from)``.
+
+    An imported linear-probe file's classifier is the ``classifier`` entry (:mod:`contrastlab.importers`); a
+    cohort method's (MCL) are its ``classifiers.<peer>`` (peer 0 by default).
+
+    Raises:
+        CheckpointError: the checkpoint has none.
+    """
+    if "classifier" in ckpt and not peer:
+        entry = ckpt["classifier"]
+        return entry["weight"], entry["bias"], str(entry.get("source", "the checkpoint's classifier entry"))
+    name = f"classifiers.{peer or 0}"
+    method = ckpt.get("method", {})
+    if f"{name}.weight" in method:
+        return method[f"{name}.weight"], method[f"{name}.bias"], f"the method's {name}"
+    raise CheckpointError("the checkpoint stores no classifier (only imported linear-probe files and supervised "
+                          "cohorts do); run `contrastlab eval linear` without --stored-classifier to train a probe")
+
+
 def load_backbone_weights(backbone: nn.Module, ckpt: dict[str, Any], source: str = "checkpoint",
                           peer: int | None = None) -> None:
     """Load the backbone (or cohort peer ``peer``) weights strictly; CheckpointError listing mismatches."""

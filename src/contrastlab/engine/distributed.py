@@ -11,7 +11,10 @@ group is initialised, so every building block works in a single process.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -136,14 +139,55 @@ def read_env() -> DistEnv:
     return DistEnv(0, 0, 1)
 
 
+def restarted_by_torchrun(device: torch.device | str = "cpu") -> bool:
+    """Whether this process belongs to a torchrun job that was restarted (on any node: every rank gets the answer).
+
+    ``TORCHELASTIC_RESTART_COUNT`` is counted per node's agent: an agent whose own worker failed counts a restart,
+    the agent of a healthy node that restarts its workers to re-form the group does not. So the ranks agree on it.
+    """
+    return any_rank(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0, device)
+
+
+def _fresh_store(rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30)) -> dist.Store:
+    """A key-value store for this attempt's process group, new at every torchrun restart.
+
+    torchrun's agents share one TCP store across restarts (``TORCHELASTIC_USE_AGENT_STORE``): the keys a failed
+    attempt's process group wrote there are still present when the restarted ranks form theirs, and a rank reading
+    a dead peer's address hangs or fails (seen with gloo, single- and multi-node). Rank 0 therefore hosts a fresh
+    ``TCPStore`` and publishes its port and a random nonce in the agent's store; the other ranks connect to it and
+    check the nonce, and retry while what they read is a previous attempt's entry (its server is gone, or it
+    answers with another nonce). Restart counts cannot name the attempt: they differ between nodes.
+    """
+    agent, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    host, key = os.environ["MASTER_ADDR"], "contrastlab/process_group_store"
+    if rank == 0:
+        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = uuid.uuid4().hex
+        store.set("contrastlab/nonce", nonce)
+        agent.set(key, f"{store.port} {nonce}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port, nonce = agent.get(key).decode().split()
+        try:
+            store = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=1))
+            if store.get("contrastlab/nonce").decode() == nonce:
+                store.set_timeout(timeout)
+                return store
+        except (RuntimeError, OSError):  # a previous attempt's store: its server is gone
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: no process-group store of this attempt appeared in {timeout}")
+        time.sleep(0.2)
+
+
 def init_distributed(device_type: str) -> DistEnv:
     """Initialise the default process group when launched with several ranks.
 
     NCCL on CUDA, gloo otherwise. Under SLURM without torchrun, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` must be exported by the job script. After a ``torchrun --max-restarts`` restart the
-    group's keys live under a prefix of their own: the agent's store outlives the failed attempt, and
-    without it the new ranks could read the dead ranks' addresses (seen with gloo: "connectFullMesh
-    failed ... Connection refused").
+    ``MASTER_PORT`` must be exported by the job script. Under torchrun (on one node or several) the group's store
+    is a fresh one of every attempt (:func:`_fresh_store`), so a job restarted by ``--max-restarts`` forms its
+    group cleanly.
     """
     denv = read_env()
     if denv.distributed and not is_initialized():
@@ -153,11 +197,9 @@ def init_distributed(device_type: str) -> DistEnv:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(denv.local_rank)
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if attempt > 0:
-            store, rank, world = next(dist.rendezvous("env://"))
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"contrastlab/attempt_{attempt}", store),
-                                    rank=rank, world_size=world)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = _fresh_store(denv.rank, denv.world_size)
+            dist.init_process_group(backend=backend, store=store, rank=denv.rank, world_size=denv.world_size)
         else:
             dist.init_process_group(backend=backend)
     return denv

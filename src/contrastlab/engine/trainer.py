@@ -10,6 +10,7 @@ Run directory layout::
                              epoch_NNNN.pt every ``train.checkpoint_every`` epochs, each with a .sha256
     <out>/plots/             training curves (PNG), written at the end
     <out>/results.json       final accuracies and how they were measured
+    <out>/run.lock           held by the running trainer (host, pid, start, heartbeat); see engine.run_lock
 
 Determinism and resuming: an epoch's batches are a pure function of ``(seed, rank, epoch)``
 (:func:`epoch_batches`), each image's views of ``(seed, epoch, index)`` (``ViewDataset(seed=...)``), and
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -61,6 +61,7 @@ from contrastlab.engine.checkpoint import (
 )
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.preemption import PreemptedError, PreemptionSignals
+from contrastlab.engine.run_lock import lock_run_directory
 from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate, learning_rate
 from contrastlab.errors import ConfigError, ContrastlabError
 from contrastlab.methods.base import Method, StepOutput
@@ -116,10 +117,10 @@ def run_directory(cfg: Config, recipe: str) -> Path:
     return Path(cfg.out) if cfg.out else Path("runs") / Path(recipe).with_suffix("").as_posix().replace("/", "_")
 
 
-def _resolve_resume(cfg: Config, out: Path, log) -> Path | None:
+def _resolve_resume(cfg: Config, out: Path, log, device: torch.device) -> Path | None:
     last = out / "checkpoints" / "last.pt"
     resume = cfg.resume
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    if dist.restarted_by_torchrun(device) and resume is None:  # collective: every rank resumes, or none
         log("torchrun restarted this job: resuming from its last checkpoint")
         resume = "auto"
     if resume == "auto":  # the newest intact checkpoint: a damaged last.pt falls back to epoch_NNNN.pt
@@ -259,7 +260,18 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         self.out = run_directory(cfg, recipe)
-        resume_path = _resolve_resume(cfg, self.out, self.log)
+        # One trainer per run directory: rank 0 holds <out>/run.lock until close() (engine.run_lock).
+        self.run_lock = lock_run_directory(self.out, cfg.train.lock_timeout, self.log, self.main,
+                                           lambda flag: dist.any_rank(flag, self.device), " ".join(sys.argv)[:300])
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        """The rest of set-up, with the run directory locked."""
+        resume_path = _resolve_resume(cfg, self.out, self.log, self.device)
         seed_everything(cfg.seed + self.rank)
         base_train = self.base_train = assemble.training_dataset(cfg)
         self.bad_image_log = self.out / "bad_images.txt"
@@ -329,7 +341,7 @@ class Trainer:
             if type(method).predict is not Method.predict:  # the method has classifiers: test accuracy too
                 self.classifier_monitor = ClassificationMonitor(self.knn.test_loader, self.device)
         self.progress = Progress(d.total_steps, d.global_batch_size, cfg.train.log_every,
-                                 enabled=self.main and not quiet)
+                                 enabled=self.main and not self.quiet)
         self.knn_top1: float | None = None
         self.scores = None
         if cfg.monitor.score_stats:
@@ -405,8 +417,11 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # an imported checkpoint (contrastlab import) has no loss-scaler state
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        if self.step is None:  # imported: upstream counts epochs only
+            self.step = self.epoch * self.d.steps_per_epoch
         self.skipped_total = ckpt.get("skipped_total", 0)
         if self.box_store is not None and "box_store" in ckpt:
             self.box_store.load_state_dict(ckpt["box_store"])
@@ -775,13 +790,21 @@ class Trainer:
         d = self.d
         self.log(f"training {self.recipe}: {len(self.train_set)} images, global batch {d.global_batch_size} on "
                  f"{self.world} rank(s), lr {d.lr:.4g}, {d.total_steps} steps, device {self.device}, out {self.out}")
-        with PreemptionSignals() as signals:
-            self._warm_start()
-            while self.step < d.total_steps:
-                elapsed = self._train_epoch(signals)
-                self.epoch += 1
-                self._end_epoch(elapsed)
-        return self._finish()
+        try:
+            with PreemptionSignals() as signals:
+                self._warm_start()
+                while self.step < d.total_steps:
+                    elapsed = self._train_epoch(signals)
+                    self.epoch += 1
+                    self._end_epoch(elapsed)
+            return self._finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory (called by :meth:`run` however it ends; idempotent)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def train(cfg: Config, recipe: str = "run", *, quiet: bool = False) -> dict[str, Any]:

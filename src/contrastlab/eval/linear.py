@@ -31,6 +31,7 @@ from contrastlab.data.device_images import DeviceImages, decoded_per_batch
 from contrastlab.data.device_loader import DeviceViewLoader, FileViewLoader, evaluation_loader
 from contrastlab.engine.optim import OPTIMIZERS, build_optimizer
 from contrastlab.engine.schedules import epoch_learning_rate
+from contrastlab.errors import ConfigError
 from contrastlab.eval.features import extract_features
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.dataset import ViewDataset
@@ -172,3 +173,36 @@ def linear_probe(
         "backbone_unchanged": unchanged, "train_size": len(train_set), "test_size": len(test_set),
         "views": "device" if on_device else "cpu-workers",
     }
+
+
+def classifier_accuracy(backbone: nn.Module, weight: torch.Tensor, bias: torch.Tensor, test_set: Dataset, *,
+                        device: torch.device | str = "cpu", batch_size: int = 256, workers: int = 0,
+                        on_device: bool = False) -> dict[str, Any]:
+    """Test accuracy of a given linear classifier on the frozen backbone's features, without training.
+
+    For a classifier that came with the weights (an imported linear-probe file, ``contrastlab eval linear
+    --stored-classifier``): the same frozen, eval-mode features as :func:`linear_probe`, the same top-1 / top-5.
+
+    Args:
+        weight: ``[C, D]`` classifier weight on the backbone's ``D`` features.
+        bias: ``[C]``.
+        test_set: one deterministic view per image.
+
+    Raises:
+        ConfigError: the classifier does not fit the backbone's features.
+    """
+    device = torch.device(device)
+    backbone = backbone.to(device).eval()
+    feats, labels = extract_features(backbone, evaluation_loader(test_set, batch_size=batch_size, workers=workers,
+                                                                 device=device, on_device=on_device), device)
+    if weight.dim() != 2 or weight.shape[1] != feats.shape[1] or bias.shape != weight.shape[:1]:
+        raise ConfigError(f"the stored classifier has weight {list(weight.shape)} / bias {list(bias.shape)}; the "
+                          f"backbone gives {feats.shape[1]} features")
+    classifier = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
+    with torch.no_grad():
+        classifier.weight.copy_(weight)
+        classifier.bias.copy_(bias)
+    top1, top5 = _accuracy(classifier, feats, labels, device)
+    return {"top1": top1, "top5": top5, "protocol": "stored classifier, frozen backbone in eval mode, no training",
+            "test_size": len(test_set), "views": "device" if on_device else "cpu-workers"}
+

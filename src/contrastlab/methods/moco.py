@@ -97,6 +97,9 @@ class MoCo(Method):
         proj_hidden_dim: hidden width of the projector (v2's MLP head).
         proj_out_dim: embedding dimension (and queue dimension).
         proj_layers: 2 for v2's MLP head, 1 for v1's linear fc.
+        proj_hidden_bn: BatchNorm after the projector's hidden Linear (default); ``False`` gives the released
+            MoCo v2 head ``Linear-ReLU-Linear`` with biases (facebookresearch/moco, ContrastiveCrop, FT), which
+            ``contrastlab import`` needs for those projects' checkpoints.
         queue_size: number of negatives; a multiple of the keys written per step (global batch, twice
             that when symmetric).
         temperature: InfoNCE temperature (v1: 0.07, v2: 0.2).
@@ -135,9 +138,10 @@ class MoCo(Method):
         shuffle_bn: bool = True,
         gather_distributed: bool = True,
         feature_transform: dict[str, Any] | FeatureTransform | None = None,
+        proj_hidden_bn: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
+        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, hidden_bn=proj_hidden_bn)
         self.key_encoder = nn.Sequential(momentum_copy(backbone), momentum_copy(self.projector))
         self.queue = FeatureQueue(proj_out_dim, queue_size)
         self.criterion = InfoNCELoss(temperature=temperature,

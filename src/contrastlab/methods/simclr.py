@@ -39,6 +39,8 @@ class SimCLR(Method):
         proj_hidden_dim: hidden width of the projector.
         proj_out_dim: output dimension of the projector.
         proj_layers: Linear layers in the projector (BN and ReLU between them).
+        proj_hidden_bn: BatchNorm after the hidden Linears (default); ``False`` gives ``Linear-ReLU-Linear`` with
+            biases, ContrastiveCrop's released SimCLR head (``contrastlab import --from ccrop`` needs it).
         temperature: NT-Xent temperature.
         gather_distributed: take negatives from every rank.
         feature_transform: FT options (keys of :class:`FeatureTransform`; ``{}`` gives the published
@@ -68,9 +70,10 @@ class SimCLR(Method):
         gather_distributed: bool = True,
         feature_transform: dict[str, Any] | FeatureTransform | None = None,
         base_temperature: float | None = None,
+        proj_hidden_bn: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
+        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, hidden_bn=proj_hidden_bn)
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed,
                                     feature_transform=build_feature_transform(feature_transform),
                                     base_temperature=base_temperature)

@@ -1,0 +1,146 @@
+"""What every importer shares: reading a released file, and the interface an importer implements.
+
+An importer (one module per upstream project, registered in :data:`contrastlab.importers.IMPORTERS`) turns
+one released file into a :class:`Released` (which weights it holds, which layout, the upstream epoch),
+picks the recipe whose model matches it, and places its tensors into our method
+(:class:`~contrastlab.importers.placement.Placement`). :func:`contrastlab.importers.import_checkpoint` drives
+the conversion and writes the contrastlab checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from contrastlab.errors import CheckpointError
+from contrastlab.importers.placement import Placement
+
+PRETRAIN, LINEAR, SUPERVISED = "pretrain", "linear", "supervised"
+"""Kinds of released file: a pre-training checkpoint, a linear-probe checkpoint (backbone + classifier), a
+supervised model (MCL's peers with their classifiers)."""
+
+
+@dataclass
+class Released:
+    """One released file, read and recognised.
+
+    Attributes:
+        path: the file.
+        raw: the whole dictionary ``torch.load`` returned.
+        state: the weights, a ``module.`` prefix (DDP) removed.
+        kind: :data:`PRETRAIN`, :data:`LINEAR` or :data:`SUPERVISED`.
+        layout: the importer's name for the layout recognised (e.g. ``resnet``, ``vit``, ``moco_state``).
+        epoch: epochs of training the file records (upstream's count), or None.
+        arch: the architecture the file names or implies, or None.
+        info: metadata kept in the checkpoint's ``imported`` record (best accuracy, kNN accuracy, ...).
+        other: top-level entries besides the weights: name -> what happens to them (for the log).
+    """
+
+    path: Path
+    raw: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    kind: str
+    layout: str
+    epoch: int | None = None
+    arch: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    other: dict[str, str] = field(default_factory=dict)
+
+
+def read_released(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
+    """``torch.load`` a released file on the CPU, as tensors and plain containers only unless ``allow_pickle``.
+
+    Raises:
+        CheckpointError: missing, unreadable, not a dictionary, or (without ``allow_pickle``) holding Python objects
+            that a weights-only load refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass the released checkpoint file (.pth.tar / .pth)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds Python objects besides tensors ({str(exc).splitlines()[0]}); if you "
+                              "trust the file, run again with --trust-pickle (it may execute code from the file)") from exc
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not the dictionary a released checkpoint is")
+    return raw
+
+
+def strip_module(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` without the ``module.`` prefix DistributedDataParallel / DataParallel add (when every key has it)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(state):
+        odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:3]
+        raise CheckpointError(f"the state dict holds entries that are not tensors: {odd}")
+    if tensors and all(k.startswith("module.") for k in tensors):
+        return {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def state_under(raw: dict[str, Any], key: str, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored under ``raw[key]``, ``module.`` removed; CheckpointError naming the keys found."""
+    if not isinstance(raw.get(key), dict):
+        raise CheckpointError(f"{path}: expected the weights under {key!r}; top-level keys found: {sorted(raw)}")
+    return strip_module(raw[key])
+
+
+class Importer:
+    """Base of the per-project importers.
+
+    Subclasses set :attr:`name` (the ``--from`` value), :attr:`project` (the upstream repository) and implement
+    :meth:`recognise`, :meth:`default_recipe` and :meth:`place`.
+    """
+
+    name: ClassVar[str] = ""
+    project: ClassVar[str] = ""
+
+    def recognise(self, raw: dict[str, Any], path: Path) -> Released:
+        """Classify the file; CheckpointError naming what was found when it is not a layout of this project."""
+        raise NotImplementedError
+
+    def default_recipe(self, released: Released) -> str:
+        """The recipe whose model matches the file (``--recipe`` chooses another)."""
+        raise NotImplementedError
+
+    def overrides(self, released: Released) -> list[str]:
+        """Config overrides the file implies (e.g. ``model.arch``), applied before the user's own."""
+        return [f"model.arch={released.arch}"] if released.arch else []
+
+    def num_classes(self, released: Released) -> int:
+        """Classes of the method's classifiers, for methods that have them (MCL); 1 otherwise."""
+        return 1
+
+    def place(self, released: Released, placement: Placement) -> None:
+        """Put every tensor of ``released.state`` into ``placement`` (see :class:`Placement`)."""
+        raise NotImplementedError
+
+    def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
+        """A linear-probe file's classifier ``{"weight": [C, D], "bias": [C]}``, else None."""
+        return None
+
+    def extras(self, released: Released, cfg: Any) -> dict[str, Any]:
+        """Other entries of our checkpoint the file provides (e.g. ContrastiveCrop's boxes)."""
+        return {}
+
+
+def upstream_epoch(raw: dict[str, Any], completed_offset: int = 0) -> int | None:
+    """``raw["epoch"]`` as epochs completed (``completed_offset`` 1 where upstream stores the last epoch's index)."""
+    value = raw.get("epoch")
+    if isinstance(value, torch.Tensor):
+        value = int(value)
+    return int(value) + completed_offset if isinstance(value, int) else None
+
+
+def plain(value: Any) -> Any:
+    """A JSON-friendly copy of a metadata value (tensors become numbers)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)

@@ -1,0 +1,121 @@
+"""``contrastlab import``: a released checkpoint of an upstream project in, a contrastlab checkpoint out.
+
+:func:`import_checkpoint` reads the file, lets the project's importer recognise it and choose the recipe,
+builds our method from that recipe (plus the overrides the file implies, then the user's), places every
+tensor (:class:`~contrastlab.importers.placement.Placement`), loads the result with ``strict=True`` and
+writes a normal checkpoint (:mod:`contrastlab.engine.checkpoint`): ``contrastlab eval knn|linear``, ``views
+--checkpoint``, ``export`` and ``train ... resume=FILE`` read it as they read their own.
+
+What the written checkpoint holds besides the usual entries:
+
+- ``imported``: where it came from (project, file, kind, layout, upstream epoch and metadata), the overrides,
+  and the account of the conversion: how many tensors were placed (and which went elsewhere: the classifier),
+  which of our keys kept their initial value and why, and what happened to each other top-level entry (the
+  optimizer state, not carried over, and so on);
+- ``classifier`` (linear-probe files): ``{"weight": [C, D], "bias": [C], "num_classes": C, "source": ...}``, the
+  released classifier on the backbone's features; ``contrastlab eval linear --stored-classifier`` reports its
+  test accuracy without training one;
+- ``step`` is None (upstream counts epochs; the trainer derives the step from ``epoch`` on resume), and the
+  optimizer state is that of a fresh optimizer of the recipe (upstream's is not carried over).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contrastlab.errors import CheckpointError
+from contrastlab.importers.base import LINEAR, read_released
+from contrastlab.importers.placement import Placement
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLike, *, recipe: str | None = None,
+                      overrides: list[str] | tuple[str, ...] = (), allow_pickle: bool = False,
+                      log=_stderr) -> dict[str, Any]:
+    """Convert the released file ``path`` of project ``source`` into a contrastlab checkpoint at ``out``.
+
+    Args:
+        path: the released file (``.pth.tar`` / ``.pth``).
+        source: the project, a key of :data:`contrastlab.importers.IMPORTERS` (``--from``).
+        out: the checkpoint to write (atomically, with its ``.sha256``).
+        recipe: the recipe to build our model from (default: the importer's choice for the file).
+        overrides: ``key=value`` overrides applied after those the file implies.
+        allow_pickle: load files holding arbitrary Python objects (may run code from the file).
+        log: where the account of the conversion goes.
+
+    Returns:
+        A summary: the recipe, kind, epoch, counts of placed / initialised tensors, ``out``.
+
+    Raises:
+        CheckpointError: the file is not a layout of that project, a key cannot be placed, or a shape differs.
+        ConfigError: an unknown project (listing the valid ones), recipe or override.
+    """
+    from contrastlab import assemble
+    from contrastlab.config.load import dump_config, load_config
+    from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save
+    from contrastlab.engine.optim import build_optimizer
+    from contrastlab.importers import get_importer
+
+    importer = get_importer(source)
+    path = Path(path)
+    released = importer.recognise(read_released(path, allow_pickle), path)
+    for name, what in (("epoch", "used as the checkpoint's epoch (epochs completed)"), ("arch", "used as model.arch")):
+        if name in released.other and (name == "arch" or released.kind != LINEAR):
+            released.other[name] = what
+    chosen = recipe or importer.default_recipe(released)
+    implied = importer.overrides(released)
+    cfg = load_config(chosen, [*implied, *overrides])
+    log(f"import: {path} is a {importer.project} {released.kind} file (layout {released.layout}, arch "
+        f"{released.arch}, epoch {released.epoch}); recipe {chosen}" + (f" with {' '.join(implied)}" if implied else ""))
+    torch.manual_seed(cfg.seed)
+    method = assemble.method(cfg, importer.num_classes(released), None)
+    placement = Placement(released.state, method.state_dict(), where=str(path))
+    importer.place(released, placement)
+    try:
+        method.load_state_dict(placement.finish(), strict=True)
+    except RuntimeError as exc:  # a mismatch the placement did not catch: report it, write nothing
+        raise CheckpointError(f"{path}: the placed weights do not load into the model of {chosen}: {exc}") from exc
+
+    epoch = released.epoch
+    if released.kind == LINEAR or epoch is None:
+        epoch = cfg.train.epochs
+        log(f"import: the file records no pre-training epoch; the checkpoint says epoch {epoch} (the recipe's length)")
+    summary = placement.summary()
+    ckpt: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "config": dump_config(cfg), "recipe": chosen, "epoch": epoch,
+        "step": None, "method": method.state_dict(),
+        "optimizer": build_optimizer(method.param_groups(), cfg.optim, cfg.optim.lr).state_dict(), "scaler": {},
+        "skipped_total": 0, "partial": None,
+        "imported": {"from": source, "project": importer.project, "file": str(path), "kind": released.kind,
+                     "layout": released.layout, "arch": released.arch, "upstream_epoch": released.epoch,
+                     "info": released.info, "overrides": [*implied, *overrides], "entries": released.other,
+                     **summary},
+    }
+    classifier = importer.classifier(released)
+    if classifier is not None:
+        ckpt["classifier"] = {**classifier, "num_classes": int(classifier["weight"].shape[0]),
+                              "source": f"{path} ({importer.project} linear probe)"}
+    ckpt.update(importer.extras(released, cfg))
+    ckpt["imported"]["entries"] = released.other  # extras may have said what became of an entry
+
+    log(f"import: placed {summary['placed']} tensors into the {cfg.method.name} model"
+        + (f"; the classifier ({ckpt['classifier']['num_classes']} classes) is stored for `eval linear "
+           "--stored-classifier`" if classifier is not None else ""))
+    for why, count in summary["initial"].items():
+        log(f"import: {count} tensor(s) not in the file: {why}")
+    for name, what in released.other.items():
+        log(f"import: entry {name!r}: {what}")
+    out = Path(out)
+    atomic_save(ckpt, out)
+    log(f"import: wrote {out}")
+    return {"out": str(out), "recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
+            "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
+            "classifier": classifier is not None}

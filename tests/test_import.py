@@ -1,0 +1,449 @@
+"""contrastlab import: released checkpoints of each upstream project in, contrastlab checkpoints out.
+
+Each test builds a source model in the upstream layout here (torchvision / timm networks with heads named and
+ordered as the upstream builders name them, written from the released code's naming; MCL's CIFAR ResNets written
+out below), gives every tensor random values (BatchNorm running statistics included, so evaluation-mode outputs
+depend on all of them), saves it in the released file format, imports it, and checks that our model gives the
+same outputs as the source model on the same input: backbone features, projector / predictor / momentum-encoder
+outputs, classifier logits. Tiny inputs (32 px, batch 2) keep ResNet-50 and ViT-S cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+from torch import nn
+
+from contrastlab import assemble
+from contrastlab.cli import main
+from contrastlab.config.load import config_from_dict, load_config
+from contrastlab.engine.checkpoint import load_checkpoint
+from contrastlab.errors import CheckpointError, ConfigError
+from contrastlab.importers import IMPORTERS, import_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _randomise(module: nn.Module, seed: int) -> nn.Module:
+    """Every float tensor of ``module`` random (running variances positive); evaluation mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.dtype.is_floating_point:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=g) * 0.1)
+    return module.eval()
+
+
+def _mlp(layers: int, dim_in: int, hidden: int, dim_out: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's / CaCo's ``_build_mlp``: bias-free Linears, BN + ReLU between, optional affine-free last BN."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        a, b = (dim_in if i == 0 else hidden), (dim_out if i == layers - 1 else hidden)
+        mods.append(nn.Linear(a, b, bias=False))
+        if i < layers - 1:
+            mods += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mods.append(nn.BatchNorm1d(b, affine=False))
+    return nn.Sequential(*mods)
+
+
+def _trunk(net: nn.Module) -> nn.Module:
+    """A torchvision ResNet up to its pooled features (everything but ``fc``)."""
+    return nn.Sequential(*list(net.children())[:-1], nn.Flatten())
+
+
+def _resnet(arch: str, out: int, cifar_stem: bool = False) -> nn.Module:
+    net = getattr(torchvision.models, arch)(num_classes=out)
+    if cifar_stem:  # ContrastiveCrop's ResNet(maxpool=False): a 3x3 stride-1 stem, no max-pool
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+def _save(tmp_path: Path, name: str, content: dict) -> Path:
+    path = tmp_path / name
+    torch.save(content, path)
+    return path
+
+
+def _ddp(module: nn.Module) -> dict:
+    return {f"module.{k}": v for k, v in module.state_dict().items()}
+
+
+def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: str | None = None):
+    out = tmp_path / "imported.pt"
+    lines: list[str] = []
+    summary = import_checkpoint(path, source, out, recipe=recipe, overrides=list(overrides), log=lines.append)
+    ckpt = load_checkpoint(out)
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    method = assemble.method(cfg, ckpt["classifier"]["num_classes"] if "classifier" in ckpt else 100)
+    method.load_state_dict(ckpt["method"], strict=True)
+    return method.eval(), ckpt, summary, lines
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- MoCo v3
+
+
+class _MoCoV3(nn.Module):
+    """moco-v3's builder.MoCo_ResNet / MoCo_ViT: base_encoder / momentum_encoder with the projector as fc / head."""
+
+    def __init__(self, make, head: str, dim: int, hidden: int = 32, out: int = 16) -> None:
+        super().__init__()
+        vit = head == "head"
+        self.base_encoder, self.momentum_encoder = make(), make()
+        for enc in (self.base_encoder, self.momentum_encoder):
+            setattr(enc, head, _mlp(3 if vit else 2, dim, hidden, out))
+        self.predictor = _mlp(2, out, hidden, out, last_bn=vit)
+
+
+MOCOV3_HEADS = ["method.proj_hidden_dim=32", "method.proj_out_dim=16"]
+
+
+def test_mocov3_resnet50_pretraining_file(tmp_path):
+    up = _randomise(_MoCoV3(partial(torchvision.models.resnet50, zero_init_residual=True), "fc", 2048), 0)
+    path = _save(tmp_path, "r-50-100ep.pth.tar", {"epoch": 100, "arch": "resnet50", "state_dict": _ddp(up),
+                                                  "optimizer": {"state": {}, "param_groups": []}, "scaler": {}})
+    method, ckpt, summary, lines = _imported(path, "mocov3", tmp_path, *MOCOV3_HEADS)
+    assert summary["recipe"] == "imagenet/mocov3_r50_100ep" and ckpt["epoch"] == 100 and ckpt["step"] is None
+    with torch.no_grad():
+        _close(method.backbone(X), _trunk(up.base_encoder)(X))
+        z = up.base_encoder(X)
+        _close(method.projector(method.backbone(X)), z)
+        _close(method.predictor(method.projector(method.backbone(X))), up.predictor(z))
+        _close(method.key_encoder(X), up.momentum_encoder(X))
+    assert any("'optimizer': not carried over" in line for line in lines)
+    assert ckpt["imported"]["project"] == "facebookresearch/moco-v3" and ckpt["imported"]["placed"] == summary["placed"]
+
+
+def test_mocov3_vit_small_pretraining_file(tmp_path):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    make = partial(timm_vit.VisionTransformer, img_size=32, patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                   mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    up = _randomise(_MoCoV3(make, "head", 384), 1)
+    path = _save(tmp_path, "vit-s-300ep.pth.tar", {"epoch": 300, "arch": "vit_small", "state_dict": _ddp(up)})
+    method, _, summary, _ = _imported(path, "mocov3", tmp_path, *MOCOV3_HEADS, "data.image_size=32")
+    assert summary["recipe"] == "imagenet/mocov3_vit_s_300ep" and method.head == "vit"
+    with torch.no_grad():
+        up_features = up.base_encoder.forward_head(up.base_encoder.forward_features(X), pre_logits=True)
+        _close(method.backbone(X), up_features)
+        _close(method.predictor(method.projector(method.backbone(X))), up.predictor(up.base_encoder(X)))
+        _close(method.key_encoder(X), up.momentum_encoder(X))
+
+
+def test_linear_probe_file_keeps_its_classifier_and_eval_reports_its_accuracy(tmp_path, capsys):
+    """A main_lincls.py file (backbone + fc): the classifier is stored, and `eval linear --stored-classifier`
+    reports the accuracy that the upstream network itself gets on the same evaluation views."""
+    up = _randomise(torchvision.models.resnet18(num_classes=10), 2)  # main_lincls.py builds any torchvision arch
+    path = _save(tmp_path, "linear.pth.tar", {"epoch": 90, "arch": "resnet18", "state_dict": _ddp(up),
+                                              "best_acc1": torch.tensor(12.5), "optimizer": {}})
+    out = tmp_path / "lin.pt"
+    assert main(["import", str(path), "--from", "mocov3", "--out", str(out), *MOCOV3_HEADS]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["classifier"]["num_classes"] == 10 and ckpt["imported"]["info"]["best_acc1"] == 12.5
+    assert ckpt["imported"]["initial"]  # heads and momentum encoder are not in a linear file: said so
+    capsys.readouterr()
+    overrides = ["--data", "demo", "data.root=null", "data.image_size=16", "train.device=cpu", "data.workers=0",
+                 "linear.crop_fraction=1.0", "data.test_split=test"]
+    assert main(["eval", "linear", str(out), "--stored-classifier", *overrides]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.linear.crop_fraction = "demo", None, 16, 1.0
+    test = assemble.evaluation_views(cfg, assemble.dataset(cfg, "test"))
+    with torch.no_grad():
+        images = torch.stack([test[i][0][0] for i in range(len(test))])
+        labels = torch.tensor([test[i][1] for i in range(len(test))])
+        expected = (up(images).argmax(1) == labels).float().mean().item() * 100
+    assert result["top1"] == pytest.approx(expected, abs=1e-6) and result["test_size"] == 1000
+    # `contrastlab export` reads it unchanged: the torchvision file loads strictly and gives the upstream features
+    assert main(["export", str(out), "--format", "torchvision", "--out", str(tmp_path / "r18.pth")]) == 0
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict(torch.load(tmp_path / "r18.pth"), strict=True)
+    with torch.no_grad():
+        _close(net.eval()(X), _trunk(up)(X))
+
+
+# ------------------------------------------------------------------------------------------------- CaCo
+
+
+def test_caco_pretraining_file_with_its_memory(tmp_path):
+    up = nn.Module()  # CaCo's model: encoder_q / encoder_k, fc = the 3-layer projector without last BN
+    up.encoder_q, up.encoder_k = torchvision.models.resnet18(), torchvision.models.resnet18()
+    for enc in (up.encoder_q, up.encoder_k):
+        enc.fc = _mlp(3, 512, 32, 16, last_bn=False)
+    _randomise(up, 3)
+    bank = {"W": torch.randn(16, 64), "v": torch.randn(16, 64)}
+    path = _save(tmp_path, "checkpoint_best.pth.tar", {"epoch": 200, "arch": "resnet18", "best_acc": 0.0,
+                                                      "knn_acc": 33.0, "state_dict": _ddp(up), "optimizer": {},
+                                                      "Memory_Bank": bank})
+    method, ckpt, summary, _ = _imported(path, "caco", tmp_path, "method.proj_hidden_dim=32",
+                                         "method.proj_out_dim=16", "method.memory_size=64")
+    assert summary["recipe"] == "imagenet/caco_r50_200ep_bs1024" and ckpt["imported"]["info"]["knn_acc"] == 33.0
+    with torch.no_grad():
+        _close(method.projector(method.backbone(X)), up.encoder_q(X))
+        _close(method.key_encoder(X), up.encoder_k(X))
+    assert torch.equal(method.memory.weight, bank["W"]) and torch.equal(method.memory.velocity, bank["v"])
+    assert int(method.memory_written) == 64 and not method.warming_up  # a trained memory: no warm start due
+
+
+# -------------------------------------------------------------------------------------- ContrastiveCrop
+
+CCROP = ["method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.pred_hidden_dim=8", "data.image_size=32"]
+
+
+def test_ccrop_byol_and_simsiam_heads_with_biases_before_batchnorm(tmp_path):
+    """BYOL's and SimSiam's released heads put a biased Linear before a BatchNorm; ours are bias-free there: the
+    bias is folded into the running mean, and every output matches."""
+    byol = nn.Module()
+    byol.encoder_q, byol.encoder_k = _resnet("resnet18", 32, True), _resnet("resnet18", 32, True)
+    for enc in (byol.encoder_q, byol.encoder_k):
+        enc.fc = nn.Sequential(enc.fc, nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32, 16))
+    byol.predictor = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True), nn.Linear(8, 16))
+    _randomise(byol, 4)
+    path = _save(tmp_path, "last.pth", {"optimizer_state": {}, "byol_state": _ddp(byol), "boxes": torch.rand(4, 4),
+                                        "epoch": 500})
+    method, _, summary, _ = _imported(path, "ccrop", tmp_path, *CCROP)
+    assert summary["recipe"] == "cifar10/byol_ccrop_r18_500ep"
+    with torch.no_grad():
+        z = byol.encoder_q(X)
+        _close(method.projector(method.backbone(X)), z)
+        _close(method.predictor(method.projector(method.backbone(X))), byol.predictor(z))
+        _close(method.target_encoder(X), byol.encoder_k(X))
+
+    siam = nn.Module()
+    siam.encoder = _resnet("resnet18", 16, True)
+    siam.encoder.fc = nn.Sequential(nn.Linear(512, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+                                    nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+                                    nn.Linear(32, 16), nn.BatchNorm1d(16, affine=False))
+    siam.predictor = nn.Sequential(nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(inplace=True),
+                                   nn.Linear(8, 16))
+    _randomise(siam, 5)
+    path = _save(tmp_path, "siam.pth", {"optimizer_state": {}, "simsiam_state": _ddp(siam), "boxes": torch.rand(4, 4),
+                                        "epoch": 500})
+    method, _, _, _ = _imported(path, "ccrop", tmp_path, *CCROP[:2], "method.proj_hidden_dim=32",
+                                "method.pred_hidden_dim=8")
+    with torch.no_grad():
+        _close(method.projector(method.backbone(X)), siam.encoder(X))
+        _close(method.predictor(method.projector(method.backbone(X))), siam.predictor(siam.encoder(X)))
+
+
+def test_ccrop_moco_file_with_queue_and_boxes_resumes_training(tmp_path):
+    """A MoCo v2 file of DDP_moco_ccrop.py (mlp head without BN, queue [dim, K], boxes as (h0, w0, h1, w1)),
+    imported and trained on from its epoch with `train ... resume=FILE`."""
+    from contrastlab.cli import smoke_overrides
+    from contrastlab.engine.trainer import train
+
+    moco = nn.Module()
+    moco.encoder_q, moco.encoder_k = _resnet("resnet18", 16, True), _resnet("resnet18", 16, True)
+    for enc in (moco.encoder_q, moco.encoder_k):
+        enc.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), enc.fc)
+    moco.register_buffer("queue", nn.functional.normalize(torch.randn(16, 64), dim=0))
+    moco.register_buffer("queue_ptr", torch.tensor([24]))
+    _randomise(moco, 6)
+    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9]]).repeat(16, 1)  # (h_min, w_min, h_max, w_max)
+    path = _save(tmp_path, "epoch_1.pth", {"optimizer_state": {}, "moco_state": _ddp(moco), "boxes": boxes,
+                                           "epoch": 1})
+    overrides = ["method.proj_out_dim=16", "method.queue_size=64", "views.box_warmup_epochs=1"]
+    method, ckpt, summary, _ = _imported(path, "ccrop", tmp_path, *overrides)
+    assert summary["recipe"] == "cifar10/mocov2_ccrop_r18_500ep" and "method.proj_hidden_bn=false" in ckpt["imported"]["overrides"]
+    with torch.no_grad():
+        _close(method.projector(method.backbone(X)), moco.encoder_q(X))
+        _close(method.key_encoder(X), moco.encoder_k(X))
+    assert torch.equal(method.queue.queue, moco.queue.t()) and int(method.queue.ptr) == 24
+    assert torch.equal(ckpt["box_store"]["boxes"][0], torch.tensor([0.2, 0.1, 0.9, 0.7])) and ckpt["box_store"]["enabled"]
+
+    cfg = load_config("cifar10/mocov2_ccrop_r18_500ep", [*overrides, "method.proj_hidden_bn=false"])
+    run = tmp_path / "run"
+    cfg = load_config("cifar10/mocov2_ccrop_r18_500ep",
+                      [*smoke_overrides(cfg), *overrides, "method.proj_hidden_bn=false", "data.subset=16", "data.epoch_length=0",
+                       "train.max_steps=0", "train.epochs=2", "monitor.plots=false", f"out={run}",
+                       f"resume={tmp_path / 'imported.pt'}"])
+    results = train(cfg, quiet=True)
+    assert results["epochs"] == 2 and results["steps"] == 4  # epoch 1 came from the file: one more epoch of 2 steps
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [2]
+
+
+# --------------------------------------------------------------------------------------------------- FT
+
+
+def test_ft_pycontrast_file_and_moco_v1_file(tmp_path):
+    class RGBSingleHead(nn.Module):  # PyContrast's model: encoder (ResNet without fc) + head (+ a parameter-free L2)
+        def __init__(self, mlp: bool) -> None:
+            super().__init__()
+            self.encoder = _trunk(torchvision.models.resnet18())
+            self.head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, 16)) if mlp \
+                else nn.Sequential(nn.Linear(512, 16))
+
+        def named_state(self):
+            # PyContrast's ResNet has no Flatten module: its keys are those of the torchvision trunk's children
+            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+            state = {}
+            for k, v in self.state_dict().items():
+                parts = k.split(".")
+                if parts[0] == "encoder":
+                    parts[1] = names[int(parts[1])]
+                state[".".join(parts)] = v
+            return state
+
+    model, ema = _randomise(RGBSingleHead(True), 7), _randomise(RGBSingleHead(True), 8)
+    memory = nn.functional.normalize(torch.randn(64, 16), dim=1)
+    path = _save(tmp_path, "current.pth", {"model": {f"module.{k}": v for k, v in model.named_state().items()},
+                                           "model_ema": ema.named_state(), "contrast": {"memory": memory},
+                                           "optimizer": {}, "epoch": 200})
+    method, _, summary, _ = _imported(path, "ft", tmp_path, "model.arch=resnet18", "method.proj_hidden_dim=512",
+                                         "method.proj_out_dim=16", "method.queue_size=64")
+    assert summary["recipe"] == "imagenet/mocov2_ft_r50_200ep" and method.feature_transform is not None
+    with torch.no_grad():
+        _close(method.projector(method.backbone(X)), model.head(model.encoder(X)))
+        _close(method.key_encoder(X), ema.head(ema.encoder(X)))
+    assert torch.equal(method.queue.queue, memory) and int(method.queue.ptr) == 0
+
+    # facebookresearch/moco's MoCo v1 file (fc = one Linear), the baseline FT's table links
+    v1 = nn.Module()
+    v1.encoder_q, v1.encoder_k = torchvision.models.resnet18(num_classes=16), torchvision.models.resnet18(num_classes=16)
+    v1.register_buffer("queue", torch.randn(16, 64))
+    v1.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+    _randomise(v1, 9)
+    path = _save(tmp_path, "moco_v1_200ep_pretrain.pth.tar", {"epoch": 200, "arch": "resnet18",
+                                                              "state_dict": _ddp(v1), "optimizer": {}})
+    method, _, summary, _ = _imported(path, "ft", tmp_path, "method.queue_size=64", "method.proj_out_dim=16")
+    assert summary["recipe"] == "imagenet/mocov1_r50_200ep"
+    with torch.no_grad():
+        _close(method.projector(method.backbone(X)), v1.encoder_q(X))
+
+
+# -------------------------------------------------------------------------------------------------- MCL
+
+
+class _Block(nn.Module):
+    """MCL's CIFAR BasicBlock (torchvision's shape: conv1, bn1, conv2, bn2, downsample)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def _stage(cin: int, cout: int, stride: int, blocks: int = 5) -> nn.Sequential:
+    return nn.Sequential(_Block(cin, cout, stride), *[_Block(cout, cout, 1) for _ in range(blocks - 1)])
+
+
+class _ResNet32(nn.Module):
+    """MCL's models/resnet.py ResNet (resnet32: 3 stages of 5 blocks) with its ``classifier``."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.layer1, self.layer2, self.layer3 = _stage(16, 16, 1), _stage(16, 32, 2), _stage(32, 64, 2)
+        self.classifier = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(torch.relu(self.bn1(self.conv1(x))))))
+        return self.classifier(x.mean((2, 3)))
+
+
+class _ResNet32Shared(nn.Module):
+    """MCL's ResNet_b: a shared conv1 / bn1 / layer1, then layer2_i, layer3_i, classifier_i per peer."""
+
+    def __init__(self, classes: int, peers: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.layer1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), _stage(16, 16, 1)
+        self.peers = peers
+        for i in range(peers):
+            setattr(self, f"layer2_{i}", _stage(16, 32, 2))
+            setattr(self, f"layer3_{i}", _stage(32, 64, 2))
+            setattr(self, f"classifier_{i}", nn.Linear(64, classes))
+
+    def forward(self, x):
+        trunk = self.layer1(torch.relu(self.bn1(self.conv1(x))))
+        return [getattr(self, f"classifier_{i}")(getattr(self, f"layer3_{i}")(getattr(self, f"layer2_{i}")(trunk))
+                                                 .mean((2, 3))) for i in range(self.peers)]
+
+
+def test_mcl_cifar_cohorts_independent_and_on_a_shared_trunk(tmp_path, capsys):
+    independent = nn.Module()
+    independent.module_list = nn.ModuleList([_ResNet32(100), _ResNet32(100)])
+    _randomise(independent, 10)
+    path = _save(tmp_path, "resnet32.pth.tar", {"net": independent.state_dict(), "acc": 70.0, "epoch": 299,
+                                                "optimizer": {}})
+    method, ckpt, summary, lines = _imported(path, "mcl", tmp_path)
+    assert summary["recipe"] == "cifar100/mcl_x2_r32_300ep" and ckpt["epoch"] == 300
+    with torch.no_grad():
+        scores = method.predict(X)
+        for i in range(2):
+            _close(scores[f"peer{i}"], independent.module_list[i](X))
+    assert any("projection heads" in line for line in lines)
+
+    shared = _randomise(_ResNet32Shared(100, 4), 11)
+    path = _save(tmp_path, "resnet32_b.pth.tar", {"net": shared.state_dict(), "acc": 71.0, "epoch": 299})
+    out = tmp_path / "x4.pt"
+    assert main(["import", str(path), "--from", "mcl", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out)
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    assert cfg.model.peers == 4 and cfg.model.shared_until == "upstream"
+    method = assemble.method(cfg, 100)
+    method.load_state_dict(ckpt["method"])
+    with torch.no_grad():
+        expected = shared.eval()(X)
+        scores = method.eval().predict(X)
+        for i in range(4):
+            _close(scores[f"peer{i}"], expected[i])
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_an_unknown_key_is_named_and_nothing_is_written(tmp_path):
+    up = _randomise(_MoCoV3(partial(torchvision.models.resnet18, zero_init_residual=True), "fc", 512), 12)
+    state = {**_ddp(up), "module.base_encoder.extra_head.weight": torch.zeros(3)}
+    path = _save(tmp_path, "odd.pth.tar", {"epoch": 100, "arch": "resnet18", "state_dict": state})
+    with pytest.raises(CheckpointError, match="'base_encoder.extra_head.weight'") as caught:
+        import_checkpoint(path, "mocov3", tmp_path / "x.pt", overrides=MOCOV3_HEADS, log=lambda s: None)
+    assert "cannot be placed" in str(caught.value) and not (tmp_path / "x.pt").exists()
+    # a file of another project names what it found
+    with pytest.raises(CheckpointError, match="encoder_q"):
+        import_checkpoint(path, "caco", tmp_path / "x.pt", log=lambda s: None)
+
+
+def test_a_wrong_from_lists_the_valid_projects(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="did you mean 'mocov3'") as caught:
+        import_checkpoint(tmp_path / "any.pth", "mocov4", tmp_path / "x.pt")
+    assert all(name in str(caught.value) for name in IMPORTERS)
+    assert main(["import", str(tmp_path / "any.pth"), "--from", "simclr", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "valid: mocov3 (facebookresearch/moco-v3), jointcrop" in capsys.readouterr().err
+
+
+def test_every_recipe_an_importer_picks_exists():
+    from contrastlab.config.load import recipe_names
+    from contrastlab.importers import caco, ccrop, jointcrop, mocov3
+
+    picks = [*mocov3.MoCoV3Importer.resnet_recipes.values(), *mocov3.MoCoV3Importer.vit_recipes.values(),
+             *jointcrop.JointCropImporter.resnet_recipes.values(), *caco.RECIPES.values(),
+             *ccrop.LINEAR_RECIPES.values(), "imagenet/mocov1_ccrop_r50_100ep", "imagenet/mocov2_ccrop_r50_100ep",
+             *(f"cifar10/{m}_ccrop_r18_500ep" for m in ("mocov2", "simclr", "byol", "simsiam")),
+             *(f"imagenet/mocov{v}{ft}_r50_200ep" for v in (1, 2) for ft in ("", "_ft")),
+             *(f"cifar100/mcl_x{m}_{a}_300ep" for m in (2, 4) for a in ("r32", "r56", "r110")),
+             *(f"imagenet/mcl_x{m}_{a}_90ep" for m in (2, 4) for a in ("r18", "r34"))]
+    assert sorted(set(picks) - set(recipe_names())) == []
+    assert mocov3.recipe_for_epochs(jointcrop.JointCropImporter.resnet_recipes, 250).endswith("_300ep")
+    assert mocov3.recipe_for_epochs(mocov3.MoCoV3Importer.resnet_recipes, None).endswith("_100ep")
