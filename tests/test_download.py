@@ -171,7 +171,7 @@ def test_an_archive_damaged_on_disk_is_named_with_the_fix(mirror, tmp_path):
 
 
 def test_what_cannot_be_downloaded_says_so(tmp_path):
-    with pytest.raises(DatasetError, match="'imagefolder' cannot be downloaded.*cifar10, cifar100, stl10"):
+    with pytest.raises(DatasetError, match="'imagefolder' cannot be downloaded.*cifar10, cifar100, fashion_mnist, stl10, tiny_imagenet"):
         assemble.dataset(load_config("demo", ["data.name=imagefolder", f"data.root={tmp_path}",
                                               "data.download=true"]), "train")
     with pytest.raises(DatasetError, match="needs data.root"):

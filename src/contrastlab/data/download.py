@@ -284,8 +284,8 @@ def download_dataset(name: str, root: PathLike | None, mirror: str | None = None
     from contrastlab.data import DATASETS, dataset_class
 
     cls = dataset_class(name)
-    spec = getattr(cls, "download", None)
-    if name == "demo":
+    spec = getattr(cls, "download", ...)
+    if spec is None:  # a dataset that declares it has nothing to fetch (the embedded demo)
         return None
     if not isinstance(spec, DownloadSpec):
         able = [n for n in DATASETS if isinstance(getattr(dataset_class(n), "download", None), DownloadSpec)]
