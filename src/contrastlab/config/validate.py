@@ -17,8 +17,10 @@ from contrastlab.errors import ConfigError
 from contrastlab.registry import (
     BACKBONES,
     DATASETS,
+    LOGGERS,
     LR_SCHEDULES,
     MOMENTUM_SCHEDULES,
+    OBSERVERS,
     OPTIMIZERS,
     PHOTOMETRICS,
     Registry,
@@ -169,13 +171,16 @@ NAMED: dict[str, Registry] = {
     "train.ema_schedule": MOMENTUM_SCHEDULES,
     "linear.optimizer": OPTIMIZERS,
     "linear.schedule": LR_SCHEDULES,
+    "observers": OBSERVERS,
+    "log.to": LOGGERS,
 }
 """Config keys that name a registry entry (``method.name`` is checked when the method section is read)."""
 
 
 def _value(cfg: Any, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def check_names(cfg: Any) -> None:
@@ -184,6 +189,9 @@ def check_names(cfg: Any) -> None:
         value = _value(cfg, key)
         for name in value if isinstance(value, list) else [value]:
             registry.check(name, key)
+        if isinstance(value, list) and len(set(value)) < len(value):
+            twice = sorted({n for n in value if value.count(n) > 1})
+            raise ConfigError(f"config key {key} lists {', '.join(map(repr, twice))} more than once; list each once")
     t = cfg.train
     if t.finite_check_every > 1 and t.nonfinite == "skip":
         raise ConfigError("train.nonfinite=skip decides at every step whether to skip it; it needs "
