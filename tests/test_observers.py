@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +127,83 @@ def test_a_crop_law_with_a_box_store_needs_the_localiser(tmp_path):
     cfg = load_config("demo", [f"out={tmp_path}", *TINY, "views.planner=contrastive_crop", "observers=[knn]"])
     with pytest.raises(ConfigError, match="only the localiser observer refreshes; add 'localiser' to the config list"):
         Trainer(cfg, quiet=True)
+
+
+def test_a_missing_logger_package_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ConfigError, match=r'pip install "contrastlab\[wandb\]"'):
+        Trainer(load_config("demo", [f"out={tmp_path}", *TINY, "log.to=[jsonl,wandb]"]), quiet=True)
+
+
+def _wandb_history(out: Path) -> dict[int, dict]:
+    """The history rows of an offline wandb run, read from its ``.wandb`` file: a LevelDB-format log (7-byte
+    file header, then records of 32 KiB blocks: crc32 u32, length u16, type u8 full/first/middle/last) of
+    ``wandb_internal_pb2.Record`` messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, rows = 7, b"", {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                rows.setdefault(record.history.step.num, {}).update(items)
+    return rows
+
+
+def test_wandb_offline_mlflow_file_store_and_tensorboard_hold_what_metrics_jsonl_holds(tmp_path, monkeypatch):
+    """The loggers for real: wandb offline, MLflow's local file store (read with its client), TensorBoard's event
+    files (read with its event reader), each compared with metrics.jsonl and the per-step losses."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    recorder = Recorder()
+    train(load_config("demo", [f"out={out}", *TINY, "log.to=[jsonl,tensorboard,wandb,mlflow]",
+                               "log.project=observers_test", "log.run_name=tiny"]), quiet=True, observers=[recorder])
+    records = _records(out)
+    assert len(records) == 2 and len(recorder.losses) == 4
+
+    history = _wandb_history(out)
+    for record in records:  # an epoch's scalars at the epoch's last step (wandb has one step axis)
+        row = history[record["step"]]
+        assert row["epoch/loss"] == pytest.approx(record["loss"], rel=1e-9)
+        assert row["epoch/lr"] == pytest.approx(record["lr"], rel=1e-9)
+        assert row["parts/nt_xent"] == pytest.approx(record["parts"]["nt_xent"], rel=1e-9)
+    assert history[4]["epoch/knn_top1"] == pytest.approx(records[-1]["knn_top1"], rel=1e-9)
+    assert [history[s]["train/loss"] for s in (1, 2, 3, 4)] == pytest.approx(recorder.losses, rel=1e-6)
+
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("observers_test").experiment_id])
+    assert mlrun.info.run_name == "tiny" and mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["optim.lr"] == "0.5" and mlrun.data.params["observers"] == "['knn']"
+    epoch_loss = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "epoch/loss")}
+    assert epoch_loss == pytest.approx({r["epoch"]: r["loss"] for r in records}, rel=1e-9)
+    train_loss = sorted((m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "train/loss"))
+    assert [s for s, _ in train_loss] == [1, 2, 3, 4]
+    assert [v for _, v in train_loss] == pytest.approx(recorder.losses, rel=1e-6)
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("epoch/loss")] == [r["epoch"] for r in records]
+    assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(recorder.losses, rel=1e-6)
 
 
 def test_trainer_takes_a_method_and_a_view_dataset_built_in_python(tmp_path):
