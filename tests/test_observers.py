@@ -97,14 +97,22 @@ def test_hooks_run_in_order_with_the_step_outputs_and_their_records_reach_the_lo
 
 
 def test_state_is_restored_on_resume_and_a_stop_request_stops_after_the_checkpoint(tmp_path):
+    """A registered observer listed in the config: its state goes into the checkpoint under its name and comes
+    back on resume; its stop request ends the run after the epoch's record and checkpoint."""
     out = tmp_path / "run"
-    first = Recorder(stop_at_epoch=1)
-    with pytest.raises(ContrastlabError, match="stop asked at epoch 1"):
-        train(load_config("demo", [f"out={out}", *TINY]), quiet=True, observers=[first])
-    assert [r["epoch"] for r in _records(out)] == [1]  # the record was logged, and the checkpoint written
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
-    second = Recorder()
-    train(load_config("demo", [f"out={out}", "resume=auto", *TINY]), quiet=True, observers=[second])
+    first, second = Recorder(stop_at_epoch=1), Recorder()
+    made = iter([first, second])
+    contrastlab.register_observer("recorder_for_test", lambda run: next(made))
+    try:
+        listed = [f"out={out}", *TINY, "observers=[knn,recorder_for_test]"]
+        with pytest.raises(ContrastlabError, match="stop asked at epoch 1"):
+            train(load_config("demo", listed), quiet=True)
+        assert [r["epoch"] for r in _records(out)] == [1]  # the record was logged, and the checkpoint written
+        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        assert ckpt["epoch"] == 1 and ckpt["observers"]["recorder_for_test"] == {"losses": first.losses}
+        train(load_config("demo", [*listed, "resume=auto"]), quiet=True)
+    finally:
+        contrastlab.OBSERVERS.unregister("recorder_for_test")
     assert second.loaded == {"losses": first.losses}
     assert second.calls[0] == ("start", 1, 2) and len(second.losses) == 4
     assert [r["epoch"] for r in _records(out)] == [1, 2]
@@ -219,15 +227,27 @@ def test_trainer_takes_a_method_and_a_view_dataset_built_in_python(tmp_path):
     test_images = IndexedSubset(contrastlab.build_dataset("demo", None, "test"), range(16))
     views = contrastlab.ViewDataset(train_images, RandomResizedCropPlanner(num_views=2, scale=(0.2, 1.0)), [16, 16],
                                     [contrastlab.make_photometric("small", v, mean, std) for v in range(2)], seed=0)
-    backbone, dim = contrastlab.build_backbone("resnet20", width=0.25)
-    method = SimCLR(backbone, dim, proj_hidden_dim=16, proj_out_dim=8)
+
+    def simclr():
+        torch.manual_seed(0)
+        backbone, dim = contrastlab.build_backbone("resnet20", width=0.25)
+        return SimCLR(backbone, dim, proj_hidden_dim=16, proj_out_dim=8)
+
+    method = simclr()
+    backbone = method.backbone
     before = [p.detach().clone() for p in backbone.parameters()]
-    cfg = load_config("demo", [f"out={tmp_path}", *TINY, "train.max_steps=4", "data.batch_size=8"])
+    cfg = load_config("demo", [f"out={tmp_path / 'views'}", *TINY, "train.max_steps=4", "data.batch_size=8",
+                               "views.photometric=small", "views.scale=[0.9,1.0]"])  # scale: not the objects' 0.2
     results = train(cfg, quiet=True, method=method, dataset=views, test_dataset=test_images)
     assert results["steps"] == 4 and results["epochs"] == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))  # the given method trained
-    assert json.loads((tmp_path / "run.json").read_text())["objects"] == {
+    assert json.loads((tmp_path / "views" / "run.json").read_text())["objects"] == {
         "method": "SimCLR", "dataset": "ViewDataset", "test_dataset": "IndexedSubset"}
+    # the same views from a raw dataset and a planner object (the config's size, recipe and seed): the same run
+    cfg.out = str(tmp_path / "planner")
+    again = train(cfg, quiet=True, method=simclr(), dataset=train_images, test_dataset=test_images,
+                  planner=RandomResizedCropPlanner(num_views=2, scale=(0.2, 1.0)))
+    assert (again["final_loss"], again["knn_top1"]) == (results["final_loss"], results["knn_top1"])
 
     backbone.eval()
     with torch.no_grad():

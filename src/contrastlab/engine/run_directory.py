@@ -9,7 +9,7 @@ Layout::
     <out>/results.json       final numbers and how they were measured
     <out>/bad_images.txt     unreadable images skipped (``data.bad_images=skip``)
 
-and what the observers write: ``metrics.jsonl`` and ``tensorboard/`` (loggers), ``plots/``, ``scores/``, ...
+and the files and folders the run's observers and loggers write (:mod:`contrastlab.observers`).
 """
 
 from __future__ import annotations

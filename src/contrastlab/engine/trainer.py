@@ -1,9 +1,9 @@
 """The training loop: :func:`train`, from a config (and, if given, ready objects) to a finished run directory.
 
-:class:`Trainer` is one run: set-up (datasets, method, DDP, optimiser, observers, resume), an optional warm start
-(``method.warm_start_steps``), then epochs of steps. It knows no plug-in by name: monitors, loggers, plots and
-the crop laws' helpers are observers (:mod:`contrastlab.observers`) that it builds from the config lists
-``observers`` and ``log.to`` and calls at fixed points; the run directory is described in
+:class:`Trainer` is one run: set-up (datasets, method, DDP, optimiser, observers, resume), an optional warm
+start (``method.warm_start_steps``), then epochs of steps. It knows no plug-in by name: what watches a run
+(monitors, loggers, the crop laws' helpers) are observers (:mod:`contrastlab.observers`) that it builds from the
+config lists ``observers`` and ``log.to`` and calls at fixed points; the run directory is described in
 :mod:`contrastlab.engine.run_directory`.
 
 Determinism and resuming: an epoch's batches are a pure function of ``(seed, rank, epoch)``
@@ -16,7 +16,7 @@ views and losses as the uninterrupted one (bit for bit on the CPU with ``train.d
 Faults: SIGTERM / SIGUSR1 checkpoint at the next step boundary and stop with exit status 75
 (:mod:`contrastlab.engine.preemption`); under ``torchrun --max-restarts`` a restarted job resumes from its
 last checkpoint by itself; a non-finite loss or gradient stops the run with a message, or skips the step
-(``train.nonfinite=skip``, counted in ``metrics.jsonl``).
+(``train.nonfinite=skip``, counted as ``skipped_steps`` in the epoch's record).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Trainer:
         recipe: The recipe name (run directory ``runs/<recipe>`` when ``cfg.out`` is empty; results.json).
         method: A :class:`~contrastlab.methods.base.Method` to train instead of ``method``/``model`` of the config.
         dataset: The training dataset: raw ``(PIL image, label, index)`` items, or a ready
-            :class:`~contrastlab.views.ViewDataset`. It needs ``classes`` and ``targets`` for the kNN monitor.
+            :class:`~contrastlab.views.ViewDataset`. The monitors need its ``classes`` and ``targets``.
         planner: A planner (crop law) object for the training views of ``dataset`` (or of the config's dataset).
         test_dataset: The raw test dataset of the monitors (default: ``data.test_split``).
         observers: :class:`~contrastlab.observers.base.Observer` instances to call besides those the config lists
@@ -81,7 +81,8 @@ class Trainer:
     Example:
         >>> from contrastlab import Trainer, load_config  # doctest: +SKIP
         >>> results = Trainer(load_config("demo", ["train.max_steps=4"]), method=my_method).run()  # doctest: +SKIP
-        >>> results["knn_top1"]  # doctest: +SKIP
+        >>> results["steps"]  # doctest: +SKIP
+        4
     """
 
     def __init__(self, cfg: Config | None = None, recipe: str = "run", *, method: Method | None = None,
