@@ -223,6 +223,8 @@ def test_torchrun_two_gloo_ranks_train_a_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # only rank 0 reports
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # and only rank 0 logs: one epoch,
+    assert len(list((tmp_path / "tensorboard").glob("events*"))) == 1  # one line, one event file
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["derived"]["world_size"] == 2 and run["derived"]["per_rank_batch_size"] == 4
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["method"]

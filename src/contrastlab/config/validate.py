@@ -117,6 +117,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "monitor.classify_every": (_nonneg, ">= 0"),
     "monitor.collapse_threshold": (_nonneg, ">= 0 (0 = off)"),
     "monitor.collapse_after_epoch": (_nonneg, ">= 0"),
+    "log.project": (lambda v: bool(v.strip()), "a non-empty name (the wandb project, the MLflow experiment)"),
     "linear.epochs": (_positive_int, "a positive integer"),
     "linear.batch_size": (_positive_int, "a positive integer"),
     "linear.lr": (_nonneg, ">= 0"),

@@ -20,7 +20,10 @@ Call order within a run (``run.epoch`` counts finished epochs; ``run.step`` opti
 
 Observers are called in list order: those of ``observers`` first, then given instances, then loggers, so a logger
 sees every entry the monitors added to an epoch's record. ``state_dict`` is saved in every checkpoint and handed
-back to ``load_state_dict`` when the run resumes.
+back to ``load_state_dict`` when the run resumes. A registered factory ``(run) -> Observer | None`` is called once
+per run on every rank, after the method is built and before a resume is loaded; it returns None where its
+observer does not apply (another rank than 0 for a monitor, a method without classifiers, a crop law without
+boxes).
 
 Example:
     A third-party observer that counts steps and reports the count in each epoch's record::
@@ -49,7 +52,7 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -266,8 +269,6 @@ class Run:
         return self._stop
 
 
-
-
 class ObserverList:
     """The observers of one run, called in order; their states keyed by name for checkpoints.
 
@@ -308,13 +309,14 @@ class ObserverList:
                 built.append((name, observer))
         return built
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Observer]:
         return iter(self.observers)
 
     def __len__(self) -> int:
         return len(self.observers)
 
     def names(self) -> list[str]:
+        """The observers' names, in call order."""
         return [o.name for o in self.observers]
 
     def __getitem__(self, name: str) -> Observer:
