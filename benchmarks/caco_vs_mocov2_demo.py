@@ -20,7 +20,8 @@ from pathlib import Path
 from contrastlab.config.load import load_config
 from contrastlab.engine.trainer import train
 
-COMMON = ["data.workers=1", "monitor.knn_every=1", "monitor.plots=false", "overwrite=true", "train.log_every=1000"]
+COMMON = ["data.workers=1", "monitor.knn_every=1", "observers=[progress,knn,test_accuracy,localiser]", "overwrite=true",
+          "train.log_every=1000"]
 MOCO = ["method.name=moco", "method.proj_hidden_dim=256", "method.proj_out_dim=64", "method.queue_size=4096",
         "method.temperature=0.2", "method.symmetric=false", "train.ema_momentum=0.99"]
 CACO = ["method.name=caco", "method.proj_hidden_dim=256", "method.proj_out_dim=64", "method.proj_layers=3",

@@ -30,7 +30,8 @@ from contrastlab.config.load import load_config
 from contrastlab.data import build_dataset
 from contrastlab.engine.trainer import train
 
-COMMON = ["data.workers=1", "monitor.knn_every=1", "monitor.plots=false", "overwrite=true", "train.log_every=1000"]
+COMMON = ["data.workers=1", "monitor.knn_every=1", "observers=[progress,knn,test_accuracy,localiser]", "overwrite=true",
+          "train.log_every=1000"]
 BOXES = ["views.box_warmup_epochs=3", "views.box_update_every=2", "views.box_threshold=0.1"]
 STRATEGIES = {
     "rrc": ["views.planner=random_resized"],

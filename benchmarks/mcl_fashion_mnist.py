@@ -30,7 +30,7 @@ from contrastlab.engine.trainer import train
 COMMON = [
     "data.name=fashion_mnist", "data.root=null", "data.batch_size=128", "data.samples_per_class=16",
     "data.workers=1", "model.arch=resnet20", "model.width=0.5", "monitor.classify_every=1",
-    "monitor.max_bank=10000", "monitor.plots=false", "train.log_every=100000",
+    "monitor.max_bank=10000", "observers=[progress,knn,test_accuracy,localiser]", "train.log_every=100000",
 ]
 RUNS = {"baseline": ["method.contrast=none"], "mcl_x2": []}
 HEADS = ("peer0", "peer1", "peer_mean", "peer_best", "ensemble")

@@ -33,7 +33,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "caco": ("cifar10/caco_r18_500ep", ["train.max_steps=4"]),
     "mcl": ("cifar100/mcl_x2_r32_300ep", ["train.max_steps=4"]),
     "mocov3_jointcrop": ("imagenet/mocov3_jointcrop_r50_100ep", ["train.max_steps=3"]),
-    "ft_scores": ("cifar10/mocov2_ft_r18_500ep", ["monitor.score_stats=true", "train.max_steps=4", *SMALL_AS_RECORDED]),
+    "ft_scores": ("cifar10/mocov2_ft_r18_500ep", ["observers=[progress,knn,test_accuracy,score_statistics,localiser]",
+                                                  "train.max_steps=4", *SMALL_AS_RECORDED]),
 }
 PIPELINES = ("cpu", "gpu")
 
@@ -45,7 +46,7 @@ def step_losses(case: str, pipeline: str, out: Path) -> list[float]:
     from contrastlab.methods.base import StepOutput
 
     recipe, extra = CASES[case]
-    cfg = _load(recipe, [f"out={out}", "monitor.plots=false", f"data.pipeline={pipeline}", *extra], smoke=True)
+    cfg = _load(recipe, [f"out={out}", "observers=[progress,knn,test_accuracy,localiser]", f"data.pipeline={pipeline}", *extra], smoke=True)
     losses: list[float] = []
 
     def record(module, args, output):

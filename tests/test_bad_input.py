@@ -28,7 +28,7 @@ from contrastlab.views import eval_view_dataset
 
 torch.set_num_threads(1)
 
-FAST = ["monitor.plots=false", "monitor.max_bank=16", "monitor.max_test=8", "data.subset=32", "monitor.knn_k=3"]
+FAST = ["observers=[progress,knn,test_accuracy,localiser]", "monitor.max_bank=16", "monitor.max_test=8", "data.subset=32", "monitor.knn_k=3"]
 
 VALUES = st.one_of(
     st.integers(min_value=-3, max_value=3),
@@ -152,7 +152,7 @@ def test_skip_mode_counts_bad_images_in_the_metrics(tmp_path, pipeline):
     (tmp_path / "data" / "train" / "a" / "3.png").write_bytes(b"not an image")
     args = ["train", "demo", f"out={tmp_path / 'run'}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}",
             "data.test_split=val", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.epochs=1",
-            "train.device=cpu", "model.width=0.25", "monitor.plots=false", "monitor.knn_k=3", f"data.pipeline={pipeline}"]
+            "train.device=cpu", "model.width=0.25", "observers=[progress,knn,test_accuracy,localiser]", "monitor.knn_k=3", f"data.pipeline={pipeline}"]
     assert main(args) == 2  # fail (the default) names the file
     assert main([*args, "overwrite=true", "data.bad_images=skip"]) == 0
     import json
@@ -190,7 +190,7 @@ def test_a_model_too_big_for_memory_is_a_clear_error(tmp_path, capsys):
               "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
               "from contrastlab.cli import main\n"
               f"sys.exit(main(['train', 'demo', '--smoke', 'out={tmp_path / 'run'}', 'model.width=64', "
-              "'monitor.plots=false']))\n")
+              "'observers=[progress,knn,test_accuracy,localiser]']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "building the model ran out of memory on cpu" in done.stderr

@@ -19,12 +19,13 @@ from contrastlab.data.subsets import class_balanced_subset
 from contrastlab.engine.checkpoint import load_checkpoint
 from contrastlab.engine.optim import LARC
 from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate
-from contrastlab.engine.trainer import CollapseError, train
+from contrastlab.engine.trainer import train
 from contrastlab.errors import ConfigError
 from contrastlab.memory import LearnableMemory, memory_gradient
 from contrastlab.methods import CaCo
 from contrastlab.methods.caco import memory_learning_rate
 from contrastlab.models import build_backbone
+from contrastlab.observers.knn_monitor import CollapseError
 
 torch.set_num_threads(2)
 B, D, K, TAU_M = 6, 5, 12, 0.3
@@ -284,7 +285,7 @@ def _tiny(tmp_path, *extra):
         f"out={tmp_path}", "data.name=demo", "data.root=null", "data.batch_size=16", "data.workers=0",
         "data.image_size=16", "train.device=cpu", "model.arch=resnet20", "model.width=0.25", "train.epochs=3",
         "monitor.knn_every=0", "monitor.max_bank=64", "monitor.max_test=32", "monitor.knn_k=5",
-        "monitor.plots=false", "train.log_every=1000", "method.proj_hidden_dim=32", "method.proj_out_dim=16",
+        "observers=[progress,knn,test_accuracy,localiser]", "train.log_every=1000", "method.proj_hidden_dim=32", "method.proj_out_dim=16",
         "method.memory_size=32", "optim.warmup_epochs=1", "method.memory_warmup_epochs=1", *extra,
     ])
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from contrastlab.engine.trainer import broadcast_ignored_buffers, wrap_ddp
+from contrastlab.engine.distributed import broadcast_ignored_buffers, wrap_ddp
 from contrastlab.memory import FeatureQueue
 from contrastlab.methods import MCL, CaCo, MoCo, MoCoMCL, MoCoV3
 from contrastlab.models import build_backbone, build_cohort

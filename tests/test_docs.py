@@ -46,3 +46,23 @@ def test_relative_links_resolve(page):
         if not path.exists() or ROOT not in path.parents:
             broken.append(target)
     assert broken == []
+
+
+def readme_python() -> list[str]:
+    """The Python code blocks of the README's "From Python" section, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_the_readme_python_examples_run(tmp_path, monkeypatch, capsys):
+    """Each block of "From Python" is executed as written, in order, in one namespace (runs go under tmp_path)."""
+    blocks = readme_python()
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
+    assert 0.0 <= namespace["results"]["knn_top1"] <= 100.0 and namespace["results"]["steps"] == 20
+    assert "kNN top-1" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "notebook" / "results.json").is_file()

@@ -24,7 +24,7 @@ def resnet18_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two smoke steps of the MoCo v3 ImageNet recipe with a ResNet-18 (ImageNet stem, 32 px demo images)."""
     out = tmp_path_factory.mktemp("export") / "run"
     cfg = _load("imagenet/mocov3_r50_100ep", [f"out={out}", "model.arch=resnet18", "method.proj_hidden_dim=32",
-                                              "method.proj_out_dim=16", "monitor.plots=false"], smoke=True)
+                                              "method.proj_out_dim=16", "observers=[progress,knn,test_accuracy,localiser]"], smoke=True)
     train(cfg, "test/export", quiet=True)
     return out / "checkpoints" / "last.pt"
 

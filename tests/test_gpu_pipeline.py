@@ -199,7 +199,7 @@ def test_demo_trains_through_the_gpu_pipeline_with_a_compiled_step(tmp_path) -> 
     cfg = load_config("demo", [f"out={tmp_path}", "data.pipeline=gpu", "train.compile=eager", "data.subset=64",
                                "data.batch_size=16", "data.image_size=16", "model.width=0.25", "train.device=cpu",
                                "train.epochs=1", "monitor.max_bank=32", "monitor.max_test=16", "monitor.knn_k=5",
-                               "monitor.plots=false", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
+                               "observers=[progress,knn,test_accuracy,localiser]", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
                                "train.finite_check_every=2"])
     results = train(cfg, quiet=True)
     assert results["steps"] == 4 and math.isfinite(results["knn_top1"]) and results["knn_views"] == "device"
@@ -280,7 +280,7 @@ def test_trainer_runs_an_image_folder_through_the_gpu_pipeline(tmp_path) -> None
     cfg = load_config("demo", [f"out={tmp_path / 'run'}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}",
                                "data.test_split=train", "data.pipeline=gpu", "data.batch_size=8",
                                "data.image_size=16", "data.workers=0", "model.width=0.25", "train.device=cpu",
-                               "train.epochs=1", "monitor.knn_k=3", "monitor.plots=false",
+                               "train.epochs=1", "monitor.knn_k=3", "observers=[progress,knn,test_accuracy,localiser]",
                                "method.proj_hidden_dim=16", "method.proj_out_dim=8"])
     results = train(cfg, quiet=True)
     assert results["steps"] == 2 and math.isfinite(results["final_loss"])
@@ -323,7 +323,7 @@ def test_evaluation_views_of_image_files_are_decoded_per_batch_like_the_cpu_view
     assert result["views"] == "device" and result["train_size"] == 7 and result["backbone_unchanged"]
 
 
-SHORT_DEMO = ["data.subset=2000", "train.epochs=4", "monitor.knn_every=0", "monitor.plots=false",
+SHORT_DEMO = ["data.subset=2000", "train.epochs=4", "monitor.knn_every=0", "observers=[progress,knn,test_accuracy,localiser]",
               "train.device=cpu", "data.workers=0"]
 
 
@@ -379,10 +379,11 @@ def test_every_recipe_renders_its_views_through_the_gpu_path(demo_test) -> None:
 
 def test_auto_falls_back_to_cpu_workers_when_the_gpu_path_fails(tmp_path, monkeypatch, capsys) -> None:
     """auto on a (pretended) GPU: a renderer that raises in the trial batch leaves the run on CPU workers."""
+    from contrastlab.engine import inputs
     from contrastlab.engine import trainer as trainer_module
     from contrastlab.views import batch_views
 
-    monkeypatch.setattr(trainer_module, "fits_on_device", lambda base, device: (True, "pretend"))
+    monkeypatch.setattr(inputs, "fits_on_device", lambda base, device: (True, "pretend"))
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("no kernel image is available")
@@ -398,7 +399,7 @@ def test_auto_falls_back_to_cpu_workers_when_the_gpu_path_fails(tmp_path, monkey
 def _tiny_run(out) -> list[str]:
     return [f"out={out}", "data.subset=32", "data.batch_size=16", "data.image_size=16", "model.width=0.25",
             "train.device=cpu", "train.epochs=1", "monitor.knn_every=0", "monitor.max_bank=16", "monitor.max_test=16",
-            "monitor.knn_k=3", "monitor.plots=false", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
+            "monitor.knn_k=3", "observers=[progress,knn,test_accuracy,localiser]", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
             "data.workers=0"]
 
 
@@ -441,7 +442,7 @@ def test_training_steps_never_wait_for_the_device(recipe, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", guarded_step)
     cfg = _load(recipe, [f"out={tmp_path}", "train.finite_check_every=2", "data.pipeline=gpu",
-                         "monitor.plots=false"], smoke=True)
+                         "observers=[progress,knn,test_accuracy,localiser]"], smoke=True)
     trainer_module.train(cfg, quiet=True)
     assert len(guarded_steps) == 2
 

@@ -263,13 +263,14 @@ def test_ccrop_moco_file_with_queue_and_boxes_resumes_training(tmp_path):
         _close(method.projector(method.backbone(X)), moco.encoder_q(X))
         _close(method.key_encoder(X), moco.encoder_k(X))
     assert torch.equal(method.queue.queue, moco.queue.t()) and int(method.queue.ptr) == 24
-    assert torch.equal(ckpt["box_store"]["boxes"][0], torch.tensor([0.2, 0.1, 0.9, 0.7])) and ckpt["box_store"]["enabled"]
+    boxes = ckpt["observers"]["localiser"]
+    assert torch.equal(boxes["boxes"][0], torch.tensor([0.2, 0.1, 0.9, 0.7])) and boxes["enabled"]
 
     cfg = load_config("cifar10/mocov2_ccrop_r18_500ep", [*overrides, "method.proj_hidden_bn=false"])
     run = tmp_path / "run"
     cfg = load_config("cifar10/mocov2_ccrop_r18_500ep",
                       [*smoke_overrides(cfg), *overrides, "method.proj_hidden_bn=false", "data.subset=16", "data.epoch_length=0",
-                       "train.max_steps=0", "train.epochs=2", "monitor.plots=false", f"out={run}",
+                       "train.max_steps=0", "train.epochs=2", "observers=[knn,localiser]", f"out={run}",
                        f"resume={tmp_path / 'imported.pt'}"])
     results = train(cfg, quiet=True)
     assert results["epochs"] == 2 and results["steps"] == 4  # epoch 1 came from the file: one more epoch of 2 steps

@@ -190,7 +190,7 @@ def test_mcl_recipe_trains_with_the_m_per_class_sampler_and_reports_final_epoch_
         f"out={tmp_path}", "data.name=demo", "data.root=null", "data.batch_size=16", "data.workers=0",
         "data.image_size=16", "train.device=cpu", "model.arch=resnet20", "model.width=0.25", "train.epochs=2",
         "monitor.classify_every=1", "monitor.max_bank=32", "monitor.max_test=32", "monitor.knn_k=5",
-        "monitor.plots=false", "train.log_every=1000",
+        "observers=[progress,knn,test_accuracy,localiser]", "train.log_every=1000",
     ])
     with _Subset(64):
         results = train(cfg, quiet=True)

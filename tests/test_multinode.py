@@ -32,7 +32,7 @@ RUN = [
     "data.sampler=m_per_class", "data.samples_per_class=2", "data.batch_size=8", "data.subset=32",
     "data.workers=0", "data.image_size=16", "train.device=cpu", "train.epochs=2", "train.deterministic=true",
     "train.checkpoint_every_steps=2", "train.log_every=1000", "monitor.knn_every=0", "monitor.max_bank=32",
-    "monitor.max_test=16", "monitor.knn_k=5", "monitor.plots=false",
+    "monitor.max_test=16", "monitor.knn_k=5", "observers=[knn]",
 ]  # 32 images, global batch 8 (4 classes x 2): 4 steps an epoch, 8 in all
 
 

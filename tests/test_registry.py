@@ -6,7 +6,7 @@ import pytest
 
 import contrastlab
 from contrastlab.cli import main
-from contrastlab.config.load import load_config
+from contrastlab.config.load import config_to_dict, load_config
 from contrastlab.config.validate import NAMED
 from contrastlab.errors import ConfigError
 from contrastlab.registry import METHODS, Registry, import_plugin
@@ -61,8 +61,12 @@ def test_every_named_key_is_checked_when_the_config_loads(key):
     nearest valid names."""
     registry = NAMED[key]
     valid = registry.names()[0]
+    default = config_to_dict(load_config("demo"))
+    for part in key.split("."):
+        default = default[part]
+    listed = isinstance(default, list)  # a list of names: observers, log.to
     with pytest.raises(ConfigError) as info:
-        load_config("demo", [f"{key}={valid}x"])
+        load_config("demo", [f"{key}=[{valid}x]" if listed else f"{key}={valid}x"])
     message = str(info.value)
     assert key in message and repr(valid) in message
 

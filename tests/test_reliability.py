@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit comparisons wi
 TINY = [
     "data.subset=48", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.device=cpu",
     "model.width=0.25", "train.epochs=2", "monitor.knn_every=0", "monitor.max_bank=32", "monitor.max_test=16",
-    "monitor.knn_k=5", "monitor.plots=false", "train.log_every=1000", "train.deterministic=true",
+    "monitor.knn_k=5", "observers=[progress,knn,test_accuracy,localiser]", "train.log_every=1000", "train.deterministic=true",
     "method.proj_hidden_dim=16", "method.proj_out_dim=8",
 ]  # 48 images, batch 8: 6 steps an epoch, 12 in all
 
@@ -223,7 +223,7 @@ def test_mid_epoch_resume_continues_feature_transform_and_score_statistics(tmp_p
 
     from contrastlab.observers.score_statistics import read_score_file
 
-    extra = ["method.name=moco", "method.queue_size=32", "method.feature_transform={}", "monitor.score_stats=true",
+    extra = ["method.name=moco", "method.queue_size=32", "method.feature_transform={}", "observers=[progress,knn,test_accuracy,score_statistics,localiser]",
              "train.checkpoint_every_steps=4"]
     _interrupt_then_resume(tmp_path, monkeypatch, extra)
     _assert_same_run(tmp_path / "full", tmp_path / "part")

@@ -140,7 +140,7 @@ def test_the_trainer_holds_the_lock_while_it_runs_and_releases_it_when_it_ends_o
     monkeypatch.setattr(metrics_log.MetricsLog, "write", write_and_look)
     tiny = ["data.subset=16", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.device=cpu",
             "model.width=0.25", "train.epochs=1", "monitor.knn_every=0", "monitor.max_bank=16", "monitor.max_test=8",
-            "monitor.knn_k=3", "monitor.plots=false", "method.proj_hidden_dim=8", "method.proj_out_dim=8"]
+            "monitor.knn_k=3", "observers=[knn]", "method.proj_hidden_dim=8", "method.proj_out_dim=8"]
     train(load_config("demo", [f"out={tmp_path / 'run'}", *tiny]), quiet=True)
     assert seen and seen[0]["pid"] == os.getpid()
     assert not (tmp_path / "run" / LOCK_NAME).exists()

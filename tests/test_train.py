@@ -34,7 +34,7 @@ RATE_ONLY = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "final_lr"), 
 def _smoke_configuration(recipe: str) -> str:
     """The resolved config ``--smoke`` runs for ``recipe`` (YAML), without its description, run directory and
     the :data:`RATE_ONLY` values."""
-    cfg = _load(recipe, ["out=SMOKE", "monitor.plots=false"], smoke=True)
+    cfg = _load(recipe, ["out=SMOKE", "observers=[progress,knn,test_accuracy,localiser]"], smoke=True)
     cfg.description = ""
     for section, key in RATE_ONLY:
         setattr(getattr(cfg, section), key, None)
@@ -57,7 +57,7 @@ def test_every_recipe_has_its_smoke_configuration_run():
 
 @pytest.mark.parametrize("recipe", [group[0] for group in SMOKE_GROUPS.values()])
 def test_every_recipe_passes_smoke(recipe, tmp_path):
-    cfg = _load(recipe, [f"out={tmp_path / 'run'}", "monitor.plots=false"], smoke=True)
+    cfg = _load(recipe, [f"out={tmp_path / 'run'}", "observers=[progress,knn,test_accuracy,localiser]"], smoke=True)
     if cfg.model.arch.startswith("vit"):
         pytest.importorskip("timm")  # the optional [vit] extra (installed by .[dev])
     results = train(cfg, recipe, quiet=True)
@@ -69,9 +69,10 @@ def test_every_recipe_passes_smoke(recipe, tmp_path):
 
 def test_smoke_keeps_the_users_overrides():
     """--smoke shrinks the run, but key=value overrides still win (a smoke run on the GPU, a bigger image)."""
-    cfg = _load("cifar10/simclr_r18_500ep", ["monitor.plots=false", "train.device=cuda", "data.image_size=24"],
+    cfg = _load("cifar10/simclr_r18_500ep", ["observers=[progress,knn,test_accuracy,localiser]", "train.device=cuda", "data.image_size=24"],
                 smoke=True)
-    assert (cfg.monitor.plots, cfg.train.device, cfg.data.image_size) == (False, "cuda", 24)
+    assert (cfg.observers, cfg.train.device, cfg.data.image_size) == (["progress", "knn", "test_accuracy", "localiser"],
+                                                                      "cuda", 24)
     assert (cfg.data.name, cfg.train.max_steps, cfg.data.batch_size) == ("demo", 2, 8)
 
 
@@ -79,7 +80,7 @@ def _tiny(tmp_path, *extra):
     return load_config("demo", [
         f"out={tmp_path}", "data.batch_size=16", "data.workers=0", "data.image_size=16", "train.device=cpu",
         "model.width=0.25", "train.epochs=3", "train.max_steps=0", "monitor.knn_every=0", "monitor.max_bank=64",
-        "monitor.max_test=32", "monitor.knn_k=5", "monitor.plots=true", "train.log_every=1000",
+        "monitor.max_test=32", "monitor.knn_k=5", "train.log_every=1000",
         "method.proj_hidden_dim=32", "method.proj_out_dim=16", *extra,
     ])
 
@@ -220,11 +221,13 @@ def test_torchrun_two_gloo_ranks_train_a_recipe(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
            "-m", "contrastlab", "train", "cifar10/mocov2_r18_500ep", "--smoke", f"out={tmp_path}",
-           "monitor.plots=false", "method.queue_size=64", "data.pipeline=gpu"]
+           "observers=[progress,knn,test_accuracy,localiser]", "method.queue_size=64", "data.pipeline=gpu"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # only rank 0 reports
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # and only rank 0 logs: one epoch,
+    assert len(list((tmp_path / "tensorboard").glob("events*"))) == 1  # one line, one event file
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["derived"]["world_size"] == 2 and run["derived"]["per_rank_batch_size"] == 4
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["method"]
@@ -240,12 +243,14 @@ def test_contrastive_crop_localises_on_schedule_and_resumes_its_boxes(tmp_path):
     assert ["box_mean_area" in r for r in records] == [True, True, False]  # after epochs 1 and 2, not the last
     assert all(0.0 < r["box_mean_area"] < 1.0 for r in records[:2])  # threshold 0.5: boxes smaller than images
     ckpt = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    assert ckpt["box_store"]["boxes"].shape == (32, 4) and bool(ckpt["box_store"]["enabled"])
+    boxes = ckpt["observers"]["localiser"]
+    assert boxes["boxes"].shape == (32, 4) and bool(boxes["enabled"])
     # an interrupted run resumes with the stored boxes: same losses as the uninterrupted one
     train(_tiny(tmp_path / "part", *extra, "train.max_steps=4"), quiet=True)
-    saved = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["box_store"]["boxes"]
+    saved = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["observers"]["localiser"]["boxes"]
     trainer = Trainer(_tiny(tmp_path / "part", *extra, "resume=auto"), quiet=True)
-    assert torch.equal(trainer.box_store.table, saved) and trainer.box_store.enabled
+    store = trainer.observers["localiser"].store
+    assert torch.equal(store.table, saved) and store.enabled
     trainer.run()
     part = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in part] == [1, 2, 3]
@@ -256,7 +261,7 @@ def test_feature_transform_with_score_statistics_and_the_plot_command(tmp_path, 
     cfg = load_config("demo", [
         f"out={out}", "data.subset=32", "data.batch_size=8", "data.workers=0", "data.image_size=16",
         "train.device=cpu", "model.width=0.25", "train.epochs=2", "monitor.knn_every=0", "monitor.max_bank=16",
-        "monitor.max_test=16", "monitor.knn_k=5", "monitor.plots=false", "monitor.score_stats=true",
+        "monitor.max_test=16", "monitor.knn_k=5", "observers=[progress,knn,test_accuracy,score_statistics,localiser]",
         "method.name=moco", "method.proj_hidden_dim=16", "method.proj_out_dim=8", "method.queue_size=32",
         "method.feature_transform={}",
     ])

@@ -40,6 +40,12 @@ _EXPORTS: dict[str, str] = {
     # configuration
     "Config": "contrastlab.config.schema",
     "load_config": "contrastlab.config.load",
+    # training and what watches it
+    "Trainer": "contrastlab.engine.trainer",
+    "train": "contrastlab.engine.trainer",
+    "Observer": "contrastlab.observers.base",
+    "Run": "contrastlab.observers.base",
+    "Logger": "contrastlab.observers.loggers.base",
     # building blocks
     "Method": "contrastlab.methods.base",
     "StepOutput": "contrastlab.methods.base",

@@ -115,9 +115,10 @@ def evaluation_views(cfg: Config, base: Dataset) -> Dataset:
 
 
 def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: torch.device,
-                batch_size: int = 256, on_device: bool = False, store: DeviceImages | None = None) -> KNNMonitor:
+                batch_size: int = 256, on_device: bool = False, store: DeviceImages | None = None,
+                test_loader: object = None) -> KNNMonitor:
     """The kNN monitor of ``cfg.monitor`` over evaluation views of the bank and test datasets (rendered on
-    ``device`` with ``on_device``; ``store``: ``bank_base`` already held there)."""
+    ``device`` with ``on_device``; ``store``: ``bank_base`` already held there; ``test_loader``: ready test batches)."""
     m = cfg.monitor
     bank: Dataset = evaluation_views(cfg, bank_base)
     if m.bank_fraction < 1.0:
@@ -125,7 +126,7 @@ def knn_monitor(cfg: Config, bank_base: Dataset, test_base: Dataset, device: tor
     return KNNMonitor(bank, evaluation_views(cfg, test_base), len(bank_base.classes),
                       k=m.knn_k, temperature=m.knn_temperature, batch_size=batch_size, workers=cfg.data.workers,
                       max_bank=m.max_bank, max_test=m.max_test, bank_fraction=m.bank_fraction, device=device,
-                      on_device=on_device, store=store)
+                      on_device=on_device, store=store, test_loader=test_loader)
 
 
 def _backbone_kwargs(cfg: Config) -> dict:

@@ -49,8 +49,8 @@ from contrastlab.data.base import ArrayDataset
 from contrastlab.data.device_images import DeviceImages
 from contrastlab.data.device_loader import DeviceEvalLoader, DeviceViewLoader, batch_seed, evaluation_loader
 from contrastlab.data.jpeg import decode_batch
+from contrastlab.engine.device import PRECISIONS, compile_model, select_device
 from contrastlab.engine.optim import build_optimizer
-from contrastlab.engine.trainer import PRECISIONS, compile_model, select_device
 from contrastlab.views.batch_views import BatchViews
 from contrastlab.views.photometric import blur_kernel_size
 

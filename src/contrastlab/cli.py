@@ -20,7 +20,7 @@ SMOKE_OVERRIDES = [
     "data.name=demo", "data.root=null", "data.train_split=train", "data.test_split=test", "data.class_list=null",
     "data.labeled_split=null", "data.subset=64", "data.epoch_length=0", "data.batch_size=8", "data.workers=0",
     "train.epochs=1", "train.max_steps=2", "train.device=cpu", "train.log_every=1",
-    "monitor.max_bank=64", "monitor.max_test=32", "monitor.knn_k=10", "monitor.plots=true",
+    "monitor.max_bank=64", "monitor.max_test=32", "monitor.knn_k=10",
     "linear.epochs=1", "linear.batch_size=16", "overwrite=true",
 ]
 
@@ -29,7 +29,7 @@ def smoke_overrides(cfg) -> list[str]:
     """Overrides that turn any recipe into a 2-step CPU run on the embedded demo data.
 
     Every component of the recipe (planner, photometric recipe, backbone, method, optimiser,
-    schedules, checkpoint, kNN monitor, plots) still runs; only the data, batch, resolution and
+    schedules, checkpoint, the observers it lists) still runs; only the data, batch, resolution and
     length shrink. Resolution: 16 px for CIFAR stems and the CIFAR networks of the zoo, 32 px for
     ImageNet stems (torchvision ResNets without ``cifar_stem``).
     Mixed precision runs in fp32: CPU autocast is not the GPU code path, and bf16 convolutions are
@@ -96,7 +96,7 @@ def random_init_knn(cfg) -> float:
     import torch
 
     from contrastlab import assemble
-    from contrastlab.engine.trainer import select_device
+    from contrastlab.engine.device import select_device
     device = select_device(cfg.train.device)
     bank = assemble.labeled_dataset(cfg)
     test = assemble.dataset(cfg, cfg.data.test_split)
@@ -253,8 +253,8 @@ EVALUATIONS = {"knn": _eval_knn, "linear": _eval_linear, "finetune": _eval_finet
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from contrastlab.engine.device import select_device
     from contrastlab.engine.distributed import is_main_process
-    from contrastlab.engine.trainer import select_device
 
     if args.resume and args.kind != "finetune":
         raise ContrastlabError(f"--resume continues a fine-tuning run (`eval finetune`); `eval {args.kind}` has none")
@@ -298,8 +298,8 @@ def cmd_plot_scores(args: argparse.Namespace) -> int:
 
     for run in args.runs:
         if not (Path(run) / "scores").is_dir() and not Path(run).name == "scores":
-            raise ContrastlabError(f"{run} holds no scores/ folder; train with monitor.score_stats=true to record "
-                                   "positive/negative score statistics")
+            raise ContrastlabError(f"{run} holds no scores/ folder; train with score_statistics in the config list "
+                                   "observers to record positive/negative score statistics")
     try:
         paths = run_from_args(args)
     except (FileNotFoundError, ValueError) as exc:

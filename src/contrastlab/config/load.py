@@ -216,7 +216,17 @@ def method_parameters(method_name: str) -> dict[str, inspect.Parameter]:
     return method_kwargs(method_name)
 
 
+MOVED = {
+    "monitor.score_stats": "score statistics are an observer now: add score_statistics to the list `observers`",
+    "monitor.plots": "training-curve plots are an observer now: list `observers` without plots to turn them off",
+}
+"""Keys that no longer exist -> where their setting went."""
+
+
 def _unknown_key(key: str, candidates: list[str], note: str = "") -> ConfigError:
+    if key in MOVED:
+        return ConfigError(f"config key {key!r} was removed: {MOVED[key]} (`contrastlab train RECIPE --show` prints "
+                           "every key)")
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
     if not close:
         leaf = key.split(".")[-1]

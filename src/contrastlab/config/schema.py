@@ -133,7 +133,8 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
-    """Online kNN monitor (Wu et al. 2018 weighted voting) on backbone features."""
+    """Settings of the monitors (observers ``knn`` and ``test_accuracy``): the online kNN monitor (Wu et al. 2018
+    weighted voting) on backbone features, its collapse guard, and the test accuracy of a method's classifiers."""
 
     knn_every: int = 10  #: epochs between evaluations; 0 disables; the last epoch is always evaluated
     knn_every_epoch_until: int = 0  #: also evaluate after every epoch up to this one (CaCo: 20)
@@ -143,10 +144,22 @@ class MonitorConfig:
     max_bank: int = 0  #: use at most this many training images as the bank (0 = all)
     max_test: int = 0  #: use at most this many test images (0 = all)
     classify_every: int = 0  #: methods with classifiers: epochs between test-set accuracy (0 = final epoch only)
-    score_stats: bool = False  #: record positive/negative score statistics every step (<out>/scores, FT's tool)
-    plots: bool = True  #: training-curve PNGs at the end of the run
     collapse_threshold: float = 0.0  #: stop when kNN top-1 (%) <= this at epoch >= collapse_after_epoch; 0 = off
     collapse_after_epoch: int = 20  #: first epoch the collapse guard may stop the run (CaCo: 20)
+
+
+DEFAULT_OBSERVERS = ("progress", "knn", "test_accuracy", "localiser", "plots")
+"""The observers of a run unless a recipe lists its own; each builds nothing where it does not apply."""
+
+
+@dataclass
+class LogConfig:
+    """Where the scalars of a run go (loggers, registered in ``contrastlab.observers.loggers``; rank 0 only)."""
+
+    to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  #: loggers: jsonl (metrics.jsonl) | tensorboard | wandb | mlflow (extras: pip install "contrastlab[wandb]" / "contrastlab[mlflow]")
+    project: str = "contrastlab"  #: wandb project / MLflow experiment
+    run_name: str = ""  #: wandb / MLflow run name; empty = the run directory's name
+    mlflow_uri: str = ""  #: MLflow tracking URI; empty = a file store in <out>/mlruns
 
 
 @dataclass
@@ -215,6 +228,7 @@ class Config:
     resume: str | None = None  #: a checkpoint path, or "auto" (the run directory's last.pt)
     overwrite: bool = False  #: start afresh even if ``out`` already holds a run
     plugins: list[str] = field(default_factory=list)  #: modules or .py files imported before the config's names are checked (they register methods, crop laws, datasets, ...)
+    observers: list[str] = field(default_factory=lambda: list(DEFAULT_OBSERVERS))  #: what watches the run, called in order: progress | knn | test_accuracy | localiser | plots | score_statistics (FT's tool, <out>/scores) | any registered with contrastlab.register_observer
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,5 +236,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -17,8 +17,10 @@ from contrastlab.errors import ConfigError
 from contrastlab.registry import (
     BACKBONES,
     DATASETS,
+    LOGGERS,
     LR_SCHEDULES,
     MOMENTUM_SCHEDULES,
+    OBSERVERS,
     OPTIMIZERS,
     PHOTOMETRICS,
     Registry,
@@ -117,6 +119,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "monitor.classify_every": (_nonneg, ">= 0"),
     "monitor.collapse_threshold": (_nonneg, ">= 0 (0 = off)"),
     "monitor.collapse_after_epoch": (_nonneg, ">= 0"),
+    "log.project": (lambda v: bool(v.strip()), "a non-empty name (the wandb project, the MLflow experiment)"),
     "linear.epochs": (_positive_int, "a positive integer"),
     "linear.batch_size": (_positive_int, "a positive integer"),
     "linear.lr": (_nonneg, ">= 0"),
@@ -195,13 +198,16 @@ NAMED: dict[str, Registry] = {
     "train.ema_schedule": MOMENTUM_SCHEDULES,
     "linear.optimizer": OPTIMIZERS,
     "linear.schedule": LR_SCHEDULES,
+    "observers": OBSERVERS,
+    "log.to": LOGGERS,
 }
 """Config keys that name a registry entry (``method.name`` is checked when the method section is read)."""
 
 
 def _value(cfg: Any, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def check_names(cfg: Any) -> None:
@@ -210,6 +216,9 @@ def check_names(cfg: Any) -> None:
         value = _value(cfg, key)
         for name in value if isinstance(value, list) else [value]:
             registry.check(name, key)
+        if isinstance(value, list) and len(set(value)) < len(value):
+            twice = sorted({n for n in value if value.count(n) > 1})
+            raise ConfigError(f"config key {key} lists {', '.join(map(repr, twice))} more than once; list each once")
     t = cfg.train
     if t.finite_check_every > 1 and t.nonfinite == "skip":
         raise ConfigError("train.nonfinite=skip decides at every step whether to skip it; it needs "

@@ -7,7 +7,7 @@ whole dataset on the device; no worker processes). :class:`FileViewLoader` serve
 evaluation view per image of the monitors and the localiser the same way, in dataset order.
 
 Both yield what the DataLoader of the CPU path yields, ``(views, labels, index)``, for the same list of batches
-(the trainer's :func:`~contrastlab.engine.trainer.epoch_batches`). The batch indices of an epoch go to the device
+(:func:`~contrastlab.engine.epoch_batches.epoch_batches`). The batch indices of an epoch go to the device
 in one copy; each batch's random draws come from a device generator re-seeded with :func:`batch_seed` of
 ``(seed, rank, epoch, position in the epoch)``, a host-side operation, so the steady state never waits on the
 device and a run resumed in the middle of an epoch renders the rest of it exactly as the uninterrupted run.

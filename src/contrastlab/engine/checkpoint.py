@@ -162,6 +162,11 @@ def newest_intact_checkpoint(folder: str | os.PathLike, log=print) -> Path | Non
     return None
 
 
+UPGRADES: list[Callable[[dict[str, Any]], None]] = []
+"""Functions that bring, in place, a checkpoint written by an older contrastlab up to date (the plug-in whose
+state moved adds its own, e.g. the localiser observer's box table); :func:`load_checkpoint` applies them all."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a contrastlab checkpoint; CheckpointError naming the file when it is missing or damaged."""
     path = Path(path)
@@ -179,6 +184,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} was not written by contrastlab (no '{FORMAT}' marker); "
                               "to evaluate foreign weights, convert them first")
+    for upgrade in UPGRADES:
+        upgrade(ckpt)
     return ckpt
 
 

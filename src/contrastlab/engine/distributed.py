@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_initialized() -> bool:
@@ -215,3 +216,21 @@ def destroy() -> None:
     """Tear down the process group if one exists."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(method: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP around a method, told to leave alone the buffers the method keeps in sync itself.
+
+    Queues and memories (``method.ddp_ignored_buffers()``) are identical on every rank by construction;
+    DDP's default would re-broadcast them from rank 0 at every forward, a full copy per step.
+    """
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        method, method.ddp_ignored_buffers())
+    return nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_ignored_buffers(method: nn.Module) -> None:
+    """Copy rank 0's queues and memories to every rank (after building or resuming; no-op in one process)."""
+    buffers = dict(method.named_buffers())
+    for name in method.ddp_ignored_buffers():
+        broadcast_(buffers[name], src=0)

@@ -192,4 +192,5 @@ class ContrastiveCropImporter(Importer):
         if boxes.dim() != 2 or boxes.shape[1] != 4:
             raise CheckpointError(f"{released.path}: 'boxes' has shape {list(boxes.shape)}, expected [N, 4]")
         enabled = released.epoch is not None and released.epoch >= warmup
-        return {"box_store": {"boxes": boxes[:, [1, 0, 3, 2]].contiguous(), "enabled": enabled}}
+        # the box table is the localiser observer's checkpointed state (contrastlab.observers.localisation)
+        return {"observers": {"localiser": {"boxes": boxes[:, [1, 0, 3, 2]].contiguous(), "enabled": enabled}}}

@@ -152,6 +152,20 @@ class Method(nn.Module):
         if ft is not None:
             ft.set_epoch(epoch)
 
+    def random_state(self) -> dict[str, Any]:
+        """The method's own random streams, saved in mid-epoch checkpoints so a resumed run draws the same numbers.
+
+        The default holds a Feature Transformation hook's stream (``feature_transform``), when there is one.
+        """
+        ft = getattr(self, "feature_transform", None)
+        return {} if ft is None else {"feature_transform": ft.random_state()}
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`random_state` returned."""
+        ft = getattr(self, "feature_transform", None)
+        if ft is not None:
+            ft.set_random_state(state.get("feature_transform"))
+
     def warm_start_steps(self, global_batch: int) -> int:
         """Steps the method needs before the first epoch (CaCo fills its memory); 0 for most methods.
 

@@ -5,9 +5,16 @@ Features are the backbone's pooled output in eval mode (no projector), one deter
 device-resident store, on the device (:class:`~contrastlab.data.device_loader.DeviceEvalLoader`), where the
 neighbours are then also found. Every rank computes the same number; only rank 0 runs it
 when distributed, the others wait at a barrier.
+
+As an observer (``knn`` in the config list ``observers``), :class:`KNNObserver` evaluates after the epochs
+``monitor.knn_every`` and ``monitor.knn_every_epoch_until`` select and after the last one, adds ``knn_top1`` to
+the epoch's record and the run's results, and guards against collapse (``monitor.collapse_threshold``: CaCo's
+release stopped a run whose kNN accuracy fell to chance).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,11 +22,20 @@ from torch.utils.data import Dataset, Subset
 
 from contrastlab.data.device_images import DeviceImages
 from contrastlab.data.device_loader import evaluation_loader
+from contrastlab.errors import ContrastlabError
 from contrastlab.eval.features import extract_features
 from contrastlab.eval.knn import knn_accuracy
+from contrastlab.observers.base import Observer, Run, evaluation_batch_size
+from contrastlab.observers.test_split import evaluate_on_device, test_loader
+from contrastlab.registry import register_observer
 
 
-def _subset(ds: Dataset, limit: int, seed: int) -> Dataset:
+class CollapseError(ContrastlabError):
+    """The kNN collapse guard stopped a run whose representation collapsed."""
+
+
+def fixed_subset(ds: Dataset, limit: int, seed: int) -> Dataset:
+    """A random subset of at most ``limit`` items drawn with ``seed`` (``ds`` itself when ``limit`` is 0)."""
     if limit <= 0 or limit >= len(ds):
         return ds
     g = torch.Generator().manual_seed(seed)
@@ -38,20 +54,22 @@ class KNNMonitor:
             only; :func:`contrastlab.data.subsets.class_balanced_subset` selects it).
         on_device: Render the views and vote on ``device`` instead of in CPU workers.
         store: With ``on_device``, the training store when it holds ``bank_set``'s base images (not copied twice).
+        test_loader: Ready in-order batches of the test views (shared with another monitor); then ``test_set``
+            and ``max_test`` are not used.
     """
 
     def __init__(self, bank_set: Dataset, test_set: Dataset, num_classes: int, *, k: int = 200,
                  temperature: float = 0.1, batch_size: int = 256, workers: int = 0,
                  max_bank: int = 0, max_test: int = 0, bank_fraction: float = 1.0,
                  device: torch.device | str = "cpu", on_device: bool = False,
-                 store: DeviceImages | None = None) -> None:
+                 store: DeviceImages | None = None, test_loader: Any = None) -> None:
         self.k, self.temperature, self.num_classes = k, temperature, num_classes
         self.bank_fraction = bank_fraction
         self.device = torch.device(device)
         self.on_device = on_device
         loader_kw = {"batch_size": batch_size, "workers": workers, "device": self.device, "on_device": on_device}
-        self.bank_loader = evaluation_loader(_subset(bank_set, max_bank, 0), store=store, **loader_kw)
-        self.test_loader = evaluation_loader(_subset(test_set, max_test, 1), **loader_kw)
+        self.bank_loader = evaluation_loader(fixed_subset(bank_set, max_bank, 0), store=store, **loader_kw)
+        self.test_loader = test_loader or evaluation_loader(fixed_subset(test_set, max_test, 1), **loader_kw)
 
     def describe(self) -> dict:
         """How the number is measured."""
@@ -72,3 +90,45 @@ class KNNMonitor:
         bank, bank_labels = extract_features(backbone, self.bank_loader, self.device, self.on_device)
         feats, labels = extract_features(backbone, self.test_loader, self.device, self.on_device)
         return knn_accuracy(feats, labels, bank, bank_labels, self.num_classes, self.k, self.temperature)
+
+
+class KNNObserver(Observer):
+    """The kNN monitor during training, with the collapse guard (``monitor.*`` settings); rank 0 only."""
+
+    def __init__(self, monitor: KNNMonitor) -> None:
+        self.monitor = monitor
+        self.top1: float | None = None
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        m, epoch = run.config.monitor, run.epoch
+        if not (run.last_epoch or (m.knn_every > 0 and epoch % m.knn_every == 0) or epoch <= m.knn_every_epoch_until):
+            return
+        self.top1 = record["knn_top1"] = self.monitor.evaluate(run.method.backbone)
+        run.log(f"epoch {epoch}: kNN top-1 {self.top1:.2f}% ({self.monitor.label()})")
+        if m.collapse_threshold > 0 and epoch >= m.collapse_after_epoch and self.top1 <= m.collapse_threshold:
+            run.request_stop(CollapseError(
+                f"kNN top-1 is at or below monitor.collapse_threshold={m.collapse_threshold}% at epoch {epoch} "
+                f"(collapse guard from epoch {m.collapse_after_epoch}): the representation has collapsed, so the run "
+                f"stops (checkpoint {run.out / 'checkpoints' / 'last.pt'} kept). Lower optim.lr or the method's "
+                "memory/queue learning rate, or set monitor.collapse_threshold=0."))
+
+    def on_finish(self, run: Run, results: dict[str, Any]) -> None:
+        if self.top1 is None:  # a run resumed after its last epoch
+            self.top1 = self.monitor.evaluate(run.method.backbone)
+        results["knn_top1"] = self.top1
+        results.update(self.monitor.describe())
+
+
+@register_observer("knn")
+def knn_observer(run: Run) -> KNNObserver | None:
+    """``knn``: on rank 0 when the training set has classes; the bank is ``data.labeled_split`` or the training set."""
+    from contrastlab import assemble
+
+    if not run.is_main or run.num_classes < 2:
+        return None
+    cfg, base, test = run.config, run.train_dataset, run.test_dataset
+    bank = assemble.labeled_dataset(cfg, base)
+    store = getattr(run.device_views, "store", None) if bank is base else None  # images held on the device
+    monitor = assemble.knn_monitor(cfg, bank, test, run.device, batch_size=evaluation_batch_size(run),
+                                   on_device=evaluate_on_device(run, test), store=store, test_loader=test_loader(run))
+    return KNNObserver(monitor)

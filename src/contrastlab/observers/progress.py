@@ -1,9 +1,18 @@
-"""Console progress: step, loss, learning rate, images per second and ETA."""
+"""Console progress: step, loss, learning rate, images per second and ETA (observer ``progress``, rank 0).
+
+The lines come every ``train.log_every`` steps and at the last step, from the trainer's ``train/loss`` and
+``train/lr`` (:meth:`~contrastlab.observers.base.Run.log_metrics`): the loss is read from the device once for
+the progress line and the epoch sums alike.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
+
+from contrastlab.observers.base import Observer, Run
+from contrastlab.registry import register_observer
 
 
 def format_duration(seconds: float) -> str:
@@ -14,7 +23,7 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Progress:
+class Progress(Observer):
     """Prints a progress line every ``every`` steps (a live bar when stderr is a terminal).
 
     Throughput counts images of the global batch per second of wall time since the last line.
@@ -57,3 +66,19 @@ class Progress:
                 print(file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
+
+    def on_epoch_start(self, run: Run) -> None:
+        self.reset_clock(run.step)
+
+    def on_log(self, run: Run, metrics: Mapping[str, float], step: int) -> None:
+        if "train/loss" in metrics:
+            self.update(step, run.epoch + 1, metrics["train/loss"], metrics.get("train/lr", run.lr))
+
+
+@register_observer("progress")
+def progress_observer(run: Run) -> Progress | None:
+    """``progress``: on rank 0 unless the run is quiet."""
+    if not run.is_main or run.quiet:
+        return None
+    d = run.derived
+    return Progress(d.total_steps, d.global_batch_size, run.config.train.log_every)

@@ -49,7 +49,8 @@ about 0.2 kB per step without per-anchor arrays) holding:
 - ``variants``, ``fields``, ``reductions``, ``epoch``, ``rank``, ``format`` and the measured overhead.
 
 :func:`read_score_file` reads one back. ``contrastlab.viz.score_plots`` merges ranks and epochs and draws
-the published figures.
+the published figures. In training, list ``score_statistics`` in the config's ``observers``
+(:class:`ScoreStatisticsObserver`: every rank records every step into ``<run>/scores``).
 
 Example:
     >>> stats = ScoreStatistics("runs/demo/scores", rank=0)  # doctest: +SKIP
@@ -71,6 +72,9 @@ import numpy as np
 import torch
 
 from contrastlab.engine.distributed import get_rank
+from contrastlab.errors import ConfigError
+from contrastlab.observers.base import Observer, Run
+from contrastlab.registry import register_observer
 
 __all__ = [
     "FIELDS",
@@ -78,6 +82,7 @@ __all__ = [
     "REDUCTIONS",
     "VARIANTS",
     "ScoreStatistics",
+    "ScoreStatisticsObserver",
     "anchor_statistics",
     "read_score_file",
     "score_file_name",
@@ -199,8 +204,6 @@ class ScoreStatistics:
         timing: bool = False,
         rank: int | None = None,
     ) -> None:
-        from contrastlab.errors import ConfigError
-
         if bins < 1:
             raise ConfigError(f"score statistics: bins must be >= 1, got {bins}")
         low, high = float(hist_range[0]), float(hist_range[1])
@@ -468,3 +471,42 @@ def read_score_file(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("epoch", "rank", "hist_every"):
         out[key] = int(out[key])
     return out
+
+
+class ScoreStatisticsObserver(Observer):
+    """:class:`ScoreStatistics` of every training step, one file per epoch and rank in ``<run>/scores``.
+
+    The rows of the current epoch are rank-local state: a mid-epoch checkpoint keeps them, so a resumed run
+    writes the same file as the uninterrupted one.
+    """
+
+    rank_local_state = True
+
+    def __init__(self, stats: ScoreStatistics) -> None:
+        self.stats = stats
+
+    def on_start(self, run: Run) -> None:
+        for old in self.stats.folder.glob(f"epoch_*.rank{run.rank}.npz"):  # epochs after the checkpoint
+            if int(old.name.split("_")[1].split(".")[0]) > run.epoch:
+                old.unlink()
+
+    def on_step_end(self, run: Run, step_output: Any) -> None:
+        self.stats.update(step_output.outputs, run.method.logit_temperature, run.step)
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        self.stats.end_epoch(run.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stats.pending_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_pending_state(dict(state))
+
+
+@register_observer("score_statistics")
+def score_statistics_observer(run: Run) -> ScoreStatisticsObserver:
+    """``score_statistics``: needs a method whose step outputs carry logits (``Method.logit_temperature``)."""
+    if run.method.logit_temperature is None:
+        raise ConfigError(f"observer score_statistics needs a contrastive method with logits; method "
+                          f"{type(run.method).name!r} has none (remove score_statistics from the config list observers)")
+    return ScoreStatisticsObserver(ScoreStatistics(run.out / "scores", rank=run.rank))
