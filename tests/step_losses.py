@@ -26,15 +26,16 @@ REFERENCE = Path(__file__).parent / "data" / "step_losses.json"
 # to 0 and the centred placement they had then.
 SMALL_AS_RECORDED = ["train.schedule_unit=step", "optim.final_lr_ratio=null"]
 CCROP_AS_RECORDED = ["views.ccrop_placement=centre"]
+HEAD_AS_RECORDED = ["method.proj_hidden_bn=true"]  # the released heads (no hidden BatchNorm) came after the recording
 CASES: dict[str, tuple[str, list[str]]] = {
-    "simclr": ("cifar10/simclr_r18_500ep", ["train.max_steps=4", *SMALL_AS_RECORDED]),
+    "simclr": ("cifar10/simclr_r18_500ep", ["train.max_steps=4", *SMALL_AS_RECORDED, *HEAD_AS_RECORDED]),
     "mocov2_ccrop": ("cifar10/mocov2_ccrop_r18_500ep", ["data.epoch_length=16", "train.max_steps=4",
-                                                        *SMALL_AS_RECORDED, *CCROP_AS_RECORDED]),
+                                                        *SMALL_AS_RECORDED, *CCROP_AS_RECORDED, *HEAD_AS_RECORDED]),
     "caco": ("cifar10/caco_r18_500ep", ["train.max_steps=4"]),
     "mcl": ("cifar100/mcl_x2_r32_300ep", ["train.max_steps=4"]),
     "mocov3_jointcrop": ("imagenet/mocov3_jointcrop_r50_100ep", ["train.max_steps=3"]),
     "ft_scores": ("cifar10/mocov2_ft_r18_500ep", ["observers=[progress,knn,test_accuracy,score_statistics,localiser]",
-                                                  "train.max_steps=4", *SMALL_AS_RECORDED]),
+                                                  "train.max_steps=4", *SMALL_AS_RECORDED, *HEAD_AS_RECORDED]),
 }
 PIPELINES = ("cpu", "gpu")
 

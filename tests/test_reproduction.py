@@ -233,3 +233,20 @@ def test_supervised_resnet50_recipe_is_the_pytorch_imagenet_example() -> None:
     assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == ("sgd", 0.9, 1e-4, False)
     assert _our_epoch_lrs(cfg) == pytest.approx([0.1 * 0.1 ** (epoch // 30) for epoch in range(90)])
     assert cfg.linear.crop_fraction == 0.875  # evaluation views: resize 256, centre crop 224
+
+
+def test_released_heads_have_no_hidden_batchnorm() -> None:
+    """ContrastiveCrop's MoCo and SimCLR heads, MoCo v2's --mlp head and FT's PyContrast mlp head are Linear-ReLU-Linear
+    with biases: every MoCo v2 / SimCLR recipe reproducing their rows builds that head (our demo keeps the default)."""
+    from contrastlab import assemble
+
+    rows = ["cifar10/mocov2_r18_500ep", "cifar100/simclr_ccrop_r18_500ep", "stl10/simclr_r18_500ep",
+            "tiny_imagenet/simclr_ccrop_r18_500ep", "imagenet/mocov2_r50_200ep", "imagenet/mocov2_ft_r50_200ep",
+            "imagenet100/mocov2_scores_m09_r50_200ep", "imagenet200/mocov2_ccrop_r50_100ep", "cifar10/mocov2_simccrop_r18_500ep"]
+    for name in rows:
+        assert load_config(name).method.params["proj_hidden_bn"] is False, name
+    cfg = load_config("cifar10/simclr_r18_500ep", ["model.arch=resnet20", "model.width=0.25", "model.cifar_stem=false"])
+    head = assemble.method(cfg, 10).projector
+    layers = [type(m).__name__ for m in head]
+    assert layers == ["Linear", "ReLU", "Linear"] and head[0].bias is not None and head[2].bias is not None
+    assert "proj_hidden_bn" not in load_config("demo").method.params

@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "OBSERVERS": "contrastlab.registry",
     "LOGGERS": "contrastlab.registry",
     "OPTIMIZERS": "contrastlab.registry",
+    "IMPORTERS": "contrastlab.registry",
+    "register_importer": "contrastlab.registry",
     "register_method": "contrastlab.registry",
     "register_planner": "contrastlab.registry",
     "register_dataset": "contrastlab.registry",

@@ -150,8 +150,10 @@ def _eval_config(args: argparse.Namespace):
     ckpt = load_checkpoint(args.checkpoint)
     tree = upgrade_saved_config(yaml.safe_load(ckpt["config"]), ckpt.get("version", 1))
     if getattr(args, "recipe", None):
-        section, read = ("finetune", finetune_section) if args.kind == "finetune" else ("linear", linear_section)
-        tree[section] = {**tree.get(section, {}), **read(args.recipe)}
+        read = {"linear": linear_section, "finetune": finetune_section}.get(args.kind)  # the protocol's section
+        if read is None:
+            raise ContrastlabError(f"--recipe gives a linear/ or finetune/ protocol; `eval {args.kind}` takes none")
+        tree[args.kind] = {**tree.get(args.kind, {}), **read(args.recipe)}
     if args.data:
         tree["data"]["name"] = args.data
         tree["data"]["class_list"] = None  # a class list selects classes of the checkpoint's dataset only

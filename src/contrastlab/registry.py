@@ -248,6 +248,11 @@ MOMENTUM_SCHEDULES: Registry = Registry("momentum schedule", "train.ema_schedule
 """EMA momentum shapes ``(progress in [0, 1], *, base) -> momentum``."""
 
 
+IMPORTERS: Registry = Registry("importer", "--from", ("contrastlab.importers",), "contrastlab.register_importer")
+"""Importers of released checkpoints (:class:`~contrastlab.importers.base.Importer` subclasses), ``contrastlab import
+--from NAME``."""
+
+
 def register_method(name: str | None = None, obj: Any = None, **info: Any) -> Any:
     """Register a :class:`~contrastlab.methods.base.Method` subclass under ``name`` (usable as a decorator)."""
     return METHODS.register(name, obj, **info)
@@ -311,6 +316,11 @@ def register_lr_schedule(name: str | None = None, obj: Any = None, **info: Any) 
 def register_momentum_schedule(name: str | None = None, obj: Any = None, **info: Any) -> Any:
     """Register an EMA momentum shape ``(progress, *, base) -> momentum`` as ``train.ema_schedule=name``."""
     return MOMENTUM_SCHEDULES.register(name, obj, **info)
+
+
+def register_importer(name: str | None = None, obj: Any = None, **info: Any) -> Any:
+    """Register an :class:`~contrastlab.importers.base.Importer` subclass as ``contrastlab import --from name``."""
+    return IMPORTERS.register(name, obj, **info)
 
 
 def register_optimizer(name: str | None = None, obj: Any = None, **info: Any) -> Any:

@@ -131,11 +131,12 @@ def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return merge_switching(read_recipe(str(base), _seen + (recipe,)), data)
 
 
-def _switchable() -> dict[str, tuple[str, set[str], Any]]:
-    """Sections whose keys depend on a name in them: section -> (name key, keys of every entry, entry's keys)."""
+def _switchable() -> dict[str, tuple[str, set[str], Any, Any]]:
+    """Sections whose keys depend on a name in them: section -> (name key, keys of every entry, the entry's own
+    keys, its registry)."""
     views_common = {f.name for f in dataclasses.fields(ViewsConfig)} - {"params"}
-    return {"views": ("planner", views_common, planner_keys),
-            "method": ("name", {"name"}, lambda name: list(method_parameters(name)))}
+    return {"views": ("planner", views_common, planner_keys, PLANNERS),
+            "method": ("name", {"name"}, lambda name: list(method_parameters(name)), METHODS)}
 
 
 def merge_switching(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -144,12 +145,11 @@ def merge_switching(base: dict[str, Any], update: dict[str, Any]) -> dict[str, A
     inherited (a recipe or override that changes the planner starts from that planner's defaults for its keys)."""
     base = copy.deepcopy(base)
     import_plugins(update.get("plugins", base.get("plugins")))  # their planners and methods may be switched to
-    for section, (name_key, common, keys_of) in _switchable().items():
+    for section, (name_key, common, keys_of, registry) in _switchable().items():
         new = update.get(section, {}).get(name_key) if isinstance(update.get(section), dict) else None
         old_section = base.get(section)
         if new is None or not isinstance(old_section, dict) or old_section.get(name_key) == new:
             continue
-        registry = PLANNERS if section == "views" else METHODS
         if new not in registry:
             continue  # the unknown name fails later, naming the nearest ones
         keep = common | set(keys_of(new))

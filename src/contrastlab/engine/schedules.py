@@ -9,6 +9,7 @@ functions of the position in training, so a resumed run recomputes them exactly.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from contrastlab.registry import (
     LR_SCHEDULES,
@@ -98,6 +99,20 @@ def epoch_learning_rate(
     progress = min(1.0, (epoch - warmup_epochs) / max(1e-12, total_epochs - warmup_epochs))
     passed = sum(1 for m in milestones if epoch >= m)
     return shape(progress, passed, base=base_lr, final=final_lr, gamma=gamma)
+
+
+def run_learning_rate(cfg: Any, derived: Any, epoch: int, step: int) -> float:
+    """A run's rate at ``step`` of ``epoch``: ``optim.*`` scheduled per step, or held per epoch with
+    ``train.schedule_unit=epoch``; ``derived`` gives the scaled rates and the step counts
+    (:class:`~contrastlab.config.derived.Derived`)."""
+    o, d = cfg.optim, derived
+    if cfg.train.schedule_unit == "epoch":
+        return epoch_learning_rate(epoch, base_lr=d.lr, total_epochs=cfg.train.epochs, warmup_epochs=o.warmup_epochs,
+                                   schedule=o.schedule, final_lr=d.final_lr, milestones=tuple(o.milestones),
+                                   gamma=o.gamma)
+    return learning_rate(step, base_lr=d.lr, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
+                         schedule=o.schedule, warmup_start_lr=d.warmup_start_lr, final_lr=d.final_lr,
+                         milestones_steps=tuple(m * d.steps_per_epoch for m in o.milestones), gamma=o.gamma)
 
 
 def ema_momentum(step: int, *, base: float, total_steps: int, schedule: str = "constant") -> float:

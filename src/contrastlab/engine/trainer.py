@@ -49,7 +49,7 @@ from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.preemption import PreemptedError, PreemptionSignals
 from contrastlab.engine.run_directory import resolve_resume, run_directory, write_run_files
 from contrastlab.engine.run_lock import lock_run_directory
-from contrastlab.engine.schedules import ema_momentum, epoch_learning_rate, learning_rate
+from contrastlab.engine.schedules import ema_momentum, run_learning_rate
 from contrastlab.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from contrastlab.errors import ConfigError, ContrastlabError
 from contrastlab.methods.base import Method, StepOutput
@@ -228,18 +228,10 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------------------
 
     def _learning_rate(self) -> float:
-        cfg, d = self.cfg, self.d
-        if self.per_epoch:
-            self.method.set_progress(float(self.epoch), cfg.train.epochs, True)
-            return epoch_learning_rate(self.epoch, base_lr=d.lr, total_epochs=cfg.train.epochs,
-                                       warmup_epochs=cfg.optim.warmup_epochs, schedule=cfg.optim.schedule,
-                                       final_lr=d.final_lr, milestones=tuple(cfg.optim.milestones),
-                                       gamma=cfg.optim.gamma)
-        self.method.set_progress(self.step / d.steps_per_epoch, cfg.train.epochs, False)
-        return learning_rate(self.step, base_lr=d.lr, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
-                             schedule=cfg.optim.schedule, warmup_start_lr=d.warmup_start_lr, final_lr=d.final_lr,
-                             milestones_steps=tuple(m * d.steps_per_epoch for m in cfg.optim.milestones),
-                             gamma=cfg.optim.gamma)
+        """The scheduled rate of this step; the method is told where training stands (its own schedules)."""
+        position = float(self.epoch) if self.per_epoch else self.step / self.d.steps_per_epoch
+        self.method.set_progress(position, self.cfg.train.epochs, self.per_epoch)
+        return run_learning_rate(self.cfg, self.d, self.epoch, self.step)
 
     def _train_step(self, views, labels, index, lr: float, where: str) -> StepOutput | None:
         """Forward, backward and optimiser step on one batch; ``None`` when the step was skipped.

@@ -1,7 +1,8 @@
 """Importers of the upstream projects' released checkpoints (``contrastlab import FILE --from NAME --out X.pt``).
 
-One module per project; :data:`IMPORTERS` maps each ``--from`` name to its importer, and :func:`get_importer`
-is the one lookup. :func:`import_checkpoint` does the conversion; ``docs/importing.md`` lists, per project,
+One module per project, each importer class registered by name (:data:`IMPORTERS`, the registry
+:data:`contrastlab.registry.IMPORTERS`; :func:`contrastlab.register_importer` adds one); :func:`get_importer` is the
+one lookup. :func:`import_checkpoint` does the conversion; ``docs/importing.md`` lists, per project,
 which released files import and how to evaluate them.
 
 Example:
@@ -10,8 +11,6 @@ Example:
 """
 
 from __future__ import annotations
-
-import difflib
 
 from contrastlab.errors import ConfigError
 from contrastlab.importers.base import Importer, Released
@@ -23,20 +22,19 @@ from contrastlab.importers.jointcrop import JointCropImporter
 from contrastlab.importers.mcl import MCLImporter
 from contrastlab.importers.mocov3 import MoCoV3Importer
 from contrastlab.importers.placement import Placement
+from contrastlab.registry import IMPORTERS
 
-IMPORTERS: dict[str, type[Importer]] = {cls.name: cls for cls in (
-    MoCoV3Importer, JointCropImporter, CaCoImporter, ContrastiveCropImporter, FeatureTransformImporter, MCLImporter)}
-"""``--from`` name -> importer class."""
+BUILT_IN = (MoCoV3Importer, JointCropImporter, CaCoImporter, ContrastiveCropImporter, FeatureTransformImporter,
+            MCLImporter)
+"""The importers of the five published systems' releases (each registers itself by its ``name``)."""
 
 
 def get_importer(name: str) -> Importer:
-    """The importer of project ``name``; ConfigError listing the valid names (and the closest) otherwise."""
+    """The importer of project ``name``; ConfigError naming the nearest names and every project otherwise."""
     if name not in IMPORTERS:
-        close = difflib.get_close_matches(str(name), list(IMPORTERS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"--from {name!r} is not a known project{hint}; valid: "
-                          + ", ".join(f"{n} ({cls.project})" for n, cls in IMPORTERS.items()))
+        error = IMPORTERS.error(name)
+        raise ConfigError(f"{error} Projects: " + ", ".join(f"{n} ({IMPORTERS[n].project})" for n in IMPORTERS))
     return IMPORTERS[name]()
 
 
-__all__ = ["IMPORTERS", "Importer", "Placement", "Released", "get_importer", "import_checkpoint"]
+__all__ = ["BUILT_IN", "IMPORTERS", "Importer", "Placement", "Released", "get_importer", "import_checkpoint"]

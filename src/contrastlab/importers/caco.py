@@ -34,10 +34,12 @@ from contrastlab.importers.base import (
 )
 from contrastlab.importers.mocov3 import LINEAR_ONLY, NOT_CARRIED, recipe_for_epochs
 from contrastlab.importers.placement import Placement
+from contrastlab.registry import register_importer
 
 RECIPES = {200: "imagenet/caco_r50_200ep_bs1024", 800: "imagenet/caco_multicrop_r50_800ep_bs2048"}
 
 
+@register_importer()
 class CaCoImporter(Importer):
     """maple-research-lab/CaCo ``.pth.tar`` files (see the module docstring)."""
 

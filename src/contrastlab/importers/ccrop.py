@@ -46,6 +46,7 @@ from contrastlab.importers.base import (
 )
 from contrastlab.importers.mocov3 import LINEAR_ONLY
 from contrastlab.importers.placement import Placement
+from contrastlab.registry import register_importer
 
 METHOD_STATES = {"moco_state": "moco", "simclr_state": "simclr", "byol_state": "byol", "simsiam_state": "simsiam"}
 """Top-level key of a pre-training file -> the method that wrote it."""
@@ -93,6 +94,7 @@ def place_moco(placement: Placement) -> None:
     placement.put("queue_ptr", "queue.ptr", transform=lambda p: p.reshape(()))
 
 
+@register_importer()
 class ContrastiveCropImporter(Importer):
     """xyupeng/ContrastiveCrop ``.pth`` files (see the module docstring)."""
 

@@ -40,11 +40,13 @@ from contrastlab.importers.base import (
 from contrastlab.importers.ccrop import place_fc, place_moco
 from contrastlab.importers.mocov3 import LINEAR_ONLY
 from contrastlab.importers.placement import Placement
+from contrastlab.registry import register_importer
 
 NOT_CARRIED = {"optimizer": "not carried over: a resumed run starts with fresh optimizer state",
                "amp": "not carried over (apex mixed-precision state)"}
 
 
+@register_importer()
 class FeatureTransformImporter(Importer):
     """FT's PyContrast files and the facebookresearch/moco files it builds on (see the module docstring)."""
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from contrastlab.importers.mocov3 import MoCoV3Importer
+from contrastlab.registry import register_importer
 
 
+@register_importer()
 class JointCropImporter(MoCoV3Importer):
     """btzyd/JointCrop ``.pth.tar`` files: MoCo v3's layouts, JointCrop's recipes."""
 

@@ -32,6 +32,7 @@ from typing import Any
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import SUPERVISED, Importer, Released, plain, state_under, upstream_epoch
 from contrastlab.importers.placement import Placement
+from contrastlab.registry import register_importer
 
 CIFAR_DEPTHS = {(False, 5): "resnet32", (False, 9): "resnet56", (True, 12): "resnet110"}
 IMAGENET_DEPTHS = {(False, 2): "resnet18", (False, 6): "resnet34"}
@@ -48,6 +49,7 @@ def _peer_views(state: dict[str, Any]) -> tuple[str, int]:
     return "shared", len(branches)
 
 
+@register_importer()
 class MCLImporter(Importer):
     """winycg/MCL ``.pth.tar`` files of supervised cohorts (see the module docstring)."""
 

@@ -38,6 +38,7 @@ from contrastlab.importers.base import (
     upstream_epoch,
 )
 from contrastlab.importers.placement import Placement
+from contrastlab.registry import register_importer
 
 NOT_CARRIED = {"optimizer": "not carried over: a resumed run starts with fresh optimizer state",
                "scaler": "not carried over (fp16 loss scale; contrastlab trains in bf16 or fp32)"}
@@ -51,6 +52,7 @@ def recipe_for_epochs(recipes: dict[int, str], epochs: int | None) -> str:
     return recipes[fitting[0] if fitting else (max(recipes) if epochs is not None else min(recipes))]
 
 
+@register_importer()
 class MoCoV3Importer(Importer):
     """facebookresearch/moco-v3 ``.pth.tar`` files (see the module docstring)."""
 
