@@ -195,3 +195,16 @@ def test_a_model_too_big_for_memory_is_a_clear_error(tmp_path, capsys):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "building the model ran out of memory on cpu" in done.stderr
     assert "model.arch=resnet20, model.width=64.0" in done.stderr
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`contrastlab recipes | head -1`: the reader goes away after one line; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "contrastlab", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    first = proc.stdout.read(40)
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and first and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -146,3 +146,23 @@ def test_switching_the_planner_or_method_drops_the_keys_only_the_old_one_read(tm
     cfg = load_config(str(child))
     assert cfg.views.planner == "multicrop" and cfg.views.params["num_small"] == 2
     assert "joint_beta" not in cfg.views.params
+
+
+def test_a_config_built_in_python_reads_and_sets_the_planners_keys():
+    """cfg.views.<key> reads and writes the planner's own keys; switching the planner keeps those the new one reads
+    and fills in its defaults; a key the planner does not read is an error, not a silent no-op."""
+    from contrastlab.config.schema import Config
+
+    cfg = Config()
+    assert cfg.views.params == {"num_views": 2, "scale": [0.2, 1.0], "ratio": [0.75, 4 / 3]}
+    cfg.views.scale = [0.3, 1.0]
+    cfg.views.planner = "contrastive_crop"
+    assert cfg.views.scale == [0.3, 1.0] and cfg.views.ccrop_alpha == 0.1 and cfg.views.box_warmup_epochs == 0
+    cfg.views.box_warmup_epochs = 3
+    assert cfg.views.params["box_warmup_epochs"] == 3
+    with pytest.raises(AttributeError, match="views.padding is not a key of planner 'contrastive_crop'"):
+        cfg.views.padding = 2
+    with pytest.raises(AttributeError, match="views has no key 'joint_beta'"):
+        _ = cfg.views.joint_beta
+    cfg.views.planner = "padded_crop"
+    assert cfg.views.params == {"num_views": 2, "padding": 4}

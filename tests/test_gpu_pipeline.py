@@ -574,3 +574,33 @@ def test_linear_probe_with_views_rendered_on_the_device(demo_test) -> None:
     mean = {d: sum(results["augmented", d, s]["top1"] for s in (3, 4)) / 2 for d in (False, True)}
     assert abs(mean[True] - mean[False]) <= 5.0, mean
     assert min(r["top1"] for r in results.values()) > 30.0  # all learned (chance: 10%)
+
+
+def test_auto_tries_a_batch_of_image_files_too_and_falls_back_with_the_reason(tmp_path, monkeypatch, capsys) -> None:
+    """On a GPU, auto renders image folders batch by batch on the device; it tries a batch first (as for arrays), and
+    a failure leaves the run on CPU workers with the reason logged."""
+    from contrastlab.data import device_images
+    from contrastlab.engine import inputs
+    from contrastlab.engine import trainer as trainer_module
+    from contrastlab.views import batch_views
+
+    _image_tree(tmp_path / "data", [(40 + k, 30 + 2 * k) for k in range(16)])
+    folder = build_dataset("imagefolder", tmp_path / "data", "train")
+    fits, why = device_images.fits_on_device(folder, torch.device("cpu"))
+    assert not fits and "not a GPU" in why
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**34, 2**34))  # a pretended GPU's memory
+    fits, why = device_images.fits_on_device(folder, torch.device("cuda", 0))
+    assert fits and "decoded batch by batch" in why
+    monkeypatch.setattr(inputs, "fits_on_device", lambda base, device: (True, "pretend"))
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("nvjpeg is not available")
+
+    monkeypatch.setattr(batch_views.BatchViews, "__call__", broken)
+    run = [f"out={tmp_path / 'run'}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.test_split=train",
+           "data.batch_size=8", "data.image_size=16", "data.workers=0", "model.width=0.25", "train.device=cpu",
+           "train.epochs=1", "monitor.knn_k=3", "observers=[knn]", "method.proj_hidden_dim=16",
+           "method.proj_out_dim=8"]
+    trainer_module.train(load_config("demo", run))
+    assert "failed a trial batch (RuntimeError: nvjpeg is not available)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["input_pipeline"] == "cpu-workers"

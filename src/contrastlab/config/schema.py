@@ -56,6 +56,51 @@ class ViewsConfig:
     joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
     params: dict[str, Any] = field(default_factory=dict)  #: the planner's own keys (flattened into ``views`` in YAML)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", _planner_params(self.planner, self.params))
+
+    def __getattr__(self, name: str) -> Any:
+        """A key of the chosen planner: ``cfg.views.scale`` reads ``cfg.views.params["scale"]``."""
+        params = self.__dict__.get("params") or {}
+        if name in params:
+            return params[name]
+        raise AttributeError(f"views has no key {name!r}: planner {self.__dict__.get('planner')!r} reads "
+                             f"{', '.join(sorted(params)) or 'no keys of its own'}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """The section's own fields are set as usual; setting ``planner`` keeps the planner keys the new planner
+        reads and fills in its defaults for the others; a planner key sets ``params``; any other name is an error
+        (a key the planner does not read would silently do nothing)."""
+        params = self.__dict__.get("params")
+        if name == "planner" and params is not None and value != self.__dict__.get("planner"):
+            object.__setattr__(self, "planner", value)
+            object.__setattr__(self, "params", _planner_params(value, params, keep_known_only=True))
+        elif name in _VIEWS_FIELDS or params is None:
+            object.__setattr__(self, name, value)
+        elif name in params:
+            params[name] = value
+        else:
+            raise AttributeError(f"views.{name} is not a key of planner {self.planner!r} (its keys: "
+                                 f"{', '.join(sorted(params)) or 'none'})")
+
+
+_VIEWS_FIELDS = ("planner", "photometric", "joint_blur", "joint_blur_beta", "joint_blur_epsilon", "params")
+
+
+def _planner_params(planner: str, given: dict[str, Any], keep_known_only: bool = False) -> dict[str, Any]:
+    """The keys of ``planner``'s ``Settings`` with their defaults, updated by ``given`` (unknown names are left for
+    the config's validation to report, unless ``keep_known_only``); ``given`` as is for an unknown planner."""
+    import dataclasses
+
+    from contrastlab.registry import PLANNERS
+
+    if not isinstance(planner, str) or planner not in PLANNERS:
+        return dict(given)
+    defaults = {f.name: getattr(PLANNERS[planner].Settings(), f.name)
+                for f in dataclasses.fields(PLANNERS[planner].Settings)}
+    extra = {} if keep_known_only else {k: v for k, v in given.items() if k not in defaults}
+    return {**defaults, **{k: v for k, v in given.items() if k in defaults}, **extra}
+
 
 @dataclass
 class ModelConfig:

@@ -178,17 +178,20 @@ class DeviceImages:
 
 def fits_on_device(dataset: Any, device: torch.device,
                    fraction: float = DEVICE_MEMORY_FRACTION) -> tuple[bool, str]:
-    """Whether ``data.pipeline=auto`` should hold ``dataset`` on ``device``, and why (a sentence).
+    """Whether ``data.pipeline=auto`` should render ``dataset``'s views on ``device``, and why (a sentence).
 
-    Only CUDA devices qualify, only datasets stored as one array (no decoding pass needed to know their size),
-    and only if they take at most ``fraction`` of the device's free memory.
+    Only CUDA devices qualify. A dataset stored as one array (its size known without a decoding pass) is held
+    there if it takes at most ``fraction`` of the device's free memory; image files of various sizes are read by
+    workers and decoded batch by batch there, which holds nothing but the batch. The caller renders a trial batch
+    before it commits to the device.
     """
     if device.type != "cuda":
         return False, f"the device is {device.type}, not a GPU"
     shape = image_shape(dataset)
     if shape is None:
-        return False, ("its images are files of various sizes (data.pipeline=gpu reads them in workers and decodes "
-                       "each batch on the GPU)")
+        if decoded_per_batch(dataset):
+            return True, f"image files, decoded batch by batch on {device}"
+        return False, "its images are neither one array nor image files (the batched pipeline cannot read them)"
     need = len(dataset) * int(np.prod(shape))
     free, _ = torch.cuda.mem_get_info(device)
     if need > fraction * free:

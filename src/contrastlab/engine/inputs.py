@@ -101,23 +101,26 @@ class InputPipeline:
                 return None
         views = BatchViews.from_view_dataset(self.train_set, compile=self.cfg.data.compile_views)
         views.log = log
-        if decoded_per_batch(base):  # files of various sizes
-            log(f"data.pipeline: {workers} workers read the image files, {self.device} decodes and renders each batch")
-            return FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, workers)
         t0 = time.perf_counter()
-        store = DeviceImages.from_dataset(base, self.device)
-        loader = DeviceViewLoader(store, views, self.cfg.seed, self.rank)
+        loader: DeviceViewLoader | FileViewLoader
+        if decoded_per_batch(base):  # files of various sizes
+            loader = FileViewLoader(base, views, self.device, self.cfg.seed, self.rank, workers)
+            what = f"{workers} workers read the image files, {self.device} decodes and renders each batch"
+        else:
+            store = DeviceImages.from_dataset(base, self.device)
+            loader = DeviceViewLoader(store, views, self.cfg.seed, self.rank)
+            what = (f"{len(store)} images ({store.nbytes / 2**20:.0f} MiB) held on {self.device} in "
+                    f"{time.perf_counter() - t0:.1f} s; views rendered there in batches")
         if choice == "auto":  # a trial batch first: auto falls back to the CPU workers rather than fail a run
             try:
                 views.compile = False  # the trial runs eagerly: compiling for its batch shape would be wasted
-                next(iter(loader([list(range(min(len(store), 8)))], epoch=-1)))
+                next(iter(loader([list(range(min(len(base), 8)))], epoch=-1)))
                 views.compile = self.cfg.data.compile_views
             except Exception as exc:  # noqa: BLE001 - any failure of the GPU path means: use the CPU path
                 log(f"data.pipeline=auto: the GPU pipeline failed a trial batch ({type(exc).__name__}: {exc}); "
                     f"views rendered in {workers} CPU workers instead. Set data.pipeline=gpu to see the full error.")
                 return None
-        log(f"data.pipeline: {len(store)} images ({store.nbytes / 2**20:.0f} MiB) held on {self.device} in "
-            f"{time.perf_counter() - t0:.1f} s; views rendered there in batches")
+        log(f"data.pipeline: {what}")
         return loader
 
     def __call__(self, batches: list[list[int]], epoch: int, start: int = 0) -> Iterable:
