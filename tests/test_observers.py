@@ -262,3 +262,27 @@ def test_trainer_takes_a_method_and_a_view_dataset_built_in_python(tmp_path):
     assert results["knn_top1"] == pytest.approx(expected, abs=1e-9)
     assert results["knn_test_size"] == 16 and results["knn_bank_size"] == 32
     assert not math.isnan(results["final_loss"])
+
+
+def test_the_knn_curve_carries_the_random_init_accuracy_of_results_json_as_a_reference_line(tmp_path):
+    """The demo's kNN plot: the per-epoch curve plus a dashed line at ``knn_top1_random_init``."""
+    from contrastlab.cli import main
+    from contrastlab.viz.curves import curve_figure, references_from_results
+
+    records = [{"epoch": e, "step": 10 * e, "loss": 5.0 - 0.1 * e, "knn_top1": 60.0 + e} for e in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert references_from_results(tmp_path) == {}  # no results.json: no reference
+    (tmp_path / "results.json").write_text(json.dumps({"knn_top1": 68.0, "knn_top1_random_init": 56.8}))
+    references = references_from_results(tmp_path)
+    assert references == {"knn_top1": {"random init (same architecture)": 56.8}}
+
+    fig = curve_figure(records, "knn_top1", references["knn_top1"])
+    curve, reference = fig.axes[0].lines
+    assert list(curve.get_xdata()) == list(range(1, 9)) and list(curve.get_ydata()) == [60.0 + e for e in range(1, 9)]
+    assert list(reference.get_ydata()) == [56.8, 56.8] and reference.get_linestyle() == "--"
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["training",
+                                                                            "random init (same architecture): 56.8"]
+    assert len(curve_figure(records, "loss").axes[0].lines) == 1  # other curves carry no reference
+
+    assert main(["plot", str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["knn_top1.png", "loss.png"]

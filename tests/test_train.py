@@ -31,25 +31,42 @@ RATE_ONLY = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "final_lr"), 
              ("monitor", "knn_every"), ("train", "checkpoint_every"))  # a 2-step run evaluates and saves at its end
 
 
+# Sizes, not code paths: these backbones run the code of the first one named, with other depths or widths (the
+# same block classes; each architecture's own forward, parameter count and upstream names are tested in
+# test_zoo.py, test_models.py and test_import.py). A group of recipes that differ only in these trains the
+# smallest member it holds.
+SAME_CODE_ARCHS = [("resnet32", "resnet56"), ("wrn_16_2", "wrn_40_2", "wrn_28_4"),
+                   ("shufflenetv2_05x", "shufflenetv2_1x"), ("hcgnet_a1", "hcgnet_a2"), ("resnet18", "resnet34"),
+                   ("vit_small", "vit_base")]
+ARCH_FAMILY = {arch: family[0] for family in SAME_CODE_ARCHS for arch in family}
+ARCH_SIZE_ORDER = {arch: i for family in SAME_CODE_ARCHS for i, arch in enumerate(family)}
+
+
 def _smoke_configuration(recipe: str) -> str:
-    """The resolved config ``--smoke`` runs for ``recipe`` (YAML), without its description, run directory and
-    the :data:`RATE_ONLY` values."""
+    """The resolved config ``--smoke`` runs for ``recipe`` (YAML), without its description, run directory, the
+    :data:`RATE_ONLY` values and the size of a :data:`SAME_CODE_ARCHS` backbone."""
     cfg = _load(recipe, ["out=SMOKE", "observers=[progress,knn,test_accuracy,localiser]"], smoke=True)
     cfg.description = ""
     for section, key in RATE_ONLY:
         setattr(getattr(cfg, section), key, None)
+    cfg.model.arch = ARCH_FAMILY.get(cfg.model.arch, cfg.model.arch)
     return dump_config(cfg)
+
+
+def _size_rank(recipe: str) -> int:
+    return ARCH_SIZE_ORDER.get(_load(recipe, [], smoke=True).model.arch, 0)
 
 
 SMOKE_GROUPS: dict[str, list[str]] = {}
 for _recipe in TRAIN_RECIPES:
     SMOKE_GROUPS.setdefault(_smoke_configuration(_recipe), []).append(_recipe)
+SMOKE_GROUPS = {conf: sorted(group, key=_size_rank) for conf, group in SMOKE_GROUPS.items()}  # stable: smallest first
 
 
 def test_every_recipe_has_its_smoke_configuration_run():
     """Recipes whose smoke configurations are identical (e.g. the CIFAR-10 and CIFAR-100 twins, which differ
-    only in the dataset that --smoke replaces, up to learning rates) are the same run: one of each group is
-    trained below."""
+    only in the dataset that --smoke replaces, up to learning rates and backbone sizes) are the same run: one of
+    each group is trained below."""
     assert sorted(r for group in SMOKE_GROUPS.values() for r in group) == sorted(TRAIN_RECIPES)
     for group in SMOKE_GROUPS.values():
         assert len({_smoke_configuration(r) for r in group}) == 1

@@ -115,6 +115,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results["knn_top1_random_init"] = random_init_knn(cfg)
     results["knn_gain"] = results["knn_top1"] - results["knn_top1_random_init"]
     Path(results["out"], "results.json").write_text(json.dumps(results, indent=2))
+    out = Path(results["out"])
+    if (out / "plots").is_dir() and (out / "metrics.jsonl").is_file():
+        _redraw_curves(out)  # the kNN curve with the random-init accuracy as its reference line
     print(json.dumps(results))
     return 0
 
@@ -283,15 +286,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
+def _redraw_curves(run: Path) -> list[Path]:
+    """Draw a run's training curves from its ``metrics.jsonl``, with the references its ``results.json`` holds."""
     from contrastlab.observers.metrics_log import MetricsLog
-    from contrastlab.viz.curves import plot_training_curves
+    from contrastlab.viz.curves import plot_training_curves, references_from_results
 
-    run = Path(args.run)
     records = MetricsLog(run / "metrics.jsonl").read()
     if not records:
         raise ContrastlabError(f"{run / 'metrics.jsonl'} is missing or empty; pass a run directory written by `contrastlab train`")
-    for path in plot_training_curves(records, run / "plots"):
+    return plot_training_curves(records, run / "plots", references_from_results(run))
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    for path in _redraw_curves(Path(args.run)):
         print(path)
     return 0
 
