@@ -25,7 +25,7 @@ from contrastlab.cli import main
 from contrastlab.config.load import config_from_dict, load_config
 from contrastlab.engine.checkpoint import load_checkpoint
 from contrastlab.errors import CheckpointError, ConfigError
-from contrastlab.importers import IMPORTERS, import_checkpoint
+from contrastlab.importers import IMPORTERS, convert_released, import_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -448,3 +448,212 @@ def test_every_recipe_an_importer_picks_exists():
     assert sorted(set(picks) - set(recipe_names())) == []
     assert mocov3.recipe_for_epochs(jointcrop.JointCropImporter.resnet_recipes, 250).endswith("_300ep")
     assert mocov3.recipe_for_epochs(mocov3.MoCoV3Importer.resnet_recipes, None).endswith("_100ep")
+
+
+# ----------------------------------------------------------- MCL's WRN, ShuffleNetV2 and HCGNet cohorts
+# Written from winycg/MCL models/wrn.py, shufflenetv2.py and hcgnet.py: the modules under their released names, the
+# forward passes as released (WRN's shortcut on the pre-activated input, ShuffleNetV2's numbered conv/bn of a unit,
+# HCGNet's gates with sum-pooling as global_pool * H * W).
+
+
+class _Chain(nn.Module):
+    """Modules registered under the released names and run in order, with functions (ReLU, pooling) between."""
+
+    def __init__(self, *steps) -> None:
+        super().__init__()
+        self.steps = [s[0] if isinstance(s, tuple) else s for s in steps]
+        for s in steps:
+            if isinstance(s, tuple):
+                self.add_module(*s)
+
+    def forward(self, x):
+        for s in self.steps:
+            x = getattr(self, s)(x) if isinstance(s, str) else s(x)
+        return x
+
+
+def _bn_conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> dict:
+    return {"bn": nn.BatchNorm2d(cout), "conv": nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), groups=groups,
+                                                           dilation=dilation, bias=False)}
+
+
+class _WRNBasic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(a))))
+        return out + (x if self.convShortcut is None else self.convShortcut(a))
+
+
+def _wrn_group(n: int, cin: int, cout: int, stride: int) -> nn.Module:
+    return _Chain(("layer", nn.Sequential(*[_WRNBasic(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                             for i in range(n)])))
+
+
+def _shuffle(x):
+    n, c, h, w = x.shape
+    return x.view(n, 2, c // 2, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2's DownBlock (conv1-5 / bn1-5) or BasicBlock (conv1-3 / bn1-3 on the second half)."""
+
+    def __init__(self, cin: int, cout: int, down: bool) -> None:
+        super().__init__()
+        mid = cout // 2
+        shapes = ([(cin, cin, 3, 2, cin), (cin, mid, 1, 1, 1), (cin, mid, 1, 1, 1), (mid, mid, 3, 2, mid),
+                   (mid, mid, 1, 1, 1)] if down else [(mid, mid, 1, 1, 1), (mid, mid, 3, 1, mid), (mid, mid, 1, 1, 1)])
+        for k, (a, b, size, stride, groups) in enumerate(shapes, 1):
+            setattr(self, f"conv{k}", nn.Conv2d(a, b, size, stride, size // 2, groups=groups, bias=False))
+            setattr(self, f"bn{k}", nn.BatchNorm2d(b))
+        self.down = down
+
+    def forward(self, x):
+        f = {k: (lambda t, k=k: getattr(self, f"bn{k}")(getattr(self, f"conv{k}")(t))) for k in range(1, 6)}
+        if self.down:
+            left = torch.relu(f[2](f[1](x)))
+            right = torch.relu(f[5](f[4](torch.relu(f[3](x)))))
+            return _shuffle(torch.cat([left, right], 1))
+        keep, rest = x[:, : x.shape[1] // 2], x[:, x.shape[1] // 2:]
+        return _shuffle(torch.cat([keep, torch.relu(f[3](f[2](torch.relu(f[1](rest)))))], 1))
+
+
+def _shuffle_stage(cin: int, cout: int, units: int) -> nn.Sequential:
+    return nn.Sequential(_ShuffleUnit(cin, cout, True), *[_ShuffleUnit(cout, cout, False) for _ in range(units)])
+
+
+class _BasicConv(nn.Module):  # HCGNet's BasicConv: norm, relu, conv
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.norm(x)))
+
+
+class _HCGUnit(nn.Module):
+    """HCGNet's _SMG (dense: concatenated to its input) or _Transition, with the released gate."""
+
+    def __init__(self, cin: int, cout: int, transition: bool) -> None:
+        super().__init__()
+        forget = reduction = 4 if transition else 2
+        if transition:
+            mid = cin - (cin - cout) // 2
+            self.conv1_1x1, self.conv2_3x3 = _BasicConv(cin, mid, 1), _BasicConv(mid, cout, 3, stride=2)
+        else:
+            self.conv1_1x1, self.conv2_3x3 = _BasicConv(cin, 4 * cout, 1), _BasicConv(4 * cout, cout, 3, groups=4)
+        c = cout
+        self.conv_3x3, self.conv_5x5 = _BasicConv(c, c, 3, groups=c), _BasicConv(c, c, 3, groups=c, dilation=2)
+        self.global_context3x3, self.global_context5x5 = nn.Conv2d(c, 1, 1), nn.Conv2d(c, 1, 1)
+        self.fcall, self.bn_attention = nn.Conv2d(2 * c, 2 * c // reduction, 1), nn.BatchNorm1d(2 * c // reduction)
+        self.fc3x3, self.fc5x5 = nn.Conv2d(2 * c // reduction, c, 1), nn.Conv2d(2 * c // reduction, c, 1)
+        self.global_forget_context, self.bn_forget = nn.Conv2d(c, 1, 1), nn.BatchNorm1d(c // forget)
+        self.fc1, self.fc2 = nn.Conv2d(c, c // forget, 1), nn.Conv2d(c // forget, c, 1)
+        self.transition = transition
+
+    def forward(self, x):
+        dense = x
+        x = self.conv2_3x3(self.conv1_1x1(x))
+        b, c, h, w = x.shape
+
+        def pool(t, scorer):
+            weights = torch.softmax(scorer(t).flatten(1), 1).reshape(b, 1, h, w)
+            return nn.functional.adaptive_avg_pool2d(t * weights, 1) * h * w
+
+        keep = torch.sigmoid(self.fc2(torch.tanh(self.bn_forget(self.fc1(pool(x, self.global_forget_context))
+                                                                .flatten(1)))[:, :, None, None]))
+        x3, x5 = pool(self.conv_3x3(x), self.global_context3x3), pool(self.conv_5x5(x), self.global_context5x5)
+        att = torch.tanh(self.bn_attention(self.fcall(torch.cat([x3, x5], 1)).flatten(1)))[:, :, None, None]
+        weights = torch.softmax(torch.stack([self.fc3x3(att).flatten(1), self.fc5x5(att).flatten(1)], 1), 1)
+        out = x * keep + weights[:, 0].reshape(b, c, 1, 1) * x3 + weights[:, 1].reshape(b, c, 1, 1) * x5
+        return out if self.transition else torch.cat([dense, out], 1)
+
+
+def _hybrid(cin: int, growth: int, count: int = 8) -> nn.Sequential:
+    from collections import OrderedDict
+    return nn.Sequential(OrderedDict((f"SMG{i + 1}", _HCGUnit(cin + growth * i, growth, False)) for i in range(count)))
+
+
+def _pool(x):
+    return torch.relu(x).mean((2, 3))
+
+
+def _upstream_mcl(arch: str, peers: int, classes: int = 100) -> nn.Module:
+    """MCL's ``<Net>_n`` (independent networks in ``module_list``) or ``<Net>_b`` (branches on a shared trunk)."""
+    from collections import OrderedDict
+    if arch.startswith("wrn"):
+        depth, k = (int(v) for v in arch.split("_")[1:])
+        n, w = (depth - 4) // 6, (16 * k, 32 * k, 64 * k)
+        trunk = [("conv1", lambda: nn.Conv2d(3, 16, 3, 1, 1, bias=False)), ("block1", lambda: _wrn_group(n, 16, w[0], 1))]
+        branch = [("block2", lambda: _wrn_group(n, w[0], w[1], 2)), ("block3", lambda: _wrn_group(n, w[1], w[2], 2)),
+                  ("bn1", lambda: nn.BatchNorm2d(w[2])), _pool, ("fc", lambda: nn.Linear(w[2], classes))]
+        shared_names = {"bn1": "bn_", "fc": "classifier_"}
+    elif arch.startswith("shufflenet"):
+        w = (48, 96, 192) if arch.endswith("05x") else (116, 232, 464)
+        trunk = [("conv1", lambda: nn.Conv2d(3, 24, 3, 1, 1, bias=False)), ("bn1", lambda: nn.BatchNorm2d(24)),
+                 torch.relu, ("layer1", lambda: _shuffle_stage(24, w[0], 3))]
+        branch = [("layer2", lambda: _shuffle_stage(w[0], w[1], 7)), ("layer3", lambda: _shuffle_stage(w[1], w[2], 3)),
+                  ("conv2", lambda: nn.Conv2d(w[2], 1024, 1, bias=False)), ("bn2", lambda: nn.BatchNorm2d(1024)),
+                  _pool, ("linear", lambda: nn.Linear(1024, classes))]
+        shared_names = {"conv2": "conv2_", "bn2": "bn2_", "linear": "classifier_"}
+    else:  # HCGNet: growth rates, 8 SMG modules per hybrid block, transitions halving the channels
+        g = (12, 24, 36) if arch.endswith("a1") else (24, 36, 64)
+        c1 = (2 * g[0] + 8 * g[0]) // 2
+        c2 = (c1 + 8 * g[1]) // 2
+        c3 = c2 + 8 * g[2]
+        stem = [("conv0", lambda: nn.Conv2d(3, 2 * g[0], 3, 1, 1, bias=False)),
+                ("HybridBlock1", lambda: _hybrid(2 * g[0], g[0])), ("Transition1", lambda: _HCGUnit(10 * g[0], c1, True))]
+        later = [("HybridBlock2", lambda: _hybrid(c1, g[1])), ("Transition2", lambda: _HCGUnit(c1 + 8 * g[1], c2, True)),
+                 ("HybridBlock3", lambda: _hybrid(c2, g[2])), ("norm5", lambda: nn.BatchNorm2d(c3))]
+        if peers == 2:  # the single network holds every layer in one Sequential, ``features``
+            trunk = [("features", lambda: nn.Sequential(OrderedDict((n, f()) for n, f in stem + later)))]
+            branch = [_pool, ("classifier", lambda: nn.Linear(c3, classes))]
+        else:
+            trunk = [("features", lambda: nn.Sequential(OrderedDict((n, f()) for n, f in stem)))]
+            branch = [*later, _pool, ("linear", lambda: nn.Linear(c3, classes))]
+        shared_names = {"HybridBlock2": "layer2_HybridBlock", "Transition2": "layer2_Transition",
+                        "HybridBlock3": "layer3_HybridBlock", "norm5": "norm5_", "linear": "linear_"}
+
+    def made(steps, suffix=None):
+        return [s if not isinstance(s, tuple) else
+                (s[0] if suffix is None else f"{shared_names.get(s[0], s[0] + '_')}{suffix}", s[1]()) for s in steps]
+
+    if peers == 2:
+        cohort = nn.Module()
+        cohort.module_list = nn.ModuleList(_Chain(*made(trunk), *made(branch)) for _ in range(2))
+        cohort.forward = lambda x: [net(x) for net in cohort.module_list]
+        return _randomise(cohort, 20)
+    up = _Chain(*made(trunk))
+    branches = [_Chain(*made(branch, i)) for i in range(peers)]
+    for b in branches:
+        for name, module in b.named_children():
+            up.add_module(name, module)
+    trunk_forward = up.forward
+    up.forward = lambda x: [b(trunk_forward(x)) for b in branches]
+    return _randomise(up, 21)
+
+
+@pytest.mark.parametrize("arch,peers", [("wrn_16_2", 4), ("wrn_40_2", 2), ("wrn_28_4", 2), ("shufflenetv2_05x", 4),
+                                        ("shufflenetv2_1x", 2), ("hcgnet_a1", 4), ("hcgnet_a2", 2)])
+def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
+    """Each family's independent (2 peers) and shared-trunk (4) layout: every peer's logits equal upstream's."""
+    up = _upstream_mcl(arch, peers)
+    raw = {"net": up.state_dict(), "acc": 1.0, "epoch": 9, "optimizer": {}}
+    if arch == "wrn_16_2":  # through a file once; the others converted in memory (reading thousands of tensors is slow)
+        method, ckpt, _, _ = _imported(_save(tmp_path, f"{arch}.pth.tar", raw), "mcl", tmp_path)
+    else:
+        converted = convert_released(raw, f"{arch}.pth.tar", "mcl", log=lambda s: None)
+        method, ckpt = converted.method.eval(), converted.checkpoint
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    assert (cfg.model.arch, cfg.model.peers, ckpt["epoch"]) == (arch, peers, 10)
+    assert cfg.model.shared_until == (None if peers == 2 else "upstream")
+    with torch.no_grad():
+        expected, scores = up(X), method.predict(X)
+        for i in range(peers):
+            _close(scores[f"peer{i}"], expected[i])

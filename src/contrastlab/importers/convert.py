@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,21 @@ from contrastlab.importers.placement import Placement
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Converted:
+    """A released file converted in memory (:func:`convert_released`).
+
+    Attributes:
+        method: our method with the file's weights loaded (``strict=True``), in training mode.
+        checkpoint: the contrastlab checkpoint dictionary :func:`import_checkpoint` writes.
+        summary: what :func:`import_checkpoint` returns (recipe, kind, epoch, counts), without ``out``.
+    """
+
+    method: Any
+    checkpoint: dict[str, Any]
+    summary: dict[str, Any]
 
 
 def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLike, *, recipe: str | None = None,
@@ -58,15 +74,36 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         CheckpointError: the file is not a layout of that project, a key cannot be placed, or a shape differs.
         ConfigError: an unknown project (listing the valid ones), recipe or override.
     """
+    from contrastlab.engine.checkpoint import atomic_save
+    from contrastlab.importers import get_importer
+
+    get_importer(source)  # an unknown project is named before the file is read
+    path = Path(path)
+    converted = convert_released(read_released(path, allow_pickle), path, source, recipe=recipe, overrides=overrides,
+                                 log=log)
+    out = Path(out)
+    atomic_save(converted.checkpoint, out)
+    log(f"import: wrote {out}")
+    return {"out": str(out), **converted.summary}
+
+
+def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, *, recipe: str | None = None,
+                     overrides: list[str] | tuple[str, ...] = (), log=_stderr) -> Converted:
+    """Convert the dictionary ``raw`` loaded from the released file ``path`` (named in messages and the record),
+    writing nothing: :func:`import_checkpoint` without the reading and the writing.
+
+    Raises:
+        CheckpointError / ConfigError: as :func:`import_checkpoint`.
+    """
     from contrastlab import assemble
     from contrastlab.config.load import dump_config, load_config
-    from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save
+    from contrastlab.engine.checkpoint import FORMAT, VERSION
     from contrastlab.engine.optim import build_optimizer
     from contrastlab.importers import get_importer
 
     importer = get_importer(source)
     path = Path(path)
-    released = importer.recognise(read_released(path, allow_pickle), path)
+    released = importer.recognise(raw, path)
     for name, what in (("epoch", "used as the checkpoint's epoch (epochs completed)"), ("arch", "used as model.arch")):
         if name in released.other and (name == "arch" or released.kind != LINEAR):
             released.other[name] = what
@@ -113,9 +150,6 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         log(f"import: {count} tensor(s) not in the file: {why}")
     for name, what in released.other.items():
         log(f"import: entry {name!r}: {what}")
-    out = Path(out)
-    atomic_save(ckpt, out)
-    log(f"import: wrote {out}")
-    return {"out": str(out), "recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
-            "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
-            "classifier": classifier is not None}
+    return Converted(method, ckpt, {"recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
+                                    "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
+                                    "classifier": classifier is not None})
