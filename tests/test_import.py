@@ -79,10 +79,12 @@ def _ddp(module: nn.Module) -> dict:
     return {f"module.{k}": v for k, v in module.state_dict().items()}
 
 
-def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: str | None = None):
+def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: str | None = None,
+              classifier: Path | None = None):
     out = tmp_path / "imported.pt"
     lines: list[str] = []
-    summary = import_checkpoint(path, source, out, recipe=recipe, overrides=list(overrides), log=lines.append)
+    summary = import_checkpoint(path, source, out, recipe=recipe, overrides=list(overrides), classifier=classifier,
+                                log=lines.append)
     ckpt = load_checkpoint(out)
     cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
     method = assemble.method(cfg, ckpt["classifier"]["num_classes"] if "classifier" in ckpt else 100)
@@ -92,6 +94,26 @@ def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+EVAL_DEMO = ["--data", "demo", "data.root=null", "data.image_size=16", "train.device=cpu", "data.workers=0",
+             "linear.crop_fraction=1.0", "data.test_split=test"]
+
+
+def _stored_classifier_top1(ckpt_path: Path, network, capsys) -> tuple[float, float]:
+    """``eval linear --stored-classifier`` on the demo test split, and the top-1 of the upstream ``network`` (images ->
+    logits) on the same evaluation views."""
+    capsys.readouterr()
+    assert main(["eval", "linear", str(ckpt_path), "--stored-classifier", *EVAL_DEMO]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = config_from_dict(yaml.safe_load(load_checkpoint(ckpt_path)["config"]))
+    cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.linear.crop_fraction = "demo", None, 16, 1.0
+    test = assemble.evaluation_views(cfg, assemble.dataset(cfg, "test"))
+    with torch.no_grad():
+        images = torch.stack([test[i][0][0] for i in range(len(test))])
+        labels = torch.tensor([test[i][1] for i in range(len(test))])
+        expected = (network(images).argmax(1) == labels).float().mean().item() * 100
+    return result["top1"], expected
 
 
 # ----------------------------------------------------------------------------------------------- MoCo v3
@@ -141,6 +163,19 @@ def test_mocov3_vit_small_pretraining_file(tmp_path):
         _close(method.backbone(X), up_features)
         _close(method.predictor(method.projector(method.backbone(X))), up.predictor(up.base_encoder(X)))
         _close(method.key_encoder(X), up.momentum_encoder(X))
+
+    # `eval finetune` on the imported checkpoint (issue 19): at learning rate 0 the fine-tuned backbone it writes is
+    # the upstream base encoder, so it started from the imported weights
+    tiny = ["--data", "demo", "data.root=null", "data.image_size=32", "train.device=cpu", "data.workers=0",
+            "data.subset=8", "data.test_split=test", "monitor.max_test=8", "finetune.batch_size=8", "finetune.precision=fp32",
+            "finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.schedule=cosine", "finetune.lr=0",
+            "finetune.min_lr=0", "finetune.warmup_lr=0", "finetune.drop_path=0"]
+    assert main(["eval", "finetune", str(tmp_path / "imported.pt"), "--recipe", "finetune/mocov3_vit_s_300ep", *tiny,
+                 "--out", str(tmp_path / "ft.json")]) == 0
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
+    for key, value in up.base_encoder.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(tuned[f"backbone.{key}"], value), key
 
 
 def test_linear_probe_file_keeps_its_classifier_and_eval_reports_its_accuracy(tmp_path, capsys):
@@ -281,7 +316,7 @@ def test_ccrop_moco_file_with_queue_and_boxes_resumes_training(tmp_path):
 # --------------------------------------------------------------------------------------------------- FT
 
 
-def test_ft_pycontrast_file_and_moco_v1_file(tmp_path):
+def test_ft_pycontrast_file_with_its_classifier_file_and_moco_v1_file(tmp_path, capsys):
     class RGBSingleHead(nn.Module):  # PyContrast's model: encoder (ResNet without fc) + head (+ a parameter-free L2)
         def __init__(self, mlp: bool) -> None:
             super().__init__()
@@ -305,8 +340,18 @@ def test_ft_pycontrast_file_and_moco_v1_file(tmp_path):
     path = _save(tmp_path, "current.pth", {"model": {f"module.{k}": v for k, v in model.named_state().items()},
                                            "model_ema": ema.named_state(), "contrast": {"memory": memory},
                                            "optimizer": {}, "epoch": 200})
-    method, _, summary, _ = _imported(path, "ft", tmp_path, "model.arch=resnet18", "method.proj_hidden_dim=512",
-                                         "method.proj_out_dim=16", "method.queue_size=64")
+    # FT's main_linear.py saves only the classifier (DDP-wrapped): imported beside the pre-training file
+    linear = _randomise(nn.Linear(512, 10), 23)
+    probe = _save(tmp_path, "ckpt_epoch_100.pth", {"epoch": 100, "optimizer": {},
+                                                     "classifier": {f"module.{k}": v for k, v in linear.state_dict().items()}})
+    with pytest.raises(CheckpointError, match="--classifier"):
+        import_checkpoint(probe, "ft", tmp_path / "x.pt", log=lambda s: None)
+    method, ckpt, summary, _ = _imported(path, "ft", tmp_path, "model.arch=resnet18", "method.proj_hidden_dim=512",
+                                         "method.proj_out_dim=16", "method.queue_size=64", classifier=probe)
+    assert ckpt["classifier"]["num_classes"] == 10 and ckpt["imported"]["classifier_file"]["epoch"] == 100
+    model.eval()
+    top1, expected = _stored_classifier_top1(tmp_path / "imported.pt", lambda x: linear(model.encoder(x)), capsys)
+    assert top1 == pytest.approx(expected, abs=1e-6)
     assert summary["recipe"] == "imagenet/mocov2_ft_r50_200ep" and method.feature_transform is not None
     with torch.no_grad():
         _close(method.projector(method.backbone(X)), model.head(model.encoder(X)))
@@ -657,3 +702,61 @@ def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
         expected, scores = up(X), method.predict(X)
         for i in range(peers):
             _close(scores[f"peer{i}"], expected[i])
+
+
+def test_moco_mcl_file_per_peer_encoders_and_queues(tmp_path):
+    """main_moco_mcl.py (moco/builder_mcl.py): encoder_q_<i> / encoder_k_<i> (ResNet-18, fc = the projection),
+    queue [M, dim, K], queue_ptr [M]: every peer's features, projections, keys and queue match."""
+    up = nn.Module()
+    for i in range(2):
+        setattr(up, f"encoder_q_{i}", torchvision.models.resnet18(num_classes=16))
+        setattr(up, f"encoder_k_{i}", torchvision.models.resnet18(num_classes=16))
+    up.register_buffer("queue", nn.functional.normalize(torch.randn(2, 16, 64), dim=1))
+    up.register_buffer("queue_ptr", torch.tensor([32, 32]))
+    _randomise(up, 22)
+    raw = {"epoch": 120, "arch": "resnet18", "state_dict": _ddp(up), "optimizer": {}}
+    converted = convert_released(raw, "checkpoint_0119.pth.tar", "mcl", overrides=["method.proj_out_dim=16",
+                                                                                   "method.queue_size=64"],
+                                 log=lambda s: None)
+    method, ckpt = converted.method.eval(), converted.checkpoint
+    assert converted.summary["recipe"] == "imagenet/moco_mcl_x2_r18_200ep" and ckpt["epoch"] == 120
+    with torch.no_grad():
+        features, keys = method.cohort(X), method.key_encoder(X)
+        for i in range(2):
+            q, k = getattr(up, f"encoder_q_{i}"), getattr(up, f"encoder_k_{i}")
+            _close(features[i], _trunk(q)(X))
+            _close(method.projectors[i](features[i]), q(X))
+            _close(keys[i], nn.functional.normalize(k(X), dim=1))
+            assert torch.equal(method.queues[i].queue, up.queue[i].t()) and int(method.queues[i].ptr) == 32
+    _close(method.backbone(X), _trunk(up.encoder_q_0)(X))
+    # --mlp registered an MLP under a dotted name beside fc and never ran it: refused, naming a key
+    raw["state_dict"]["module.encoder_q_0.fc.0.weight"] = torch.zeros(512, 512)
+    with pytest.raises(CheckpointError, match=r"--mlp \('encoder_q_0.fc.0.weight'"):
+        convert_released(raw, "mlp.pth.tar", "mcl", log=lambda s: None)
+
+
+def test_mocov3_deit_format_files_fine_tuned_and_converted(tmp_path, capsys):
+    """DeiT's fine-tuned ViT (``model`` with its classification head, ``model_ema``, optimizer, scheduler, ``epoch``,
+    ``args``): the head is the stored classifier, and `eval linear --stored-classifier` reports the fine-tuned
+    network's own top-1. convert_to_deit.py's file (the ViT without head): the backbone."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    up = _randomise(timm_vit.VisionTransformer(img_size=16, patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                                               qkv_bias=True, num_classes=10, norm_layer=partial(nn.LayerNorm, eps=1e-6)),
+                    24)
+    path = _save(tmp_path, "checkpoint.pth", {"model": up.state_dict(), "model_ema": up.state_dict(), "optimizer": {},
+                                              "lr_scheduler": {}, "scaler": {}, "epoch": 99, "args": "Namespace()"})
+    out = tmp_path / "run" / "checkpoints" / "tuned.pt"
+    assert main(["import", str(path), "--from", "mocov3", "--out", str(out), "data.image_size=16"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["recipe"] == "imagenet/mocov3_vit_s_300ep" and ckpt["imported"]["upstream_epoch"] == 100
+    assert "not carried over" in ckpt["imported"]["entries"]["model_ema"]
+    top1, expected = _stored_classifier_top1(out, up, capsys)
+    assert top1 == pytest.approx(expected, abs=1e-6)
+
+    backbone = {k: v for k, v in up.state_dict().items() if not k.startswith("head.")}
+    converted = convert_released({"model": backbone}, "vit-s-300ep-deit.pth", "mocov3",
+                                 overrides=["data.image_size=16"], log=lambda s: None)
+    assert converted.summary["kind"] == "backbone" and "classifier" not in converted.checkpoint
+    with torch.no_grad():
+        _close(converted.method.eval().backbone(X[:, :, :16, :16]),
+               up.forward_head(up.forward_features(X[:, :, :16, :16]), pre_logits=True))

@@ -55,7 +55,7 @@ class Converted:
 
 def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLike, *, recipe: str | None = None,
                       overrides: list[str] | tuple[str, ...] = (), allow_pickle: bool = False,
-                      log=_stderr) -> dict[str, Any]:
+                      classifier: str | os.PathLike | None = None, log=_stderr) -> dict[str, Any]:
     """Convert the released file ``path`` of project ``source`` into a contrastlab checkpoint at ``out``.
 
     Args:
@@ -65,6 +65,8 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         recipe: the recipe to build our model from (default: the importer's choice for the file).
         overrides: ``key=value`` overrides applied after those the file implies.
         allow_pickle: load files holding arbitrary Python objects (may run code from the file).
+        classifier: a linear-probe file holding only a classifier trained on this file's backbone (FT's
+            ``main_linear.py``), stored as the checkpoint's ``classifier``.
         log: where the account of the conversion goes.
 
     Returns:
@@ -79,8 +81,9 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
 
     get_importer(source)  # an unknown project is named before the file is read
     path = Path(path)
+    probe = None if classifier is None else (read_released(classifier, allow_pickle), Path(classifier))
     converted = convert_released(read_released(path, allow_pickle), path, source, recipe=recipe, overrides=overrides,
-                                 log=log)
+                                 classifier=probe, log=log)
     out = Path(out)
     atomic_save(converted.checkpoint, out)
     log(f"import: wrote {out}")
@@ -88,9 +91,11 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
 
 
 def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, *, recipe: str | None = None,
-                     overrides: list[str] | tuple[str, ...] = (), log=_stderr) -> Converted:
+                     overrides: list[str] | tuple[str, ...] = (),
+                     classifier: tuple[dict[str, Any], str | os.PathLike] | None = None, log=_stderr) -> Converted:
     """Convert the dictionary ``raw`` loaded from the released file ``path`` (named in messages and the record),
-    writing nothing: :func:`import_checkpoint` without the reading and the writing.
+    writing nothing: :func:`import_checkpoint` without the reading and the writing (``classifier``: the loaded
+    classifier-only probe file and its path).
 
     Raises:
         CheckpointError / ConfigError: as :func:`import_checkpoint`.
@@ -136,10 +141,23 @@ def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, 
                      "info": released.info, "overrides": [*implied, *overrides], "entries": released.other,
                      **summary},
     }
-    classifier = importer.classifier(released)
+    stored = importer.classifier(released)
+    source_of = f"{path} ({importer.project} linear probe)"
     if classifier is not None:
-        ckpt["classifier"] = {**classifier, "num_classes": int(classifier["weight"].shape[0]),
-                              "source": f"{path} ({importer.project} linear probe)"}
+        if stored is not None:
+            raise CheckpointError(f"{path} holds its own classifier; --classifier {classifier[1]} is for pre-training "
+                                  "files only")
+        stored, probe_info = importer.classifier_file(classifier[0], Path(classifier[1]))
+        dim = int(stored["weight"].shape[-1])
+        if stored["weight"].ndim != 2 or dim != method.feature_dim:
+            raise CheckpointError(f"{classifier[1]}: the classifier's weight has shape {list(stored['weight'].shape)}; "
+                                  f"the backbone of {path} gives {method.feature_dim}-d features: pass the linear file "
+                                  "trained on this pre-training file")
+        source_of = f"{classifier[1]} ({importer.project} linear probe on {path.name})"
+        ckpt["imported"]["classifier_file"] = {"file": str(classifier[1]), **probe_info}
+    classifier = stored
+    if classifier is not None:
+        ckpt["classifier"] = {**classifier, "num_classes": int(classifier["weight"].shape[0]), "source": source_of}
     ckpt.update(importer.extras(released, cfg))
     ckpt["imported"]["entries"] = released.other  # extras may have said what became of an entry
 
