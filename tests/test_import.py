@@ -109,9 +109,9 @@ def _stored_classifier_top1(ckpt_path: Path, network, capsys) -> tuple[float, fl
     cfg = config_from_dict(yaml.safe_load(load_checkpoint(ckpt_path)["config"]))
     cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.linear.crop_fraction = "demo", None, 16, 1.0
     test = assemble.evaluation_views(cfg, assemble.dataset(cfg, "test"))
+    items = [test[i] for i in range(len(test))]
     with torch.no_grad():
-        images = torch.stack([test[i][0][0] for i in range(len(test))])
-        labels = torch.tensor([test[i][1] for i in range(len(test))])
+        images, labels = torch.stack([t[0][0] for t in items]), torch.tensor([t[1] for t in items])
         expected = (network(images).argmax(1) == labels).float().mean().item() * 100
     return result["top1"], expected
 
@@ -169,7 +169,8 @@ def test_mocov3_vit_small_pretraining_file(tmp_path):
     tiny = ["--data", "demo", "data.root=null", "data.image_size=32", "train.device=cpu", "data.workers=0",
             "data.subset=8", "data.test_split=test", "monitor.max_test=8", "finetune.batch_size=8", "finetune.precision=fp32",
             "finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.schedule=cosine", "finetune.lr=0",
-            "finetune.min_lr=0", "finetune.warmup_lr=0", "finetune.drop_path=0"]
+            "finetune.min_lr=0", "finetune.warmup_lr=0", "finetune.drop_path=0", "finetune.ema_decay=0",
+            "finetune.repeated_aug=1"]
     assert main(["eval", "finetune", str(tmp_path / "imported.pt"), "--recipe", "finetune/mocov3_vit_s_300ep", *tiny,
                  "--out", str(tmp_path / "ft.json")]) == 0
     tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
@@ -489,10 +490,19 @@ def test_every_recipe_an_importer_picks_exists():
              *(f"cifar10/{m}_ccrop_r18_500ep" for m in ("mocov2", "simclr", "byol", "simsiam")),
              *(f"imagenet/mocov{v}{ft}_r50_200ep" for v in (1, 2) for ft in ("", "_ft")),
              *(f"cifar100/mcl_x{m}_{a}_300ep" for m in (2, 4) for a in ("r32", "r56", "r110")),
-             *(f"imagenet/mcl_x{m}_{a}_90ep" for m in (2, 4) for a in ("r18", "r34"))]
+             *(f"imagenet/mcl_x{m}_{a}_90ep" for m in (2, 4) for a in ("r18", "r34")),
+             "imagenet/moco_mcl_x2_r18_200ep"]
     assert sorted(set(picks) - set(recipe_names())) == []
     assert mocov3.recipe_for_epochs(jointcrop.JointCropImporter.resnet_recipes, 250).endswith("_300ep")
     assert mocov3.recipe_for_epochs(mocov3.MoCoV3Importer.resnet_recipes, None).endswith("_100ep")
+    from contrastlab.importers.base import Released
+    from contrastlab.importers.mcl import RECIPE_NAMES, MCLImporter
+
+    for arch in RECIPE_NAMES:  # every architecture gets a recipe that exists (its own, or its dataset's ResNet one)
+        for peers in (2, 4):
+            info = {"peers": peers, "imagenet": arch in ("resnet18", "resnet34")}
+            assert MCLImporter().default_recipe(Released(Path("x"), {}, {}, "supervised", "shared", None, arch,
+                                                         info)) in recipe_names()
 
 
 # ----------------------------------------------------------- MCL's WRN, ShuffleNetV2 and HCGNet cohorts
@@ -735,28 +745,36 @@ def test_moco_mcl_file_per_peer_encoders_and_queues(tmp_path):
         convert_released(raw, "mlp.pth.tar", "mcl", log=lambda s: None)
 
 
-def test_mocov3_deit_format_files_fine_tuned_and_converted(tmp_path, capsys):
+def test_mocov3_deit_format_files_fine_tuned_and_converted():
     """DeiT's fine-tuned ViT (``model`` with its classification head, ``model_ema``, optimizer, scheduler, ``epoch``,
-    ``args``): the head is the stored classifier, and `eval linear --stored-classifier` reports the fine-tuned
-    network's own top-1. convert_to_deit.py's file (the ViT without head): the backbone."""
+    ``args``): the backbone gives the upstream features and its head, the stored classifier, the fine-tuned network's
+    own top-1 (what `eval linear --stored-classifier` reports). convert_to_deit.py's file (the ViT without head):
+    recognised as a backbone."""
+    from contrastlab.eval.linear import classifier_accuracy
+    from contrastlab.importers.mocov3 import MoCoV3Importer
+
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     up = _randomise(timm_vit.VisionTransformer(img_size=16, patch_size=16, embed_dim=384, depth=12, num_heads=12,
                                                qkv_bias=True, num_classes=10, norm_layer=partial(nn.LayerNorm, eps=1e-6)),
                     24)
-    path = _save(tmp_path, "checkpoint.pth", {"model": up.state_dict(), "model_ema": up.state_dict(), "optimizer": {},
-                                              "lr_scheduler": {}, "scaler": {}, "epoch": 99, "args": "Namespace()"})
-    out = tmp_path / "run" / "checkpoints" / "tuned.pt"
-    assert main(["import", str(path), "--from", "mocov3", "--out", str(out), "data.image_size=16"]) == 0
-    ckpt = load_checkpoint(out)
+    raw = {"model": up.state_dict(), "model_ema": up.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": {},
+           "epoch": 99, "args": "Namespace()"}
+    converted = convert_released(raw, "checkpoint.pth", "mocov3", overrides=["data.image_size=16"], log=lambda s: None)
+    ckpt, backbone = converted.checkpoint, converted.method.eval().backbone
     assert ckpt["recipe"] == "imagenet/mocov3_vit_s_300ep" and ckpt["imported"]["upstream_epoch"] == 100
     assert "not carried over" in ckpt["imported"]["entries"]["model_ema"]
-    top1, expected = _stored_classifier_top1(out, up, capsys)
-    assert top1 == pytest.approx(expected, abs=1e-6)
-
-    backbone = {k: v for k, v in up.state_dict().items() if not k.startswith("head.")}
-    converted = convert_released({"model": backbone}, "vit-s-300ep-deit.pth", "mocov3",
-                                 overrides=["data.image_size=16"], log=lambda s: None)
-    assert converted.summary["kind"] == "backbone" and "classifier" not in converted.checkpoint
+    x = X[:, :, :16, :16]
     with torch.no_grad():
-        _close(converted.method.eval().backbone(X[:, :, :16, :16]),
-               up.forward_head(up.forward_features(X[:, :, :16, :16]), pre_logits=True))
+        _close(backbone(x), up.forward_head(up.forward_features(x), pre_logits=True))
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    cfg.data.name, cfg.data.root, cfg.linear.crop_fraction = "demo", None, 1.0
+    test = assemble.evaluation_views(cfg, assemble.dataset(cfg, "test"))
+    test = torch.utils.data.Subset(test, range(200))
+    top1 = classifier_accuracy(backbone, ckpt["classifier"]["weight"], ckpt["classifier"]["bias"], test)["top1"]
+    with torch.no_grad():
+        images, labels = torch.stack([t[0][0] for t in test]), torch.tensor([t[1] for t in test])
+        assert top1 == pytest.approx((up(images).argmax(1) == labels).float().mean().item() * 100, abs=1e-6)
+
+    released = MoCoV3Importer().recognise({"model": {k: v for k, v in raw["model"].items() if not k.startswith("head.")}},
+                                          Path("vit-s-300ep-deit.pth"))
+    assert (released.kind, released.arch, MoCoV3Importer().classifier(released)) == ("backbone", "vit_small", None)
