@@ -161,28 +161,29 @@ class Family:
 
 
 def _suffixed(*names: tuple[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple((rf"{re.escape(up)}_?(?P<peer>\d+)\.(?P<rest>.*)", net) for up, net in names)
+    """``(upstream prefix before the peer index, the single network's module)`` -> branch patterns."""
+    return tuple((rf"{re.escape(up)}(?P<peer>\d+)\.(?P<rest>.*)", net) for up, net in names)
 
 
 FAMILIES: dict[str, Family] = {
     "resnet": Family("CIFAR ResNet (models/resnet.py)", "classifier",
-                     _suffixed(("layer2", "layer2"), ("layer3", "layer3"), ("classifier", "classifier")),
+                     _suffixed(("layer2_", "layer2"), ("layer3_", "layer3"), ("classifier_", "classifier")),
                      _cifar_resnet_name, _resnet_arch, ("resnet32", "resnet56", "resnet110")),
     "resnet_imagenet": Family("ImageNet ResNet (models/resnet_imagenet.py)", "fc",
-                              _suffixed(("layer3", "layer3"), ("layer4", "layer4"), ("classifier", "fc")),
+                              _suffixed(("layer3_", "layer3"), ("layer4_", "layer4"), ("classifier_", "fc")),
                               str, _resnet_arch, ("resnet18", "resnet34")),
     "wrn": Family("WideResNet (models/wrn.py)", "fc",
-                  _suffixed(("block2", "block2"), ("block3", "block3"), ("bn", "bn1"), ("classifier", "fc")),
+                  _suffixed(("block2_", "block2"), ("block3_", "block3"), ("bn_", "bn1"), ("classifier_", "fc")),
                   _wrn_name, _wrn_arch, ("wrn_16_2", "wrn_40_2", "wrn_28_4")),
     "shufflenet": Family("ShuffleNetV2 (models/shufflenetv2.py)", "linear",
-                         _suffixed(("layer2", "layer2"), ("layer3", "layer3"), ("conv2", "conv2"), ("bn2", "bn2"),
-                                   ("classifier", "linear")),
+                         _suffixed(("layer2_", "layer2"), ("layer3_", "layer3"), ("conv2_", "conv2"), ("bn2_", "bn2"),
+                                   ("classifier_", "linear")),
                          _shufflenet_name, _shufflenet_arch, ("shufflenetv2_05x", "shufflenetv2_1x")),
     "hcgnet": Family("HCGNet (models/hcgnet.py)", "classifier",
                      _suffixed(("layer2_HybridBlock", "features.HybridBlock2"),
                                ("layer2_Transition", "features.Transition2"),
-                               ("layer3_HybridBlock", "features.HybridBlock3"), ("norm5", "features.norm5"),
-                               ("linear", "classifier")),
+                               ("layer3_HybridBlock", "features.HybridBlock3"), ("norm5_", "features.norm5"),
+                               ("linear_", "classifier")),
                      _hcgnet_name, _hcgnet_arch, ("hcgnet_a1", "hcgnet_a2")),
 }
 """MCL's network families in released cohorts, by our name for them."""
@@ -198,33 +199,35 @@ RECIPE_NAMES = {"resnet32": "r32", "resnet56": "r56", "resnet110": "r110", "resn
 """Our architecture -> its token in the MCL recipe names (``cifar100/mcl_x2_wrn16_2_300ep``)."""
 
 
-def _split(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, tuple[int | None, str]]]:
-    """The layout and, per upstream key, ``(peer or None for the shared trunk, the single network's key)``."""
+def _family(trunk: dict[str, torch.Tensor]) -> str | None:
+    """The family of a single network's (or a shared trunk's) tensors, by :data:`_MARKERS`."""
+    for name, marker in _MARKERS:
+        if marker in trunk:
+            return "resnet_imagenet" if name == "resnet" and trunk["conv1.weight"].shape[-1] == 7 else name
+    return None
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[str, str | None, dict[str, tuple[int | None, str]]]:
+    """The layout, the family and, per upstream key, ``(peer or None for the shared trunk, the single network's
+    key)``."""
     listed = {k: re.fullmatch(r"module_list\.(\d+)\.(.*)", k) for k in state}
     if any(listed.values()):
         odd = [k for k, m in listed.items() if m is None]
         if odd:
             raise CheckpointError(f"keys outside module_list.<i>.* in an independent cohort: {odd[:5]}")
-        return "independent", {k: (int(m.group(1)), m.group(2)) for k, m in listed.items() if m}
-    found = [name for name, marker in _MARKERS if marker in state]
-    family = FAMILIES[found[0]] if found else None
+        first = {m.group(2): state[k] for k, m in listed.items() if m and m.group(1) == "0"}
+        return "independent", _family(first), {k: (int(m.group(1)), m.group(2)) for k, m in listed.items() if m}
+    family = _family(state)  # the shared trunk sits at the top level under the network's own names
     split: dict[str, tuple[int | None, str]] = {}
     for key in state:
-        for pattern, net in family.branches if family else ():
+        for pattern, net in FAMILIES[family].branches if family else ():
             m = re.fullmatch(pattern, key)
             if m:
                 split[key] = (int(m.group("peer")), f"{net}.{m.group('rest')}")
                 break
         else:
             split[key] = (None, key)
-    return "shared", split
-
-
-def _family(net: dict[str, torch.Tensor]) -> str | None:
-    for name, marker in _MARKERS:
-        if marker in net:
-            return "resnet_imagenet" if name == "resnet" and net["conv1.weight"].shape[-1] == 7 else name
-    return None
+    return "shared", family, split
 
 
 @register_importer()
@@ -241,11 +244,13 @@ class MCLImporter(Importer):
             raise CheckpointError(f"{path}: MCL's main_cifar.py / main_imagenet.py files hold the cohort under 'net', "
                                   f"main_moco_mcl.py files under 'state_dict'; top-level keys found: {sorted(raw)}")
         state = state_under(raw, "net", path)
-        layout, split = _split(state)
+        try:
+            layout, family, split = _split(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         peers = sorted({p for p, _ in split.values() if p is not None})
         # peer 0's network in the single network's names (with the shared trunk)
         net = {name: state[k] for k, (p, name) in split.items() if p in (0, None)}
-        family = _family(net)
         if len(peers) < 2 or family is None:
             raise CheckpointError(f"{path}: not a cohort of MCL's networks (module_list.<i>.* or a shared trunk with "
                                   f"per-peer branches of a ResNet, WRN, ShuffleNetV2 or HCGNet); first keys: "
@@ -305,7 +310,7 @@ class MCLImporter(Importer):
         if released.layout == "moco_mcl":
             return 1
         classifier = FAMILIES[released.info["family"]].classifier
-        _, split = _split(released.state)
+        _, _, split = _split(released.state)
         key = next(k for k, (p, name) in split.items() if p == 0 and name == f"{classifier}.weight")
         return int(released.state[key].shape[0])
 
@@ -314,7 +319,7 @@ class MCLImporter(Importer):
             self._place_moco(released, placement)
             return
         peers, spec = released.info["peers"], FAMILIES[released.info["family"]]
-        _, split = _split(released.state)
+        _, _, split = _split(released.state)
         for key, (peer, name) in split.items():
             head = re.fullmatch(rf"{spec.classifier}\.(weight|bias)", name)
             if head and peer is not None:
