@@ -10,6 +10,7 @@ outputs, classifier logits. Tiny inputs (32 px, batch 2) keep ResNet-50 and ViT-
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import partial
 from pathlib import Path
@@ -347,13 +348,18 @@ def test_ft_pycontrast_file_with_its_classifier_file_and_moco_v1_file(tmp_path, 
                                                      "classifier": {f"module.{k}": v for k, v in linear.state_dict().items()}})
     with pytest.raises(CheckpointError, match="--classifier"):
         import_checkpoint(probe, "ft", tmp_path / "x.pt", log=lambda s: None)
-    method, ckpt, summary, _ = _imported(path, "ft", tmp_path, "model.arch=resnet18", "method.proj_hidden_dim=512",
-                                         "method.proj_out_dim=16", "method.queue_size=64", classifier=probe)
+    out = tmp_path / "ft.pt"
+    assert main(["import", str(path), "--from", "ft", "--classifier", str(probe), "--out", str(out), "model.arch=resnet18",
+                 "method.proj_hidden_dim=512", "method.proj_out_dim=16", "method.queue_size=64"]) == 0
+    ckpt = load_checkpoint(out)
     assert ckpt["classifier"]["num_classes"] == 10 and ckpt["imported"]["classifier_file"]["epoch"] == 100
     model.eval()
-    top1, expected = _stored_classifier_top1(tmp_path / "imported.pt", lambda x: linear(model.encoder(x)), capsys)
+    top1, expected = _stored_classifier_top1(out, lambda x: linear(model.encoder(x)), capsys)
     assert top1 == pytest.approx(expected, abs=1e-6)
-    assert summary["recipe"] == "imagenet/mocov2_ft_r50_200ep" and method.feature_transform is not None
+    method = assemble.method(config_from_dict(yaml.safe_load(ckpt["config"])), 10)
+    method.load_state_dict(ckpt["method"], strict=True)
+    method.eval()
+    assert ckpt["recipe"] == "imagenet/mocov2_ft_r50_200ep" and method.feature_transform is not None
     with torch.no_grad():
         _close(method.projector(method.backbone(X)), model.head(model.encoder(X)))
         _close(method.key_encoder(X), ema.head(ema.encoder(X)))
@@ -679,13 +685,18 @@ def _upstream_mcl(arch: str, peers: int, classes: int = 100) -> nn.Module:
         return [s if not isinstance(s, tuple) else
                 (s[0] if suffix is None else f"{shared_names.get(s[0], s[0] + '_')}{suffix}", s[1]()) for s in steps]
 
-    if peers == 2:
+    if peers == 2:  # (copies of one network: _randomise gives every tensor its own values, and copying is quicker)
         cohort = nn.Module()
-        cohort.module_list = nn.ModuleList(_Chain(*made(trunk), *made(branch)) for _ in range(2))
+        net = _Chain(*made(trunk), *made(branch))
+        cohort.module_list = nn.ModuleList([net, copy.deepcopy(net)])
         cohort.forward = lambda x: [net(x) for net in cohort.module_list]
         return _randomise(cohort, 20)
     up = _Chain(*made(trunk))
-    branches = [_Chain(*made(branch, i)) for i in range(peers)]
+    first = _Chain(*made(branch, 0))
+    branches = [first]
+    for i in range(1, peers):  # the same modules under the names of branch i
+        branches.append(_Chain(*[s if not isinstance(s, str) else (s[:-1] + str(i), copy.deepcopy(getattr(first, s)))
+                                 for s in first.steps]))
     for b in branches:
         for name, module in b.named_children():
             up.add_module(name, module)
@@ -717,10 +728,10 @@ def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
 def test_moco_mcl_file_per_peer_encoders_and_queues(tmp_path):
     """main_moco_mcl.py (moco/builder_mcl.py): encoder_q_<i> / encoder_k_<i> (ResNet-18, fc = the projection),
     queue [M, dim, K], queue_ptr [M]: every peer's features, projections, keys and queue match."""
-    up = nn.Module()
+    up, net = nn.Module(), torchvision.models.resnet18(num_classes=16)
     for i in range(2):
-        setattr(up, f"encoder_q_{i}", torchvision.models.resnet18(num_classes=16))
-        setattr(up, f"encoder_k_{i}", torchvision.models.resnet18(num_classes=16))
+        setattr(up, f"encoder_q_{i}", copy.deepcopy(net))
+        setattr(up, f"encoder_k_{i}", copy.deepcopy(net))
     up.register_buffer("queue", nn.functional.normalize(torch.randn(2, 16, 64), dim=1))
     up.register_buffer("queue_ptr", torch.tensor([32, 32]))
     _randomise(up, 22)

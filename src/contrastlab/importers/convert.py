@@ -112,6 +112,9 @@ def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, 
     for name, what in (("epoch", "used as the checkpoint's epoch (epochs completed)"), ("arch", "used as model.arch")):
         if name in released.other and (name == "arch" or released.kind != LINEAR):
             released.other[name] = what
+    if classifier is not None and importer.classifier(released) is not None:
+        raise CheckpointError(f"{path} holds its own classifier; --classifier {classifier[1]} is for pre-training "
+                              "files only")
     chosen = recipe or importer.default_recipe(released)
     implied = importer.overrides(released)
     cfg = load_config(chosen, [*implied, *overrides])
@@ -144,9 +147,6 @@ def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, 
     stored = importer.classifier(released)
     source_of = f"{path} ({importer.project} linear probe)"
     if classifier is not None:
-        if stored is not None:
-            raise CheckpointError(f"{path} holds its own classifier; --classifier {classifier[1]} is for pre-training "
-                                  "files only")
         stored, probe_info = importer.classifier_file(classifier[0], Path(classifier[1]))
         dim = int(stored["weight"].shape[-1])
         if stored["weight"].ndim != 2 or dim != method.feature_dim:
