@@ -63,7 +63,11 @@ NOT_CARRIED = "not carried over: a resumed run starts with fresh optimizer state
 
 
 def _resnet_arch(net: dict[str, torch.Tensor]) -> str | None:
-    """``resnet32/56/110`` (CIFAR) or ``resnet18/34`` (ImageNet) from blocks per stage and the block type."""
+    """``resnet32/56/110`` (CIFAR) or ``resnet18/34`` (ImageNet) from blocks per stage and the block type.
+
+    Raises:
+        KeyError: a tensor the family always has is missing (as do the other ``_*_arch`` functions).
+    """
     imagenet = net["conv1.weight"].shape[-1] == 7
     stage = "layer3." if imagenet else "layer1."  # the ImageNet ResNets differ in layer3's length
     blocks = len({k[len(stage):].split(".")[0] for k in net if k.startswith(stage)})
@@ -203,7 +207,8 @@ def _family(trunk: dict[str, torch.Tensor]) -> str | None:
     """The family of a single network's (or a shared trunk's) tensors, by :data:`_MARKERS`."""
     for name, marker in _MARKERS:
         if marker in trunk:
-            return "resnet_imagenet" if name == "resnet" and trunk["conv1.weight"].shape[-1] == 7 else name
+            stem = trunk.get("conv1.weight")
+            return "resnet_imagenet" if name == "resnet" and stem is not None and stem.shape[-1] == 7 else name
     return None
 
 
@@ -256,7 +261,11 @@ class MCLImporter(Importer):
                                   f"per-peer branches of a ResNet, WRN, ShuffleNetV2 or HCGNet); first keys: "
                                   f"{list(state)[:5]}")
         spec = FAMILIES[family]
-        arch = spec.arch(net)
+        try:
+            arch = spec.arch(net)
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: a cohort of {spec.title} networks without {exc}; the file is incomplete or "
+                                  "not MCL's") from None
         if arch not in spec.archs:
             raise CheckpointError(f"{path}: a cohort of {spec.title} networks of a size ({arch or 'unrecognised'}) "
                                   f"that is not one of the release's: {', '.join(spec.archs)}")

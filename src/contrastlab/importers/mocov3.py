@@ -83,6 +83,9 @@ class MoCoV3Importer(Importer):
     def recognise(self, raw: dict[str, Any], path: Path) -> Released:
         if "state_dict" not in raw and isinstance(raw.get("model"), dict):
             return self._deit(raw, path)
+        if not isinstance(raw.get("state_dict"), dict):
+            raise CheckpointError(f"{path}: MoCo v3's files hold their weights under 'state_dict' (main_moco.py, "
+                                  f"main_lincls.py) or 'model' (DeiT format); top-level keys found: {sorted(raw)}")
         state = state_under(raw, "state_dict", path)
         vit = "base_encoder.cls_token" in state or "cls_token" in state
         arch = raw.get("arch") if isinstance(raw.get("arch"), str) else None
