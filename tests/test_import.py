@@ -505,9 +505,9 @@ def test_every_recipe_an_importer_picks_exists():
     from contrastlab.importers.mcl import RECIPE_NAMES, MCLImporter
 
     for arch in RECIPE_NAMES:  # every architecture gets a recipe that exists (its own, or its dataset's ResNet one)
-        for peers in (2, 4):
+        for peers, layout in ((2, "independent"), (3, "shared"), (4, "shared")):
             info = {"peers": peers, "imagenet": arch in ("resnet18", "resnet34")}
-            assert MCLImporter().default_recipe(Released(Path("x"), {}, {}, "supervised", "shared", None, arch,
+            assert MCLImporter().default_recipe(Released(Path("x"), {}, {}, "supervised", layout, None, arch,
                                                          info)) in recipe_names()
 
 
@@ -648,7 +648,13 @@ def _pool(x):
 def _upstream_mcl(arch: str, peers: int, classes: int = 100) -> nn.Module:
     """MCL's ``<Net>_n`` (independent networks in ``module_list``) or ``<Net>_b`` (branches on a shared trunk)."""
     from collections import OrderedDict
-    if arch.startswith("wrn"):
+    if arch == "resnet18":  # models/resnet_imagenet.py: torchvision's names; ResNet_b shares conv1 through layer2
+        net = torchvision.models.resnet18(num_classes=classes)
+        trunk = [(n, lambda n=n: getattr(net, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")]
+        branch = [("layer3", lambda: copy.deepcopy(net.layer3)), ("layer4", lambda: copy.deepcopy(net.layer4)),
+                  _pool, ("fc", lambda: copy.deepcopy(net.fc))]
+        shared_names = {"fc": "classifier_"}
+    elif arch.startswith("wrn"):
         depth, k = (int(v) for v in arch.split("_")[1:])
         n, w = (depth - 4) // 6, (16 * k, 32 * k, 64 * k)
         trunk = [("conv1", lambda: nn.Conv2d(3, 16, 3, 1, 1, bias=False)), ("block1", lambda: _wrn_group(n, 16, w[0], 1))]
@@ -705,10 +711,11 @@ def _upstream_mcl(arch: str, peers: int, classes: int = 100) -> nn.Module:
     return _randomise(up, 21)
 
 
-@pytest.mark.parametrize("arch,peers", [("wrn_16_2", 4), ("wrn_40_2", 2), ("wrn_28_4", 2), ("shufflenetv2_05x", 4),
+@pytest.mark.parametrize("arch,peers", [("resnet18", 4), ("wrn_16_2", 4), ("wrn_40_2", 2), ("wrn_28_4", 2), ("shufflenetv2_05x", 4),
                                         ("shufflenetv2_1x", 2), ("hcgnet_a1", 4), ("hcgnet_a2", 2)])
 def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
-    """Each family's independent (2 peers) and shared-trunk (4) layout: every peer's logits equal upstream's."""
+    """Each family's independent (2 peers) and shared-trunk (4) layout: every peer's logits equal upstream's (and
+    the ImageNet ResNets' shared trunk, which ends after layer2)."""
     up = _upstream_mcl(arch, peers)
     raw = {"net": up.state_dict(), "acc": 1.0, "epoch": 9, "optimizer": {}}
     if arch == "wrn_16_2":  # through a file once; the others converted in memory (reading thousands of tensors is slow)

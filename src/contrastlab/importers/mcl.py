@@ -301,8 +301,10 @@ class MCLImporter(Importer):
             return "imagenet/moco_mcl_x2_r18_200ep"
         dataset, epochs = ("imagenet", "90ep") if released.info["imagenet"] else ("cifar100", "300ep")
         own = f"{dataset}/mcl_x{peers}_{RECIPE_NAMES[released.arch]}_{epochs}"
-        # no recipe of its own (e.g. MCL(x2) WRN-28-4): the same training of another network, model.arch set
-        fallback = f"{dataset}/mcl_x{peers}_{'r18' if released.info['imagenet'] else 'r32'}_{epochs}"
+        # no recipe of its own (e.g. MCL(x2) WRN-28-4, or a cohort of 3): the same training of the dataset's ResNet,
+        # model.arch and model.peers set by the overrides
+        shared = 4 if released.layout == "shared" else 2
+        fallback = f"{dataset}/mcl_x{shared}_{'r18' if released.info['imagenet'] else 'r32'}_{epochs}"
         return own if own in recipe_names() else fallback
 
     def overrides(self, released: Released) -> list[str]:
