@@ -10,6 +10,7 @@ outputs, classifier logits. Tiny inputs (32 px, batch 2) keep ResNet-50 and ViT-
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from contrastlab.cli import main
 from contrastlab.config.load import config_from_dict, load_config
 from contrastlab.engine.checkpoint import load_checkpoint
 from contrastlab.errors import CheckpointError, ConfigError
-from contrastlab.importers import IMPORTERS, import_checkpoint
+from contrastlab.importers import IMPORTERS, convert_released, import_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,10 +80,12 @@ def _ddp(module: nn.Module) -> dict:
     return {f"module.{k}": v for k, v in module.state_dict().items()}
 
 
-def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: str | None = None):
+def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: str | None = None,
+              classifier: Path | None = None):
     out = tmp_path / "imported.pt"
     lines: list[str] = []
-    summary = import_checkpoint(path, source, out, recipe=recipe, overrides=list(overrides), log=lines.append)
+    summary = import_checkpoint(path, source, out, recipe=recipe, overrides=list(overrides), classifier=classifier,
+                                log=lines.append)
     ckpt = load_checkpoint(out)
     cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
     method = assemble.method(cfg, ckpt["classifier"]["num_classes"] if "classifier" in ckpt else 100)
@@ -92,6 +95,26 @@ def _imported(path: Path, source: str, tmp_path: Path, *overrides: str, recipe: 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+EVAL_DEMO = ["--data", "demo", "data.root=null", "data.image_size=16", "train.device=cpu", "data.workers=0",
+             "linear.crop_fraction=1.0", "data.test_split=test"]
+
+
+def _stored_classifier_top1(ckpt_path: Path, network, capsys) -> tuple[float, float]:
+    """``eval linear --stored-classifier`` on the demo test split, and the top-1 of the upstream ``network`` (images ->
+    logits) on the same evaluation views."""
+    capsys.readouterr()
+    assert main(["eval", "linear", str(ckpt_path), "--stored-classifier", *EVAL_DEMO]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = config_from_dict(yaml.safe_load(load_checkpoint(ckpt_path)["config"]))
+    cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.linear.crop_fraction = "demo", None, 16, 1.0
+    test = assemble.evaluation_views(cfg, assemble.dataset(cfg, "test"))
+    items = [test[i] for i in range(len(test))]
+    with torch.no_grad():
+        images, labels = torch.stack([t[0][0] for t in items]), torch.tensor([t[1] for t in items])
+        expected = (network(images).argmax(1) == labels).float().mean().item() * 100
+    return result["top1"], expected
 
 
 # ----------------------------------------------------------------------------------------------- MoCo v3
@@ -141,6 +164,20 @@ def test_mocov3_vit_small_pretraining_file(tmp_path):
         _close(method.backbone(X), up_features)
         _close(method.predictor(method.projector(method.backbone(X))), up.predictor(up.base_encoder(X)))
         _close(method.key_encoder(X), up.momentum_encoder(X))
+
+    # `eval finetune` on the imported checkpoint (issue 19): at learning rate 0 the fine-tuned backbone it writes is
+    # the upstream base encoder, so it started from the imported weights
+    tiny = ["--data", "demo", "data.root=null", "data.image_size=32", "train.device=cpu", "data.workers=0",
+            "data.subset=8", "data.test_split=test", "monitor.max_test=8", "finetune.batch_size=8", "finetune.precision=fp32",
+            "finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.schedule=cosine", "finetune.lr=0",
+            "finetune.min_lr=0", "finetune.warmup_lr=0", "finetune.drop_path=0", "finetune.ema_decay=0",
+            "finetune.repeated_aug=1"]
+    assert main(["eval", "finetune", str(tmp_path / "imported.pt"), "--recipe", "finetune/mocov3_vit_s_300ep", *tiny,
+                 "--out", str(tmp_path / "ft.json")]) == 0
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
+    for key, value in up.base_encoder.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(tuned[f"backbone.{key}"], value), key
 
 
 def test_linear_probe_file_keeps_its_classifier_and_eval_reports_its_accuracy(tmp_path, capsys):
@@ -281,7 +318,7 @@ def test_ccrop_moco_file_with_queue_and_boxes_resumes_training(tmp_path):
 # --------------------------------------------------------------------------------------------------- FT
 
 
-def test_ft_pycontrast_file_and_moco_v1_file(tmp_path):
+def test_ft_pycontrast_file_with_its_classifier_file_and_moco_v1_file(tmp_path, capsys):
     class RGBSingleHead(nn.Module):  # PyContrast's model: encoder (ResNet without fc) + head (+ a parameter-free L2)
         def __init__(self, mlp: bool) -> None:
             super().__init__()
@@ -305,9 +342,24 @@ def test_ft_pycontrast_file_and_moco_v1_file(tmp_path):
     path = _save(tmp_path, "current.pth", {"model": {f"module.{k}": v for k, v in model.named_state().items()},
                                            "model_ema": ema.named_state(), "contrast": {"memory": memory},
                                            "optimizer": {}, "epoch": 200})
-    method, _, summary, _ = _imported(path, "ft", tmp_path, "model.arch=resnet18", "method.proj_hidden_dim=512",
-                                         "method.proj_out_dim=16", "method.queue_size=64")
-    assert summary["recipe"] == "imagenet/mocov2_ft_r50_200ep" and method.feature_transform is not None
+    # FT's main_linear.py saves only the classifier (DDP-wrapped): imported beside the pre-training file
+    linear = _randomise(nn.Linear(512, 10), 23)
+    probe = _save(tmp_path, "ckpt_epoch_100.pth", {"epoch": 100, "optimizer": {},
+                                                     "classifier": {f"module.{k}": v for k, v in linear.state_dict().items()}})
+    with pytest.raises(CheckpointError, match="--classifier"):
+        import_checkpoint(probe, "ft", tmp_path / "x.pt", log=lambda s: None)
+    out = tmp_path / "ft.pt"
+    assert main(["import", str(path), "--from", "ft", "--classifier", str(probe), "--out", str(out), "model.arch=resnet18",
+                 "method.proj_hidden_dim=512", "method.proj_out_dim=16", "method.queue_size=64"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["classifier"]["num_classes"] == 10 and ckpt["imported"]["classifier_file"]["epoch"] == 100
+    model.eval()
+    top1, expected = _stored_classifier_top1(out, lambda x: linear(model.encoder(x)), capsys)
+    assert top1 == pytest.approx(expected, abs=1e-6)
+    method = assemble.method(config_from_dict(yaml.safe_load(ckpt["config"])), 10)
+    method.load_state_dict(ckpt["method"], strict=True)
+    method.eval()
+    assert ckpt["recipe"] == "imagenet/mocov2_ft_r50_200ep" and method.feature_transform is not None
     with torch.no_grad():
         _close(method.projector(method.backbone(X)), model.head(model.encoder(X)))
         _close(method.key_encoder(X), ema.head(ema.encoder(X)))
@@ -444,7 +496,303 @@ def test_every_recipe_an_importer_picks_exists():
              *(f"cifar10/{m}_ccrop_r18_500ep" for m in ("mocov2", "simclr", "byol", "simsiam")),
              *(f"imagenet/mocov{v}{ft}_r50_200ep" for v in (1, 2) for ft in ("", "_ft")),
              *(f"cifar100/mcl_x{m}_{a}_300ep" for m in (2, 4) for a in ("r32", "r56", "r110")),
-             *(f"imagenet/mcl_x{m}_{a}_90ep" for m in (2, 4) for a in ("r18", "r34"))]
+             *(f"imagenet/mcl_x{m}_{a}_90ep" for m in (2, 4) for a in ("r18", "r34")),
+             "imagenet/moco_mcl_x2_r18_200ep"]
     assert sorted(set(picks) - set(recipe_names())) == []
     assert mocov3.recipe_for_epochs(jointcrop.JointCropImporter.resnet_recipes, 250).endswith("_300ep")
     assert mocov3.recipe_for_epochs(mocov3.MoCoV3Importer.resnet_recipes, None).endswith("_100ep")
+    from contrastlab.importers.base import Released
+    from contrastlab.importers.mcl import RECIPE_NAMES, MCLImporter
+
+    for arch in RECIPE_NAMES:  # every architecture gets a recipe that exists (its own, or its dataset's ResNet one)
+        for peers, layout in ((2, "independent"), (3, "shared"), (4, "shared")):
+            info = {"peers": peers, "imagenet": arch in ("resnet18", "resnet34")}
+            assert MCLImporter().default_recipe(Released(Path("x"), {}, {}, "supervised", layout, None, arch,
+                                                         info)) in recipe_names()
+
+
+# ----------------------------------------------------------- MCL's WRN, ShuffleNetV2 and HCGNet cohorts
+# Written from winycg/MCL models/wrn.py, shufflenetv2.py and hcgnet.py: the modules under their released names, the
+# forward passes as released (WRN's shortcut on the pre-activated input, ShuffleNetV2's numbered conv/bn of a unit,
+# HCGNet's gates with sum-pooling as global_pool * H * W).
+
+
+class _Chain(nn.Module):
+    """Modules registered under the released names and run in order, with functions (ReLU, pooling) between."""
+
+    def __init__(self, *steps) -> None:
+        super().__init__()
+        self.steps = [s[0] if isinstance(s, tuple) else s for s in steps]
+        for s in steps:
+            if isinstance(s, tuple):
+                self.add_module(*s)
+
+    def forward(self, x):
+        for s in self.steps:
+            x = getattr(self, s)(x) if isinstance(s, str) else s(x)
+        return x
+
+
+def _bn_conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> dict:
+    return {"bn": nn.BatchNorm2d(cout), "conv": nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), groups=groups,
+                                                           dilation=dilation, bias=False)}
+
+
+class _WRNBasic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(a))))
+        return out + (x if self.convShortcut is None else self.convShortcut(a))
+
+
+def _wrn_group(n: int, cin: int, cout: int, stride: int) -> nn.Module:
+    return _Chain(("layer", nn.Sequential(*[_WRNBasic(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                             for i in range(n)])))
+
+
+def _shuffle(x):
+    n, c, h, w = x.shape
+    return x.view(n, 2, c // 2, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2's DownBlock (conv1-5 / bn1-5) or BasicBlock (conv1-3 / bn1-3 on the second half)."""
+
+    def __init__(self, cin: int, cout: int, down: bool) -> None:
+        super().__init__()
+        mid = cout // 2
+        shapes = ([(cin, cin, 3, 2, cin), (cin, mid, 1, 1, 1), (cin, mid, 1, 1, 1), (mid, mid, 3, 2, mid),
+                   (mid, mid, 1, 1, 1)] if down else [(mid, mid, 1, 1, 1), (mid, mid, 3, 1, mid), (mid, mid, 1, 1, 1)])
+        for k, (a, b, size, stride, groups) in enumerate(shapes, 1):
+            setattr(self, f"conv{k}", nn.Conv2d(a, b, size, stride, size // 2, groups=groups, bias=False))
+            setattr(self, f"bn{k}", nn.BatchNorm2d(b))
+        self.down = down
+
+    def forward(self, x):
+        f = {k: (lambda t, k=k: getattr(self, f"bn{k}")(getattr(self, f"conv{k}")(t))) for k in range(1, 6)}
+        if self.down:
+            left = torch.relu(f[2](f[1](x)))
+            right = torch.relu(f[5](f[4](torch.relu(f[3](x)))))
+            return _shuffle(torch.cat([left, right], 1))
+        keep, rest = x[:, : x.shape[1] // 2], x[:, x.shape[1] // 2:]
+        return _shuffle(torch.cat([keep, torch.relu(f[3](f[2](torch.relu(f[1](rest)))))], 1))
+
+
+def _shuffle_stage(cin: int, cout: int, units: int) -> nn.Sequential:
+    return nn.Sequential(_ShuffleUnit(cin, cout, True), *[_ShuffleUnit(cout, cout, False) for _ in range(units)])
+
+
+class _BasicConv(nn.Module):  # HCGNet's BasicConv: norm, relu, conv
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.norm(x)))
+
+
+class _HCGUnit(nn.Module):
+    """HCGNet's _SMG (dense: concatenated to its input) or _Transition, with the released gate."""
+
+    def __init__(self, cin: int, cout: int, transition: bool) -> None:
+        super().__init__()
+        forget = reduction = 4 if transition else 2
+        if transition:
+            mid = cin - (cin - cout) // 2
+            self.conv1_1x1, self.conv2_3x3 = _BasicConv(cin, mid, 1), _BasicConv(mid, cout, 3, stride=2)
+        else:
+            self.conv1_1x1, self.conv2_3x3 = _BasicConv(cin, 4 * cout, 1), _BasicConv(4 * cout, cout, 3, groups=4)
+        c = cout
+        self.conv_3x3, self.conv_5x5 = _BasicConv(c, c, 3, groups=c), _BasicConv(c, c, 3, groups=c, dilation=2)
+        self.global_context3x3, self.global_context5x5 = nn.Conv2d(c, 1, 1), nn.Conv2d(c, 1, 1)
+        self.fcall, self.bn_attention = nn.Conv2d(2 * c, 2 * c // reduction, 1), nn.BatchNorm1d(2 * c // reduction)
+        self.fc3x3, self.fc5x5 = nn.Conv2d(2 * c // reduction, c, 1), nn.Conv2d(2 * c // reduction, c, 1)
+        self.global_forget_context, self.bn_forget = nn.Conv2d(c, 1, 1), nn.BatchNorm1d(c // forget)
+        self.fc1, self.fc2 = nn.Conv2d(c, c // forget, 1), nn.Conv2d(c // forget, c, 1)
+        self.transition = transition
+
+    def forward(self, x):
+        dense = x
+        x = self.conv2_3x3(self.conv1_1x1(x))
+        b, c, h, w = x.shape
+
+        def pool(t, scorer):
+            weights = torch.softmax(scorer(t).flatten(1), 1).reshape(b, 1, h, w)
+            return nn.functional.adaptive_avg_pool2d(t * weights, 1) * h * w
+
+        keep = torch.sigmoid(self.fc2(torch.tanh(self.bn_forget(self.fc1(pool(x, self.global_forget_context))
+                                                                .flatten(1)))[:, :, None, None]))
+        x3, x5 = pool(self.conv_3x3(x), self.global_context3x3), pool(self.conv_5x5(x), self.global_context5x5)
+        att = torch.tanh(self.bn_attention(self.fcall(torch.cat([x3, x5], 1)).flatten(1)))[:, :, None, None]
+        weights = torch.softmax(torch.stack([self.fc3x3(att).flatten(1), self.fc5x5(att).flatten(1)], 1), 1)
+        out = x * keep + weights[:, 0].reshape(b, c, 1, 1) * x3 + weights[:, 1].reshape(b, c, 1, 1) * x5
+        return out if self.transition else torch.cat([dense, out], 1)
+
+
+def _hybrid(cin: int, growth: int, count: int = 8) -> nn.Sequential:
+    from collections import OrderedDict
+    return nn.Sequential(OrderedDict((f"SMG{i + 1}", _HCGUnit(cin + growth * i, growth, False)) for i in range(count)))
+
+
+def _pool(x):
+    return torch.relu(x).mean((2, 3))
+
+
+def _upstream_mcl(arch: str, peers: int, classes: int = 100) -> nn.Module:
+    """MCL's ``<Net>_n`` (independent networks in ``module_list``) or ``<Net>_b`` (branches on a shared trunk)."""
+    from collections import OrderedDict
+    if arch == "resnet18":  # models/resnet_imagenet.py: torchvision's names; ResNet_b shares conv1 through layer2
+        net = torchvision.models.resnet18(num_classes=classes)
+        trunk = [(n, lambda n=n: getattr(net, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")]
+        branch = [("layer3", lambda: copy.deepcopy(net.layer3)), ("layer4", lambda: copy.deepcopy(net.layer4)),
+                  _pool, ("fc", lambda: copy.deepcopy(net.fc))]
+        shared_names = {"fc": "classifier_"}
+    elif arch.startswith("wrn"):
+        depth, k = (int(v) for v in arch.split("_")[1:])
+        n, w = (depth - 4) // 6, (16 * k, 32 * k, 64 * k)
+        trunk = [("conv1", lambda: nn.Conv2d(3, 16, 3, 1, 1, bias=False)), ("block1", lambda: _wrn_group(n, 16, w[0], 1))]
+        branch = [("block2", lambda: _wrn_group(n, w[0], w[1], 2)), ("block3", lambda: _wrn_group(n, w[1], w[2], 2)),
+                  ("bn1", lambda: nn.BatchNorm2d(w[2])), _pool, ("fc", lambda: nn.Linear(w[2], classes))]
+        shared_names = {"bn1": "bn_", "fc": "classifier_"}
+    elif arch.startswith("shufflenet"):
+        w = (48, 96, 192) if arch.endswith("05x") else (116, 232, 464)
+        trunk = [("conv1", lambda: nn.Conv2d(3, 24, 3, 1, 1, bias=False)), ("bn1", lambda: nn.BatchNorm2d(24)),
+                 torch.relu, ("layer1", lambda: _shuffle_stage(24, w[0], 3))]
+        branch = [("layer2", lambda: _shuffle_stage(w[0], w[1], 7)), ("layer3", lambda: _shuffle_stage(w[1], w[2], 3)),
+                  ("conv2", lambda: nn.Conv2d(w[2], 1024, 1, bias=False)), ("bn2", lambda: nn.BatchNorm2d(1024)),
+                  _pool, ("linear", lambda: nn.Linear(1024, classes))]
+        shared_names = {"conv2": "conv2_", "bn2": "bn2_", "linear": "classifier_"}
+    else:  # HCGNet: growth rates, 8 SMG modules per hybrid block, transitions halving the channels
+        g = (12, 24, 36) if arch.endswith("a1") else (24, 36, 64)
+        c1 = (2 * g[0] + 8 * g[0]) // 2
+        c2 = (c1 + 8 * g[1]) // 2
+        c3 = c2 + 8 * g[2]
+        stem = [("conv0", lambda: nn.Conv2d(3, 2 * g[0], 3, 1, 1, bias=False)),
+                ("HybridBlock1", lambda: _hybrid(2 * g[0], g[0])), ("Transition1", lambda: _HCGUnit(10 * g[0], c1, True))]
+        later = [("HybridBlock2", lambda: _hybrid(c1, g[1])), ("Transition2", lambda: _HCGUnit(c1 + 8 * g[1], c2, True)),
+                 ("HybridBlock3", lambda: _hybrid(c2, g[2])), ("norm5", lambda: nn.BatchNorm2d(c3))]
+        if peers == 2:  # the single network holds every layer in one Sequential, ``features``
+            trunk = [("features", lambda: nn.Sequential(OrderedDict((n, f()) for n, f in stem + later)))]
+            branch = [_pool, ("classifier", lambda: nn.Linear(c3, classes))]
+        else:
+            trunk = [("features", lambda: nn.Sequential(OrderedDict((n, f()) for n, f in stem)))]
+            branch = [*later, _pool, ("linear", lambda: nn.Linear(c3, classes))]
+        shared_names = {"HybridBlock2": "layer2_HybridBlock", "Transition2": "layer2_Transition",
+                        "HybridBlock3": "layer3_HybridBlock", "norm5": "norm5_", "linear": "linear_"}
+
+    def made(steps, suffix=None):
+        return [s if not isinstance(s, tuple) else
+                (s[0] if suffix is None else f"{shared_names.get(s[0], s[0] + '_')}{suffix}", s[1]()) for s in steps]
+
+    if peers == 2:  # (copies of one network: _randomise gives every tensor its own values, and copying is quicker)
+        cohort = nn.Module()
+        net = _Chain(*made(trunk), *made(branch))
+        cohort.module_list = nn.ModuleList([net, copy.deepcopy(net)])
+        cohort.forward = lambda x: [net(x) for net in cohort.module_list]
+        return _randomise(cohort, 20)
+    up = _Chain(*made(trunk))
+    first = _Chain(*made(branch, 0))
+    branches = [first]
+    for i in range(1, peers):  # the same modules under the names of branch i
+        branches.append(_Chain(*[s if not isinstance(s, str) else (s[:-1] + str(i), copy.deepcopy(getattr(first, s)))
+                                 for s in first.steps]))
+    for b in branches:
+        for name, module in b.named_children():
+            up.add_module(name, module)
+    trunk_forward = up.forward
+    up.forward = lambda x: [b(trunk_forward(x)) for b in branches]
+    return _randomise(up, 21)
+
+
+@pytest.mark.parametrize("arch,peers", [("resnet18", 4), ("wrn_16_2", 4), ("wrn_40_2", 2), ("wrn_28_4", 2), ("shufflenetv2_05x", 4),
+                                        ("shufflenetv2_1x", 2), ("hcgnet_a1", 4), ("hcgnet_a2", 2)])
+def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
+    """Each family's independent (2 peers) and shared-trunk (4) layout: every peer's logits equal upstream's (and
+    the ImageNet ResNets' shared trunk, which ends after layer2)."""
+    up = _upstream_mcl(arch, peers)
+    raw = {"net": up.state_dict(), "acc": 1.0, "epoch": 9, "optimizer": {}}
+    if arch == "wrn_16_2":  # through a file once; the others converted in memory (reading thousands of tensors is slow)
+        method, ckpt, _, _ = _imported(_save(tmp_path, f"{arch}.pth.tar", raw), "mcl", tmp_path)
+    else:
+        converted = convert_released(raw, f"{arch}.pth.tar", "mcl", log=lambda s: None)
+        method, ckpt = converted.method.eval(), converted.checkpoint
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    assert (cfg.model.arch, cfg.model.peers, ckpt["epoch"]) == (arch, peers, 10)
+    assert cfg.model.shared_until == (None if peers == 2 else "upstream")
+    with torch.no_grad():
+        expected, scores = up(X), method.predict(X)
+        for i in range(peers):
+            _close(scores[f"peer{i}"], expected[i])
+
+
+def test_moco_mcl_file_per_peer_encoders_and_queues(tmp_path):
+    """main_moco_mcl.py (moco/builder_mcl.py): encoder_q_<i> / encoder_k_<i> (ResNet-18, fc = the projection),
+    queue [M, dim, K], queue_ptr [M]: every peer's features, projections, keys and queue match."""
+    up, net = nn.Module(), torchvision.models.resnet18(num_classes=16)
+    for i in range(2):
+        setattr(up, f"encoder_q_{i}", copy.deepcopy(net))
+        setattr(up, f"encoder_k_{i}", copy.deepcopy(net))
+    up.register_buffer("queue", nn.functional.normalize(torch.randn(2, 16, 64), dim=1))
+    up.register_buffer("queue_ptr", torch.tensor([32, 32]))
+    _randomise(up, 22)
+    raw = {"epoch": 120, "arch": "resnet18", "state_dict": _ddp(up), "optimizer": {}}
+    converted = convert_released(raw, "checkpoint_0119.pth.tar", "mcl", overrides=["method.proj_out_dim=16",
+                                                                                   "method.queue_size=64"],
+                                 log=lambda s: None)
+    method, ckpt = converted.method.eval(), converted.checkpoint
+    assert converted.summary["recipe"] == "imagenet/moco_mcl_x2_r18_200ep" and ckpt["epoch"] == 120
+    with torch.no_grad():
+        features, keys = method.cohort(X), method.key_encoder(X)
+        for i in range(2):
+            q, k = getattr(up, f"encoder_q_{i}"), getattr(up, f"encoder_k_{i}")
+            _close(features[i], _trunk(q)(X))
+            _close(method.projectors[i](features[i]), q(X))
+            _close(keys[i], nn.functional.normalize(k(X), dim=1))
+            assert torch.equal(method.queues[i].queue, up.queue[i].t()) and int(method.queues[i].ptr) == 32
+    _close(method.backbone(X), _trunk(up.encoder_q_0)(X))
+    # --mlp registered an MLP under a dotted name beside fc and never ran it: refused, naming a key
+    raw["state_dict"]["module.encoder_q_0.fc.0.weight"] = torch.zeros(512, 512)
+    with pytest.raises(CheckpointError, match=r"--mlp \('encoder_q_0.fc.0.weight'"):
+        convert_released(raw, "mlp.pth.tar", "mcl", log=lambda s: None)
+
+
+def test_mocov3_deit_format_files_fine_tuned_and_converted():
+    """DeiT's fine-tuned ViT (``model`` with its classification head, ``model_ema``, optimizer, scheduler, ``epoch``,
+    ``args``): the backbone gives the upstream features and its head, the stored classifier, the fine-tuned network's
+    own top-1 (what `eval linear --stored-classifier` reports). convert_to_deit.py's file (the ViT without head):
+    recognised as a backbone."""
+    from contrastlab.eval.linear import classifier_accuracy
+    from contrastlab.importers.mocov3 import MoCoV3Importer
+
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    up = _randomise(timm_vit.VisionTransformer(img_size=16, patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                                               qkv_bias=True, num_classes=10, norm_layer=partial(nn.LayerNorm, eps=1e-6)),
+                    24)
+    raw = {"model": up.state_dict(), "model_ema": up.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": {},
+           "epoch": 99, "args": "Namespace()"}
+    converted = convert_released(raw, "checkpoint.pth", "mocov3", overrides=["data.image_size=16"], log=lambda s: None)
+    ckpt, backbone = converted.checkpoint, converted.method.eval().backbone
+    assert ckpt["recipe"] == "imagenet/mocov3_vit_s_300ep" and ckpt["imported"]["upstream_epoch"] == 100
+    assert "not carried over" in ckpt["imported"]["entries"]["model_ema"]
+    x = X[:, :, :16, :16]
+    with torch.no_grad():
+        _close(backbone(x), up.forward_head(up.forward_features(x), pre_logits=True))
+    cfg = config_from_dict(yaml.safe_load(ckpt["config"]))
+    cfg.data.name, cfg.data.root, cfg.linear.crop_fraction = "demo", None, 1.0
+    test = assemble.evaluation_views(cfg, assemble.dataset(cfg, "test"))
+    test = torch.utils.data.Subset(test, range(200))
+    top1 = classifier_accuracy(backbone, ckpt["classifier"]["weight"], ckpt["classifier"]["bias"], test)["top1"]
+    with torch.no_grad():
+        images, labels = torch.stack([t[0][0] for t in test]), torch.tensor([t[1] for t in test])
+        assert top1 == pytest.approx((up(images).argmax(1) == labels).float().mean().item() * 100, abs=1e-6)
+
+    released = MoCoV3Importer().recognise({"model": {k: v for k, v in raw["model"].items() if not k.startswith("head.")}},
+                                          Path("vit-s-300ep-deit.pth"))
+    assert (released.kind, released.arch, MoCoV3Importer().classifier(released)) == ("backbone", "vit_small", None)

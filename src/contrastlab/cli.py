@@ -281,7 +281,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from contrastlab.importers import import_checkpoint
 
     summary = import_checkpoint(args.checkpoint, args.source, args.out, recipe=args.recipe,
-                                overrides=args.overrides, allow_pickle=args.trust_pickle)
+                                overrides=args.overrides, allow_pickle=args.trust_pickle, classifier=args.classifier)
     print(json.dumps(summary))
     return 0
 
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
     p.add_argument("--trust-pickle", action="store_true", help="load a file holding arbitrary Python objects (it may "
                    "run code from the file); released checkpoints normally load without it")
+    p.add_argument("--classifier", help="a linear-probe file that holds only the classifier (FT's main_linear.py), "
+                   "trained on this pre-training file's backbone: stored for `eval linear --stored-classifier`")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="train the demo recipe on the embedded data and compare with random init")

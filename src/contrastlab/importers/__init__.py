@@ -2,7 +2,7 @@
 
 One module per project, each importer class registered by name (:data:`IMPORTERS`, the registry
 :data:`contrastlab.registry.IMPORTERS`; :func:`contrastlab.register_importer` adds one); :func:`get_importer` is the
-one lookup. :func:`import_checkpoint` does the conversion; ``docs/importing.md`` lists, per project,
+one lookup. :func:`import_checkpoint` does the conversion (:func:`convert_released` in memory, writing nothing); ``docs/importing.md`` lists, per project,
 which released files import and how to evaluate them.
 
 Example:
@@ -16,7 +16,7 @@ from contrastlab.errors import ConfigError
 from contrastlab.importers.base import Importer, Released
 from contrastlab.importers.caco import CaCoImporter
 from contrastlab.importers.ccrop import ContrastiveCropImporter
-from contrastlab.importers.convert import import_checkpoint
+from contrastlab.importers.convert import Converted, convert_released, import_checkpoint
 from contrastlab.importers.ft import FeatureTransformImporter
 from contrastlab.importers.jointcrop import JointCropImporter
 from contrastlab.importers.mcl import MCLImporter
@@ -37,4 +37,5 @@ def get_importer(name: str) -> Importer:
     return IMPORTERS[name]()
 
 
-__all__ = ["BUILT_IN", "IMPORTERS", "Importer", "Placement", "Released", "get_importer", "import_checkpoint"]
+__all__ = ["BUILT_IN", "IMPORTERS", "Converted", "Importer", "Placement", "Released", "convert_released", "get_importer",
+           "import_checkpoint"]

@@ -20,9 +20,10 @@ import torch
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.placement import Placement
 
-PRETRAIN, LINEAR, SUPERVISED = "pretrain", "linear", "supervised"
-"""Kinds of released file: a pre-training checkpoint, a linear-probe checkpoint (backbone + classifier), a
-supervised model (MCL's peers with their classifiers)."""
+PRETRAIN, LINEAR, SUPERVISED, BACKBONE = "pretrain", "linear", "supervised", "backbone"
+"""Kinds of released file: a pre-training checkpoint, a linear-probe checkpoint (backbone + classifier; also a
+fine-tuned network with its head), a supervised model (MCL's peers with their classifiers), a backbone alone (MoCo
+v3's ``convert_to_deit.py`` output)."""
 
 
 @dataclass
@@ -125,6 +126,14 @@ class Importer:
     def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
         """A linear-probe file's classifier ``{"weight": [C, D], "bias": [C]}``, else None."""
         return None
+
+    def classifier_file(self, raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The classifier ``{"weight": [C, D], "bias": [C]}`` of a linear-probe file that holds nothing else, and
+        the metadata to keep (``--classifier FILE``); CheckpointError where the project's probe files hold their
+        backbone (import the probe file itself)."""
+        raise CheckpointError(f"{path}: --classifier takes a linear-probe file holding only a classifier (FT's "
+                              f"main_linear.py); {self.project}'s probe files hold their backbone: import the probe "
+                              "file itself")
 
     def extras(self, released: Released, cfg: Any) -> dict[str, Any]:
         """Other entries of our checkpoint the file provides (e.g. ContrastiveCrop's boxes)."""

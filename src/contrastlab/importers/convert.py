@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,24 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class Converted:
+    """A released file converted in memory (:func:`convert_released`).
+
+    Attributes:
+        method: our method with the file's weights loaded (``strict=True``), in training mode.
+        checkpoint: the contrastlab checkpoint dictionary :func:`import_checkpoint` writes.
+        summary: what :func:`import_checkpoint` returns (recipe, kind, epoch, counts), without ``out``.
+    """
+
+    method: Any
+    checkpoint: dict[str, Any]
+    summary: dict[str, Any]
+
+
 def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLike, *, recipe: str | None = None,
                       overrides: list[str] | tuple[str, ...] = (), allow_pickle: bool = False,
-                      log=_stderr) -> dict[str, Any]:
+                      classifier: str | os.PathLike | None = None, log=_stderr) -> dict[str, Any]:
     """Convert the released file ``path`` of project ``source`` into a contrastlab checkpoint at ``out``.
 
     Args:
@@ -49,6 +65,8 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         recipe: the recipe to build our model from (default: the importer's choice for the file).
         overrides: ``key=value`` overrides applied after those the file implies.
         allow_pickle: load files holding arbitrary Python objects (may run code from the file).
+        classifier: a linear-probe file holding only a classifier trained on this file's backbone (FT's
+            ``main_linear.py``), stored as the checkpoint's ``classifier``.
         log: where the account of the conversion goes.
 
     Returns:
@@ -58,18 +76,45 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         CheckpointError: the file is not a layout of that project, a key cannot be placed, or a shape differs.
         ConfigError: an unknown project (listing the valid ones), recipe or override.
     """
+    from contrastlab.engine.checkpoint import atomic_save
+    from contrastlab.importers import get_importer
+
+    get_importer(source)  # an unknown project is named before the file is read
+    path = Path(path)
+    probe = None if classifier is None else (read_released(classifier, allow_pickle), Path(classifier))
+    converted = convert_released(read_released(path, allow_pickle), path, source, recipe=recipe, overrides=overrides,
+                                 classifier=probe, log=log)
+    out = Path(out)
+    atomic_save(converted.checkpoint, out)
+    log(f"import: wrote {out}")
+    return {"out": str(out), **converted.summary}
+
+
+def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, *, recipe: str | None = None,
+                     overrides: list[str] | tuple[str, ...] = (),
+                     classifier: tuple[dict[str, Any], str | os.PathLike] | None = None, log=_stderr) -> Converted:
+    """Convert the dictionary ``raw`` loaded from the released file ``path`` (named in messages and the record),
+    writing nothing: :func:`import_checkpoint` without the reading and the writing (``classifier``: the loaded
+    classifier-only probe file and its path).
+
+    Raises:
+        CheckpointError / ConfigError: as :func:`import_checkpoint`.
+    """
     from contrastlab import assemble
     from contrastlab.config.load import dump_config, load_config
-    from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save
+    from contrastlab.engine.checkpoint import FORMAT, VERSION
     from contrastlab.engine.optim import build_optimizer
     from contrastlab.importers import get_importer
 
     importer = get_importer(source)
     path = Path(path)
-    released = importer.recognise(read_released(path, allow_pickle), path)
+    released = importer.recognise(raw, path)
     for name, what in (("epoch", "used as the checkpoint's epoch (epochs completed)"), ("arch", "used as model.arch")):
         if name in released.other and (name == "arch" or released.kind != LINEAR):
             released.other[name] = what
+    if classifier is not None and importer.classifier(released) is not None:
+        raise CheckpointError(f"{path} holds its own classifier; --classifier {classifier[1]} is for pre-training "
+                              "files only")
     chosen = recipe or importer.default_recipe(released)
     implied = importer.overrides(released)
     cfg = load_config(chosen, [*implied, *overrides])
@@ -99,10 +144,20 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
                      "info": released.info, "overrides": [*implied, *overrides], "entries": released.other,
                      **summary},
     }
-    classifier = importer.classifier(released)
+    stored = importer.classifier(released)
+    source_of = f"{path} ({importer.project} linear probe)"
     if classifier is not None:
-        ckpt["classifier"] = {**classifier, "num_classes": int(classifier["weight"].shape[0]),
-                              "source": f"{path} ({importer.project} linear probe)"}
+        stored, probe_info = importer.classifier_file(classifier[0], Path(classifier[1]))
+        dim = int(stored["weight"].shape[-1])
+        if stored["weight"].ndim != 2 or dim != method.feature_dim:
+            raise CheckpointError(f"{classifier[1]}: the classifier's weight has shape {list(stored['weight'].shape)}; "
+                                  f"the backbone of {path} gives {method.feature_dim}-d features: pass the linear file "
+                                  "trained on this pre-training file")
+        source_of = f"{classifier[1]} ({importer.project} linear probe on {path.name})"
+        ckpt["imported"]["classifier_file"] = {"file": str(classifier[1]), **probe_info}
+    classifier = stored
+    if classifier is not None:
+        ckpt["classifier"] = {**classifier, "num_classes": int(classifier["weight"].shape[0]), "source": source_of}
     ckpt.update(importer.extras(released, cfg))
     ckpt["imported"]["entries"] = released.other  # extras may have said what became of an entry
 
@@ -113,9 +168,6 @@ def import_checkpoint(path: str | os.PathLike, source: str, out: str | os.PathLi
         log(f"import: {count} tensor(s) not in the file: {why}")
     for name, what in released.other.items():
         log(f"import: entry {name!r}: {what}")
-    out = Path(out)
-    atomic_save(ckpt, out)
-    log(f"import: wrote {out}")
-    return {"out": str(out), "recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
-            "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
-            "classifier": classifier is not None}
+    return Converted(method, ckpt, {"recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
+                                    "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
+                                    "classifier": classifier is not None})

@@ -16,8 +16,9 @@ FT's released models (its README's table) come in two layouts:
   (:func:`contrastlab.importers.ccrop.place_moco`); and facebookresearch/moco's linear-probe files
   (``state_dict`` with the ResNet and ``fc``), whose classifier goes to the checkpoint's ``classifier`` entry.
 
-FT's own linear-probe files (``learning/linear_trainer.py``) hold only the classifier, not the backbone: import
-the pre-training file instead.
+FT's own linear-probe files (``learning/linear_trainer.py``: ``classifier``, ``epoch``, ``optimizer``) hold only the
+classifier, not the backbone: import the pre-training file they were trained on with ``--classifier FILE``
+(:meth:`FeatureTransformImporter.classifier_file`); the classifier becomes the checkpoint's stored classifier.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class FeatureTransformImporter(Importer):
             return Released(path, raw, state, PRETRAIN, "pycontrast", upstream_epoch(raw), "resnet50", info, other)
         if "classifier" in raw and "model" not in raw and "state_dict" not in raw:
             raise CheckpointError(f"{path}: an FT linear-probe file holds only the classifier, not the backbone; import "
-                                  "the pre-training file it was trained on instead")
+                                  f"the pre-training file it was trained on with --classifier {path}")
         state = state_under(raw, "state_dict", path)
         arch = raw.get("arch") if isinstance(raw.get("arch"), str) else "resnet50"
         if any(k.startswith("encoder_q.") for k in state):
@@ -76,6 +77,15 @@ class FeatureTransformImporter(Importer):
             return Released(path, raw, state, LINEAR, "moco", upstream_epoch(raw), arch, info, other)
         raise CheckpointError(f"{path}: neither FT's PyContrast layout (model, model_ema, contrast) nor "
                               f"facebookresearch/moco's (state_dict with encoder_q / fc); top-level keys: {sorted(raw)}")
+
+    def classifier_file(self, raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``learning/linear_trainer.py``'s file: ``classifier`` (the DDP-wrapped ``nn.Linear``: ``module.weight``,
+        ``module.bias``), ``epoch`` (the last epoch, counted from 1) and ``optimizer`` (not carried over)."""
+        state = state_under(raw, "classifier", path)
+        if set(state) != {"weight", "bias"}:
+            raise CheckpointError(f"{path}: 'classifier' should hold one Linear layer (weight, bias); found {sorted(state)}")
+        return {"weight": state["weight"], "bias": state["bias"]}, {"epoch": plain(raw.get("epoch")),
+                                                                     "optimizer": "not carried over"}
 
     def _v2(self, released: Released) -> bool:
         keys = ("model.head.2.weight", "encoder_q.fc.2.weight")

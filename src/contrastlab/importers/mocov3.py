@@ -16,6 +16,18 @@ Released layouts (``main_moco.py`` / ``main_lincls.py`` save a dictionary with `
   the projector and predictor, absent from the file, keep their fresh initialisation and the momentum encoder
   starts as a copy of the backbone, as at the start of training.
 
+- DeiT format (``{"model": ...}``, no ``state_dict``): a timm ViT under its own names. ``convert_to_deit.py``
+  writes the pre-trained base encoder without its projector (``head`` removed): the backbone is placed, the rest
+  starts as for a linear-probe file. facebookresearch/deit's ``main.py`` fine-tunes it and saves ``model`` (the ViT
+  and its classification ``head``), ``model_ema``, ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the
+  last epoch's index) and ``args`` (an ``argparse.Namespace``: such files need ``--trust-pickle``). The fine-tuned
+  ViT is placed as the backbone and its ``head`` stored as the checkpoint's classifier, so ``eval linear
+  --stored-classifier`` reports the fine-tuned network's top-1 and ``eval knn`` its features. DeiT's EMA of the
+  weights (which its evaluation does not use), optimizer, scheduler and scaler states are not carried over:
+  continuing DeiT's run (``eval finetune --resume``) would need its AdamW moments in timm's parameter order, and
+  ``eval finetune`` on such a checkpoint starts a new fine-tuning with a fresh head (a transfer to another
+  dataset).
+
 The optimizer and loss-scaler states are not carried over (their parameter order is upstream's); the log and
 the checkpoint's ``imported`` record say so.
 """
@@ -29,6 +41,7 @@ import torch
 
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import (
+    BACKBONE,
     LINEAR,
     PRETRAIN,
     Importer,
@@ -43,6 +56,10 @@ from contrastlab.registry import register_importer
 NOT_CARRIED = {"optimizer": "not carried over: a resumed run starts with fresh optimizer state",
                "scaler": "not carried over (fp16 loss scale; contrastlab trains in bf16 or fp32)"}
 LINEAR_ONLY = "not in a linear-probe file: as initialised when training starts"
+DEIT_ENTRIES = {"model_ema": "not carried over: DeiT's EMA of the fine-tuned weights, which its evaluation does not use",
+                "lr_scheduler": "not carried over (DeiT's timm scheduler state)",
+                "args": "kept in the imported record (as text)"}
+VIT_WIDTHS = {384: "vit_small", 768: "vit_base"}
 
 
 def recipe_for_epochs(recipes: dict[int, str], epochs: int | None) -> str:
@@ -64,6 +81,11 @@ class MoCoV3Importer(Importer):
                    "vit_conv_small": "imagenet/mocov3_vit_s_300ep", "vit_conv_base": "imagenet/mocov3_vit_b_300ep"}
 
     def recognise(self, raw: dict[str, Any], path: Path) -> Released:
+        if "state_dict" not in raw and isinstance(raw.get("model"), dict):
+            return self._deit(raw, path)
+        if not isinstance(raw.get("state_dict"), dict):
+            raise CheckpointError(f"{path}: MoCo v3's files hold their weights under 'state_dict' (main_moco.py, "
+                                  f"main_lincls.py) or 'model' (DeiT format); top-level keys found: {sorted(raw)}")
         state = state_under(raw, "state_dict", path)
         vit = "base_encoder.cls_token" in state or "cls_token" in state
         arch = raw.get("arch") if isinstance(raw.get("arch"), str) else None
@@ -82,8 +104,26 @@ class MoCoV3Importer(Importer):
                               "module.momentum_encoder.*, module.predictor.*) nor a linear-probe file (backbone + "
                               f"fc/head); first keys: {list(state)[:5]}")
 
+    def _deit(self, raw: dict[str, Any], path: Path) -> Released:
+        """A DeiT-format file: ``convert_to_deit.py``'s backbone, or DeiT's fine-tuned ViT with its head."""
+        state = state_under(raw, "model", path)
+        if "cls_token" not in state or "pos_embed" not in state:
+            raise CheckpointError(f"{path}: a DeiT-format file holds a timm ViT under 'model' (cls_token, pos_embed, "
+                                  f"blocks.*); first keys: {list(state)[:5]}")
+        width = int(state["cls_token"].shape[-1])
+        if width not in VIT_WIDTHS:
+            raise CheckpointError(f"{path}: a ViT of width {width}; MoCo v3's ViTs are {', '.join(VIT_WIDTHS.values())}")
+        arch = VIT_WIDTHS[width].replace("vit_", "vit_conv_") if "patch_embed.proj.weight" not in state \
+            else VIT_WIDTHS[width]
+        tuned = "head.weight" in state
+        other = {k: DEIT_ENTRIES.get(k) or NOT_CARRIED.get(k, "kept in the imported record") for k in raw
+                 if k != "model"}
+        info = {k: plain(raw[k]) for k in ("args",) if k in raw}
+        epoch = upstream_epoch(raw, completed_offset=1)
+        return Released(path, raw, state, LINEAR if tuned else BACKBONE, "deit", epoch, arch, info, other)
+
     def default_recipe(self, released: Released) -> str:
-        if released.layout == "vit":
+        if released.layout in ("vit", "deit"):
             if released.arch not in self.vit_recipes:
                 raise CheckpointError(f"{released.path}: arch {released.arch!r} is not one of MoCo v3's ViTs "
                                       f"({', '.join(self.vit_recipes)})")
@@ -95,7 +135,7 @@ class MoCoV3Importer(Importer):
         return super().overrides(released) + extra
 
     def place(self, released: Released, placement: Placement) -> None:
-        head = "head" if released.layout == "vit" else "fc"
+        head = "head" if released.layout in ("vit", "deit") else "fc"
         if released.kind == PRETRAIN:
             placement.put_prefix(f"base_encoder.{head}.", "projector.")
             placement.put_prefix("base_encoder.", "backbone.")
@@ -103,8 +143,9 @@ class MoCoV3Importer(Importer):
             placement.put_prefix("momentum_encoder.", "key_encoder.0.")
             placement.put_prefix("predictor.", "predictor.")
             return
-        placement.take(f"{head}.weight", "classifier")
-        placement.take(f"{head}.bias", "classifier")
+        if released.kind == LINEAR:
+            placement.take(f"{head}.weight", "classifier")
+            placement.take(f"{head}.bias", "classifier")
         placement.put_prefix("", "backbone.")
         placement.keep_initial("projector.*", LINEAR_ONLY)
         placement.keep_initial("predictor.*", LINEAR_ONLY)
@@ -116,5 +157,5 @@ class MoCoV3Importer(Importer):
     def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
         if released.kind != LINEAR:
             return None
-        head = "head" if released.layout == "vit" else "fc"
+        head = "head" if released.layout in ("vit", "deit") else "fc"
         return {"weight": released.state[f"{head}.weight"], "bias": released.state[f"{head}.bias"]}
