@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/contrastlab demo
 
+# The suite runs in up to 4 worker processes (pytest-xdist), one torch thread each; `.venv/bin/python -m pytest` runs it in one process.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,3 +24,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_xdist_worker():
+    """Under ``pytest -n 2`` (pytest-xdist), each worker runs torch on one intra-op thread: two workers on two
+    cores, instead of four threads contending for them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
