@@ -53,14 +53,12 @@ def _smoke_configuration(recipe: str) -> str:
     return dump_config(cfg)
 
 
-def _size_rank(recipe: str) -> int:
-    return ARCH_SIZE_ORDER.get(_load(recipe, [], smoke=True).model.arch, 0)
-
-
 SMOKE_GROUPS: dict[str, list[str]] = {}
+_SIZE_RANK: dict[str, int] = {}
 for _recipe in TRAIN_RECIPES:
     SMOKE_GROUPS.setdefault(_smoke_configuration(_recipe), []).append(_recipe)
-SMOKE_GROUPS = {conf: sorted(group, key=_size_rank) for conf, group in SMOKE_GROUPS.items()}  # stable: smallest first
+    _SIZE_RANK[_recipe] = ARCH_SIZE_ORDER.get(load_config(_recipe).model.arch, 0)
+SMOKE_GROUPS = {conf: sorted(group, key=_SIZE_RANK.get) for conf, group in SMOKE_GROUPS.items()}  # smallest first
 
 
 def test_every_recipe_has_its_smoke_configuration_run():

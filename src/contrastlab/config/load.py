@@ -24,6 +24,9 @@ from typing import Any
 
 import yaml
 
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""PyYAML's safe loader, in C where PyYAML was built with libyaml (about 10 times faster on recipes)."""
+
 from contrastlab.config.schema import Config, ViewsConfig
 from contrastlab.config.validate import check_names, validate
 from contrastlab.errors import ConfigError
@@ -98,7 +101,7 @@ def recipe_path(recipe: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from exc
     if data is None:
@@ -164,7 +167,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=YAML_LOADER) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
