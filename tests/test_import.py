@@ -711,7 +711,7 @@ def _upstream_mcl(arch: str, peers: int, classes: int = 100) -> nn.Module:
     return _randomise(up, 21)
 
 
-@pytest.mark.parametrize("arch,peers", [("resnet18", 4), ("wrn_16_2", 4), ("wrn_40_2", 2), ("wrn_28_4", 2), ("shufflenetv2_05x", 4),
+@pytest.mark.parametrize("arch,peers", [("resnet18", 4), ("resnet18", 2), ("wrn_16_2", 4), ("wrn_40_2", 2), ("wrn_28_4", 2), ("shufflenetv2_05x", 4),
                                         ("shufflenetv2_1x", 2), ("hcgnet_a1", 4), ("hcgnet_a2", 2)])
 def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
     """Each family's independent (2 peers) and shared-trunk (4) layout: every peer's logits equal upstream's (and
