@@ -21,6 +21,7 @@ from contrastlab.errors import CheckpointError
 from contrastlab.importers.placement import Placement
 
 PRETRAIN, LINEAR, SUPERVISED, BACKBONE = "pretrain", "linear", "supervised", "backbone"
+OPTIMIZER_NOT_CARRIED = "not carried over: a resumed run starts with fresh optimizer state"
 """Kinds of released file: a pre-training checkpoint, a linear-probe checkpoint (backbone + classifier; also a
 fine-tuned network with its head), a supervised model (MCL's peers with their classifiers), a backbone alone (MoCo
 v3's ``convert_to_deit.py`` output)."""

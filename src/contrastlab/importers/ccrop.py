@@ -37,6 +37,7 @@ import torch
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import (
     LINEAR,
+    OPTIMIZER_NOT_CARRIED,
     PRETRAIN,
     Importer,
     Released,
@@ -51,7 +52,7 @@ from contrastlab.registry import register_importer
 METHOD_STATES = {"moco_state": "moco", "simclr_state": "simclr", "byol_state": "byol", "simsiam_state": "simsiam"}
 """Top-level key of a pre-training file -> the method that wrote it."""
 
-NOT_CARRIED = "not carried over: a resumed run starts with fresh optimizer state"
+NOT_CARRIED = OPTIMIZER_NOT_CARRIED
 
 LINEAR_RECIPES = {10: "cifar10/simclr_ccrop_r18_500ep", 100: "cifar100/simclr_ccrop_r18_500ep",
                   200: "tiny_imagenet/simclr_ccrop_r18_500ep", 1000: "imagenet/mocov2_ccrop_r50_100ep"}

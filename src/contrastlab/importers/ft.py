@@ -31,6 +31,7 @@ import torch
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import (
     LINEAR,
+    OPTIMIZER_NOT_CARRIED,
     PRETRAIN,
     Importer,
     Released,
@@ -43,7 +44,7 @@ from contrastlab.importers.mocov3 import LINEAR_ONLY
 from contrastlab.importers.placement import Placement
 from contrastlab.registry import register_importer
 
-NOT_CARRIED = {"optimizer": "not carried over: a resumed run starts with fresh optimizer state",
+NOT_CARRIED = {"optimizer": OPTIMIZER_NOT_CARRIED,
                "amp": "not carried over (apex mixed-precision state)"}
 
 

@@ -47,6 +47,7 @@ import torch
 
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import (
+    OPTIMIZER_NOT_CARRIED,
     PRETRAIN,
     SUPERVISED,
     Importer,
@@ -59,7 +60,7 @@ from contrastlab.importers.placement import Placement
 from contrastlab.registry import register_importer
 
 HEADS_NOT_SAVED = "MCL's projection heads live in its loss module, which the release does not save: initialised"
-NOT_CARRIED = "not carried over: a resumed run starts with fresh optimizer state"
+NOT_CARRIED = OPTIMIZER_NOT_CARRIED
 
 
 def _resnet_arch(net: dict[str, torch.Tensor]) -> str | None:

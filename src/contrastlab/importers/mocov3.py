@@ -43,6 +43,7 @@ from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import (
     BACKBONE,
     LINEAR,
+    OPTIMIZER_NOT_CARRIED,
     PRETRAIN,
     Importer,
     Released,
@@ -53,7 +54,7 @@ from contrastlab.importers.base import (
 from contrastlab.importers.placement import Placement
 from contrastlab.registry import register_importer
 
-NOT_CARRIED = {"optimizer": "not carried over: a resumed run starts with fresh optimizer state",
+NOT_CARRIED = {"optimizer": OPTIMIZER_NOT_CARRIED,
                "scaler": "not carried over (fp16 loss scale; contrastlab trains in bf16 or fp32)"}
 LINEAR_ONLY = "not in a linear-probe file: as initialised when training starts"
 DEIT_ENTRIES = {"model_ema": "not carried over: DeiT's EMA of the fine-tuned weights, which its evaluation does not use",

@@ -145,15 +145,13 @@ class Placement:
         """Our complete state dict; CheckpointError for an upstream key not accounted for or a key of ours unfilled."""
         unplaced = [k for k in self.source if k not in self._used]
         if unplaced:
-            shown = ", ".join(repr(k) for k in unplaced[:8]) + (f" and {len(unplaced) - 8} more" if len(unplaced) > 8 else "")
             raise CheckpointError(f"{self.where}: {len(unplaced)} key(s) cannot be placed in the model built from the "
-                                  f"recipe: {shown}. Nothing was written. Check --from and --recipe (and model.* / "
+                                  f"recipe: {_listed(unplaced)}. Nothing was written. Check --from and --recipe (and model.* / "
                                   "method.* overrides); see docs/importing.md for the layouts each importer reads")
         missing = [k for k in self.target if k not in self.out]
         if missing:
-            shown = ", ".join(repr(k) for k in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise CheckpointError(f"{self.where}: the file holds nothing for {len(missing)} key(s) of the model built "
-                                  f"from the recipe: {shown}. Nothing was written. Check --recipe (and model.* / "
+                                  f"from the recipe: {_listed(missing)}. Nothing was written. Check --recipe (and model.* / "
                                   "method.* overrides) against the file")
         return {k: self.out[k] for k in self.target}
 
@@ -164,3 +162,8 @@ class Placement:
             kept.setdefault(why, []).append(key)
         return {"placed": len(self.placed), "elsewhere": dict(self.elsewhere),
                 "initial": {why: len(keys) for why, keys in kept.items()}}
+
+
+def _listed(keys: list[str], most: int = 8) -> str:
+    """The first ``most`` keys for a message, and how many more there are."""
+    return ", ".join(repr(k) for k in keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
