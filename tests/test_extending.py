@@ -108,7 +108,7 @@ def test_dataset_example(tmp_path):
     image, label, index = data[5]
     assert image.mode == "RGB" and image.size == (28, 28) and (label, index) == (build_dataset("demo", None,
                                                                                                "test").targets[5], 5)
-    run = smoke(tmp_path, "npz", f"plugins=[{path}]", "data.name=npz_images", f"data.root={root}",
+    run = smoke(tmp_path, "npz_run", f"plugins=[{path}]", "data.name=npz_images", f"data.root={root}",
                 "data.pipeline=gpu")
     assert run["input_pipeline"] == "gpu-resident"
     assert main(["train", "demo", "--smoke", f"out={tmp_path / 'bad'}", f"plugins=[{path}]",

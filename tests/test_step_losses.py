@@ -1,31 +1,68 @@
-"""The redesign of issue 17 changed no training: per-step losses of fixed-seed smoke runs equal those recorded from
-the code before it (``tests/step_losses.py`` recorded ``tests/data/step_losses.json``).
+"""A restructuring changes no draw, order or formula of training: fixed-seed smoke runs probed step by step
+(``tests/step_losses.py``) against ``tests/data/step_losses.json``.
 
 Six cases (SimCLR, MoCo v2 + ContrastiveCrop with a localisation between its two epochs, CaCo with its warm start,
 supervised MCL, MoCo v3 + JointCrop on a ResNet-50, MoCo v2 + FT with score statistics), each through the CPU-worker
-and the batched view pipeline. On the machine that recorded them the losses are equal bit for bit; the tolerance
-(relative 1e-4) only admits the float differences between CPUs, while any change of a draw, an order or a formula
-moves a loss by far more. ``STEP_LOSSES_EXACT=1`` asks for bit equality.
+and the batched view pipeline. On every machine: the batch order and the planned boxes are equal, the rendered
+views and the first step's loss (float32 as trained and float64 recomputed) agree to a tolerance far below what any
+changed draw or formula moves them by, and the first step's float64 gradients to 2% (see the probe's docstring for
+why no closer). The first step's loss is also checked against the losses recorded from the code before the
+redesign of issue 17. Bit for bit, the whole loss trajectory on the machines that recorded one (a few steps at the
+recipes' learning rates amplify rounding: on another CPU, or under another ``ATEN_CPU_CAPABILITY``, the third step's
+loss differs by up to a few percent).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from step_losses import CASES, PIPELINES, REFERENCE, step_losses
+from step_losses import CASES, PIPELINES, REFERENCE, machine, probe
+
+pytestmark = pytest.mark.numerics  # `make test` runs these again with torch's scalar kernels
 
 RECORDED = json.loads(REFERENCE.read_text())
+VIEW_SUM_TOLERANCE = {"rel": 1e-6, "abs": 1e-3}  # a sum of ~10^3 values in [-3, 3]; a moved box changes it by > 1
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    """Each case's probe, run once for the module's tests."""
+    found: dict[tuple[str, str], dict] = {}
+
+    def get(case: str, pipeline: str) -> dict:
+        if (case, pipeline) not in found:
+            found[case, pipeline] = probe(case, pipeline, tmp_path_factory.mktemp(f"{case}_{pipeline}") / "run")
+        return found[case, pipeline]
+
+    return get
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_losses_are_those_recorded_before_the_redesign(case, pipeline, tmp_path):
-    losses = step_losses(case, pipeline, tmp_path / "run")
-    expected = RECORDED[case][pipeline]
-    assert len(losses) == len(expected)
-    if os.environ.get("STEP_LOSSES_EXACT") == "1":  # on the machine that recorded them
-        assert losses == expected
-    else:
-        assert losses == pytest.approx(expected, rel=1e-4)
+def test_draws_views_and_first_step_are_those_recorded(case, pipeline, probes):
+    got, expected = probes(case, pipeline), RECORDED[case][pipeline]
+    assert got["indices"] == expected["indices"]  # the batch order, every step
+    assert got["boxes"] == expected["boxes"]  # every box planned before the first localisation
+    assert len(got["views"]) == len(expected["views"])
+    for step, (views, recorded) in enumerate(zip(got["views"], expected["views"])):
+        for v, (sums, sums_recorded) in enumerate(zip(views, recorded)):
+            assert len(sums) == len(sums_recorded)
+            for sample, (pair, pair_recorded) in enumerate(zip(sums, sums_recorded)):
+                assert pair == pytest.approx(pair_recorded, **VIEW_SUM_TOLERANCE), f"step {step + 1}, view {v}, {sample}"
+    first, first_recorded = got["first_step"], expected["first_step"]
+    assert got["losses"][0] == pytest.approx(expected["losses_before_redesign"][0], rel=1e-5)
+    assert first["loss_float64"] == pytest.approx(first_recorded["loss_float64"], rel=2e-6)
+    assert first["grad_norms_float64"].keys() == first_recorded["grad_norms_float64"].keys()
+    for group, norm in first["grad_norms_float64"].items():
+        assert norm == pytest.approx(first_recorded["grad_norms_float64"][group], rel=2e-2), group
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_trajectory_is_the_one_recorded_on_this_machine(case, pipeline, probes):
+    recorded = RECORDED[case][pipeline]["losses_by_machine"]
+    here = machine()
+    if here not in recorded:
+        pytest.skip(f"no trajectory recorded on this machine ({here}); recorded on: {'; '.join(recorded)}")
+    assert probes(case, pipeline)["losses"] == recorded[here]

@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from contrastlab.engine.distributed import is_main_process
 
-    results = train(cfg, args.recipe)
+    results = train(cfg, args.recipe, trust_pickle=args.trust_pickle)
     if is_main_process():
         print(json.dumps(results))
     return 0
@@ -151,7 +151,7 @@ def _eval_config(args: argparse.Namespace):
     )
     from contrastlab.engine.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     tree = upgrade_saved_config(yaml.safe_load(ckpt["config"]), ckpt.get("version", 1))
     if getattr(args, "recipe", None):
         read = {"linear": linear_section, "finetune": finetune_section}.get(args.kind)  # the protocol's section
@@ -179,10 +179,19 @@ def _views_on_device(cfg, device, *datasets) -> bool:
 
 
 def _eval_out(args: argparse.Namespace, cfg) -> Path:
-    """Where an evaluation's JSON goes: ``--out``, or ``<run>/eval_<kind>_<data>[_peerN][_stored].json``."""
+    """Where an evaluation's JSON goes: ``--out``; for a run's ``checkpoints/last.pt``
+    ``<run>/eval_<kind>_<data>[_peerN][_stored].json`` (another checkpoint of the run adds ``_<its name>``); for a
+    checkpoint anywhere else ``<its name>.eval_<kind>_<data>[...].json`` beside it."""
+    if args.out:
+        return Path(args.out)
     suffix = f"_peer{args.peer}" if args.peer is not None else ""
     suffix += "_stored" if getattr(args, "stored_classifier", False) else ""
-    return Path(args.out) if args.out else Path(args.checkpoint).parent.parent / f"eval_{args.kind}_{cfg.data.name}{suffix}.json"
+    checkpoint = Path(args.checkpoint)
+    name = f"eval_{args.kind}_{cfg.data.name}{suffix}"
+    if checkpoint.parent.name != "checkpoints":  # not in a run directory: named after the checkpoint, beside it
+        return checkpoint.parent / f"{checkpoint.stem}.{name}.json"
+    own = "" if checkpoint.name == "last.pt" else f"_{checkpoint.stem}"
+    return checkpoint.parent.parent / f"{name}{own}.json"
 
 
 def _eval_info(args: argparse.Namespace, cfg, ckpt) -> dict:
@@ -251,7 +260,8 @@ def _eval_finetune(args: argparse.Namespace, cfg, ckpt, device) -> dict:
     from contrastlab.eval.finetune import finetune_checkpoint
 
     folder = _eval_out(args, cfg).with_suffix("")  # <run>/eval_finetune_<data>/
-    return finetune_checkpoint(ckpt, cfg, str(args.checkpoint), folder, peer=args.peer, resume=args.resume)
+    return finetune_checkpoint(ckpt, cfg, str(args.checkpoint), folder, peer=args.peer, resume=args.resume,
+                               trust_pickle=args.trust_pickle)
 
 
 EVALUATIONS = {"knn": _eval_knn, "linear": _eval_linear, "finetune": _eval_finetune}
@@ -259,6 +269,7 @@ EVALUATIONS = {"knn": _eval_knn, "linear": _eval_linear, "finetune": _eval_finet
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from contrastlab.engine.checkpoint import write_atomically
     from contrastlab.engine.device import select_device
     from contrastlab.engine.distributed import is_main_process
 
@@ -270,10 +281,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = select_device(cfg.train.device)
     result = {**EVALUATIONS[args.kind](args, cfg, ckpt, device), **_eval_info(args, cfg, ckpt)}
     if is_main_process():
+        print(json.dumps(result), flush=True)  # first: a result that cannot be written is not lost
         out = _eval_out(args, cfg)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(json.dumps(result, indent=2).encode(), out)
+        except OSError as exc:
+            raise ContrastlabError(f"could not write the result to {out} ({exc.strerror or exc}); it is printed "
+                                   "above. Pass --out FILE to write it elsewhere") from exc
     return 0
 
 
@@ -338,7 +353,8 @@ def cmd_views(args: argparse.Namespace) -> int:
         from contrastlab.viz.view_sheet import localise_images
 
         backbone, _ = assemble.backbone(cfg)
-        load_backbone_weights(backbone, load_checkpoint(args.checkpoint), source=args.checkpoint)
+        load_backbone_weights(backbone, load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle),
+                              source=args.checkpoint)
         loc = views.planner.localisation or DEFAULT_LOCALISATION
         localised = localise_images(backbone, images, assemble.image_size(cfg), mean, std,
                                     kind=loc.heatmap, threshold=loc.threshold)
@@ -361,6 +377,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_pickle_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--trust-pickle``, the one opt-in of every command that opens a checkpoint (:mod:`contrastlab.safe_load`)."""
+    parser.add_argument("--trust-pickle", action="store_true", help=f"also open {what} when it holds Python objects "
+                        "besides tensors and plain containers: this may run code from the file, so only for a file "
+                        "from a source you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"contrastlab {__version__}")
@@ -375,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="2 steps on the embedded demo data, CPU, small resolution; "
                    "key=value overrides still apply (e.g. train.device=cuda)")
     p.add_argument("--show", action="store_true", help="print the resolved config and exit")
+    _trust_pickle_flag(p, "a resume=FILE checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: kNN, linear probe or end-to-end fine-tuning")
@@ -390,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stored-classifier", action="store_true", help="eval linear: report the test accuracy of the "
                    "classifier stored in the checkpoint (an imported linear-probe file's, or an MCL peer's) instead "
                    "of training a probe")
-    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN][_stored].json)")
+    p.add_argument("--out", help="JSON result path (default: <run>/eval_<kind>_<data>[_peerN][_stored].json for a "
+                   "run's last.pt; <checkpoint name>.eval_<kind>_<data>[...].json beside any other checkpoint)")
+    _trust_pickle_flag(p, "the checkpoint (and a --resume file)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import", help="convert a released checkpoint of an upstream project into a contrastlab "
@@ -401,8 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ccrop, ft or mcl")
     p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
     p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
-    p.add_argument("--trust-pickle", action="store_true", help="load a file holding arbitrary Python objects (it may "
-                   "run code from the file); released checkpoints normally load without it")
+    _trust_pickle_flag(p, "the released file (released checkpoints normally load without it)")
     p.add_argument("--classifier", help="a linear-probe file that holds only the classifier (FT's main_linear.py), "
                    "trained on this pre-training file's backbone: stored for `eval linear --stored-classifier`")
     p.set_defaults(func=cmd_import)
@@ -420,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random stream of the planner and photometrics")
     p.add_argument("--checkpoint", help="a training checkpoint: show its backbone's heatmap and box per image, "
                    "and crops sampled around that box (ContrastiveCrop / SemanticCrop)")
+    _trust_pickle_flag(p, "the --checkpoint file")
     p.set_defaults(func=cmd_views)
 
     p = sub.add_parser("export", help="write a checkpoint's backbone for torchvision, timm or detectron2")
@@ -429,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.pth for torchvision/timm, .pkl for detectron2)")
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): export peer N (default 0)")
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    _trust_pickle_flag(p, "the checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="training throughput: model step alone, GPU pipeline, CPU torchvision pipeline")

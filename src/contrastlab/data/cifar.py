@@ -2,13 +2,13 @@
 
 Each pickle holds a dict with bytes keys: ``b"data"`` is a uint8 array ``[N, 3072]`` whose rows are the
 red, green and blue 32x32 planes one after the other (row-major), and ``b"labels"`` (CIFAR-10) or
-``b"fine_labels"`` (CIFAR-100) is a list of N ints. The files are pickles, so only load copies you
-trust (as with any pickle).
+``b"fine_labels"`` (CIFAR-100) is a list of N ints. The files are pickles; they are read as plain data only
+(:func:`contrastlab.safe_load.load_plain_pickle`: numbers, bytes, lists, dicts and numeric numpy arrays), so a
+tampered copy that names any other Python callable is refused, never run.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +17,7 @@ import numpy as np
 from contrastlab.data.base import ArrayDataset
 from contrastlab.data.download import DownloadSpec, RemoteFile
 from contrastlab.data.layout import PathLike, check_split, dataset_error, require_file, resolve_folder
+from contrastlab.safe_load import load_plain_pickle
 
 SOURCE = ("https://www.cs.toronto.edu/~kriz/cifar.html (the 'python version' archives; extract them), or "
           "data.download=true")
@@ -44,7 +45,7 @@ def _read_pickle(path: Path, dataset: str, layout: str) -> dict[str, Any]:
     require_file(path, dataset, layout, SOURCE)
     try:
         with path.open("rb") as fh:
-            content = pickle.load(fh, encoding="bytes")
+            content = load_plain_pickle(fh, encoding="bytes")
     except Exception as exc:  # pickle raises many exception types on corrupt input
         raise dataset_error(f"{dataset}: not a readable pickle ({exc})", path, layout, SOURCE) from exc
     if not isinstance(content, dict):

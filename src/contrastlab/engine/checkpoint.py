@@ -4,10 +4,15 @@ A checkpoint is a ``torch.save`` dictionary with ``format == "contrastlab-checkp
 to a temporary file in the same folder, flushed, fsynced, then renamed over the target, so a crash
 never leaves a half-written ``last.pt``. Next to it, ``<name>.sha256`` holds the SHA-256 of its bytes
 (written the same way, after the checkpoint); :func:`load_checkpoint` checks it, so a file damaged on
-disk later is detected, not loaded. A crash between the two renames leaves a checkpoint whose checksum
-does not match: it is then treated as damaged and ``resume=auto`` falls back to an older one
-(:func:`newest_intact_checkpoint`), which is safe. A failed write (disk full) raises
-:class:`~contrastlab.errors.CheckpointError` and leaves the previous checkpoint untouched.
+disk later is detected, not loaded. A checkpoint copied without that file still verifies itself: ``torch.save``
+writes a zip archive whose members each carry a CRC-32, and :func:`load_checkpoint` checks them all. A crash between
+the two renames leaves a checkpoint whose checksum does not match: it is then treated as damaged and
+``resume=auto`` falls back to an older one (:func:`newest_intact_checkpoint`), which is safe. A failed write (disk
+full) raises :class:`~contrastlab.errors.CheckpointError` and leaves the previous checkpoint untouched.
+
+Opening a checkpoint never runs code from it: it holds tensors, numbers, strings and plain containers only, and is
+read as such (:func:`contrastlab.safe_load.load_torch_file`); ``trust_pickle=True`` (``--trust-pickle``) opens a
+file holding other Python objects, from a source the user trusts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from contrastlab.errors import CheckpointError
+from contrastlab.safe_load import load_torch_file, plain_tree
 
 FORMAT = "contrastlab-checkpoint"
 VERSION = 2
@@ -71,11 +78,15 @@ def write_atomically(data: bytes | memoryview | Callable[[BinaryIO], None], path
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (temp file, fsync, rename, fsync folder), then its checksum.
 
+    ``obj`` holds tensors, numbers, strings and plain containers only (numpy scalars become Python numbers): what
+    :func:`load_checkpoint` opens without running code.
+
     Raises:
-        CheckpointError: the file could not be written (disk full, permissions); the previous file at
-            ``path`` is left as it was.
+        CheckpointError: the file could not be written (disk full, permissions), or ``obj`` holds another kind of
+            object (the message names its entry); the previous file at ``path`` is left as it was.
     """
     path = Path(path)
+    obj = plain_tree(obj, f"checkpoint {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()  # of the bytes as they stream to disk: the checkpoint is never copied in memory
     try:
@@ -140,13 +151,27 @@ def verify_checksum(path: str | os.PathLike) -> bool | None:
     return expected == digest.hexdigest()
 
 
+def damaged_zip_member(path: str | os.PathLike) -> str | None:
+    """The first member of ``torch.save``'s zip archive at ``path`` whose bytes do not match their CRC-32, if any.
+
+    ``None`` also for a file that is not a zip archive (the legacy torch format): :func:`torch.load` judges it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile:
+        return None
+    except (OSError, EOFError, zipfile.LargeZipFile) as exc:
+        return f"(unreadable: {exc})"
+
+
 def remove_checkpoint(path: str | os.PathLike) -> None:
     """Delete a checkpoint and its checksum file."""
     Path(path).unlink(missing_ok=True)
     checksum_path(path).unlink(missing_ok=True)
 
 
-def newest_intact_checkpoint(folder: str | os.PathLike, log=print) -> Path | None:
+def newest_intact_checkpoint(folder: str | os.PathLike, log=print, trust_pickle: bool = False) -> Path | None:
     """``last.pt`` if intact, else the newest intact ``epoch_NNNN.pt``; each damaged file is named in ``log``."""
     folder = Path(folder)
     candidates = [folder / "last.pt", *sorted(folder.glob("epoch_*.pt"), reverse=True)]
@@ -154,7 +179,7 @@ def newest_intact_checkpoint(folder: str | os.PathLike, log=print) -> Path | Non
         if not candidate.is_file():
             continue
         try:
-            load_checkpoint(candidate, map_location="cpu")
+            load_checkpoint(candidate, map_location="cpu", trust_pickle=trust_pickle)
         except CheckpointError as exc:
             log(f"skipping {candidate}: {exc}")
             continue
@@ -167,20 +192,33 @@ UPGRADES: list[Callable[[dict[str, Any]], None]] = []
 state moved adds its own, e.g. the localiser observer's box table); :func:`load_checkpoint` applies them all."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a contrastlab checkpoint; CheckpointError naming the file when it is missing or damaged."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    trust_pickle: bool = False) -> dict[str, Any]:
+    """Read a contrastlab checkpoint, verified and without running code from it.
+
+    Args:
+        path: The ``.pt`` file.
+        map_location: Where its tensors go.
+        trust_pickle: Also open a file holding Python objects besides tensors and plain containers (it may run code
+            from the file): only for a file from a source you trust.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, damaged (its ``.sha256``, else its zip CRCs),
+            holds other Python objects (without ``trust_pickle``) or was not written by contrastlab.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt file written by "
                               "`contrastlab train` (runs/<name>/checkpoints/last.pt)")
-    if verify_checksum(path) is False:
+    intact = verify_checksum(path)
+    if intact is False:
         raise CheckpointError(f"checkpoint {path} does not match its checksum {checksum_path(path).name} (damaged "
                               "on disk, or a write was cut off); use an earlier checkpoint from the same folder")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated / corrupt zip files
-        raise CheckpointError(f"checkpoint {path} is damaged or not a torch file ({type(exc).__name__}: {exc}); "
-                              "use an earlier checkpoint from the same folder") from exc
+    damaged = damaged_zip_member(path) if intact is None else None  # a matching .sha256 has checked every byte
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: its part {damaged} does not match the CRC-32 stored "
+                              "with it (changed on disk or in a copy); use an earlier or another copy of it")
+    ckpt = load_torch_file(path, map_location, trust_pickle=trust_pickle)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} was not written by contrastlab (no '{FORMAT}' marker); "
                               "to evaluate foreign weights, convert them first")

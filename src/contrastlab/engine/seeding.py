@@ -27,17 +27,22 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's global RNG states (torch, CUDA, NumPy, Python)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's global RNG states (torch, CUDA, NumPy, Python), as tensors and plain containers only (a
+    checkpoint holds nothing else: :mod:`contrastlab.safe_load`)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (numpy's key as a tensor, or as the array older checkpoints held)."""
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]
+    key = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((kind, key.astype(np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

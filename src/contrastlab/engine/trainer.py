@@ -47,7 +47,13 @@ from contrastlab.engine.finite_check import DeferredFiniteCheck, NonFiniteLossEr
 from contrastlab.engine.inputs import InputPipeline, set_bad_images, test_dataset, training_inputs
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
 from contrastlab.engine.preemption import PreemptedError, PreemptionSignals
-from contrastlab.engine.run_directory import resolve_resume, run_directory, write_run_files
+from contrastlab.engine.run_directory import (
+    check_fresh_start,
+    clear_for_fresh_start,
+    resolve_resume,
+    run_directory,
+    write_run_files,
+)
 from contrastlab.engine.run_lock import lock_run_directory
 from contrastlab.engine.schedules import ema_momentum, run_learning_rate
 from contrastlab.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
@@ -78,6 +84,8 @@ class Trainer:
         observers: :class:`~contrastlab.observers.base.Observer` instances to call besides those the config lists
             (a :class:`~contrastlab.observers.loggers.base.Logger` among them is called on rank 0 only).
         quiet: No console output.
+        trust_pickle: Resume from a checkpoint holding Python objects besides tensors and plain containers (written
+            by another program, or altered): it may run code from the file, so only for a file you trust.
 
     Example:
         >>> from contrastlab import Trainer, load_config  # doctest: +SKIP
@@ -88,9 +96,9 @@ class Trainer:
 
     def __init__(self, cfg: Config | None = None, recipe: str = "run", *, method: Method | None = None,
                  dataset: Dataset | None = None, planner: Any = None, test_dataset: Dataset | None = None,
-                 observers: Iterable[Observer] = (), quiet: bool = False) -> None:
+                 observers: Iterable[Observer] = (), quiet: bool = False, trust_pickle: bool = False) -> None:
         cfg = Config() if cfg is None else cfg
-        self.cfg, self.recipe, self.quiet = cfg, recipe, quiet
+        self.cfg, self.recipe, self.quiet, self.trust_pickle = cfg, recipe, quiet, trust_pickle
         denv = dist.init_distributed(select_device(cfg.train.device).type)
         self.rank, self.world = denv.rank, denv.world_size
         self.device = select_device(cfg.train.device, denv.local_rank)
@@ -113,11 +121,20 @@ class Trainer:
                observers: list[Observer]) -> None:
         """The rest of set-up, with the run directory locked."""
         cfg = self.cfg
-        resume_path = resolve_resume(cfg, self.out, self.log, self.device)
+        resume_path = resolve_resume(cfg, self.out, self.log, self.device, self.trust_pickle)
+        if resume_path is None:  # a fresh run starts in an empty directory: nothing of an earlier one mixes in
+            refused = None
+            try:
+                check_fresh_start(cfg, self.out)
+            except ConfigError as exc:
+                refused = exc
+            if dist.any_rank(refused is not None, self.device):  # every rank stops, or none
+                raise refused or ConfigError(f"another rank refused run directory {self.out} (see its message)")
+            if self.main:
+                clear_for_fresh_start(self.out, self.log)
+            dist.barrier()
         seed_everything(cfg.seed + self.rank)
         self.bad_image_log = self.out / "bad_images.txt"
-        if self.main and resume_path is None:
-            self.bad_image_log.unlink(missing_ok=True)
         self.base_train, self.train_set = training_inputs(cfg, dataset, planner)
         set_bad_images(self.base_train, cfg, self.bad_image_log)
         self.targets = getattr(self.base_train, "targets", None)
@@ -144,6 +161,7 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
         self.epoch, self.step, self.skipped_total = 0, 0, 0
+        self.numbered: list[str] = []  # the epoch_NNNN.pt files this run wrote and keeps (train.keep_checkpoints)
         self.progress_in_epoch = EpochProgress()
         self.deferred_check = DeferredFiniteCheck(cfg.train.finite_check_every)
         self.resumed_mid_epoch = False
@@ -200,7 +218,7 @@ class Trainer:
         return self.given_test if self.given_test is not None else test_dataset(self.cfg, self.bad_image_log)
 
     def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt = load_checkpoint(path, map_location=self.device, trust_pickle=self.trust_pickle)
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # an imported checkpoint (contrastlab import) has no loss-scaler state
@@ -209,6 +227,7 @@ class Trainer:
         if self.step is None:  # imported: upstream counts epochs only
             self.step = self.epoch * self.d.steps_per_epoch
         self.skipped_total = ckpt.get("skipped_total", 0)
+        self.numbered = list(ckpt.get("numbered", []))  # older checkpoints: none counted, none deleted
         self.last_record = ckpt.get("record")
         self.observers.load_state_dict(ckpt.get("observers", {}), rank_local=False, log=self.log)
         partial = ckpt.get("partial")
@@ -286,18 +305,22 @@ class Trainer:
                                            "observers": self.observers.state_dict(rank_local=True)})
         if not self.main:
             return
+        written = self.numbered + ([f"epoch_{self.epoch:04d}.pt"] if numbered else [])
+        keep = self.cfg.train.keep_checkpoints
+        kept = written[-keep:] if keep > 0 else written  # retention counts only this run's own files
         ckpt = {"format": FORMAT, "version": VERSION, "config": dump_config(self.cfg), "recipe": self.recipe,
                 "epoch": self.epoch, "step": self.step, "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "derived": self.d.as_dict(), "skipped_total": self.skipped_total, "partial": partial,
+                "numbered": kept,
                 "observers": self.observers.state_dict(rank_local=False), "record": self.last_record}
         folder = self.out / "checkpoints"
         atomic_save(ckpt, folder / "last.pt")
         if numbered:
             atomic_save(ckpt, folder / f"epoch_{self.epoch:04d}.pt")
-            if self.cfg.train.keep_checkpoints > 0:
-                for old in sorted(folder.glob("epoch_*.pt"))[:-self.cfg.train.keep_checkpoints]:
-                    remove_checkpoint(old)
+            for old in written[:len(written) - len(kept)]:
+                remove_checkpoint(folder / old)
+            self.numbered = kept
 
     # --- the run -------------------------------------------------------------------------------------------
 
@@ -432,16 +455,17 @@ class Trainer:
             self.run_lock.release()
 
 
-def train(cfg: Config | None = None, recipe: str = "run", *, quiet: bool = False, **objects: Any) -> dict[str, Any]:
+def train(cfg: Config | None = None, recipe: str = "run", *, quiet: bool = False, trust_pickle: bool = False,
+          **objects: Any) -> dict[str, Any]:
     """Train to the end (or ``train.max_steps``) and return the final results (:class:`Trainer`).
 
     ``objects`` are the ready objects :class:`Trainer` accepts (``method``, ``dataset``, ``planner``,
-    ``test_dataset``, ``observers``). The process-wide switch a run may set (``train.deterministic``) is restored
+    ``test_dataset``, ``observers``); ``trust_pickle`` as for :class:`Trainer`. The process-wide switch a run may set (``train.deterministic``) is restored
     when it returns or fails, so a notebook or a test session that trains several runs does not inherit it.
     """
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        return Trainer(cfg, recipe, quiet=quiet, **objects).run()
+        return Trainer(cfg, recipe, quiet=quiet, trust_pickle=trust_pickle, **objects).run()
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

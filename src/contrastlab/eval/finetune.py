@@ -207,6 +207,7 @@ def finetune(
     rank: int = 0,
     world_size: int = 1,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` end to end on ``train_set`` and report its final top-1 on ``test_set``.
 
@@ -225,6 +226,7 @@ def finetune(
         rank: this process's rank under ``torchrun`` (the process group must be initialised when ``world_size > 1``).
         world_size: number of ranks; ``cfg.batch_size`` is the global batch.
         log: where progress lines go.
+        trust_pickle: open a ``resume`` file holding Python objects besides tensors (may run code from the file).
 
     Returns:
         ``finetune_top1`` (the model after the final epoch), ``finetune_ema_top1`` (its EMA, when on) and the
@@ -257,7 +259,7 @@ def finetune(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
     start_epoch = 0
     if resume is not None:
-        state = load_checkpoint(resume)
+        state = load_checkpoint(resume, trust_pickle=trust_pickle)
         if state.get("kind") != "finetune":
             raise ConfigError(f"{resume} is not a fine-tuning checkpoint (written by `contrastlab eval finetune`)")
         model.load_state_dict(state["model"])
@@ -376,7 +378,8 @@ def _evenly_spaced(dataset: Dataset, n: int) -> Dataset:
 
 def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str | Path, *, peer: int | None = None,
                         resume: str | Path | None = None,
-                        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
+                        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                        trust_pickle: bool = False) -> dict[str, Any]:
     """Fine-tune the backbone of a pre-training checkpoint with ``cfg.finetune`` (``contrastlab eval finetune``).
 
     The labelled training split (``data.labeled_split`` or ``data.train_split``; ``data.subset`` keeps an evenly
@@ -392,6 +395,7 @@ def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str
         peer: cohort methods: fine-tune peer ``peer``.
         resume: a fine-tuning checkpoint to continue, or ``"auto"`` (``out/checkpoints/last.pt`` when present).
         log: where progress lines go.
+        trust_pickle: open a ``resume`` file holding Python objects besides tensors (may run code from the file).
     """
     from contrastlab import assemble
     from contrastlab.engine.checkpoint import load_backbone_weights
@@ -415,4 +419,4 @@ def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str
         resume = last if last.is_file() else None
     return finetune(model, TransformedDataset(train_base, train_tf), TransformedDataset(test_base, test_tf),
                     cfg.finetune, out, device=device, workers=cfg.data.workers, seed=cfg.seed, resume=resume,
-                    rank=denv.rank, world_size=denv.world_size, log=log)
+                    rank=denv.rank, world_size=denv.world_size, log=log, trust_pickle=trust_pickle)

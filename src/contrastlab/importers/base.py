@@ -10,7 +10,6 @@ the conversion and writes the contrastlab checkpoint.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ import torch
 
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.placement import Placement
+from contrastlab.safe_load import load_torch_file
 
 PRETRAIN, LINEAR, SUPERVISED, BACKBONE = "pretrain", "linear", "supervised", "backbone"
 OPTIMIZER_NOT_CARRIED = "not carried over: a resumed run starts with fresh optimizer state"
@@ -64,13 +64,7 @@ def read_released(path: str | os.PathLike, allow_pickle: bool = False) -> dict[s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the released checkpoint file (.pth.tar / .pth)")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} holds Python objects besides tensors ({str(exc).splitlines()[0]}); if you "
-                              "trust the file, run again with --trust-pickle (it may execute code from the file)") from exc
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    raw = load_torch_file(path, "cpu", trust_pickle=allow_pickle, what="released file")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not the dictionary a released checkpoint is")
     return raw

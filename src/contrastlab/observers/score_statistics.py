@@ -254,6 +254,8 @@ class ScoreStatistics:
         names = ("_host_summaries", "_host_samples", "_steps", "_temperatures", "_anchors", "_negatives",
                  "_transformed", "_updates")
         state = {name: getattr(self, name) for name in names}
+        for name in ("_host_summaries", "_host_samples"):  # a checkpoint holds tensors, not numpy arrays
+            state[name] = [torch.from_numpy(a) for a in state[name]]
         state["_hist_pos"] = None if self._hist_pos is None else self._hist_pos.cpu()
         state["_hist_neg"] = None if self._hist_neg is None else self._hist_neg.cpu()
         return state
@@ -262,6 +264,8 @@ class ScoreStatistics:
         """Continue an epoch from :meth:`pending_state` (a run resumed mid-epoch writes the same file)."""
         self.reset()
         for name, value in state.items():
+            if name in ("_host_summaries", "_host_samples"):
+                value = [a.numpy() if isinstance(a, torch.Tensor) else a for a in value]
             setattr(self, name, value)
 
     @property
