@@ -1,4 +1,5 @@
-"""docs/extending.md's three examples, as written there: a crop law, a method and a dataset defined outside the package.
+"""docs/extending.md's examples, as written there: a crop law, a method, a dataset and an observer defined outside the
+package.
 
 Each is registered through the public API from its own file (the ``plugins`` config key) and trained by a
 ``--smoke`` run on the embedded data; the crop law through both the CPU-worker and the batched view pipeline, and
@@ -17,12 +18,12 @@ import torch
 from test_batch_planners import batch_boxes, cpu_boxes, law_mismatches
 
 from contrastlab.cli import main
-from contrastlab.registry import DATASETS, METHODS, PLANNERS, import_plugin
+from contrastlab.registry import DATASETS, METHODS, OBSERVERS, PLANNERS, import_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "extending.md"
 EXAMPLES = {"crop law": "examples/extending/nested_crop.py", "method": "examples/extending/barlow_twins.py",
-            "dataset": "examples/extending/npz_images.py"}
+            "dataset": "examples/extending/npz_images.py", "observer": "examples/extending/loss_trace.py"}
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +36,7 @@ def forget_the_examples():
     PLANNERS.unregister("nested_crop")
     METHODS.unregister("barlow_twins")
     DATASETS.unregister("npz_images")
+    OBSERVERS.unregister("loss_trace")
     for name in [n for n in sys.modules if n.startswith("contrastlab_plugin_")]:
         del sys.modules[name]
 
@@ -113,3 +115,27 @@ def test_dataset_example(tmp_path):
     assert run["input_pipeline"] == "gpu-resident"
     assert main(["train", "demo", "--smoke", f"out={tmp_path / 'bad'}", f"plugins=[{path}]",
                  "data.name=npz_images", f"data.root={tmp_path / 'missing'}"]) == 2
+
+
+def test_observer_example(tmp_path):
+    path = str(ROOT / EXAMPLES["observer"])
+    out = tmp_path / "traced"
+    assert main(["train", "demo", "--smoke", f"out={out}", f"plugins=[{path}]", "observers+=[loss_trace]",
+                 "train.max_steps=3", "train.log_every=1"]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["steps_traced"] == 3 and "knn_top1" in record  # the recipe's observers kept, the trace added
+    losses = json.loads((out / "results.json").read_text())
+    assert record["loss_last_step"] == pytest.approx(losses["last_step_loss"])  # the observer and the trainer agree
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["observers"]["loss_trace"]
+    assert len(state["trace"]) == 3 and state["trace"][-1] == record["loss_last_step"]
+
+
+def test_the_doc_lists_every_attribute_of_run():
+    from contrastlab.observers.base import Run
+
+    table = DOC.read_text().split("What an observer reads of the run", 1)[1].split("and what it may ask", 1)[0]
+    first_cells = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `")]
+    listed = {name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)}
+    public = {name for name in dir(Run(None)) if not name.startswith("_")}
+    asks = {"log", "log_metrics", "request_stop", "stop_requested"}
+    assert listed == public - asks, (sorted(public - asks - listed), sorted(listed - public))

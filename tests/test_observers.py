@@ -242,7 +242,8 @@ def test_trainer_takes_a_method_and_a_view_dataset_built_in_python(tmp_path):
     assert results["steps"] == 4 and results["epochs"] == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))  # the given method trained
     assert json.loads((tmp_path / "views" / "run.json").read_text())["objects"] == {
-        "method": "SimCLR", "dataset": "ViewDataset", "test_dataset": "IndexedSubset"}
+        "method": "contrastlab.methods.simclr.SimCLR", "dataset": "contrastlab.views.dataset.ViewDataset",
+        "test_dataset": "contrastlab.data.subsets.IndexedSubset"}
     # the same views from a raw dataset and a planner object (the config's size, recipe and seed): the same run
     cfg.out = str(tmp_path / "planner")
     again = train(cfg, quiet=True, method=simclr(), dataset=train_images, test_dataset=test_images,

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 
 import contrastlab
-from contrastlab.data.base import ArrayDataset
 
 
 @contrastlab.register_dataset("npz_images", normalization=((0.286, 0.286, 0.286), (0.353, 0.353, 0.353)),
                               native_size=28)
-class NpzImages(ArrayDataset):
+class NpzImages(contrastlab.ArrayDataset):
     name = "npz_images"
 
     def __init__(self, root, split: str = "train") -> None:

@@ -54,6 +54,9 @@ _EXPORTS: dict[str, str] = {
     "build_method": "contrastlab.methods",
     "build_backbone": "contrastlab.models.backbones",
     "build_dataset": "contrastlab.data",
+    "ImageDataset": "contrastlab.data.base",
+    "ArrayDataset": "contrastlab.data.base",
+    "FileDataset": "contrastlab.data.base",
     "make_photometric": "contrastlab.views.photometric",
     "ViewDataset": "contrastlab.views.dataset",
     # errors

@@ -81,8 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ContrastlabError(f"{args.recipe} is a {'linear-probe' if kind == 'linear' else 'fine-tuning'} recipe; "
                                f"run it with `contrastlab eval {kind} CHECKPOINT --recipe {args.recipe}`")
     cfg = _load(args.recipe, args.overrides, args.smoke)
-    if args.show:
-        print(dump_config(cfg), end="")
+    if args.show:  # the complete configuration that runs: the method's defaults included, switches as comments
+        print("".join(f"# {note}\n" for note in cfg.notes) + dump_config(cfg), end="")
         return 0
     from contrastlab.engine.distributed import is_main_process
 
@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3 data.root=./data out=runs/a")
     p.add_argument("--smoke", action="store_true", help="2 steps on the embedded demo data, CPU, small resolution; "
                    "key=value overrides still apply (e.g. train.device=cuda)")
-    p.add_argument("--show", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--show", action="store_true", help="print the complete config that would run (defaults included) "
+                   "and exit")
     _trust_pickle_flag(p, "a resume=FILE checkpoint")
     p.set_defaults(func=cmd_train)
 

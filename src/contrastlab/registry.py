@@ -33,6 +33,7 @@ import difflib
 import fnmatch
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -65,25 +66,55 @@ def _load_entry_point_plugins() -> None:
                               f"to import: {type(exc).__name__}: {exc}. Fix or uninstall that package.") from exc
 
 
+def resolve_plugin(spec: str, relative_to: str | Path | None = None) -> str:
+    """A ``plugins`` entry as it is recorded: a ``.py`` path made absolute (against ``relative_to``, the folder of
+    the recipe file that names it, else the current directory), a module name as it is.
+
+    Raises:
+        ConfigError: the entry is neither a module name nor a ``.py`` path.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"plugins: each entry must be a module name or a .py file path, got {spec!r}")
+    if not spec.endswith(".py"):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = Path(relative_to) / path
+    return str(path.resolve())
+
+
+def _imported_from(path: Path) -> Any:
+    """The module already imported from the file ``path`` (under any name), if any."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and file.endswith(path.name) and Path(file).resolve() == path:
+            return module
+    return None
+
+
 def import_plugin(spec: str) -> None:
     """Import a plug-in so that it registers its entries: a module name (``my_lab.crops``) or a ``.py`` file path.
 
-    A file is imported as a module named after its stem; importing the same file twice runs it once.
+    A file is imported as a module named after its stem, with its folder on ``sys.path`` (as a script's is, so it
+    can import the helper modules beside it). A file already imported, under any module name (``import barlow`` in
+    a notebook, then ``plugins=[barlow.py]``), is not run again.
 
     Raises:
         ConfigError: the module or file cannot be found or fails to import.
     """
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"plugins: each entry must be a module name or a .py file path, got {spec!r}")
+    spec = resolve_plugin(spec)
     try:
         if spec.endswith(".py"):
-            path = Path(spec).expanduser().resolve()
+            path = Path(spec)
             if not path.is_file():
-                raise ConfigError(f"plugins: file {path} does not exist; give a .py file or an importable module name")
-            name = f"contrastlab_plugin_{path.stem}"
-            existing = sys.modules.get(name)
-            if existing is not None and getattr(existing, "__file__", None) == str(path):
+                raise ConfigError(f"plugins: file {path} does not exist; give a .py file or an importable module name "
+                                  "(a relative path is read against the current folder, or in a recipe file against "
+                                  "the recipe's folder)")
+            if _imported_from(path) is not None:
                 return
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            name = f"contrastlab_plugin_{path.stem}"
             module_spec = importlib.util.spec_from_file_location(name, path)
             assert module_spec is not None and module_spec.loader is not None
             module = importlib.util.module_from_spec(module_spec)
@@ -102,6 +133,36 @@ def import_plugin(spec: str) -> None:
                           "or give the path of its .py file") from exc
     except Exception as exc:  # the plug-in's own error, named
         raise ConfigError(f"plugins: importing {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _own_name(target: Any) -> Any:
+    """The ``name`` a class defines itself (not one it inherits), or a function's ``name`` attribute."""
+    if isinstance(target, type):
+        return vars(target).get("name")
+    return getattr(target, "name", None)
+
+
+def _described(target: Any) -> str:
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    return f"{module}.{qualname}" if module and qualname else repr(target)
+
+
+def _source_file(target: Any) -> str | None:
+    try:
+        return str(Path(inspect.getsourcefile(target) or "").resolve())
+    except (TypeError, OSError):
+        return None
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+    """Whether ``new`` is ``old`` defined again: the same file run twice (imported in Python and listed in
+    ``plugins``), or a notebook cell run again (both defined interactively, in ``__main__``)."""
+    if getattr(old, "__qualname__", None) != getattr(new, "__qualname__", None) or type(old) is not type(new):
+        return False
+    if getattr(old, "__module__", None) == getattr(new, "__module__", None) == "__main__":
+        return True
+    source = _source_file(old)
+    return source is not None and source == _source_file(new)
 
 
 class Registry(Generic[T]):
@@ -143,13 +204,15 @@ class Registry(Generic[T]):
             ``obj`` (so the decorator leaves the class or function unchanged), or the decorator.
         """
         def add(target: T) -> T:
-            entry_name = name if name is not None else getattr(target, "name", None)
+            entry_name = name if name is not None else _own_name(target)
             if not isinstance(entry_name, str) or not entry_name:
-                raise ConfigError(f"register a {self.kind} with a name: register({target!r}) found none (pass "
-                                  "name=... or give the object a `name` attribute)")
-            if entry_name in self._entries and not replace and self._entries[entry_name] is not target:
+                raise ConfigError(f"register a {self.kind} with a name: {_described(target)} has no `name` of its own "
+                                  f"(an inherited one would register it under its base class's name); pass the name, "
+                                  f"e.g. {self.register_with or 'register'}(\"my_name\"), or set `name = ...` in it")
+            previous = self._entries.get(entry_name)
+            if previous is not None and not replace and previous is not target and not _same_definition(previous, target):
                 raise ConfigError(f"a {self.kind} named {entry_name!r} is registered already "
-                                  f"({self._entries[entry_name]!r}); choose another name or pass replace=True")
+                                  f"({_described(previous)}); choose another name or pass replace=True")
             self._entries[entry_name] = target
             self._info[entry_name] = MappingProxyType(dict(info))
             return target

@@ -30,7 +30,7 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 from contrastlab.config.schema import Config, ViewsConfig
 from contrastlab.config.validate import check_names, validate
 from contrastlab.errors import ConfigError
-from contrastlab.registry import METHODS, PLANNERS, import_plugin
+from contrastlab.registry import METHODS, PLANNERS, import_plugin, resolve_plugin
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -122,48 +122,66 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The raw mapping of a recipe with its ``base:`` chain merged in."""
+def read_recipe(recipe: str, _seen: tuple[str, ...] = (), notes: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a recipe with its ``base:`` chain merged in (``notes``: see :func:`merge_switching`)."""
     if recipe in _seen:
         raise ConfigError(f"recipe inheritance loops: {' -> '.join(_seen + (recipe,))}")
     path = recipe_path(recipe)
     data = _read_yaml(path)
+    if isinstance(data.get("plugins"), list):  # a recipe's plug-in files are found beside the recipe
+        data["plugins"] = [resolve_plugin(spec, path.parent) for spec in data["plugins"]]
     base = data.pop("base", None)
     if base is None:
         return data
-    return merge_switching(read_recipe(str(base), _seen + (recipe,)), data)
+    return merge_switching(read_recipe(str(base), _seen + (recipe,), notes), data, notes, f"recipe {recipe}")
 
 
 def _switchable() -> dict[str, tuple[str, set[str], Any, Any]]:
-    """Sections whose keys depend on a name in them: section -> (name key, keys of every entry, the entry's own
-    keys, its registry)."""
+    """Sections whose keys depend on a name in them: section -> (name key, keys every entry reads, the entry's own
+    keys, its registry). A method's keys are all its own: another method inherits none of them."""
     views_common = {f.name for f in dataclasses.fields(ViewsConfig)} - {"params"}
     return {"views": ("planner", views_common, planner_keys, PLANNERS),
-            "method": ("name", {"name"}, lambda name: list(method_parameters(name)), METHODS)}
+            "method": ("name", {"name"}, lambda name: (), METHODS)}
 
 
-def merge_switching(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``deep_merge(base, update)``, except that when ``update`` switches the planner (``views.planner``) or the
-    method (``method.name``), the keys ``base`` set for the old one that the new one does not read are not
-    inherited (a recipe or override that changes the planner starts from that planner's defaults for its keys)."""
+def merge_switching(base: dict[str, Any], update: dict[str, Any], notes: list[str] | None = None,
+                    what: str = "the overrides") -> dict[str, Any]:
+    """``deep_merge(base, update)``, except that when ``update`` switches the method (``method.name``) or the planner
+    (``views.planner``), what ``base`` set for the old one is not inherited where it would replace the new one's
+    own defaults: a switched method starts from its constructor's defaults (the old method's head sizes are not
+    the new one's), a switched planner from its ``Settings`` defaults for the keys it does not share with the old
+    one. Each switch is described in ``notes`` (the keys dropped and kept), which the trainer logs."""
     base = copy.deepcopy(base)
     import_plugins(update.get("plugins", base.get("plugins")))  # their planners and methods may be switched to
     for section, (name_key, common, keys_of, registry) in _switchable().items():
         new = update.get(section, {}).get(name_key) if isinstance(update.get(section), dict) else None
         old_section = base.get(section)
-        if new is None or not isinstance(old_section, dict) or old_section.get(name_key) == new:
+        if new is None or not isinstance(old_section, dict) or old_section.get(name_key, new) == new:
             continue
         if new not in registry:
             continue  # the unknown name fails later, naming the nearest ones
         keep = common | set(keys_of(new))
         base[section] = {k: v for k, v in old_section.items() if k in keep}
+        if notes is not None:
+            given = set(update[section])
+            dropped = sorted(k for k in old_section if k not in keep and k not in given)
+            kept = sorted(k for k in base[section] if k != name_key and k not in given and k not in common)
+            described = [f"dropped the inherited {', '.join(dropped)}" if dropped else "",
+                         f"kept the inherited {', '.join(kept)}" if kept else ""]
+            detail = "; ".join(d for d in described if d)
+            if detail:
+                notes.append(f"{what} switch {section}.{name_key} from {old_section[name_key]!r} to {new!r}: {detail} "
+                             f"(the new {'planner' if section == 'views' else 'method'}'s own defaults apply; --show prints "
+                             "them)")
     return deep_merge(base, update)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=0.5"`` -> ``("optim.lr", 0.5)``; values are parsed as YAML scalars or lists."""
+    """``"optim.lr=0.5"`` -> ``("optim.lr", 0.5)``; values are parsed as YAML scalars or lists. ``key+=[a, b]``
+    gives ``("key+", [a, b])``: append to the list ``key`` (:func:`load_config`)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.5")
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.5 (or key+=[a] to append "
+                          "to a list such as observers)")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
@@ -367,14 +385,17 @@ def _build_method(data: Any) -> dict[str, Any]:
     return {"name": name, "params": data}
 
 
-def import_plugins(plugins: Any) -> None:
-    """Import the ``plugins`` of a config (modules or ``.py`` files that register their entries)."""
+def import_plugins(plugins: Any) -> list[str] | None:
+    """Import the ``plugins`` of a config (modules or ``.py`` files that register their entries); returns them as
+    recorded (``.py`` paths absolute: a run directory's config then works from any folder)."""
     if plugins is None:
-        return
+        return None
     if not isinstance(plugins, list):
         raise ConfigError(f"config key plugins expects a list of module names or .py paths, got {plugins!r}")
-    for spec in plugins:
+    resolved = [resolve_plugin(spec) for spec in plugins]
+    for spec in resolved:
         import_plugin(spec)
+    return resolved
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
@@ -384,7 +405,9 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     known when every name of the config is checked against its registry.
     """
     tree = copy.deepcopy(tree)
-    import_plugins(tree.get("plugins"))
+    plugins = import_plugins(tree.get("plugins"))
+    if plugins is not None:
+        tree["plugins"] = plugins
     method = _build_method(tree.pop("method", {}))
     views = _build_views(tree.pop("views", {}))
     cfg = _build_section(Config, tree, "")
@@ -396,11 +419,15 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """The nested mapping of a config, method and planner params flattened into their sections (round-trips)."""
+def config_to_dict(cfg: Config, method_defaults: bool = False) -> dict[str, Any]:
+    """The nested mapping of a config, method and planner params flattened into their sections (round-trips).
+
+    ``method_defaults``: the method section also holds the constructor defaults of the keys nobody set (what runs).
+    """
     tree = dataclasses.asdict(cfg)
     method = tree.pop("method")
-    tree["method"] = {"name": method["name"], **method["params"]}
+    defaults = _method_defaults(method["name"]) if method_defaults else {}
+    tree["method"] = {"name": method["name"], **defaults, **method["params"]}
     views = tree.pop("views")
     params = views.pop("params")
     tree["views"] = {**views, **params}
@@ -409,14 +436,47 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a recipe, apply ``key=value`` overrides, validate, and return the :class:`Config`."""
+    """Read a recipe, apply ``key=value`` overrides (``key+=[a, b]`` appends to a list: ``observers+=[my_probe]``
+    keeps the recipe's observers and adds one), validate, and return the :class:`Config`.
+
+    The returned config's ``notes`` list what the loading decided that a user may not expect (a switched method or
+    planner and the inherited keys it dropped or kept); the trainer logs them and ``--show`` prints them.
+    """
+    notes: list[str] = []
+    tree = read_recipe(recipe, notes=notes)
     given: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
+        if key.endswith("+"):
+            key = key[:-1].strip()
+            current = _dotted(given, key, _dotted(tree, key, _dotted(config_to_dict(Config()), key, None)))
+            if not isinstance(current, list) or not isinstance(value, list):
+                raise ConfigError(f"override {text!r}: += appends a list to a list key (observers+=[name], "
+                                  f"log.to+=[tensorboard], plugins+=[file.py]); {key} is {current!r}")
+            value = current + value
         set_dotted(given, key, value)
-    return config_from_dict(merge_switching(read_recipe(recipe), given))
+    cfg = config_from_dict(merge_switching(tree, given, notes))
+    cfg.notes = tuple(notes)
+    return cfg
+
+
+def _dotted(tree: dict[str, Any], key: str, default: Any) -> Any:
+    """``tree["a"]["b"]`` for key ``"a.b"``, or ``default``."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
 
 
 def dump_config(cfg: Config) -> str:
-    """YAML text of a config, loadable again with :func:`load_config` as a path."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """YAML text of the complete config that runs (the method's constructor defaults included), loadable again with
+    :func:`load_config` as a path."""
+    return yaml.safe_dump(config_to_dict(cfg, method_defaults=True), sort_keys=False)
+
+
+def _method_defaults(name: str) -> dict[str, Any]:
+    from contrastlab.methods import method_defaults
+
+    return method_defaults(name)

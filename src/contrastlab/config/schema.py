@@ -11,7 +11,7 @@ constructor (see :mod:`contrastlab.methods`), validated against that constructor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 
 @dataclass
@@ -284,3 +284,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    notes: ClassVar[tuple[str, ...]] = ()
+    """What loading the config decided that a user may not expect (a switched method or planner and the inherited
+    keys it dropped or kept): set per config by :func:`~contrastlab.config.load.load_config`, logged by the trainer,
+    printed by ``--show``. Not a key: it is not saved."""

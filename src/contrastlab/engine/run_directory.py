@@ -145,7 +145,10 @@ def clear_for_fresh_start(out: Path, log: Callable[[str], None]) -> None:
 def write_run_files(out: Path, cfg: Config, recipe: str, info: dict[str, Any], device: torch.device) -> None:
     """``config.yaml`` and ``run.json`` (``info``: derived values, input pipeline, ... plus versions and device)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    given = info.get("objects") or {}
+    header = "".join(f"# {kind}: an object given in Python ({name}); the {kind} keys below were not used and this file "
+                     "alone does not rebuild it\n" for kind, name in given.items())
+    (out / "config.yaml").write_text(header + dump_config(cfg))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     (out / "run.json").write_text(json.dumps({
         "recipe": recipe, **info, "device": str(device), "device_name": name, "torch": torch.__version__,

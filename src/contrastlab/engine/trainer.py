@@ -21,6 +21,7 @@ last checkpoint by itself; a non-finite loss or gradient stops the run with a me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -58,7 +59,7 @@ from contrastlab.engine.run_lock import lock_run_directory
 from contrastlab.engine.schedules import ema_momentum, run_learning_rate
 from contrastlab.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from contrastlab.errors import ConfigError, ContrastlabError
-from contrastlab.methods.base import Method, StepOutput
+from contrastlab.methods.base import Method, StepOutput, check_step_output
 from contrastlab.observers.base import Observer, ObserverList, Run
 from contrastlab.observers.loggers.base import Logger
 from contrastlab.registry import LOGGERS, OBSERVERS
@@ -142,8 +143,8 @@ class Trainer:
         self.device_views, self.input_pipeline = self.inputs.device_views, self.inputs.name
         self.d = d = derive(cfg, self.world, len(self.train_set))
         self.num_classes = len(getattr(self.base_train, "classes", [])) or 1
-        self.given = {k: type(v).__name__ for k, v in (("method", method), ("dataset", dataset), ("planner", planner),
-                                                        ("test_dataset", test_dataset)) if v is not None}
+        self.given = {k: f"{type(v).__module__}.{type(v).__qualname__}" for k, v in (
+            ("method", method), ("dataset", dataset), ("planner", planner), ("test_dataset", test_dataset)) if v is not None}
         self.given_test = test_dataset
 
         self.model = self.method = self._build_method(method)
@@ -165,6 +166,8 @@ class Trainer:
         self.progress_in_epoch = EpochProgress()
         self.deferred_check = DeferredFiniteCheck(cfg.train.finite_check_every)
         self.resumed_mid_epoch = False
+        self.output_checked = False  # the method's first step output is checked once (check_step_output)
+        self.last_step_loss: torch.Tensor | None = None  # on the device: read once, at the end
         self.last_record: dict[str, Any] | None = None  # the newest epoch's metrics
         self.run_view = Run(self)
         self.observers = self._build_observers(observers)
@@ -219,6 +222,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device, trust_pickle=self.trust_pickle)
+        self._check_same_objects(ckpt, path)
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # an imported checkpoint (contrastlab import) has no loss-scaler state
@@ -244,6 +248,23 @@ class Trainer:
         where = f", batch {self.progress_in_epoch.batch} of epoch {self.epoch + 1}" if partial else ""
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}{where}")
 
+    def _check_same_objects(self, ckpt: dict[str, Any], path: Path) -> None:
+        """ContrastlabError when the checkpoint was trained with another method class than this run builds, or with
+        objects given in Python that this run was not given (its config alone cannot rebuild them)."""
+        trained = ckpt.get("method_class")
+        mine = type(self.method).__qualname__
+        given = ckpt.get("given") or {}
+        missing = sorted(set(given) - set(self.given))
+        if missing:
+            objects = ", ".join(f"{k}={given[k]}(...)" for k in missing)
+            raise ContrastlabError(f"{path} was trained with objects given in Python ({objects}), which its config "
+                                   f"cannot rebuild; resume it from Python with the same objects, e.g. "
+                                   f"contrastlab.train(cfg, {', '.join(f'{k}=...' for k in missing)}), with resume=auto")
+        if trained is not None and not trained.endswith(f".{mine}"):  # the module may be named otherwise: a plug-in file
+            raise ContrastlabError(f"{path} was trained with method {trained}, but this run builds {type(self.method).__module__}."
+                                   f"{mine} (method.name={self.cfg.method.name}); resume with the same method (its "
+                                   "saved config.yaml has it), or start afresh with overwrite=true or another out=DIR")
+
     # --- one step ------------------------------------------------------------------------------------------
 
     def _learning_rate(self) -> float:
@@ -264,6 +285,9 @@ class Trainer:
         labels, index = labels.to(self.device), index.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             result = self.model(views, labels, index)
+        if not self.output_checked:
+            check_step_output(self.method, result)
+            self.output_checked = True
         loss = result.loss
         self.optimizer.zero_grad(set_to_none=True)
         check_now = cfg.train.finite_check_every == 1
@@ -312,7 +336,8 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "derived": self.d.as_dict(), "skipped_total": self.skipped_total, "partial": partial,
-                "numbered": kept,
+                "numbered": kept, "given": self.given,
+                "method_class": f"{type(self.method).__module__}.{type(self.method).__qualname__}",
                 "observers": self.observers.state_dict(rank_local=False), "record": self.last_record}
         folder = self.out / "checkpoints"
         atomic_save(ckpt, folder / "last.pt")
@@ -372,7 +397,8 @@ class Trainer:
                                                               total_steps=d.total_steps,
                                                               schedule=cfg.train.ema_schedule))
                 progress.add(result.loss, result.parts)
-                self.observers.on_step_end(run, result)
+                self.last_step_loss = result.loss.detach()
+                self.observers.on_step_end(run, dataclasses.replace(result, loss=self.last_step_loss))
                 if self.step % cfg.train.log_every == 0 or self.step >= d.total_steps:
                     run.log_metrics({"train/loss": progress.flush(), "train/lr": lr})
             every = cfg.train.finite_check_every
@@ -420,8 +446,11 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         results: dict[str, Any] = {"recipe": self.recipe, "out": str(self.out), "epochs": self.epoch,
                                    "steps": self.step}
-        if self.last_record is not None:
+        if self.last_record is not None:  # both said: the mean is smoother, the last step is where training ended
             results["final_loss"] = self.last_record["loss"]
+            results["final_loss_is"] = "the mean loss of the last epoch's steps (over ranks); last_step_loss: its last step's"
+        if self.last_step_loss is not None:
+            results["last_step_loss"] = float(dist.all_reduce_mean(self.last_step_loss.float()))
         if self.skipped_total:
             results["skipped_steps"] = self.skipped_total
         self.observers.on_finish(self.run_view, results)
@@ -435,6 +464,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end (or ``train.max_steps``) and return the final results."""
         d = self.d
+        for note in self.cfg.notes:
+            self.log(f"config: {note}")
         self.log(f"training {self.recipe}: {len(self.train_set)} images, global batch {d.global_batch_size} on "
                  f"{self.world} rank(s), lr {d.lr:.4g}, {d.total_steps} steps, device {self.device}, out {self.out}")
         try:

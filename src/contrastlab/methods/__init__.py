@@ -42,6 +42,7 @@ __all__ = [
     "Supervised",
     "build_method",
     "make_param_groups",
+    "method_defaults",
     "method_kwargs",
 ]
 
@@ -51,11 +52,43 @@ METHODS = _METHODS
 
 _POSITIONAL = ("self", "backbone", "feature_dim")
 
+RUN_SUPPLIED = ("num_classes", "dataset_targets", "backbone_factory")
+"""Constructor arguments the trainer supplies from the run (the dataset's classes and labels, more backbones of the
+model's kind) when the config does not set them."""
+
 
 def method_kwargs(name: str) -> dict[str, inspect.Parameter]:
     """The keyword arguments method ``name`` accepts besides ``backbone`` and ``feature_dim``."""
     params = inspect.signature(METHODS[name].__init__).parameters
     return {k: p for k, p in params.items() if k not in _POSITIONAL}
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The constructor defaults of method ``name`` that a config can hold (plain values: numbers, strings, None,
+    lists); what a run uses for the ``method.*`` keys nobody set."""
+    defaults = {}
+    for key, param in method_kwargs(name).items():
+        if key in RUN_SUPPLIED or param.default is inspect.Parameter.empty:
+            continue
+        if param.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            continue
+        value = _as_config_value(param.default)
+        if value is not _NOT_PLAIN:
+            defaults[key] = value
+    return defaults
+
+
+_NOT_PLAIN = object()
+
+
+def _as_config_value(value: Any) -> Any:
+    """``value`` as a YAML-able config value (tuples as lists), or ``_NOT_PLAIN``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_as_config_value(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    return _NOT_PLAIN
 
 
 def build_method(name: str, backbone: nn.Module, feature_dim: int, **kwargs: Any) -> Method:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from contrastlab.errors import ConfigError
+from contrastlab.errors import ConfigError, ContrastlabError
 from contrastlab.models.ema import ema_update_
 
 __all__ = ["Method", "StepOutput", "make_param_groups"]
@@ -42,6 +42,27 @@ class StepOutput:
     loss: torch.Tensor
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def check_step_output(method: nn.Module, result: Any) -> None:
+    """ContrastlabError unless ``result`` is what a method's ``forward`` must return: a :class:`StepOutput` whose
+    ``loss`` is a scalar floating-point tensor (the trainer checks a run's first step; a method written outside the
+    package is told at once what is wrong, not by a traceback from deep inside the engine)."""
+    what = f"{type(method).__module__}.{type(method).__qualname__}.forward(views, labels, index)"
+    must = ("must return contrastlab.StepOutput(loss=<scalar tensor>, outputs={...}, parts={...}) (docs/extending.md, "
+            "'A method')")
+    if not isinstance(result, StepOutput):
+        raise ContrastlabError(f"{what} returned a {type(result).__module__}.{type(result).__qualname__}; it {must}")
+    loss = result.loss
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        got = (f"a tensor of shape {list(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, torch.Tensor)
+               else f"a {type(loss).__name__}")
+        raise ContrastlabError(f"{what} returned a StepOutput whose loss is {got}; it {must}, the loss a 0-dim "
+                               "floating-point tensor (reduce it with .mean() or .sum())")
+    for field_name in ("outputs", "parts"):
+        if not isinstance(getattr(result, field_name), dict):
+            raise ContrastlabError(f"{what} returned a StepOutput whose {field_name} is a "
+                                   f"{type(getattr(result, field_name)).__name__}; it {must}")
 
 
 def make_param_groups(name: str, params: Iterable[nn.Parameter], **flags: Any) -> list[dict[str, Any]]:

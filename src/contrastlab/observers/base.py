@@ -23,7 +23,8 @@ sees every entry the monitors added to an epoch's record. ``state_dict`` is save
 back to ``load_state_dict`` when the run resumes. A registered factory ``(run) -> Observer | None`` is called once
 per run on every rank, after the method is built and before a resume is loaded; it returns None where its
 observer does not apply (another rank than 0 for a monitor, a method without classifiers, a crop law without
-boxes).
+boxes). An :class:`Observer` subclass may be registered instead of a factory: it is instantiated the same way,
+with the run if its constructor takes one argument.
 
 Example:
     A third-party observer that counts steps and reports the count in each epoch's record::
@@ -52,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,8 +94,8 @@ class Observer:
     def on_step_end(self, run: Run, step_output: StepOutput) -> None:
         """After optimiser step ``run.step`` (1-based), with the method's :class:`~contrastlab.methods.base.StepOutput`.
 
-        Called on every rank with that rank's output; the tensors are on the device and detached. Reading one
-        to the host (``.item()``) makes the step wait for the device: accumulate on the device instead.
+        Called on every rank with that rank's output; its tensors are on the device and detached (``loss`` too).
+        Reading one to the host (``.item()``) makes the step wait for the device: accumulate on the device instead.
         """
 
     def on_log(self, run: Run, metrics: Mapping[str, float], step: int) -> None:
@@ -269,6 +271,16 @@ class Run:
         return self._stop
 
 
+def _make_observer(entry: Any, run: Run) -> Observer | None:
+    """``entry(run)``, or ``entry()`` for an Observer class whose constructor takes no argument."""
+    if isinstance(entry, type) and issubclass(entry, Observer):
+        try:
+            inspect.signature(entry).bind(run)
+        except TypeError:
+            return entry()
+    return entry(run)
+
+
 class ObserverList:
     """The observers of one run, called in order; their states keyed by name for checkpoints.
 
@@ -290,7 +302,9 @@ class ObserverList:
 
     @staticmethod
     def build(run: Run, names: Iterable[str], registry: Registry) -> list[tuple[str, Observer]]:
-        """Call the factory of each name (``(run) -> Observer | None``), keeping what is not None.
+        """Build the observer of each name, keeping what is not None: a registered factory ``(run) -> Observer |
+        None`` is called with the run; a registered :class:`Observer` subclass is instantiated, with the run when
+        its constructor takes an argument, else with none.
 
         An entry registered with ``required_when=f`` (``f(run) -> reason | None``) must be listed whenever ``f``
         gives a reason (the localiser, when the crop law keeps boxes that only it refreshes): a ConfigError.
@@ -304,7 +318,7 @@ class ObserverList:
                                   f"(it lists {', '.join(names) or 'nothing'})")
         built = []
         for name in names:
-            observer = registry[name](run)
+            observer = _make_observer(registry[name], run)
             if observer is not None:
                 built.append((name, observer))
         return built

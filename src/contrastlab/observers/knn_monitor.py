@@ -71,9 +71,16 @@ class KNNMonitor:
         self.bank_loader = evaluation_loader(fixed_subset(bank_set, max_bank, 0), store=store, **loader_kw)
         self.test_loader = test_loader or evaluation_loader(fixed_subset(test_set, max_test, 1), **loader_kw)
 
+    @property
+    def k_used(self) -> int:
+        """The neighbours that vote: ``k``, or the whole bank when it holds fewer images."""
+        return min(self.k, len(self.bank_loader.dataset))
+
     def describe(self) -> dict:
-        """How the number is measured."""
-        return {"knn_k": self.k, "knn_temperature": self.temperature, "knn_features": "backbone",
+        """How the number is measured (``knn_k`` is the number of neighbours that voted; ``knn_k_asked`` when the
+        bank was smaller than ``monitor.knn_k``)."""
+        asked = {"knn_k_asked": self.k} if self.k_used != self.k else {}
+        return {"knn_k": self.k_used, **asked, "knn_temperature": self.temperature, "knn_features": "backbone",
                 "knn_bank_fraction": self.bank_fraction, "knn_bank_size": len(self.bank_loader.dataset),
                 "knn_test_size": len(self.test_loader.dataset),
                 "knn_views": "device" if self.on_device else "cpu-workers"}
@@ -83,7 +90,8 @@ class KNNMonitor:
         bank = f"bank {len(self.bank_loader.dataset)} images"
         if self.bank_fraction < 1.0:
             bank += f" ({self.bank_fraction:.0%} of each training class)"
-        return f"k={self.k}, T={self.temperature}, backbone features, {bank}"
+        k = f"k={self.k_used}" + (f" (the whole bank; monitor.knn_k={self.k})" if self.k_used != self.k else "")
+        return f"{k}, T={self.temperature}, backbone features, {bank}"
 
     def evaluate(self, backbone: nn.Module) -> float:
         """Top-1 accuracy in percent."""
