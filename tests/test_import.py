@@ -135,6 +135,14 @@ class _MoCoV3(nn.Module):
 MOCOV3_HEADS = ["method.proj_hidden_dim=32", "method.proj_out_dim=16"]
 
 
+def _vit_small(img_size: int, num_classes: int = 1000) -> nn.Module:
+    """timm's ViT-S/16 as MoCo v3's ``vit_small`` builds it (12 blocks of width 384, 12 heads, LayerNorm eps 1e-6)."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    return timm_vit.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                                      mlp_ratio=4, qkv_bias=True, num_classes=num_classes,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
 def test_mocov3_resnet50_pretraining_file(tmp_path):
     up = _randomise(_MoCoV3(partial(torchvision.models.resnet50, zero_init_residual=True), "fc", 2048), 0)
     path = _save(tmp_path, "r-50-100ep.pth.tar", {"epoch": 100, "arch": "resnet50", "state_dict": _ddp(up),
@@ -152,10 +160,7 @@ def test_mocov3_resnet50_pretraining_file(tmp_path):
 
 
 def test_mocov3_vit_small_pretraining_file(tmp_path):
-    timm_vit = pytest.importorskip("timm.models.vision_transformer")
-    make = partial(timm_vit.VisionTransformer, img_size=32, patch_size=16, embed_dim=384, depth=12, num_heads=12,
-                   mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    up = _randomise(_MoCoV3(make, "head", 384), 1)
+    up = _randomise(_MoCoV3(partial(_vit_small, 32), "head", 384), 1)
     path = _save(tmp_path, "vit-s-300ep.pth.tar", {"epoch": 300, "arch": "vit_small", "state_dict": _ddp(up)})
     method, _, summary, _ = _imported(path, "mocov3", tmp_path, *MOCOV3_HEADS, "data.image_size=32")
     assert summary["recipe"] == "imagenet/mocov3_vit_s_300ep" and method.head == "vit"
@@ -216,18 +221,25 @@ def test_linear_probe_file_keeps_its_classifier_and_eval_reports_its_accuracy(tm
 # ------------------------------------------------------------------------------------------------- CaCo
 
 
-def test_caco_pretraining_file_with_its_memory(tmp_path):
-    up = nn.Module()  # CaCo's model: encoder_q / encoder_k, fc = the 3-layer projector without last BN
+CACO_HEADS = ["method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.memory_size=64"]
+
+
+def _caco() -> tuple[nn.Module, dict]:
+    """CaCo's model (encoder_q / encoder_k, fc = the 3-layer projector without last BN) and its Memory_Bank."""
+    up = nn.Module()
     up.encoder_q, up.encoder_k = torchvision.models.resnet18(), torchvision.models.resnet18()
     for enc in (up.encoder_q, up.encoder_k):
         enc.fc = _mlp(3, 512, 32, 16, last_bn=False)
     _randomise(up, 3)
-    bank = {"W": torch.randn(16, 64), "v": torch.randn(16, 64)}
+    return up, {"W": torch.randn(16, 64), "v": torch.randn(16, 64)}
+
+
+def test_caco_pretraining_file_with_its_memory(tmp_path):
+    up, bank = _caco()
     path = _save(tmp_path, "checkpoint_best.pth.tar", {"epoch": 200, "arch": "resnet18", "best_acc": 0.0,
                                                       "knn_acc": 33.0, "state_dict": _ddp(up), "optimizer": {},
                                                       "Memory_Bank": bank})
-    method, ckpt, summary, _ = _imported(path, "caco", tmp_path, "method.proj_hidden_dim=32",
-                                         "method.proj_out_dim=16", "method.memory_size=64")
+    method, ckpt, summary, _ = _imported(path, "caco", tmp_path, *CACO_HEADS)
     assert summary["recipe"] == "imagenet/caco_r50_200ep_bs1024" and ckpt["imported"]["info"]["knn_acc"] == 33.0
     with torch.no_grad():
         _close(method.projector(method.backbone(X)), up.encoder_q(X))
@@ -241,15 +253,46 @@ def test_caco_pretraining_file_with_its_memory(tmp_path):
 CCROP = ["method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.pred_hidden_dim=8", "data.image_size=32"]
 
 
-def test_ccrop_byol_and_simsiam_heads_with_biases_before_batchnorm(tmp_path):
-    """BYOL's and SimSiam's released heads put a biased Linear before a BatchNorm; ours are bias-free there: the
-    bias is folded into the running mean, and every output matches."""
+SIMSIAM = [*CCROP[:2], "method.proj_hidden_dim=32", "method.pred_hidden_dim=8"]
+
+
+def _ccrop_byol() -> nn.Module:
+    """DDP_byol_ccrop.py's model: encoder_q / encoder_k with fc = Linear (bias) - BN - ReLU - Linear, a predictor."""
     byol = nn.Module()
     byol.encoder_q, byol.encoder_k = _resnet("resnet18", 32, True), _resnet("resnet18", 32, True)
     for enc in (byol.encoder_q, byol.encoder_k):
         enc.fc = nn.Sequential(enc.fc, nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32, 16))
     byol.predictor = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True), nn.Linear(8, 16))
-    _randomise(byol, 4)
+    return _randomise(byol, 4)
+
+
+def _ccrop_simsiam() -> nn.Module:
+    """DDP_simsiam_ccrop.py's model: encoder with the 3-layer projector (last Linear biased), a predictor."""
+    siam = nn.Module()
+    siam.encoder = _resnet("resnet18", 16, True)
+    siam.encoder.fc = nn.Sequential(nn.Linear(512, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+                                    nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+                                    nn.Linear(32, 16), nn.BatchNorm1d(16, affine=False))
+    siam.predictor = nn.Sequential(nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(inplace=True),
+                                   nn.Linear(8, 16))
+    return _randomise(siam, 5)
+
+
+def _ccrop_moco() -> nn.Module:
+    """DDP_moco_ccrop.py's MoCo v2 model: encoder_q / encoder_k with fc = Linear-ReLU-Linear, queue [dim, K]."""
+    moco = nn.Module()
+    moco.encoder_q, moco.encoder_k = _resnet("resnet18", 16, True), _resnet("resnet18", 16, True)
+    for enc in (moco.encoder_q, moco.encoder_k):
+        enc.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), enc.fc)
+    moco.register_buffer("queue", nn.functional.normalize(torch.randn(16, 64), dim=0))
+    moco.register_buffer("queue_ptr", torch.tensor([24]))
+    return _randomise(moco, 6)
+
+
+def test_ccrop_byol_and_simsiam_heads_with_biases_before_batchnorm(tmp_path):
+    """BYOL's and SimSiam's released heads put a biased Linear before a BatchNorm; ours are bias-free there: the
+    bias is folded into the running mean, and every output matches."""
+    byol = _ccrop_byol()
     path = _save(tmp_path, "last.pth", {"optimizer_state": {}, "byol_state": _ddp(byol), "boxes": torch.rand(4, 4),
                                         "epoch": 500})
     method, _, summary, _ = _imported(path, "ccrop", tmp_path, *CCROP)
@@ -260,18 +303,10 @@ def test_ccrop_byol_and_simsiam_heads_with_biases_before_batchnorm(tmp_path):
         _close(method.predictor(method.projector(method.backbone(X))), byol.predictor(z))
         _close(method.target_encoder(X), byol.encoder_k(X))
 
-    siam = nn.Module()
-    siam.encoder = _resnet("resnet18", 16, True)
-    siam.encoder.fc = nn.Sequential(nn.Linear(512, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
-                                    nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
-                                    nn.Linear(32, 16), nn.BatchNorm1d(16, affine=False))
-    siam.predictor = nn.Sequential(nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(inplace=True),
-                                   nn.Linear(8, 16))
-    _randomise(siam, 5)
+    siam = _ccrop_simsiam()
     path = _save(tmp_path, "siam.pth", {"optimizer_state": {}, "simsiam_state": _ddp(siam), "boxes": torch.rand(4, 4),
                                         "epoch": 500})
-    method, _, _, _ = _imported(path, "ccrop", tmp_path, *CCROP[:2], "method.proj_hidden_dim=32",
-                                "method.pred_hidden_dim=8")
+    method, _, _, _ = _imported(path, "ccrop", tmp_path, *SIMSIAM)
     with torch.no_grad():
         _close(method.projector(method.backbone(X)), siam.encoder(X))
         _close(method.predictor(method.projector(method.backbone(X))), siam.predictor(siam.encoder(X)))
@@ -283,13 +318,7 @@ def test_ccrop_moco_file_with_queue_and_boxes_resumes_training(tmp_path):
     from contrastlab.cli import smoke_overrides
     from contrastlab.engine.trainer import train
 
-    moco = nn.Module()
-    moco.encoder_q, moco.encoder_k = _resnet("resnet18", 16, True), _resnet("resnet18", 16, True)
-    for enc in (moco.encoder_q, moco.encoder_k):
-        enc.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), enc.fc)
-    moco.register_buffer("queue", nn.functional.normalize(torch.randn(16, 64), dim=0))
-    moco.register_buffer("queue_ptr", torch.tensor([24]))
-    _randomise(moco, 6)
+    moco = _ccrop_moco()
     boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9]]).repeat(16, 1)  # (h_min, w_min, h_max, w_max)
     path = _save(tmp_path, "epoch_1.pth", {"optimizer_state": {}, "moco_state": _ddp(moco), "boxes": boxes,
                                            "epoch": 1})
@@ -318,39 +347,64 @@ def test_ccrop_moco_file_with_queue_and_boxes_resumes_training(tmp_path):
 # --------------------------------------------------------------------------------------------------- FT
 
 
-def test_ft_pycontrast_file_with_its_classifier_file_and_moco_v1_file(tmp_path, capsys):
-    class RGBSingleHead(nn.Module):  # PyContrast's model: encoder (ResNet without fc) + head (+ a parameter-free L2)
-        def __init__(self, mlp: bool) -> None:
-            super().__init__()
-            self.encoder = _trunk(torchvision.models.resnet18())
-            self.head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, 16)) if mlp \
-                else nn.Sequential(nn.Linear(512, 16))
+class _RGBSingleHead(nn.Module):
+    """PyContrast's model: encoder (ResNet without fc) + head (+ a parameter-free L2)."""
 
-        def named_state(self):
-            # PyContrast's ResNet has no Flatten module: its keys are those of the torchvision trunk's children
-            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
-            state = {}
-            for k, v in self.state_dict().items():
-                parts = k.split(".")
-                if parts[0] == "encoder":
-                    parts[1] = names[int(parts[1])]
-                state[".".join(parts)] = v
-            return state
+    def __init__(self, mlp: bool) -> None:
+        super().__init__()
+        self.encoder = _trunk(torchvision.models.resnet18())
+        self.head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, 16)) if mlp \
+            else nn.Sequential(nn.Linear(512, 16))
 
-    model, ema = _randomise(RGBSingleHead(True), 7), _randomise(RGBSingleHead(True), 8)
+    def named_state(self):
+        # PyContrast's ResNet has no Flatten module: its keys are those of the torchvision trunk's children
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+        state = {}
+        for k, v in self.state_dict().items():
+            parts = k.split(".")
+            if parts[0] == "encoder":
+                parts[1] = names[int(parts[1])]
+            state[".".join(parts)] = v
+        return state
+
+
+FT_PYCONTRAST = ["model.arch=resnet18", "method.proj_hidden_dim=512", "method.proj_out_dim=16", "method.queue_size=64"]
+
+
+def _pycontrast() -> tuple[_RGBSingleHead, _RGBSingleHead, torch.Tensor, dict]:
+    """FT's "+FT" model, its momentum copy and memory, and the file PyContrast saves."""
+    model, ema = _randomise(_RGBSingleHead(True), 7), _randomise(_RGBSingleHead(True), 8)
     memory = nn.functional.normalize(torch.randn(64, 16), dim=1)
-    path = _save(tmp_path, "current.pth", {"model": {f"module.{k}": v for k, v in model.named_state().items()},
-                                           "model_ema": ema.named_state(), "contrast": {"memory": memory},
-                                           "optimizer": {}, "epoch": 200})
-    # FT's main_linear.py saves only the classifier (DDP-wrapped): imported beside the pre-training file
+    raw = {"model": {f"module.{k}": v for k, v in model.named_state().items()}, "model_ema": ema.named_state(),
+           "contrast": {"memory": memory}, "optimizer": {}, "epoch": 200}
+    return model, ema, memory, raw
+
+
+def _ft_linear() -> tuple[nn.Linear, dict]:
+    """FT's main_linear.py file: only the classifier (DDP-wrapped)."""
     linear = _randomise(nn.Linear(512, 10), 23)
-    probe = _save(tmp_path, "ckpt_epoch_100.pth", {"epoch": 100, "optimizer": {},
-                                                     "classifier": {f"module.{k}": v for k, v in linear.state_dict().items()}})
+    return linear, {"epoch": 100, "optimizer": {}, "classifier": {f"module.{k}": v for k, v in linear.state_dict().items()}}
+
+
+def _moco_v1() -> nn.Module:
+    """facebookresearch/moco's MoCo v1 model (fc = one Linear), queue [dim, K]."""
+    v1 = nn.Module()
+    v1.encoder_q, v1.encoder_k = torchvision.models.resnet18(num_classes=16), torchvision.models.resnet18(num_classes=16)
+    v1.register_buffer("queue", torch.randn(16, 64))
+    v1.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+    return _randomise(v1, 9)
+
+
+def test_ft_pycontrast_file_with_its_classifier_file_and_moco_v1_file(tmp_path, capsys):
+    model, ema, memory, raw = _pycontrast()
+    path = _save(tmp_path, "current.pth", raw)
+    # FT's main_linear.py saves only the classifier (DDP-wrapped): imported beside the pre-training file
+    linear, linear_raw = _ft_linear()
+    probe = _save(tmp_path, "ckpt_epoch_100.pth", linear_raw)
     with pytest.raises(CheckpointError, match="--classifier"):
         import_checkpoint(probe, "ft", tmp_path / "x.pt", log=lambda s: None)
     out = tmp_path / "ft.pt"
-    assert main(["import", str(path), "--from", "ft", "--classifier", str(probe), "--out", str(out), "model.arch=resnet18",
-                 "method.proj_hidden_dim=512", "method.proj_out_dim=16", "method.queue_size=64"]) == 0
+    assert main(["import", str(path), "--from", "ft", "--classifier", str(probe), "--out", str(out), *FT_PYCONTRAST]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt["classifier"]["num_classes"] == 10 and ckpt["imported"]["classifier_file"]["epoch"] == 100
     model.eval()
@@ -366,11 +420,7 @@ def test_ft_pycontrast_file_with_its_classifier_file_and_moco_v1_file(tmp_path, 
     assert torch.equal(method.queue.queue, memory) and int(method.queue.ptr) == 0
 
     # facebookresearch/moco's MoCo v1 file (fc = one Linear), the baseline FT's table links
-    v1 = nn.Module()
-    v1.encoder_q, v1.encoder_k = torchvision.models.resnet18(num_classes=16), torchvision.models.resnet18(num_classes=16)
-    v1.register_buffer("queue", torch.randn(16, 64))
-    v1.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-    _randomise(v1, 9)
+    v1 = _moco_v1()
     path = _save(tmp_path, "moco_v1_200ep_pretrain.pth.tar", {"epoch": 200, "arch": "resnet18",
                                                               "state_dict": _ddp(v1), "optimizer": {}})
     method, _, summary, _ = _imported(path, "ft", tmp_path, "method.queue_size=64", "method.proj_out_dim=16")
@@ -732,20 +782,26 @@ def test_mcl_cohorts_of_every_zoo_architecture(tmp_path, arch, peers):
             _close(scores[f"peer{i}"], expected[i])
 
 
-def test_moco_mcl_file_per_peer_encoders_and_queues(tmp_path):
-    """main_moco_mcl.py (moco/builder_mcl.py): encoder_q_<i> / encoder_k_<i> (ResNet-18, fc = the projection),
-    queue [M, dim, K], queue_ptr [M]: every peer's features, projections, keys and queue match."""
+MOCO_MCL = ["method.proj_out_dim=16", "method.queue_size=64"]
+
+
+def _moco_mcl() -> nn.Module:
+    """moco/builder_mcl.py's model: encoder_q_<i> / encoder_k_<i> (ResNet-18, fc = the projection), queue [M, dim, K]."""
     up, net = nn.Module(), torchvision.models.resnet18(num_classes=16)
     for i in range(2):
         setattr(up, f"encoder_q_{i}", copy.deepcopy(net))
         setattr(up, f"encoder_k_{i}", copy.deepcopy(net))
     up.register_buffer("queue", nn.functional.normalize(torch.randn(2, 16, 64), dim=1))
     up.register_buffer("queue_ptr", torch.tensor([32, 32]))
-    _randomise(up, 22)
+    return _randomise(up, 22)
+
+
+def test_moco_mcl_file_per_peer_encoders_and_queues(tmp_path):
+    """main_moco_mcl.py (moco/builder_mcl.py): encoder_q_<i> / encoder_k_<i> (ResNet-18, fc = the projection),
+    queue [M, dim, K], queue_ptr [M]: every peer's features, projections, keys and queue match."""
+    up = _moco_mcl()
     raw = {"epoch": 120, "arch": "resnet18", "state_dict": _ddp(up), "optimizer": {}}
-    converted = convert_released(raw, "checkpoint_0119.pth.tar", "mcl", overrides=["method.proj_out_dim=16",
-                                                                                   "method.queue_size=64"],
-                                 log=lambda s: None)
+    converted = convert_released(raw, "checkpoint_0119.pth.tar", "mcl", overrides=MOCO_MCL, log=lambda s: None)
     method, ckpt = converted.method.eval(), converted.checkpoint
     assert converted.summary["recipe"] == "imagenet/moco_mcl_x2_r18_200ep" and ckpt["epoch"] == 120
     with torch.no_grad():
@@ -771,10 +827,7 @@ def test_mocov3_deit_format_files_fine_tuned_and_converted():
     from contrastlab.eval.linear import classifier_accuracy
     from contrastlab.importers.mocov3 import MoCoV3Importer
 
-    timm_vit = pytest.importorskip("timm.models.vision_transformer")
-    up = _randomise(timm_vit.VisionTransformer(img_size=16, patch_size=16, embed_dim=384, depth=12, num_heads=12,
-                                               qkv_bias=True, num_classes=10, norm_layer=partial(nn.LayerNorm, eps=1e-6)),
-                    24)
+    up = _randomise(_vit_small(16, 10), 24)
     raw = {"model": up.state_dict(), "model_ema": up.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": {},
            "epoch": 99, "args": "Namespace()"}
     converted = convert_released(raw, "checkpoint.pth", "mocov3", overrides=["data.image_size=16"], log=lambda s: None)
@@ -796,3 +849,198 @@ def test_mocov3_deit_format_files_fine_tuned_and_converted():
     released = MoCoV3Importer().recognise({"model": {k: v for k, v in raw["model"].items() if not k.startswith("head.")}},
                                           Path("vit-s-300ep-deit.pth"))
     assert (released.kind, released.arch, MoCoV3Importer().classifier(released)) == ("backbone", "vit_small", None)
+
+
+# ------------------------------------------------------- the import record and the written checkpoint agree
+# A file of every layout each registered importer reads, built with the builders above. convert_released holds the
+# record to the checkpoint (contrastlab.importers.convert.check_record); the test checks the same independently: the
+# classifier the record says it stored is the upstream network's own.
+
+
+SMALL_QUEUE = ["method.proj_out_dim=16", "method.queue_size=64"]
+
+
+def _lincls(net: nn.Module, arch: str) -> dict:
+    """A ``main_lincls.py`` file (facebookresearch/moco, moco-v3, JointCrop; CaCo's ``linear.py``): the DDP network
+    with its classifier under ``state_dict``."""
+    return {"epoch": 90, "arch": arch, "state_dict": _ddp(net), "best_acc1": torch.tensor(12.5), "optimizer": {}}
+
+
+def _head(net: nn.Module, name: str = "fc") -> dict:
+    return {"weight": getattr(net, name).weight.detach(), "bias": getattr(net, name).bias.detach()}
+
+
+def _r18_probe(seed: int) -> nn.Module:
+    return _randomise(torchvision.models.resnet18(num_classes=10), seed)
+
+
+def _mocov3_resnet_case():
+    up = _randomise(_MoCoV3(partial(torchvision.models.resnet18, zero_init_residual=True), "fc", 512), 12)
+    return {"epoch": 100, "arch": "resnet18", "state_dict": _ddp(up), "optimizer": {}, "scaler": {}}, MOCOV3_HEADS, None
+
+
+def _mocov3_vit_case():
+    up = _randomise(_MoCoV3(partial(_vit_small, 16), "head", 384), 1)
+    return {"epoch": 300, "arch": "vit_small", "state_dict": _ddp(up)}, [*MOCOV3_HEADS, "data.image_size=16"], None
+
+
+def _resnet_lincls_case():
+    net = _r18_probe(2)
+    return _lincls(net, "resnet18"), MOCOV3_HEADS, _head(net)
+
+
+def _vit_lincls_case():
+    net = _randomise(_vit_small(16, 10), 24)
+    return _lincls(net, "vit_small"), ["data.image_size=16"], _head(net, "head")
+
+
+def _deit_case(tuned: bool):
+    net = _randomise(_vit_small(16, 10), 24)
+    state = net.state_dict() if tuned else {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    raw = {"model": state, "optimizer": {}, "epoch": 99, **({"model_ema": state, "args": "Namespace()"} if tuned else {})}
+    return raw, ["data.image_size=16"], _head(net, "head") if tuned else None
+
+
+def _caco_case():
+    up, bank = _caco()
+    return ({"epoch": 200, "arch": "resnet18", "state_dict": _ddp(up), "optimizer": {}, "Memory_Bank": bank}, CACO_HEADS,
+            None)
+
+
+def _caco_lincls_case():
+    net = _r18_probe(25)
+    return _lincls(net, "resnet18"), CACO_HEADS, _head(net)
+
+
+def _ccrop_simclr_case():
+    net = _resnet("resnet18", 16, True)
+    net.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), net.fc)
+    raw = {"optimizer_state": {}, "simclr_state": _ddp(_randomise(net, 26)), "boxes": torch.rand(4, 4), "epoch": 500}
+    return raw, ["method.proj_hidden_dim=512", "method.proj_out_dim=16"], None
+
+
+def _ccrop_linear_file(arch: str, classes: int, seed: int) -> tuple[nn.Module, dict]:
+    """``DDP_linear.py``'s ``best_<cfg>.pth``: its ResNet (CIFAR stem for ResNet-18) with the trained fc."""
+    net = _randomise(_resnet(arch, classes, cifar_stem=arch == "resnet18"), seed)
+    return net, {"model_state": _ddp(net), "optimizer_state": {}, "acc": 91.5, "epoch": 99}
+
+
+def _ccrop_linear_case():
+    net, raw = _ccrop_linear_file("resnet18", 10, 27)
+    return raw, [], _head(net)
+
+
+def _pycontrast_case(with_probe: bool):
+    _, _, _, raw = _pycontrast()
+    if not with_probe:
+        return raw, FT_PYCONTRAST, None
+    linear, probe = _ft_linear()
+    return raw, FT_PYCONTRAST, {"weight": linear.weight.detach(), "bias": linear.bias.detach()}, (probe, "ckpt_epoch_100.pth")
+
+
+def _mcl_independent_case():
+    independent = nn.Module()
+    independent.module_list = nn.ModuleList([_ResNet32(100), _ResNet32(100)])
+    return {"net": _randomise(independent, 10).state_dict(), "acc": 70.0, "epoch": 299, "optimizer": {}}, [], None
+
+
+LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the builder of (raw, overrides, classifier)
+    "mocov3/resnet pre-training": ("pretrain", "resnet", _mocov3_resnet_case),
+    "mocov3/vit pre-training": ("pretrain", "vit", _mocov3_vit_case),
+    "mocov3/resnet main_lincls": ("linear", "resnet", _resnet_lincls_case),
+    "mocov3/vit main_lincls": ("linear", "vit", _vit_lincls_case),
+    "mocov3/deit fine-tuned": ("linear", "deit", partial(_deit_case, True)),
+    "mocov3/deit backbone": ("backbone", "deit", partial(_deit_case, False)),
+    "jointcrop/resnet pre-training": ("pretrain", "resnet", _mocov3_resnet_case),
+    "jointcrop/resnet main_lincls": ("linear", "resnet", _resnet_lincls_case),
+    "caco/pre-training": ("pretrain", "resnet", _caco_case),
+    "caco/linear.py": ("linear", "resnet", _caco_lincls_case),
+    "ccrop/moco": ("pretrain", "moco", lambda: ({"optimizer_state": {}, "moco_state": _ddp(_ccrop_moco()),
+                                                 "boxes": torch.rand(16, 4), "epoch": 1}, SMALL_QUEUE, None)),
+    "ccrop/simclr": ("pretrain", "simclr", _ccrop_simclr_case),
+    "ccrop/byol": ("pretrain", "byol", lambda: ({"optimizer_state": {}, "byol_state": _ddp(_ccrop_byol()),
+                                                 "boxes": torch.rand(4, 4), "epoch": 500}, CCROP, None)),
+    "ccrop/simsiam": ("pretrain", "simsiam", lambda: ({"optimizer_state": {}, "simsiam_state": _ddp(_ccrop_simsiam()),
+                                                       "boxes": torch.rand(4, 4), "epoch": 500}, SIMSIAM, None)),
+    "ccrop/DDP_linear": ("linear", "linear", _ccrop_linear_case),
+    "ft/pycontrast": ("pretrain", "pycontrast", partial(_pycontrast_case, False)),
+    "ft/pycontrast with --classifier": ("pretrain", "pycontrast", partial(_pycontrast_case, True)),
+    "ft/moco pre-training": ("pretrain", "moco", lambda: ({"epoch": 200, "arch": "resnet18", "state_dict": _ddp(_moco_v1()),
+                                                           "optimizer": {}}, SMALL_QUEUE, None)),
+    "ft/moco main_lincls": ("linear", "moco", _resnet_lincls_case),
+    "mcl/independent": ("supervised", "independent", _mcl_independent_case),
+    "mcl/shared": ("supervised", "shared", lambda: ({"net": _randomise(_ResNet32Shared(100, 4), 11).state_dict(),
+                                                     "acc": 71.0, "epoch": 299}, [], None)),
+    "mcl/moco_mcl": ("pretrain", "moco_mcl", lambda: ({"epoch": 120, "arch": "resnet18", "state_dict": _ddp(_moco_mcl()),
+                                                       "optimizer": {}}, MOCO_MCL, None)),
+}
+
+
+def test_every_registered_importer_has_its_layouts_checked():
+    assert sorted({case.split("/")[0] for case in LAYOUT_CASES}) == sorted(IMPORTERS)
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_the_record_and_the_checkpoint_agree_for_every_layout(case):
+    """Each layout converts (check_record passes inside convert_released); what the record says went to the classifier
+    is the checkpoint's classifier, equal to the upstream network's own, and every key of the method state was either
+    placed from the file or kept initial, as the record counts them."""
+    source = case.split("/")[0]
+    kind, layout, build = LAYOUT_CASES[case]
+    raw, overrides, expected, *probe = build()
+    converted = convert_released(raw, f"{layout}.pth", source, overrides=overrides, log=lambda s: None,
+                                 classifier=probe[0] if probe else None)
+    ckpt, record = converted.checkpoint, converted.checkpoint["imported"]
+    assert (record["kind"], record["layout"]) == (kind, layout)
+    assert record["placed"] + sum(record["initial"].values()) == len(ckpt["method"])
+    if expected is None:
+        assert "classifier" not in ckpt and not record["elsewhere"]
+        return
+    assert torch.equal(ckpt["classifier"]["weight"], expected["weight"])
+    assert torch.equal(ckpt["classifier"]["bias"], expected["bias"])
+    assert ckpt["classifier"]["num_classes"] == expected["weight"].shape[0]
+    if probe:  # --classifier FILE: the record names the file; nothing of the pre-training file went elsewhere
+        assert record["classifier_file"]["file"] == probe[0][1] and not record["elsewhere"]
+    else:
+        assert sorted(record["elsewhere"].values()) == ["classifier", "classifier"]
+
+
+def test_a_record_that_disagrees_with_the_checkpoint_is_a_bug_and_nothing_is_converted(monkeypatch):
+    """check_record raises where the importer drops what the record places: a linear file's classifier not written,
+    or a key of the method state missing from the checkpoint."""
+    from contrastlab.importers.caco import CaCoImporter
+
+    raw, overrides, _ = _caco_lincls_case()
+    monkeypatch.setattr(CaCoImporter, "classifier", lambda self, released: None)
+    with pytest.raises(RuntimeError, match=r"disagree on 2 key\(s\): 'fc.weight -> classifier', 'fc.bias -> classifier'"):
+        convert_released(raw, "linear.pth", "caco", overrides=overrides, log=lambda s: None)
+    monkeypatch.undo()
+
+    raw, overrides, _ = _caco_case()
+    monkeypatch.setattr(CaCoImporter, "extras", lambda self, released, cfg: {"method": {}})  # an extra that clobbers
+    with pytest.raises(RuntimeError, match=r"'projector.0.weight'.*bug in the maple-research-lab/CaCo importer"):
+        convert_released(raw, "checkpoint_0200.pth.tar", "caco", overrides=overrides, log=lambda s: None)
+
+
+@pytest.mark.parametrize("source,arch,classes,layout", [
+    ("ccrop", "resnet18", 10, "DDP_linear.py, CIFAR-10 ResNet-18"),
+    ("ccrop", "resnet50", 1000, "DDP_linear.py, ImageNet ResNet-50"),
+    ("ft", "resnet50", 1000, "facebookresearch/moco main_lincls.py, ResNet-50"),
+])
+def test_released_linear_probe_files_keep_their_classifier_for_eval(tmp_path, capsys, source, arch, classes, layout):
+    """ContrastiveCrop's DDP_linear.py files and the MoCo main_lincls.py files FT compares with: the import stores the
+    file's fc, and `eval linear --stored-classifier` reports the accuracy of the upstream network itself (its fc on
+    its own features) on the same evaluation views."""
+    if source == "ccrop":
+        net, raw = _ccrop_linear_file(arch, classes, 28)
+    else:
+        net = _randomise(torchvision.models.resnet50(), 29)
+        raw = {**_lincls(net, "resnet50"), "epoch": 100}
+    path = _save(tmp_path, "best_linear.pth", raw)
+    out = tmp_path / "lin.pt"
+    assert main(["import", str(path), "--from", source, "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out)
+    assert torch.equal(ckpt["classifier"]["weight"], net.fc.weight) and torch.equal(ckpt["classifier"]["bias"], net.fc.bias)
+    assert ckpt["classifier"]["num_classes"] == classes and ckpt["imported"]["kind"] == "linear"
+    top1, expected = _stored_classifier_top1(out, net, capsys)
+    assert top1 == pytest.approx(expected, abs=1e-6), layout

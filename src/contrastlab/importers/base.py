@@ -135,6 +135,14 @@ class Importer:
         return {}
 
 
+def probe_classifier(released: Released, head: str = "fc") -> dict[str, torch.Tensor] | None:
+    """A linear-probe file's classifier, its ``<head>.weight`` and ``<head>.bias`` (what :meth:`Importer.place`
+    takes to "classifier"); None for the other kinds of file."""
+    if released.kind != LINEAR:
+        return None
+    return {"weight": released.state[f"{head}.weight"], "bias": released.state[f"{head}.bias"]}
+
+
 def upstream_epoch(raw: dict[str, Any], completed_offset: int = 0) -> int | None:
     """``raw["epoch"]`` as epochs completed (``completed_offset`` 1 where upstream stores the last epoch's index)."""
     value = raw.get("epoch")

@@ -29,6 +29,7 @@ from contrastlab.importers.base import (
     Importer,
     Released,
     plain,
+    probe_classifier,
     state_under,
     upstream_epoch,
 )
@@ -89,6 +90,4 @@ class CaCoImporter(Importer):
         placement.copy_ours("projector.", "key_encoder.1.", LINEAR_ONLY + " (a copy of the projector)")
 
     def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
-        if released.kind != LINEAR:
-            return None
-        return {"weight": released.state["fc.weight"], "bias": released.state["fc.bias"]}
+        return probe_classifier(released)

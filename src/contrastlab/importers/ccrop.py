@@ -42,6 +42,7 @@ from contrastlab.importers.base import (
     Importer,
     Released,
     plain,
+    probe_classifier,
     state_under,
     upstream_epoch,
 )
@@ -183,6 +184,9 @@ class ContrastiveCropImporter(Importer):
         placement.put_prefix("encoder.fc.", "projector.")
         placement.put_prefix("encoder.", "backbone.")
         placement.put_prefix("predictor.", "predictor.")
+
+    def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
+        return probe_classifier(released)
 
     def extras(self, released: Released, cfg: Any) -> dict[str, Any]:
         if released.kind != PRETRAIN or "boxes" not in released.raw:

@@ -17,6 +17,10 @@ What the written checkpoint holds besides the usual entries:
   test accuracy without training one;
 - ``step`` is None (upstream counts epochs; the trainer derives the step from ``epoch`` on resume), and the
   optimizer state is that of a fresh optimizer of the recipe (upstream's is not carried over).
+
+Before anything is written, :func:`check_record` holds the record to the checkpoint: every key the record places in
+the method state is in ``method`` with the value placed, and every upstream key it places elsewhere (``fc.weight``
+-> ``classifier``) is in that entry; a disagreement is a bug in the importer (RuntimeError), never a silent gap.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import LINEAR, read_released
-from contrastlab.importers.placement import Placement
+from contrastlab.importers.placement import Placement, _listed
 
 
 def _stderr(message: str) -> None:
@@ -161,6 +165,8 @@ def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, 
     ckpt.update(importer.extras(released, cfg))
     ckpt["imported"]["entries"] = released.other  # extras may have said what became of an entry
 
+    check_record(placement, ckpt, importer.project)
+
     log(f"import: placed {summary['placed']} tensors into the {cfg.method.name} model"
         + (f"; the classifier ({ckpt['classifier']['num_classes']} classes) is stored for `eval linear "
            "--stored-classifier`" if classifier is not None else ""))
@@ -171,3 +177,39 @@ def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, 
     return Converted(method, ckpt, {"recipe": chosen, "from": source, "kind": released.kind, "epoch": epoch,
                                     "placed": summary["placed"], "initialised": sum(summary["initial"].values()),
                                     "classifier": classifier is not None})
+
+
+def _same(a: object, b: torch.Tensor) -> bool:
+    """Whether ``a`` is a tensor equal to ``b`` (shape, dtype and values; NaN equal to NaN)."""
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def check_record(placement: Placement, ckpt: dict[str, Any], project: str) -> None:
+    """Hold the import record to the checkpoint about to be written (see the module docstring).
+
+    Checks that each of our keys the placement filled (placed from the file, or kept initial) is in ``ckpt["method"]``
+    with the value placed; that each upstream key placed outside the method (``Placement.take``: ``fc.weight`` ->
+    ``"classifier"``) is in that entry of the checkpoint, under the key's last name (``weight``) with the file's
+    value; and that a ``classifier`` entry came from the file or from ``--classifier FILE``.
+
+    Raises:
+        RuntimeError: they disagree, a bug in the importer of ``project`` (not something the user can fix).
+    """
+    method = ckpt.get("method", {})
+    wrong = [key for key in [*placement.placed, *placement.initial]
+             if key not in method or not _same(method[key], placement.out[key])]
+    for src, entry in placement.elsewhere.items():
+        stored = ckpt.get(entry)
+        if not isinstance(stored, dict) or not _same(stored.get(src.rsplit(".", 1)[-1]), placement.source[src]):
+            wrong.append(f"{src} -> {entry}")
+    if "classifier" in ckpt and "classifier" not in placement.elsewhere.values() \
+            and "classifier_file" not in ckpt.get("imported", {}):
+        wrong.append("a classifier entry that the record does not account for")
+    if wrong:
+        raise RuntimeError(f"{placement.where}: the import record and the checkpoint disagree on {len(wrong)} "
+                           f"key(s): {_listed(wrong)}. Nothing was written. This is a bug in the {project} importer; "
+                           "please report it")

@@ -36,6 +36,7 @@ from contrastlab.importers.base import (
     Importer,
     Released,
     plain,
+    probe_classifier,
     state_under,
     upstream_epoch,
 )
@@ -87,6 +88,9 @@ class FeatureTransformImporter(Importer):
             raise CheckpointError(f"{path}: 'classifier' should hold one Linear layer (weight, bias); found {sorted(state)}")
         return {"weight": state["weight"], "bias": state["bias"]}, {"epoch": plain(raw.get("epoch")),
                                                                      "optimizer": "not carried over"}
+
+    def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
+        return probe_classifier(released)
 
     def _v2(self, released: Released) -> bool:
         keys = ("model.head.2.weight", "encoder_q.fc.2.weight")

@@ -48,6 +48,7 @@ from contrastlab.importers.base import (
     Importer,
     Released,
     plain,
+    probe_classifier,
     state_under,
     upstream_epoch,
 )
@@ -156,7 +157,4 @@ class MoCoV3Importer(Importer):
                             "the momentum encoder starts")
 
     def classifier(self, released: Released) -> dict[str, torch.Tensor] | None:
-        if released.kind != LINEAR:
-            return None
-        head = "head" if released.layout in ("vit", "deit") else "fc"
-        return {"weight": released.state[f"{head}.weight"], "bias": released.state[f"{head}.bias"]}
+        return probe_classifier(released, "head" if released.layout in ("vit", "deit") else "fc")

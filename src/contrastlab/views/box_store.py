@@ -4,9 +4,12 @@ ContrastiveCrop (Peng, Wang, Zhu, You, "Crafting Better Contrastive Views for Si
 Learning", CVPR 2022, section 3.2) keeps one bounding box per training image. Every box starts as the whole
 image; every few epochs the encoder's own heatmap replaces it (:func:`contrastlab.views.localiser.localise`),
 and the crop planner (:class:`contrastlab.views.planners.contrastive_crop.ContrastiveCropPlanner`) draws crops
-around it. Boxes are stored *normalised*, ``(x0, y0, x1, y1)`` with ``0 <= x0 < x1 <= 1`` and
-``0 <= y0 < y1 <= 1``, so one table serves an image at any resolution; :meth:`BoxStore.box` converts a row
-to source pixels.
+around it. Boxes are stored *normalised*, ``(x0, y0, x1, y1)`` with ``0 <= x0 <= x1 <= 1`` and
+``0 <= y0 <= y1 <= 1``, so one table serves an image at any resolution; :meth:`BoxStore.box` converts a row
+to source pixels. A localised box may have zero width or height: upstream's far edges (``last index / size``,
+the localiser's ``edges="released"``) give ``x0 == x1`` where a single column passes the threshold, and upstream
+keeps training with that box, so the table accepts it (an initial box, :class:`ConstantBox` included, must still
+have an area).
 
 Reaching the DataLoader workers. Planners run inside DataLoader worker processes, which hold their own copy
 of the dataset. The table therefore lives in shared memory (``Tensor.share_memory_()``) and every write
@@ -80,19 +83,19 @@ def _normalised_box(box: Sequence[float], what: str) -> tuple[float, float, floa
 
 
 def _check_table(boxes: torch.Tensor, what: str) -> torch.Tensor:
-    """Validate a ``[K, 4]`` table of normalised boxes; returns it as float32 on the CPU."""
+    """Validate a ``[K, 4]`` table of normalised boxes (zero width or height allowed); float32 on the CPU."""
     if not isinstance(boxes, torch.Tensor):
         boxes = torch.as_tensor(boxes, dtype=torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{what} must have shape [K, 4] (x0, y0, x1, y1), got {tuple(boxes.shape)}")
     boxes = boxes.detach().to(device="cpu", dtype=torch.float32)
     x0, y0, x1, y1 = boxes.unbind(1)
-    ok = torch.isfinite(boxes).all(1) & (x0 >= 0) & (y0 >= 0) & (x0 < x1) & (y0 < y1) & (x1 <= 1) & (y1 <= 1)
+    ok = torch.isfinite(boxes).all(1) & (x0 >= 0) & (y0 >= 0) & (x0 <= x1) & (y0 <= y1) & (x1 <= 1) & (y1 <= 1)
     if not bool(ok.all()):
         row = int((~ok).nonzero()[0])
         raise ValueError(
             f"{what}: row {row} is {boxes[row].tolist()}, but normalised boxes need "
-            "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+            "0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1"
         )
     return boxes
 
@@ -161,14 +164,15 @@ class BoxStore:
         """Box of sample ``index`` in the pixels of a ``width`` x ``height`` image.
 
         A row caught half-written by a concurrent update is still turned into a valid box: the edges are
-        clipped to ``[0, 1]`` and sorted, and an empty axis becomes the whole axis.
+        clipped to ``[0, 1]`` and sorted, and an axis with a NaN edge becomes the whole axis. A zero-width (or
+        zero-height) box stays one, as the released edges give it.
         """
         x0, y0, x1, y1 = self._boxes[int(index)].tolist()
         x0, x1 = sorted((min(max(x0, 0.0), 1.0), min(max(x1, 0.0), 1.0)))
         y0, y1 = sorted((min(max(y0, 0.0), 1.0), min(max(y1, 0.0), 1.0)))
-        if not x0 < x1:
+        if not x0 <= x1:  # NaN
             x0, x1 = 0.0, 1.0
-        if not y0 < y1:
+        if not y0 <= y1:
             y0, y1 = 0.0, 1.0
         return (x0 * width, y0 * height, x1 * width, y1 * height)
 

@@ -149,7 +149,9 @@ def boxes_from_heatmaps(
         input_size: ``H`` or ``(H, W)`` of the images the maps came from.
         threshold: ``k`` in ``[0, 1)``; 0.1 in every released ContrastiveCrop config.
         edges: ``exclusive`` or ``released``: the far edges ``last / size`` of upstream's ``update_box``
-            (one pixel short of the last pixel above the threshold).
+            (one pixel short of the last pixel above the threshold; a single row or column above it gives a
+            zero-height or zero-width box, ``y0 == y1`` or ``x0 == x1``, which upstream trains on and
+            :class:`~contrastlab.views.box_store.BoxStore` keeps).
 
     Raises:
         ConfigError: ``threshold`` outside ``[0, 1)``, or unknown ``edges``.

@@ -35,9 +35,13 @@ The upstream clamp and why it is replaced. Upstream clamps the two *ends* of the
 
 **The released placement** (``placement="released"``, :func:`place_crop_released`; the recipes that reproduce
 ContrastiveCrop's rows set ``views.ccrop_placement=released``): upstream's clamp of the two ends of the corner
-interval and its integer truncation, as above, reproduced for the numbers that came from it. The localiser's
-matching option gives upstream's box far edges, ``last index / size`` (``edges="released"`` in
-:func:`~contrastlab.views.localiser.boxes_from_heatmaps`).
+interval and its integer truncation, as above, reproduced for the numbers that came from it, with upstream's
+float32 arithmetic (the fraction a float32 and ``(ch1 - ch0) * beta`` a float32 product before ``int()``:
+:func:`released_share`). The localiser's matching option gives upstream's box far edges, ``last index / size``
+(``edges="released"`` in :func:`~contrastlab.views.localiser.boxes_from_heatmaps`); where a single row or column
+passes the threshold that box has zero height or width (``y0 == y1`` or ``x0 == x1``), which the store keeps and
+both placements read as upstream's arithmetic does: the released one gives ``ch0 == ch1``, so the crop's corner is
+``ch0``; the centred one centres the crop on that line.
 
 **SimCCrop** (upstream README, ``configs/small/*/moco_simccrop.py``): no localiser, a fixed central box of
 half the height and width, ``init_box=(0.25, 0.25, 0.75, 0.75)``, read by the same planner
@@ -193,6 +197,19 @@ def place_crop(width: int, height: int, crop_width: int, crop_height: int, cx: f
     return (left, top, left + crop_width, top + crop_height)
 
 
+def released_share(span: int, fraction: float) -> int:
+    """``int(span * fraction)`` as ContrastiveCrop's ``get_params`` computes it: the fraction a float32 below 1 (its
+    ``Beta.sample()``), the product a float32 tensor (float32 times a Python int), then truncated.
+
+    In float64 a product just below a whole number can fall one short of what upstream gets.
+
+    Example:
+        >>> released_share(6, 0.833333313), int(6 * 0.833333313)
+        (5, 4)
+    """
+    return int(torch.tensor(fraction, dtype=torch.float32).clamp_max(_BELOW_ONE) * span)
+
+
 def place_crop_released(width: int, height: int, crop_width: int, crop_height: int, box: Box,
                         fx: float, fy: float) -> Box:
     """ContrastiveCrop's released placement (``ContrastiveCrop.get_params``): the crop's corner, not its centre.
@@ -202,7 +219,10 @@ def place_crop_released(width: int, height: int, crop_width: int, crop_height: i
     the image on its own, and the top row is ``a0 + int((a1 - a0) * fy)``: truncation, so the far end is never
     reached (upstream's float32 Beta sampler never returns 1; fractions are capped at the largest float32 below
     1 here too) and crops lean to the top-left: a whole-image box never lets a smaller crop touch the bottom or
-    right border. Columns likewise with ``fx``.
+    right border. Columns likewise with ``fx``. As upstream (a float32 ``Beta.sample()`` times a Python int), the
+    fraction is a float32 and the product ``(a1 - a0) * fy`` is rounded to float32 before the truncation
+    (:func:`released_share`). A zero-height box (``y0 == y1``, the released edges of a single row) gives
+    ``a0 == a1``: the crop's top row is ``a0`` whatever the fraction, as upstream.
 
     Example:
         >>> place_crop_released(32, 32, 10, 10, (0.0, 0.0, 32.0, 32.0), fx=0.999, fy=0.0)
@@ -211,7 +231,7 @@ def place_crop_released(width: int, height: int, crop_width: int, crop_height: i
     def corner(side: int, crop: int, near: float, far: float, fraction: float) -> int:
         low = min(max(int(near) - crop // 2, 0), side - crop)
         high = min(max(int(far) - crop // 2, 0), side - crop)
-        return low + int((high - low) * min(fraction, _BELOW_ONE))
+        return low + released_share(high - low, fraction)
 
     bx0, by0, bx1, by1 = box
     top = corner(height, crop_height, by0, by1, fy)
@@ -265,7 +285,7 @@ def store_boxes_batch(store: object, index: torch.Tensor, width: torch.Tensor, h
     rows = table[index].double().clamp(0.0, 1.0)  # NaN stays NaN and becomes the whole axis below
     x0, x1 = torch.minimum(rows[:, 0], rows[:, 2]), torch.maximum(rows[:, 0], rows[:, 2])
     y0, y1 = torch.minimum(rows[:, 1], rows[:, 3]), torch.maximum(rows[:, 1], rows[:, 3])
-    empty_x, empty_y = ~(x0 < x1), ~(y0 < y1)
+    empty_x, empty_y = ~(x0 <= x1), ~(y0 <= y1)  # NaN only: a zero-width box stays one
     x0, x1 = torch.where(empty_x, 0.0, x0), torch.where(empty_x, 1.0, x1)
     y0, y1 = torch.where(empty_y, 0.0, y0), torch.where(empty_y, 1.0, y1)
     return torch.stack([x0 * w64, y0 * h64, x1 * w64, y1 * h64], dim=-1)
@@ -288,14 +308,16 @@ def place_released_batch(w: torch.Tensor, h: torch.Tensor, fx: torch.Tensor, fy:
                          width: torch.Tensor, height: torch.Tensor) -> torch.Tensor:
     """ContrastiveCrop's released placement of crops ``w x h [B, V]`` (corner fractions ``fx, fy``), batched:
     :func:`place_crop_released` (each end of the corner interval ``int(edge) - side // 2`` clamped to
-    ``[0, L - side]``, then ``low + int((high - low) * f)`` with ``f`` capped below 1), in float64; float32."""
+    ``[0, L - side]``, then ``low + int((high - low) * f)`` with ``f`` a float32 capped below 1 and the product in
+    float32, as :func:`released_share`), the interval in float64; float32."""
     def corner(side: torch.Tensor, crop: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
                fraction: torch.Tensor) -> torch.Tensor:
         limit = side.double()[:, None] - crop
         half = torch.floor(crop / 2.0)
         low = torch.minimum((torch.floor(near[:, None]) - half).clamp_min(0.0), limit)
         high = torch.minimum((torch.floor(far[:, None]) - half).clamp_min(0.0), limit)
-        return low + torch.floor((high - low) * fraction.clamp_max(_BELOW_ONE))
+        share = (high - low).float() * fraction.float().clamp_max(_BELOW_ONE)  # whole numbers: exact in float32
+        return low + torch.floor(share).double()
 
     bx0, by0, bx1, by1 = box.unbind(-1)
     w64, h64 = w.double(), h.double()
