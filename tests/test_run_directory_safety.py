@@ -126,3 +126,32 @@ def test_a_checkpoint_damaged_in_a_copy_without_its_checksum_file_is_refused(tmp
         load_checkpoint(copy)
     assert main(["eval", "knn", str(copy), *TINY[:5]]) == 2
     assert "knn_top1" not in capsys.readouterr().out
+
+
+def test_a_crash_between_the_checksum_and_the_checkpoint_leaves_a_checkpoint_that_matches(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from contrastlab.engine import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 1, "w": [1.0]}, path)
+    first = hashlib.sha256(path.read_bytes()).hexdigest()
+    real_replace = os.replace
+
+    def die_before_the_checkpoint_is_renamed(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt  # the process is gone here (kill -9): the checksum file is already replaced
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", die_before_the_checkpoint_is_renamed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 2, "w": [2.0]}, path)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert checkpoint.recorded_digests(path)[1] == first  # the new file's digest first, then the one it replaces
+    assert load_checkpoint(path)["epoch"] == 1  # the old checkpoint, intact and accepted
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 3, "w": [3.0]}, path)
+    assert load_checkpoint(path)["epoch"] == 3
+    path.write_bytes(path.read_bytes()[:-10] + bytes(10))  # and a damaged file is still refused
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        load_checkpoint(path)

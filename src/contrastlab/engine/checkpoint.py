@@ -5,10 +5,11 @@ to a temporary file in the same folder, flushed, fsynced, then renamed over the 
 never leaves a half-written ``last.pt``. Next to it, ``<name>.sha256`` holds the SHA-256 of its bytes
 (written the same way, after the checkpoint); :func:`load_checkpoint` checks it, so a file damaged on
 disk later is detected, not loaded. A checkpoint copied without that file still verifies itself: ``torch.save``
-writes a zip archive whose members each carry a CRC-32, and :func:`load_checkpoint` checks them all. A crash between
-the two renames leaves a checkpoint whose checksum does not match: it is then treated as damaged and
-``resume=auto`` falls back to an older one (:func:`newest_intact_checkpoint`), which is safe. A failed write (disk
-full) raises :class:`~contrastlab.errors.CheckpointError` and leaves the previous checkpoint untouched.
+writes a zip archive whose members each carry a CRC-32, and :func:`load_checkpoint` checks them all. The checksum
+file is replaced before the checkpoint is renamed into place, and lists both the new file's digest and the one it
+replaces, so a crash at any moment (``kill -9``, a node lost) leaves a checkpoint that matches it. A damaged
+``last.pt`` makes ``resume=auto`` fall back to an older one (:func:`newest_intact_checkpoint`). A failed write
+(disk full) raises :class:`~contrastlab.errors.CheckpointError` and leaves the previous checkpoint untouched.
 
 Opening a checkpoint never runs code from it: it holds tensors, numbers, strings and plain containers only, and is
 read as such (:func:`contrastlab.safe_load.load_torch_file`); ``trust_pickle=True`` (``--trust-pickle``) opens a
@@ -57,9 +58,9 @@ class _HashingWriter:
         self.fh.flush()
 
 
-def write_atomically(data: bytes | memoryview | Callable[[BinaryIO], None], path: Path) -> None:
-    """Write ``data`` (bytes, or a function writing to a file) to ``path`` through a temporary file in the same
-    folder, fsync, then rename."""
+def _written_temp(data: bytes | memoryview | Callable[[BinaryIO], None], path: Path) -> Path:
+    """``data`` (bytes, or a function writing to a file) written, flushed and fsynced to a temporary file beside
+    ``path``; the caller renames it (or deletes it)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -69,14 +70,25 @@ def write_atomically(data: bytes | memoryview | Callable[[BinaryIO], None], path
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def write_atomically(data: bytes | memoryview | Callable[[BinaryIO], None], path: Path) -> None:
+    """Write ``data`` (bytes, or a function writing to a file) to ``path`` through a temporary file in the same
+    folder, fsync, then rename."""
+    tmp = _written_temp(data, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (temp file, fsync, rename, fsync folder), then its checksum.
+    """``torch.save`` ``obj`` to ``path`` atomically (temp file, fsync, its checksum file, rename, fsync folder).
 
     ``obj`` holds tensors, numbers, strings and plain containers only (numpy scalars become Python numbers): what
     :func:`load_checkpoint` opens without running code.
@@ -90,8 +102,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()  # of the bytes as they stream to disk: the checkpoint is never copied in memory
     try:
-        write_atomically(lambda fh: torch.save(obj, _HashingWriter(fh, digest)), path)
-        write_atomically(f"{digest.hexdigest()}  {path.name}\n".encode(), checksum_path(path))
+        tmp = _written_temp(lambda fh: torch.save(obj, _HashingWriter(fh, digest)), path)
+        try:  # the checksum file first, naming the new file and the one it replaces: a crash between the two
+            # renames leaves a checkpoint that still matches it
+            previous = recorded_digests(path)[:1] if path.is_file() else []
+            lines = [f"{digest.hexdigest()}  {path.name}\n", *(f"{d}  {path.name} (before)\n" for d in previous)]
+            write_atomically("".join(lines).encode(), checksum_path(path))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -138,17 +158,25 @@ def _free_bytes(folder: Path) -> int:
         return 0
 
 
+def recorded_digests(path: str | os.PathLike) -> list[str]:
+    """The SHA-256 digests ``<path>.sha256`` lists (the file's, then, while it is being replaced, the previous one's)."""
+    try:
+        lines = checksum_path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0] for line in lines if line.split()]
+
+
 def verify_checksum(path: str | os.PathLike) -> bool | None:
-    """Whether ``path`` matches its recorded SHA-256; ``None`` when no checksum was recorded."""
-    recorded = checksum_path(path)
-    if not recorded.is_file():
+    """Whether ``path`` matches a SHA-256 its checksum file lists; ``None`` when no checksum was recorded."""
+    if not checksum_path(path).is_file():
         return None
-    expected = (recorded.read_text().split() or [""])[0]
+    expected = recorded_digests(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
-    return expected == digest.hexdigest()
+    return digest.hexdigest() in expected
 
 
 def damaged_zip_member(path: str | os.PathLike) -> str | None:
