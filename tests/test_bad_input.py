@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from contrastlab.cli import main
-from contrastlab.config.load import valid_keys
+from contrastlab.config.load import load_config, valid_keys
 from contrastlab.data import build_dataset
-from contrastlab.errors import DatasetError
+from contrastlab.engine.trainer import train
+from contrastlab.errors import CheckpointError, ConfigError, DatasetError
 from contrastlab.views import eval_view_dataset
 
 torch.set_num_threads(1)
@@ -195,6 +196,80 @@ def test_a_model_too_big_for_memory_is_a_clear_error(tmp_path, capsys):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "building the model ran out of memory on cpu" in done.stderr
     assert "model.arch=resnet20, model.width=64.0" in done.stderr
+
+
+SMALL = ["data.subset=24", "data.batch_size=8", "data.workers=0", "data.image_size=16", "train.device=cpu",
+         "model.width=0.25", "train.epochs=1", "monitor.knn_every=0", "observers=[]", "method.proj_hidden_dim=16",
+         "method.proj_out_dim=8"]  # 3 steps
+
+
+def _small(out: Path, *extra: str):
+    return load_config("demo", [f"out={out}", *SMALL, *extra])
+
+
+def test_a_batch_without_negatives_or_too_small_for_batchnorm_is_refused_naming_the_minimum(tmp_path):
+    """data.batch_size=1 trained SimCLR at loss 0 (no negatives) and stopped MoCo with a raw BatchNorm error: each
+    method says what it needs per rank (Method.batch_size_needed); MoCo without BatchNorm, its negatives in the
+    queue, trains on 1 image a step."""
+    with pytest.raises(ConfigError) as caught:
+        train(_small(tmp_path / "simclr", "data.batch_size=1"), quiet=True)
+    message = str(caught.value)
+    assert "data.batch_size=1 gives 1 image(s) per rank on 1 rank(s)" in message and "'simclr' needs at least 2" in message
+    assert "negatives" in message and "data.batch_size=2 or more" in message
+    with pytest.raises(ConfigError, match="'moco' needs at least 2 per rank: its BatchNorm1d layers"):
+        train(_small(tmp_path / "moco", "data.batch_size=1", "method.name=moco", "method.queue_size=16"), quiet=True)
+    results = train(_small(tmp_path / "moco_no_bn", "data.batch_size=1", "method.name=moco", "method.queue_size=16",
+                           "method.proj_hidden_bn=false", "train.max_steps=2"), quiet=True)
+    assert results["steps"] == 2 and results["final_loss"] > 0
+
+
+@pytest.mark.parametrize("change", ["model.width=0.5", "optim.name=adamw"])
+def test_resuming_with_another_model_or_optimizer_names_the_keys_that_differ(tmp_path, change):
+    """A raw `size mismatch` (model.width) or `KeyError: 'step'` (optim.name) before: now a CheckpointError naming
+    the key with the checkpoint's value and this run's, and how to start afresh."""
+    train(_small(tmp_path), quiet=True)
+    key, value = change.split("=")
+    before = {"model.width": "0.25", "optim.name": "sgd"}[key]
+    with pytest.raises(CheckpointError) as caught:
+        train(_small(tmp_path, "resume=auto", "train.epochs=2", change), quiet=True)
+    message = str(caught.value)
+    assert f"{key} ({before} in the checkpoint, {value} now)" in message
+    assert str(tmp_path / "checkpoints" / "last.pt") in message and "overwrite=true" in message
+    assert train(_small(tmp_path, "resume=auto", "train.epochs=2"), quiet=True)["epochs"] == 2  # unchanged: resumes
+
+
+def test_an_image_size_beyond_the_free_memory_is_refused_with_what_it_needs(tmp_path, monkeypatch):
+    """data.image_size=20000: the views of one step alone (8 images x 2 views x 3 x 20000 x 20000 float32) are
+    refused before anything is allocated, with the size asked and the memory it needs."""
+    from contrastlab.engine import device
+
+    monkeypatch.setattr(device, "free_memory", lambda where: 16 << 30)
+    with pytest.raises(ConfigError) as caught:
+        train(_small(tmp_path, "data.image_size=20000"), quiet=True)
+    message = str(caught.value)
+    need = 8 * 2 * 3 * 20000 * 20000 * 4 / 2**30
+    assert "data.image_size=20000" in message and f"need {need:.1f} GiB" in message and "16.0 GiB free" in message
+    assert "Lower data.image_size" in message
+
+
+def test_running_out_of_memory_while_training_names_the_image_size_and_batch(tmp_path):
+    """Where the free memory is unknown (or misjudged), the allocation that fails inside a step (here under a 6 GB
+    address-space limit, a real failure) stops the run with the image size and the batch named, exit status 2."""
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RLIMIT_AS"):
+        pytest.skip("needs an address-space limit")
+    args = ["train", "demo", f"out={tmp_path / 'run'}", *SMALL, "data.image_size=20000"]
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+              "import contrastlab.engine.device as device\n"
+              "device.free_memory = lambda where: None\n"
+              "from contrastlab.cli import main\n"
+              f"sys.exit(main({args!r}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "training ran out of memory on cpu" in done.stderr
+    assert "8 image(s) x 2 views of 20000x20000 px per rank" in done.stderr
+    assert "data.image_size=20000" in done.stderr and "lower data.image_size or data.batch_size" in done.stderr
 
 
 def test_output_piped_into_head_ends_quietly():

@@ -364,6 +364,103 @@ def test_imagefolder_class_list_and_errors(tmp_path: Path) -> None:
         build_dataset("imagefolder", tmp_path, "val")
 
 
+def test_imagefolder_follows_each_real_folder_once_and_names_the_links_it_skips(tmp_path: Path) -> None:
+    """A link to the class folder itself (a loop: once ~40 copies of each image, the depth Linux allows) and a
+    second link to a folder already read are skipped with a warning naming them; a link to another real folder
+    (a class folder too) is read once; a link to a file is an image like any other."""
+    _write_tree(tmp_path)
+    apple = tmp_path / "train" / "apple"
+    extra, kiwi = tmp_path / "extra", tmp_path / "kiwi_images"
+    for folder, names in ((extra, ["e.png"]), (kiwi, ["k1.png", "k2.png"])):
+        folder.mkdir()
+        for name in names:
+            Image.new("RGB", (3, 3)).save(folder / name)
+    (apple / "self").symlink_to(".")
+    (apple / "more").symlink_to(extra)
+    (apple / "more_again").symlink_to(extra)
+    (apple / "linked.png").symlink_to(apple / "x.Png")
+    (tmp_path / "train" / "kiwi").symlink_to(kiwi)  # a class folder assembled from elsewhere
+    with pytest.warns(RuntimeWarning, match="skipped 2 link") as caught:
+        ds = build_dataset("imagefolder", tmp_path, "train")
+    message = str(caught[0].message)
+    assert str(apple / "self") in message and str(apple / "more_again") in message
+    assert ds.classes == ["apple", "kiwi", "mango", "zebra"]
+    apple_files = sorted(["linked.png", "more/e.png", "sub/y.png", "x.Png"])
+    assert [str(p.relative_to(apple)) for p in ds.paths if p.is_relative_to(apple)] == apple_files
+    assert [p.name for p, t in zip(ds.paths, ds.targets) if t == 1] == ["k1.png", "k2.png"]
+    assert len(ds) == len(apple_files) + 2 + 2 + 2  # kiwi, mango (one colour, one gray image), zebra
+
+
+def test_imagefolder_scan_ends_with_two_looping_links(tmp_path: Path) -> None:
+    """Two links back up the tree made the scan run without end (each path doubles at every level): now it ends,
+    each image once. In a subprocess with a time limit, so a scan that does not end fails the test."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "train" / "c"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (3, 3)).save(folder / "a.png")
+    (folder / "self").symlink_to(".")
+    (folder / "up").symlink_to("..")
+    script = ("import sys, warnings\nfrom pathlib import Path\nfrom contrastlab.data.imagefolder import scan_images\n"
+              "warnings.simplefilter('ignore')\nprint(len(scan_images(Path(sys.argv[1]))))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr[-2000:]
+
+
+def _png16(path: Path, values: np.ndarray) -> None:
+    """A 16-bit PNG written here byte by byte (big-endian samples): grayscale for ``[H, W]``, RGB for
+    ``[H, W, 3]``, so the test does not depend on which 16-bit modes an image library can write."""
+    import zlib
+
+    height, width = values.shape[:2]
+    color = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_pngs_become_8_bit_alike_in_every_reader(tmp_path: Path) -> None:
+    """16-bit PNGs (values over 0..65535) read as 8 bits by their high byte ``v // 256`` through PIL (the CPU
+    pipeline, the device store, the view sheet) and torchvision (the GPU file pipeline): grayscale was clipped
+    to 255, and torchvision's uint16 decode wrapped around."""
+    import torch
+    from torchvision.io import read_file
+
+    from contrastlab.data.device_images import load_images
+    from contrastlab.data.jpeg import decode_images
+    from contrastlab.viz.view_sheet import ImageList
+
+    rng = _rng(16)
+    gray = rng.integers(0, 65536, size=(6, 5)).astype(np.uint16)
+    gray.flat[:8] = [0, 255, 256, 32767, 32768, 65279, 65280, 65535]
+    colour = rng.integers(0, 65536, size=(6, 5, 3)).astype(np.uint16)
+    folder = tmp_path / "train" / "c"
+    folder.mkdir(parents=True)
+    Image.fromarray(gray).save(folder / "gray.png")  # PIL's own 16-bit grayscale writer
+    with Image.open(folder / "gray.png") as check:
+        assert check.mode.startswith("I") and np.array_equal(np.asarray(check), gray)  # really 16 bits on disk
+    _png16(folder / "rgb.png", colour)
+    expected = {"gray.png": np.repeat((gray // 256).astype(np.uint8)[..., None], 3, axis=2),
+                "rgb.png": (colour // 256).astype(np.uint8)}
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    store = load_images(ds).permute(0, 2, 3, 1).numpy()
+    sheet = ImageList(folder)
+    for i, path in enumerate(ds.paths):
+        want = expected[path.name]
+        assert np.array_equal(_pixels(ds[i]), want), path.name
+        assert np.array_equal(store[i], want), path.name
+        assert np.array_equal(np.asarray(sheet[sheet.files.index(path)][0]), want), path.name
+        (decoded,) = decode_images([read_file(str(path))], torch.device("cpu"))
+        assert decoded.dtype == torch.uint8 and np.array_equal(decoded.permute(1, 2, 0).numpy(), want), path.name
+
+
 # ------------------------------------------------------------------------------------- Fashion-MNIST
 
 

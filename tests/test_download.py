@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
+import os
+import stat
 import tarfile
 import threading
 import zipfile
@@ -21,6 +24,7 @@ from test_data import _write_cifar10, _write_fashion, _write_stl, _write_tiny
 from contrastlab import assemble
 from contrastlab.config.load import load_config
 from contrastlab.data import CIFAR10, STL10
+from contrastlab.data.download import DownloadSpec, RemoteFile
 from contrastlab.errors import DatasetError
 
 
@@ -182,3 +186,80 @@ def test_what_cannot_be_downloaded_says_so(tmp_path):
     with pytest.raises(DatasetError, match="line 1 of .*MD5SUMS"):
         assemble.dataset(load_config("demo", ["data.name=cifar10", f"data.root={tmp_path}", "data.download=true",
                                               f"data.download_checksums={bad}"]), "train")
+
+
+def _toy_spec(archive: Path) -> DownloadSpec:
+    """A dataset of one archive already in ``root`` (nothing to fetch): only the extraction runs."""
+    return DownloadSpec("toy", (RemoteFile(f"http://127.0.0.1:9/{archive.name}", _md5(archive)),), ("ds/plain.txt",))
+
+
+def _member(name: str, kind: bytes, mode: int, data: bytes = b"", link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname, info.size = kind, mode, link, len(data)
+    info.uid, info.gid, info.uname, info.gname = 4242, 4343, "", ""  # someone else's files
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+    return info, data
+
+
+@pytest.mark.parametrize("python", ["with tarfile.data_filter", "without tarfile.data_filter"])
+def test_tar_members_are_extracted_as_plain_data_and_the_rest_is_named(tmp_path, monkeypatch, python):
+    """Only regular files, folders and links inside the dataset are extracted; setuid/setgid/sticky bits and
+    group/other write permission dropped, the extracting user the owner: tarfile's "data" filter, and the same
+    rules where Python lacks it (before 3.10.12 / 3.11.4). Device files and FIFOs are skipped with a log line."""
+    if python.startswith("without"):
+        monkeypatch.delattr(tarfile, "data_filter")
+    members = [
+        _member("ds", tarfile.DIRTYPE, 0o7777),
+        _member("ds/plain.txt", tarfile.REGTYPE, 0o6666, b"plain"),  # setuid + setgid, writable by all
+        _member("ds/tool.sh", tarfile.REGTYPE, 0o4777, b"#!/bin/sh\n"),
+        _member("ds/null", tarfile.CHRTYPE, 0o666),
+        _member("ds/pipe", tarfile.FIFOTYPE, 0o666),
+        _member("ds/alias.txt", tarfile.SYMTYPE, 0o777, link="plain.txt"),
+        _member("ds/hard.txt", tarfile.LNKTYPE, 0o6666, link="ds/plain.txt"),  # its mode is set on plain.txt
+    ]
+    root = tmp_path / "data"
+    root.mkdir()
+    archive = root / "toy.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data))
+    lines: list[str] = []
+    old_umask = os.umask(0o022)
+    try:
+        _toy_spec(archive)(root, log=lines.append)
+    finally:
+        os.umask(old_umask)
+    ds = root / "ds"
+    assert sorted(p.name for p in ds.iterdir()) == ["alias.txt", "hard.txt", "plain.txt", "tool.sh"]
+    skipped = next(line for line in lines if "skipped" in line)
+    assert "skipped 2 member" in skipped and "ds/null" in skipped and "ds/pipe" in skipped
+    assert (ds / "alias.txt").is_symlink() and os.readlink(ds / "alias.txt") == "plain.txt"
+    assert (ds / "hard.txt").read_bytes() == b"plain" and os.stat(ds / "hard.txt").st_ino == os.stat(ds / "plain.txt").st_ino
+    for path in (ds, ds / "plain.txt", ds / "tool.sh"):
+        info = path.stat()
+        assert stat.S_IMODE(info.st_mode) & 0o7022 == 0, (path, oct(info.st_mode))  # no high bits, no g/o write
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid()), path
+        assert stat.S_IMODE(info.st_mode) & 0o600 == 0o600, path  # the owner reads and writes
+    assert stat.S_IMODE((ds / "tool.sh").stat().st_mode) & 0o100 and not stat.S_IMODE((ds / "plain.txt").stat().st_mode) & 0o111
+
+
+def test_zip_members_that_are_links_or_special_files_are_skipped_and_named(tmp_path):
+    """zipfile writes a stored link or FIFO as a regular file holding its target: such members are skipped; the
+    stored permissions (setuid here) are never applied."""
+    root = tmp_path / "data"
+    root.mkdir()
+    archive = root / "toy.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, mode, data in (("ds/plain.txt", stat.S_IFREG | 0o4777, b"plain"),
+                                 ("ds/alias.txt", stat.S_IFLNK | 0o777, b"plain.txt"),
+                                 ("ds/pipe", stat.S_IFIFO | 0o666, b"")):
+            info = zipfile.ZipInfo(name)
+            info.create_system, info.external_attr = 3, mode << 16  # 3: Unix
+            zf.writestr(info, data)
+    lines: list[str] = []
+    _toy_spec(archive)(root, log=lines.append)
+    assert sorted(p.name for p in (root / "ds").iterdir()) == ["plain.txt"]
+    skipped = next(line for line in lines if "skipped" in line)
+    assert "'ds/alias.txt' is a symbolic link" in skipped and "'ds/pipe' is a special file" in skipped
+    assert stat.S_IMODE((root / "ds" / "plain.txt").stat().st_mode) & 0o7000 == 0

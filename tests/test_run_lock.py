@@ -116,10 +116,20 @@ def test_the_holder_refreshes_its_heartbeat_and_never_deletes_a_lock_taken_from_
     assert read_lock(tmp_path / LOCK_NAME)["token"] == "theirs" and not lock.held
 
 
-def test_an_unreadable_lock_file_is_refused_while_recent(tmp_path):
-    (tmp_path / LOCK_NAME).write_text("{not json")
-    with pytest.raises(RunLockedError, match="pid \\? on host \\?"):
+@pytest.mark.parametrize("content", [b"{not json", b"\x00garbage", b"\xff\xfe not text"])
+def test_an_unreadable_lock_file_is_refused_while_recent(tmp_path, content):
+    """A lock file that is not a contrastlab lock (just written) is refused with what it is, its age and what to
+    do, not as a holder "pid ? on host ?" (nor a UnicodeDecodeError); once older than the timeout it is taken over."""
+    (tmp_path / LOCK_NAME).write_bytes(content)
+    with pytest.raises(RunLockedError) as caught:
         RunLock(tmp_path, timeout=60).acquire()
+    message = str(caught.value)
+    assert "is not a contrastlab run lock" in message and "pid ?" not in message
+    assert f"{tmp_path / LOCK_NAME} is unreadable" in message and repr(content[:24]) in message
+    age = float(message.split("was written ")[1].split(" s ago")[0])
+    assert 0 <= age <= time.time() - (tmp_path / LOCK_NAME).stat().st_mtime + 1
+    assert f"delete {tmp_path / LOCK_NAME} and run again" in message and "train.lock_timeout=60 s" in message
+    assert (tmp_path / LOCK_NAME).read_bytes() == content  # untouched
     old = time.time() - 120
     os.utime(tmp_path / LOCK_NAME, (old, old))
     lines: list[str] = []

@@ -204,6 +204,35 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config mapping as ``{"optim.lr": "0.5", ...}``."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def changed_keys(saved: str | None, cfg: Config, sections: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """``(key, saved value, value now)`` for each key starting with one of ``sections`` whose value in ``cfg``
+    differs from the saved config ``saved`` (YAML text of :func:`dump_config`, as checkpoints hold it); a key one
+    side lacks shows as ``(not set)``. Nothing when ``saved`` is missing or not a mapping."""
+    try:
+        tree = yaml.safe_load(saved) if saved else None
+    except yaml.YAMLError:
+        return []
+    if not isinstance(tree, dict):
+        return []
+    saved_method = tree.get("method") if isinstance(tree.get("method"), dict) else {}
+    if saved_method.get("name", cfg.method.name) in METHODS:  # configs saved before defaults were written out
+        tree = {**tree, "method": {**_method_defaults(saved_method.get("name", cfg.method.name)), **saved_method}}
+    before, now = flat_params(tree), flat_params(config_to_dict(cfg, method_defaults=True))
+    keys = sorted(k for k in set(before) | set(now) if k.startswith(sections) and before.get(k) != now.get(k))
+    return [(k, before.get(k, "(not set)"), now.get(k, "(not set)")) for k in keys]
+
+
 def valid_keys(method_name: str | None = None, planner_name: str | None = None) -> list[str]:
     """Every dotted key a recipe or override may set (the keys of ``method_name`` and ``planner_name`` included)."""
     keys: list[str] = []

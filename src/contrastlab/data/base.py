@@ -21,6 +21,22 @@ Sample = tuple[Image.Image, int, int]
 UNLABELED = -1
 """Label of samples that have none (e.g. STL-10's unlabeled split)."""
 
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""PIL modes of grayscale images with more than 8 bits (16-bit PNGs open as ``I;16``, or ``I`` in older Pillow)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` converted to mode RGB, 16-bit grayscale reduced to 8 bits first.
+
+    PIL's own conversion clips 16-bit values at 255 (a 16-bit PNG turns almost white); here a value ``v`` becomes
+    ``v >> 8`` (its high byte), the reduction PIL applies to 16-bit colour PNGs and
+    :func:`contrastlab.data.jpeg.to_uint8` to torchvision's 16-bit decodes, so every pipeline reads a file alike.
+    """
+    if image.mode in WIDE_GRAY_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray((values >> 8).astype(np.uint8))
+    return image.convert("RGB")
+
 
 class ImageDataset(Dataset[Sample]):
     """A dataset of RGB images with integer labels.
@@ -110,11 +126,11 @@ class FileDataset(ImageDataset):
         raise DatasetError(f"no readable image in {self.name} ({len(self)} files tried)")
 
     def load_image(self, i: int) -> Image.Image:
-        """Open file ``i`` and convert it to RGB (grayscale repeats its channel)."""
+        """Open file ``i`` and convert it to RGB (grayscale repeats its channel; 16 bits become 8, :func:`to_rgb`)."""
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"cannot read image {path}: {exc}; fix or remove the file, or set "
                                "data.bad_images=skip to skip unreadable images (counted in metrics.jsonl)") from exc

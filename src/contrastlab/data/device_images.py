@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchvision.io import read_file
 
-from contrastlab.data.base import ArrayDataset, FileDataset
+from contrastlab.data.base import ArrayDataset, FileDataset, to_rgb
 from contrastlab.data.jpeg import decode_images
 from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
@@ -130,7 +130,7 @@ def load_images(dataset: Any, device: torch.device | None = None) -> torch.Tenso
     first = None
     images = []
     for i in range(len(dataset)):
-        image = np.asarray(dataset[i][0].convert("RGB"))
+        image = np.asarray(to_rgb(dataset[i][0]))
         if first is None:
             first = image.shape
         elif image.shape != first:

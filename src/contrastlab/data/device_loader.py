@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from contrastlab.data.device_images import DeviceImages, decoded_per_batch, file_paths
-from contrastlab.data.jpeg import decode_images, pad_to_canvas
+from contrastlab.data.jpeg import decode_images, pad_to_canvas, to_uint8
 from contrastlab.data.subsets import IndexedSubset
 from contrastlab.errors import DatasetError
 from contrastlab.views.batch_views import BatchViews
@@ -149,7 +149,7 @@ class FileViewLoader:
         images, keep = [], []
         for k, blob in enumerate(blobs):
             try:
-                images.append(decode_image(blob, mode=ImageReadMode.RGB).to(self.device))
+                images.append(to_uint8(decode_image(blob, mode=ImageReadMode.RGB)).to(self.device))
                 keep.append(k)
             except RuntimeError as exc:
                 path = self.files.paths[int(index[k])]

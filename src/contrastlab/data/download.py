@@ -9,7 +9,8 @@ puts the dataset under ``root`` in the layout the class reads::
 
 Nothing downloads unless asked: the readers never call it; the trainer and ``contrastlab eval`` call it
 before reading a dataset only with ``data.download=true`` (:func:`download_dataset`). The transfer itself is
-torchvision's (``torchvision.datasets.utils.download_url``, ``calculate_md5``, ``extract_archive``).
+torchvision's (``torchvision.datasets.utils.download_url``, ``calculate_md5``); extraction is ``tarfile``'s and
+``zipfile``'s, with the safety rules below.
 
 How a download stays safe:
 
@@ -21,6 +22,11 @@ How a download stays safe:
   running again restarts the transfer from scratch (left-over ``.part`` files are deleted first);
 - an archive is extracted into a temporary folder inside ``root`` and its top-level folder renamed into place,
   so an interrupted extraction leaves no half-filled dataset folder;
+- only regular files, folders and links that stay inside the dataset folder are extracted, without setuid, setgid
+  or sticky bits or write permission for others, owned by the user extracting (``tarfile``'s ``"data"`` filter,
+  with the same rules applied here on Pythons that lack it); device files, FIFOs and links leading outside are
+  skipped with a log line naming them (a name or link target that is absolute or holds ``..`` refuses the whole
+  archive);
 - concurrent processes (the ranks of one node) take turns through an advisory ``flock`` on
   ``root/.contrastlab-download.lock``: the first downloads, the others find the dataset in place.
 
@@ -34,10 +40,12 @@ the published MD5 of each file it names.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import http.client
 import os
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -131,6 +139,94 @@ def _safe_members(archive: Path) -> None:
         if pure.is_absolute() or ".." in pure.parts:
             raise DatasetError(f"{archive}: member {name!r} would be written outside the dataset folder; "
                                "this is not the published archive. Delete it and download it again")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` (links resolved) is ``root`` or lies under it; ``root`` is a resolved path."""
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _data_member(member: tarfile.TarInfo, dest: str, umask: int) -> tarfile.TarInfo:
+    """``member`` made safe to extract into ``dest`` as ``tarfile.data_filter`` makes it, for Pythons without that
+    filter: regular files, folders and links that stay inside ``dest`` only; no setuid/setgid/sticky bit, no write
+    permission for group and others; the current user as owner.
+
+    Raises:
+        tarfile.TarError: the member is to be skipped; the message says why.
+    """
+    root = os.path.realpath(dest)
+    name = member.name.lstrip("/")
+    if not _inside(os.path.join(root, name), root):
+        raise tarfile.TarError(f"{member.name!r} would be written outside the dataset folder")
+    if member.issym() or member.islnk():
+        base = os.path.dirname(name) if member.issym() else ""  # a hard link names a path from the top
+        if os.path.isabs(member.linkname) or not _inside(os.path.join(root, base, member.linkname), root):
+            raise tarfile.TarError(f"{member.name!r} is a link to {member.linkname!r}, outside the dataset folder")
+    elif not (member.isfile() or member.isdir()):
+        raise tarfile.TarError(f"{member.name!r} is a special file (device or FIFO)")
+    if member.isdir():
+        mode = 0o777 & ~umask  # a new folder's usual permissions
+    else:  # a file, or a hard link (its mode is set on the file it links); a symbolic link's is never used
+        mode = (member.mode & 0o755) | 0o600  # no high bits, no group/other write; the owner reads and writes
+        if not member.mode & 0o100:
+            mode &= ~0o111  # executable by others only if by its owner
+    safe = copy.copy(member)
+    safe.name, safe.mode = name, mode
+    safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""  # owned by whoever extracts
+    return safe
+
+
+def _extract_tar(archive: Path, dest: Path) -> list[str]:
+    """Extract a tar archive's regular files, folders and inner links into ``dest`` with ordinary permissions and
+    the current user as owner (``tarfile``'s ``"data"`` filter, or :func:`_data_member` where Python lacks it).
+
+    Returns:
+        each member skipped, with the reason.
+    """
+    skipped: list[str] = []
+    builtin = getattr(tarfile, "data_filter", None)
+    with tarfile.open(archive) as tf:
+        if builtin is not None:
+            def data_only(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+                try:
+                    return builtin(member, path)
+                except tarfile.TarError as exc:  # tarfile.FilterError: a member the filter refuses
+                    skipped.append(str(exc))
+                    return None
+
+            tf.extractall(dest, filter=data_only)
+            return skipped
+        umask = os.umask(0)
+        os.umask(umask)
+        for member in tf.getmembers():
+            try:
+                safe = _data_member(member, str(dest), umask)
+            except tarfile.TarError as exc:
+                skipped.append(str(exc))
+                continue
+            tf.extract(safe, dest)
+    return skipped
+
+
+def _extract_zip(archive: Path, dest: Path) -> list[str]:
+    """Extract a zip archive's files and folders into ``dest``; members stored as links, devices or FIFOs (Unix
+    file types in their attributes) are skipped. ``zipfile`` applies no stored permissions or owners.
+
+    Returns:
+        each member skipped, with the reason.
+    """
+    kept, skipped = [], []
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no Unix attributes (written elsewhere)
+                kept.append(info)
+            else:
+                what = "a symbolic link" if kind == stat.S_IFLNK else "a special file (device, FIFO or socket)"
+                skipped.append(f"{info.filename!r} is {what}")
+        zf.extractall(dest, members=kept)
+    return skipped
 
 
 @dataclass(frozen=True)
@@ -239,8 +335,6 @@ class DownloadSpec:
 
     def _extract(self, archive: Path, root: Path, log: Log) -> None:
         """Extract ``archive`` into a temporary folder in ``root``, then rename its top-level entries into place."""
-        from torchvision.datasets.utils import extract_archive
-
         for stale in root.glob(f".{archive.name}.*.extract"):
             shutil.rmtree(stale, ignore_errors=True)
         log(f"{self.dataset}: extracting {archive}")
@@ -248,10 +342,15 @@ class DownloadSpec:
         try:
             try:
                 _safe_members(archive)
-                extract_archive(str(archive), str(scratch))
+                extract = _extract_zip if zipfile.is_zipfile(archive) else _extract_tar
+                skipped = extract(archive, scratch)
             except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
                 raise DatasetError(f"{self.dataset}: {archive} could not be extracted ({type(exc).__name__}: "
                                    f"{exc}); delete it and run again with data.download=true") from exc
+            if skipped:
+                log(f"{self.dataset}: {archive}: skipped {len(skipped)} member(s) that are not regular files, "
+                    f"folders or links inside the dataset folder: {'; '.join(skipped[:10])}"
+                    + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
             for entry in sorted(scratch.iterdir()):
                 destination = root / entry.name
                 if destination.exists():

@@ -1,14 +1,16 @@
 """Class-per-folder image trees (ImageNet, ImageNet-100, any custom set), opened lazily.
 
 ``root/<split>/<class>/...`` holds the images of one class (sub-folders inside a class folder are
-scanned too). Classes are the sorted class folder names, or, with ``class_list``, exactly the classes
-that list names in the list's order (e.g. the 100 wnids of ImageNet-100). Passing the same list for
-every split keeps labels consistent even if a split lacks a class folder it should have.
+scanned too; links to folders are followed, each real folder once: :func:`scan_images`). Classes are the
+sorted class folder names, or, with ``class_list``, exactly the classes that list names in the list's order
+(e.g. the 100 wnids of ImageNet-100). Passing the same list for every split keeps labels consistent even if
+a split lacks a class folder it should have.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,13 +44,42 @@ def is_image_file(path: Path) -> bool:
 
 
 def scan_images(folder: Path) -> list[Path]:
-    """All image files under ``folder`` (recursively, following links), sorted by path string."""
+    """All image files under ``folder`` (recursively), sorted by path string.
+
+    Links to folders are followed, each real folder once (by device and inode): a link to a folder already
+    scanned (``folder`` itself, one of its parents, or a folder reached another way) is skipped with a
+    RuntimeWarning naming it, so a loop neither repeats images nor scans without end. Links to files are read.
+    """
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    top = Path(folder)
+    if not top.is_dir():
+        return found
+    seen = {_folder_key(p) for p in (top, *top.resolve().parents)}  # a link to a parent would contain itself
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         base = Path(dirpath)
+        kept = []
+        for name in sorted((d for d in dirnames if not d.startswith(".")),
+                           key=lambda d: ((base / d).is_symlink(), d)):  # real folders before links to them
+            key = _folder_key(base / name)
+            if key in seen:
+                skipped.append(f"{base / name} -> {(base / name).resolve()}")
+            else:
+                seen.add(key)
+                kept.append(name)
+        dirnames[:] = kept
         found.extend(base / f for f in filenames if is_image_file(base / f))
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(f"imagefolder: skipped {len(skipped)} link(s) to a folder scanned already (each folder's "
+                      f"images are read once): {shown}", RuntimeWarning, stacklevel=2)
     return sorted(found, key=str)
+
+
+def _folder_key(path: Path) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of the folder ``path`` leads to (links followed): the same for every way to reach it."""
+    info = path.stat()
+    return info.st_dev, info.st_ino
 
 
 def read_class_list(class_list: PathLike | Sequence[str]) -> list[str]:

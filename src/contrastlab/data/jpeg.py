@@ -37,11 +37,20 @@ def is_jpeg(blob: torch.Tensor) -> bool:
     return blob.numel() > 2 and int(blob[0]) == 0xFF and int(blob[1]) == 0xD8
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A decoded image as uint8: torchvision decodes 16-bit PNGs to uint16, of which the high byte is kept
+    (``v >> 8``, as PIL reduces 16-bit colour PNGs and :func:`contrastlab.data.base.to_rgb` 16-bit grayscale)."""
+    if image.dtype == torch.uint16:
+        return (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
 def decode_images(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Decode image files' bytes to uint8 RGB images ``[3, H, W]`` on ``device``.
 
     JPEGs go to the GPU decoder in one call when ``device`` is a GPU; other formats (PNG, ...), and every file
-    when there is no GPU decoder, are decoded on the CPU (a message says so once).
+    when there is no GPU decoder, are decoded on the CPU (a message says so once). 16-bit PNGs are reduced to
+    8 bits (:func:`to_uint8`).
 
     Raises:
         RuntimeError: A file could not be decoded (torchvision's message).
@@ -61,7 +70,7 @@ def decode_images(blobs: Sequence[torch.Tensor], device: torch.device) -> list[t
         _say_once(f"no GPU JPEG decoder on a {device.type} device: decoding on the CPU")
     for k, blob in enumerate(blobs):
         if out[k] is None:
-            out[k] = decode_image(blob, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+            out[k] = to_uint8(decode_image(blob, mode=ImageReadMode.RGB)).to(device, non_blocking=True)
     return out  # type: ignore[return-value]
 
 

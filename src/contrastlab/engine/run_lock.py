@@ -99,12 +99,12 @@ def _write_file(path: Path, info: dict[str, Any]) -> Path:
 def read_lock(path: str | os.PathLike) -> dict[str, Any] | None:
     """The holder recorded in lock file ``path``; None when there is none; ``{}`` when it cannot be parsed."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         return None
     try:
-        info = json.loads(text)
-    except ValueError:
+        info = json.loads(data)
+    except ValueError:  # not JSON, or not text at all (UnicodeDecodeError is a ValueError)
         return {}
     return info if isinstance(info, dict) else {}
 
@@ -241,6 +241,8 @@ class RunLock:
             os.link(tmp, self.path)
             return
         why = self.holder_gone(info)
+        if why is None and not info:
+            raise RunLockedError(self._unreadable_message())
         if why is None:
             raise RunLockedError(
                 f"run directory {self.folder} is in use by another trainer: {describe_holder(info)} "
@@ -252,6 +254,18 @@ class RunLock:
         self.taken_over = info
         self.log(f"run lock: took over {self.path} from {describe_holder(info) if info else 'an unknown holder'}: "
                  f"{why}")
+
+    def _unreadable_message(self) -> str:
+        """Why a recent lock file that is not a contrastlab lock stops a trainer, and what to do."""
+        try:
+            age, start = time.time() - self.path.stat().st_mtime, self.path.read_bytes()[:24]
+        except OSError:
+            age, start = 0.0, b""
+        return (f"run directory {self.folder} holds a lock file that is not a contrastlab run lock: {self.path} is "
+                f"unreadable (not the JSON a trainer writes; it starts with {start!r}) and was written {age:.0f} s "
+                f"ago. If no trainer runs in {self.folder}, delete {self.path} and run again; otherwise wait: an "
+                f"unreadable lock older than train.lock_timeout={self.timeout:g} s is taken over (in "
+                f"{max(0.0, self.timeout - age):.0f} s)")
 
     def _create_exclusive(self) -> None:
         try:

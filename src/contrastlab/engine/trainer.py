@@ -37,11 +37,18 @@ from torch.utils.data import Dataset
 
 from contrastlab import assemble
 from contrastlab.config.derived import derive
-from contrastlab.config.load import config_from_dict, config_to_dict, dump_config
+from contrastlab.config.load import changed_keys, config_from_dict, config_to_dict, dump_config
 from contrastlab.config.schema import Config
 from contrastlab.engine import distributed as dist
 from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, remove_checkpoint
-from contrastlab.engine.device import PRECISIONS, compile_model, out_of_memory, select_device
+from contrastlab.engine.device import (
+    PRECISIONS,
+    check_view_memory,
+    compile_model,
+    out_of_memory,
+    select_device,
+    step_load,
+)
 from contrastlab.engine.epoch_batches import epoch_batches
 from contrastlab.engine.epoch_sums import EpochProgress
 from contrastlab.engine.finite_check import DeferredFiniteCheck, NonFiniteLossError, finite_flag
@@ -58,7 +65,7 @@ from contrastlab.engine.run_directory import (
 from contrastlab.engine.run_lock import lock_run_directory
 from contrastlab.engine.schedules import ema_momentum, run_learning_rate
 from contrastlab.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
-from contrastlab.errors import ConfigError, ContrastlabError
+from contrastlab.errors import CheckpointError, ConfigError, ContrastlabError
 from contrastlab.methods.base import Method, StepOutput, check_step_output
 from contrastlab.observers.base import Observer, ObserverList, Run
 from contrastlab.observers.loggers.base import Logger
@@ -139,15 +146,23 @@ class Trainer:
         self.base_train, self.train_set = training_inputs(cfg, dataset, planner)
         set_bad_images(self.base_train, cfg, self.bad_image_log)
         self.targets = getattr(self.base_train, "targets", None)
+        self.d = d = derive(cfg, self.world, len(self.train_set))
+        refused = None
+        try:  # each rank's own device; every rank stops, or none
+            check_view_memory(cfg, self.train_set.sizes, d.per_rank_batch_size, self.device)
+        except ConfigError as exc:
+            refused = exc
+        if dist.any_rank(refused is not None, self.device):
+            raise refused or ConfigError("another rank has too little memory for data.image_size (see its message)")
         self.inputs = InputPipeline(cfg, self.train_set, self.device, self.rank, self.log)
         self.device_views, self.input_pipeline = self.inputs.device_views, self.inputs.name
-        self.d = d = derive(cfg, self.world, len(self.train_set))
         self.num_classes = len(getattr(self.base_train, "classes", [])) or 1
         self.given = {k: f"{type(v).__module__}.{type(v).__qualname__}" for k, v in (
             ("method", method), ("dataset", dataset), ("planner", planner), ("test_dataset", test_dataset)) if v is not None}
         self.given_test = test_dataset
 
         self.model = self.method = self._build_method(method)
+        self._check_batch_size()
         if self.world > 1:
             if cfg.model.sync_bn:
                 self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
@@ -196,7 +211,7 @@ class Trainer:
         try:
             method = given if given is not None else assemble.method(cfg, self.num_classes, self.targets)
             method = method.to(self.device)
-        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) is one too
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
             if not out_of_memory(exc):
                 raise
             raise ConfigError(f"building the model ran out of memory on {self.device} ({str(exc).splitlines()[0]}); "
@@ -204,6 +219,15 @@ class Trainer:
                               f"model.peers={cfg.model.peers}, method.name={cfg.method.name}: choose a smaller model "
                               "or method setting (a queue or memory size)") from exc
         return method.to(memory_format=torch.channels_last) if cfg.model.channels_last else method
+
+    def _check_batch_size(self) -> None:
+        """ConfigError when a rank's batch is smaller than the method needs (:meth:`Method.batch_size_needed`)."""
+        need, why = self.method.batch_size_needed()
+        per_rank, world = self.d.per_rank_batch_size, self.world
+        if per_rank < need:
+            raise ConfigError(f"data.batch_size={self.cfg.data.batch_size} gives {per_rank} image(s) per rank on "
+                              f"{world} rank(s), but method {self.method.name!r} needs at least {need} per rank: "
+                              f"{why}. Set data.batch_size={need * world} or more")
 
     def _build_observers(self, given: list[Observer]) -> ObserverList:
         """The config's observers, the given ones, then the loggers (on rank 0 only: only rank 0 logs)."""
@@ -223,8 +247,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device, trust_pickle=self.trust_pickle)
         self._check_same_objects(ckpt, path)
-        self.method.load_state_dict(ckpt["method"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_states(path, ckpt)
         if ckpt["scaler"]:  # an imported checkpoint (contrastlab import) has no loss-scaler state
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
@@ -264,6 +287,26 @@ class Trainer:
             raise ContrastlabError(f"{path} was trained with method {trained}, but this run builds {type(self.method).__module__}."
                                    f"{mine} (method.name={self.cfg.method.name}); resume with the same method (its "
                                    "saved config.yaml has it), or start afresh with overwrite=true or another out=DIR")
+
+    def _load_states(self, path: Path, ckpt: dict[str, Any]) -> None:
+        """Load the method's and the optimiser's state; CheckpointError naming the config keys that differ from the
+        checkpoint's when they do not fit this run (another model, method head or optimiser)."""
+        changed = changed_keys(ckpt.get("config"), self.cfg, ("model.", "method.", "optim."))
+        try:
+            self.method.load_state_dict(ckpt["method"])
+            if any(key == "optim.name" for key, _, _ in changed):  # it could load, then fail at the first step
+                raise ValueError("its optimizer state belongs to another optimizer")
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            cause = " ".join(lines[:2]) + (f" ... and {len(lines) - 2} more" if len(lines) > 2 else "")
+            differ = ("the checkpoint's config differs from this run's in " + ", ".join(
+                f"{key} ({before} in the checkpoint, {now} now)" for key, before, now in changed) if changed else
+                "its saved config shows no difference in the model.*, method.* or optim.* keys (written by other code?)")
+            raise CheckpointError(f"resume: {path} does not fit this run ({cause}); {differ}. Resuming needs the "
+                                  "model, method and optimizer the checkpoint was written with: set those keys back, "
+                                  "or start afresh with overwrite=true (the run directory's files are deleted) or "
+                                  "another out=DIR") from exc
 
     # --- one step ------------------------------------------------------------------------------------------
 
@@ -471,11 +514,18 @@ class Trainer:
         try:
             self.observers.on_start(self.run_view)
             with PreemptionSignals() as signals:
-                self._warm_start()
-                while self.step < d.total_steps:
-                    elapsed = self._train_epoch(signals)
-                    self.epoch += 1
-                    self._end_epoch(elapsed)
+                try:
+                    self._warm_start()
+                    while self.step < d.total_steps:
+                        elapsed = self._train_epoch(signals)
+                        self.epoch += 1
+                        self._end_epoch(elapsed)
+                except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+                    if not out_of_memory(exc):
+                        raise
+                    raise ConfigError(f"training ran out of memory on {self.device} "
+                                      f"({str(exc).strip().splitlines()[0] if str(exc).strip() else 'MemoryError'}) "
+                                      f"at step {self.step}: {step_load(self.cfg, self.train_set.sizes, d)}") from exc
             return self._finish()
         finally:
             self.close()

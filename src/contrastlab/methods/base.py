@@ -115,6 +115,8 @@ class Method(nn.Module):
 
     name: ClassVar[str] = "method"
     takes_cohort: ClassVar[bool] = False  #: built around a Cohort of peers (model.peers), not one backbone
+    min_batch_per_rank: ClassVar[int] = 1  #: the fewest images per rank a step learns from (see batch_size_needed)
+    min_batch_reason: ClassVar[str] = ""  #: why, when more than 1 (ends the trainer's message)
 
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
@@ -186,6 +188,17 @@ class Method(nn.Module):
         ft = getattr(self, "feature_transform", None)
         if ft is not None:
             ft.set_random_state(state.get("feature_transform"))
+
+    def batch_size_needed(self) -> tuple[int, str]:
+        """The fewest images per rank (``data.batch_size`` / ranks) a training step works with, and why.
+
+        The class's :attr:`min_batch_per_rank` (2 for methods whose negatives are the batch's other images); at
+        least 2 when a BatchNorm1d layer (a projector's or predictor's) normalises over the batch in training
+        mode, which needs more than one value per channel. The trainer refuses a smaller batch before training.
+        """
+        if self.min_batch_per_rank < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.modules()):
+            return 2, "its BatchNorm1d layers (in the heads) normalise over the images of a rank's batch"
+        return self.min_batch_per_rank, self.min_batch_reason
 
     def warm_start_steps(self, global_batch: int) -> int:
         """Steps the method needs before the first epoch (CaCo fills its memory); 0 for most methods.

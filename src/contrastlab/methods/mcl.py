@@ -163,6 +163,11 @@ class MCL(Method):
             self.class_index = ClassIndex(dataset_targets)
             self.bank = SampleMemoryBank(len(dataset_targets), embed_dim, self.num_peers, momentum=bank_momentum)
 
+    def batch_size_needed(self) -> tuple[int, str]:
+        if self.contrast == "in_batch":
+            return 2, "method.contrast=in_batch contrasts each image with the batch's other images"
+        return super().batch_size_needed()
+
     def ddp_ignored_buffers(self) -> list[str]:
         return ["bank.memory"] if self.bank is not None else []  # updated from gathered anchors on every rank
 

@@ -58,6 +58,8 @@ class SimCLR(Method):
     """
 
     name = "simclr"
+    min_batch_per_rank = 2
+    min_batch_reason = "a view's negatives are the batch's other images (with 1 image the loss is 0 at every step)"
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from contrastlab.data.base import to_rgb
 from contrastlab.errors import ConfigError
 from contrastlab.views.boxes import validate_box
 from contrastlab.views.joint_blur import JointBlur
@@ -111,7 +112,7 @@ class ViewDataset(Dataset):
         if not isinstance(image, Image.Image):
             raise TypeError(f"ViewDataset needs PIL images, dataset gave {type(image).__name__}")
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            image = to_rgb(image)
         width, height = image.size
         g = None if self.seed is None else torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         joint = self.joint_blur is not None and self.joint_blur.use_joint_blur(g)

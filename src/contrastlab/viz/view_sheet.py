@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from contrastlab.data.base import to_rgb
 from contrastlab.data.imagefolder import IMAGE_EXTENSIONS
 from contrastlab.errors import DatasetError
 
@@ -48,7 +49,7 @@ class ImageList:
     def __getitem__(self, i: int) -> tuple[Image.Image, int, int]:
         try:
             with Image.open(self.files[i]) as image:
-                return image.convert("RGB"), 0, i
+                return to_rgb(image), 0, i
         except OSError as exc:
             raise DatasetError(f"cannot read image {self.files[i]}: {exc}") from exc
 

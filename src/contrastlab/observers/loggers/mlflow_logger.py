@@ -22,17 +22,6 @@ from contrastlab.registry import register_logger
 MAX_BATCH = 100  #: parameters per ``log_batch`` call (MLflow's limit)
 
 
-def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested config mapping as ``{"optim.lr": "0.5", ...}``."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
-
-
 class MLflowLogger(Logger):
     """Scalars to an MLflow run through ``MlflowClient`` (no global active run is touched)."""
 
@@ -43,7 +32,7 @@ class MLflowLogger(Logger):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from contrastlab.config.load import config_to_dict
+        from contrastlab.config.load import config_to_dict, flat_params
 
         log = run.config.log
         uri = log.mlflow_uri or (run.out / "mlruns").resolve().as_uri()
