@@ -219,3 +219,72 @@ def test_linear_probe_learns_and_leaves_backbone_unchanged():
     assert result["backbone_unchanged"] and state_fingerprint(backbone) == before
     assert result["top1"] > 95.0
     assert result["reported_epoch"] == 5
+
+
+# --- what the methods beyond InfoNCE need from the engine (issue 25) ----------------------------------------------
+
+def test_gradients_are_clipped_globally_or_per_parameter():
+    from contrastlab.engine.gradients import clip_gradients
+
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3) * 5, torch.randn(7) * 0.01, torch.randn(2, 2) * 2]
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    clip_gradients(params, 1.0, "per_parameter")
+    for p, g in zip(params, grads):  # DINO's rule, parameter by parameter
+        norm = float(g.norm())
+        expected = g * (1.0 / (norm + 1e-6)) if 1.0 / (norm + 1e-6) < 1 else g
+        torch.testing.assert_close(p.grad, expected)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    clip_gradients(params, 1.0, "global")
+    total = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * (1.0 / (total + 1e-6)))
+
+
+def test_weight_decay_schedule_bias_lr_scale_and_the_hook_before_the_optimiser_step(tmp_path):
+    import math
+
+    from contrastlab.config.load import load_config
+    from contrastlab.engine.trainer import Trainer
+    from contrastlab.methods import SimCLR
+    from contrastlab.models import build_backbone
+
+    seen: list[int] = []
+
+    class FrozenProjectorEnd(SimCLR):
+        """Drops the last projector layer's gradients, as DINO freezes its last layer."""
+
+        name = "frozen_end_test"
+
+        def before_optimizer_step(self, step):
+            seen.append(step)
+            for p in self.projector[-1].parameters():
+                p.grad = None
+
+    net, dim = build_backbone("resnet20", width=0.25)
+    method = FrozenProjectorEnd(net, dim, proj_hidden_dim=16, proj_out_dim=8)
+    frozen = [p.detach().clone() for p in method.projector[-1].parameters()]
+    first_conv = method.backbone.conv1.weight.detach().clone() if hasattr(method.backbone, "conv1") else None
+    cfg = load_config("demo", [f"out={tmp_path}", "data.subset=24", "data.batch_size=8", "data.workers=0",
+                               "data.image_size=16", "train.device=cpu", "train.epochs=1", "monitor.max_bank=16",
+                               "monitor.max_test=8", "monitor.knn_k=3", "observers=[progress]", "optim.name=lars",
+                               "optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "optim.bias_bn_lr_scale=0.024",
+                               "optim.warmup_epochs=0", "optim.schedule=constant"])
+    trainer = Trainer(cfg, method=method, quiet=True)
+    trainer.run()
+    steps = trainer.d.total_steps
+    assert seen == list(range(steps)) and steps == 3
+    for p, before in zip(method.projector[-1].parameters(), frozen):
+        assert torch.equal(p.detach(), before)  # its gradients were dropped every step
+    if first_conv is not None:
+        assert not torch.equal(method.backbone.conv1.weight.detach(), first_conv)
+    last = steps - 1  # the last step's weight decay: DINO's cosine_scheduler, written out here
+    expected_wd = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * last / steps))
+    lr = trainer.d.lr
+    for group in trainer.optimizer.param_groups:
+        one_d = all(p.ndim <= 1 for p in group["params"])
+        assert group["lr"] == pytest.approx(lr * (0.024 if one_d else 1.0))
+        assert group["weight_decay"] == pytest.approx(expected_wd)

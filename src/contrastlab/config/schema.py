@@ -151,6 +151,9 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  #: step schedule: epochs
     gamma: float = 0.1  #: step schedule factor (ContrastiveCrop's MoCo v1 configs had 0: lr 0 after the first milestone)
     clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
+    clip_grad_mode: Literal["global", "per_parameter"] = "global"  #: global: one norm over all gradients; per_parameter: each parameter's own (DINO's clip_gradients)
+    weight_decay_end: float | None = None  #: cosine from weight_decay to this over the run, per step (DINO: 0.04 -> 0.4); None keeps it constant
+    bias_bn_lr_scale: float = 1.0  #: learning-rate factor of 1-D parameters (biases, norms): Barlow Twins' LARS has lr_biases = lr_weights * 0.024
 
 
 @dataclass
@@ -243,6 +246,9 @@ class FinetuneConfig:
     min_lr: float = 1.0e-5  #: the cosine ends here (not scaled)
     schedule: str = "cosine"  #: cosine (per step: linear warm-up from warmup_lr, cosine to min_lr) | deit (DeiT's release: timm's cosine once per epoch, each epoch at the rate computed for the one before)
     clip_grad: float = 0.0  #: max gradient norm; 0 disables clipping
+    clip_grad_mode: Literal["global", "per_parameter"] = "global"  #: global: one norm over all gradients; per_parameter: each parameter's own (DINO's clip_gradients)
+    weight_decay_end: float | None = None  #: cosine from weight_decay to this over the run, per step (DINO: 0.04 -> 0.4); None keeps it constant
+    bias_bn_lr_scale: float = 1.0  #: learning-rate factor of 1-D parameters (biases, norms): Barlow Twins' LARS has lr_biases = lr_weights * 0.024
     drop_path: float = 0.1  #: stochastic depth of a ViT (timm's drop_path_rate)
     label_smoothing: float = 0.1
     mixup: float = 0.8  #: mixup alpha (timm Mixup); 0 = off

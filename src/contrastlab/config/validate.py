@@ -99,6 +99,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "optim.final_lr_ratio": (lambda v: v is None or 0 <= v <= 1, "in [0, 1] (a fraction of the peak lr), or null"),
     "optim.gamma": (_nonneg, ">= 0 (0: lr 0 after the first milestone, upstream ContrastiveCrop MoCo v1)"),
     "optim.clip_grad": (_nonneg, ">= 0 (0 = no clipping)"),
+    "optim.weight_decay_end": (lambda v: v is None or _nonneg(v), ">= 0, or null (constant weight decay)"),
+    "optim.bias_bn_lr_scale": (_nonneg, ">= 0"),
     "train.epochs": (_positive_int, "a positive integer"),
     "train.max_steps": (_nonneg, ">= 0 (0 = no limit)"),
     "train.ema_momentum": (_unit_closed, "in [0, 1]"),

@@ -173,10 +173,32 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -
     for g in groups:
         g.setdefault("fixed_lr", False)
         g.setdefault("exclude_from_lars", False)
-    return OPTIMIZERS[cfg.name](groups, cfg, lr)
+    optimizer = OPTIMIZERS[cfg.name](groups, cfg, lr)
+    mark_groups(optimizer, cfg)
+    set_learning_rate(optimizer, lr, lr)
+    return optimizer
+
+
+def mark_groups(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Mark each group with what the schedules need (again after ``load_state_dict``, which keeps only the saved
+    keys): ``lr_scale`` (``optim.bias_bn_lr_scale`` for groups of 1-D parameters) and ``scheduled_weight_decay``
+    (the groups that decay, which ``optim.weight_decay_end`` schedules)."""
+    for group in optimizer.param_groups:
+        one_d = all(p.ndim <= 1 for p in group["params"])
+        group["lr_scale"] = cfg.bias_bn_lr_scale if one_d else 1.0
+        group["scheduled_weight_decay"] = bool(group.get("larc_weight_decay", group.get("weight_decay", 0.0)))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float) -> None:
-    """Set every group's rate to ``lr``; ``fixed_lr`` groups stay at ``peak_lr`` (SimSiam, Chen & He 2021)."""
+    """Set every group's rate to ``lr``; ``fixed_lr`` groups stay at ``peak_lr`` (SimSiam, Chen & He 2021); a group's
+    ``lr_scale`` multiplies either (Barlow Twins' separate rate of biases and norms)."""
     for group in optimizer.param_groups:
-        group["lr"] = peak_lr if group.get("fixed_lr") else lr
+        group["lr"] = (peak_lr if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of every group that decays (``scheduled_weight_decay``, marked by
+    :func:`build_optimizer`): DINO's cosine weight-decay schedule. Groups without weight decay keep none."""
+    for group in optimizer.param_groups:
+        if group.get("scheduled_weight_decay"):
+            group["weight_decay" if "larc_weight_decay" not in group else "larc_weight_decay"] = weight_decay

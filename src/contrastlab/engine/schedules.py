@@ -115,6 +115,17 @@ def run_learning_rate(cfg: Any, derived: Any, epoch: int, step: int) -> float:
                          milestones_steps=tuple(m * d.steps_per_epoch for m in o.milestones), gamma=o.gamma)
 
 
+def run_weight_decay(cfg: Any, derived: Any, step: int) -> float:
+    """A run's weight decay at ``step``: a half cosine from ``optim.weight_decay`` to ``optim.weight_decay_end`` over
+    the run's steps (DINO's ``cosine_scheduler(weight_decay, weight_decay_end, epochs, steps_per_epoch)``, Caron et
+    al. 2021), or ``optim.weight_decay`` when no end is set."""
+    start, end = cfg.optim.weight_decay, cfg.optim.weight_decay_end
+    if end is None:
+        return start
+    progress = min(1.0, step / max(1, derived.total_steps))  # upstream: the iteration over the number of them
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
 def ema_momentum(step: int, *, base: float, total_steps: int, schedule: str = "constant") -> float:
     """EMA momentum at ``step``: constant, or BYOL's cosine increase from ``base`` to 1 (Grill et al. 2020)."""
     return MOMENTUM_SCHEDULES[schedule](min(1.0, step / max(1, total_steps)), base=base)

@@ -52,8 +52,9 @@ from contrastlab.engine.device import (
 from contrastlab.engine.epoch_batches import epoch_batches
 from contrastlab.engine.epoch_sums import EpochProgress
 from contrastlab.engine.finite_check import DeferredFiniteCheck, NonFiniteLossError, finite_flag
+from contrastlab.engine.gradients import clip_gradients
 from contrastlab.engine.inputs import InputPipeline, set_bad_images, test_dataset, training_inputs
-from contrastlab.engine.optim import build_optimizer, set_learning_rate
+from contrastlab.engine.optim import build_optimizer, mark_groups, set_learning_rate, set_weight_decay
 from contrastlab.engine.preemption import PreemptedError, PreemptionSignals
 from contrastlab.engine.run_directory import (
     check_fresh_start,
@@ -63,7 +64,7 @@ from contrastlab.engine.run_directory import (
     write_run_files,
 )
 from contrastlab.engine.run_lock import lock_run_directory
-from contrastlab.engine.schedules import ema_momentum, run_learning_rate
+from contrastlab.engine.schedules import ema_momentum, run_learning_rate, run_weight_decay
 from contrastlab.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from contrastlab.errors import CheckpointError, ConfigError, ContrastlabError
 from contrastlab.methods.base import Method, StepOutput, check_step_output
@@ -297,6 +298,7 @@ class Trainer:
             if any(key == "optim.name" for key, _, _ in changed):  # it could load, then fail at the first step
                 raise ValueError("its optimizer state belongs to another optimizer")
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            mark_groups(self.optimizer, self.cfg.optim)
         except (RuntimeError, KeyError, ValueError) as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             cause = " ".join(lines[:2]) + (f" ... and {len(lines) - 2} more" if len(lines) > 2 else "")
@@ -324,6 +326,8 @@ class Trainer:
         """
         cfg = self.cfg
         set_learning_rate(self.optimizer, lr, self.d.lr)
+        if cfg.optim.weight_decay_end is not None:
+            set_weight_decay(self.optimizer, run_weight_decay(cfg, self.d, self.step))
         views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
         labels, index = labels.to(self.device), index.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
@@ -339,7 +343,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             if cfg.optim.clip_grad > 0:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
+                clip_gradients(self.method.parameters(), cfg.optim.clip_grad, cfg.optim.clip_grad_mode)
+            self.method.before_optimizer_step(self.step)
         # gradients are not checked under fp16, whose scaler skips bad steps itself
         finite = finite_flag(loss, self.method.parameters(), check_gradients=not self.scaler.is_enabled())
         if not check_now:

@@ -200,6 +200,12 @@ class Method(nn.Module):
             return 2, "its BatchNorm1d layers (in the heads) normalise over the images of a rank's batch"
         return self.min_batch_per_rank, self.min_batch_reason
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after the backward pass (and gradient clipping) of optimiser step ``step`` (0-based; warm-start
+        steps are step 0), before the optimiser uses the gradients: a method may drop some here, as DINO freezes its
+        last layer during the first epoch and SwAV its prototypes during the first iterations (set ``p.grad = None``
+        to leave a parameter and its optimiser state untouched this step). Nothing by default."""
+
     def warm_start_steps(self, global_batch: int) -> int:
         """Steps the method needs before the first epoch (CaCo fills its memory); 0 for most methods.
 
