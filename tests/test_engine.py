@@ -288,3 +288,43 @@ def test_weight_decay_schedule_bias_lr_scale_and_the_hook_before_the_optimiser_s
         one_d = all(p.ndim <= 1 for p in group["params"])
         assert group["lr"] == pytest.approx(lr * (0.024 if one_d else 1.0))
         assert group["weight_decay"] == pytest.approx(expected_wd)
+
+
+def test_rank_local_buffers_are_saved_per_rank_and_given_back(tmp_path):
+    from contrastlab.config.load import load_config
+    from contrastlab.engine.checkpoint import load_checkpoint
+    from contrastlab.engine.trainer import train
+    from contrastlab.methods import SimCLR
+    from contrastlab.models import build_backbone
+
+    class Counting(SimCLR):
+        """Counts its steps in a buffer that would differ per rank (as SwAV's queue does)."""
+
+        name = "counting_test"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def rank_local_buffers(self):
+            return ["seen"]
+
+        def ddp_ignored_buffers(self):
+            return ["seen"]
+
+        def after_optimizer_step(self, momentum):
+            self.seen += 1
+
+    def fresh():
+        torch.manual_seed(0)
+        net, dim = build_backbone("resnet20", width=0.25)
+        return Counting(net, dim, proj_hidden_dim=16, proj_out_dim=8)
+
+    base = [f"out={tmp_path}", "data.subset=24", "data.batch_size=8", "data.workers=0", "data.image_size=16",
+            "train.device=cpu", "monitor.max_bank=16", "monitor.max_test=8", "monitor.knn_k=3", "observers=[progress]"]
+    train(load_config("demo", [*base, "train.epochs=1"]), method=fresh(), quiet=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert [float(r["seen"]) for r in ckpt["rank_local"]] == [3.0]  # one rank, its own copy
+    resumed = fresh()
+    train(load_config("demo", [*base, "train.epochs=2", "resume=auto"]), method=resumed, quiet=True)
+    assert float(resumed.seen) == 6.0  # continued from the saved 3, not from 0

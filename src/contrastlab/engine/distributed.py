@@ -232,5 +232,7 @@ def wrap_ddp(method: nn.Module, device: torch.device) -> nn.parallel.Distributed
 def broadcast_ignored_buffers(method: nn.Module) -> None:
     """Copy rank 0's queues and memories to every rank (after building or resuming; no-op in one process)."""
     buffers = dict(method.named_buffers())
+    own = set(method.rank_local_buffers()) if hasattr(method, "rank_local_buffers") else set()
     for name in method.ddp_ignored_buffers():
-        broadcast_(buffers[name], src=0)
+        if name not in own:  # a rank's own buffers (SwAV's queue) stay its own
+            broadcast_(buffers[name], src=0)

@@ -255,6 +255,7 @@ class Trainer:
         if self.step is None:  # imported: upstream counts epochs only
             self.step = self.epoch * self.d.steps_per_epoch
         self.skipped_total = ckpt.get("skipped_total", 0)
+        self._load_rank_local(ckpt.get("rank_local"), path)
         self.numbered = list(ckpt.get("numbered", []))  # older checkpoints: none counted, none deleted
         self.last_record = ckpt.get("record")
         self.observers.load_state_dict(ckpt.get("observers", {}), rank_local=False, log=self.log)
@@ -271,6 +272,17 @@ class Trainer:
             self.observers.load_state_dict(mine.get("observers", {}), rank_local=True, log=self.log)
         where = f", batch {self.progress_in_epoch.batch} of epoch {self.epoch + 1}" if partial else ""
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}{where}")
+
+    def _load_rank_local(self, saved: list[dict[str, torch.Tensor]] | None, path: Path) -> None:
+        """This rank's own copy of the method's rank-local buffers (:meth:`Method.rank_local_buffers`)."""
+        if not saved:
+            return
+        if len(saved) != self.world:
+            raise ContrastlabError(f"{path} holds the rank-local state of {len(saved)} rank(s) "
+                                   f"({', '.join(sorted(saved[0]))}); resume it with {len(saved)} rank(s)")
+        buffers = dict(self.method.named_buffers())
+        for name, value in saved[self.rank].items():
+            buffers[name].copy_(value.to(buffers[name].device))
 
     def _check_same_objects(self, ckpt: dict[str, Any], path: Path) -> None:
         """ContrastlabError when the checkpoint was trained with another method class than this run builds, or with
@@ -375,6 +387,11 @@ class Trainer:
             partial = dist.gather_objects({"progress": self.progress_in_epoch.saved(),
                                            "rng": {**rng_state(), **self.method.random_state()},
                                            "observers": self.observers.state_dict(rank_local=True)})
+        own = self.method.rank_local_buffers()
+        rank_local = None
+        if own:  # every rank's own copy (collective): each rank gets its own back on resume
+            buffers = dict(self.method.named_buffers())
+            rank_local = dist.gather_objects({name: buffers[name].detach().cpu() for name in own})
         if not self.main:
             return
         written = self.numbered + ([f"epoch_{self.epoch:04d}.pt"] if numbered else [])
@@ -384,7 +401,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "derived": self.d.as_dict(), "skipped_total": self.skipped_total, "partial": partial,
-                "numbered": kept, "given": self.given,
+                "numbered": kept, "given": self.given, "rank_local": rank_local,
                 "method_class": f"{type(self.method).__module__}.{type(self.method).__qualname__}",
                 "observers": self.observers.state_dict(rank_local=False), "record": self.last_record}
         folder = self.out / "checkpoints"

@@ -160,6 +160,15 @@ class Method(nn.Module):
         """
         return []
 
+    def rank_local_buffers(self) -> list[str]:
+        """Names of buffers whose values differ from rank to rank (SwAV's queue of each rank's own embeddings).
+
+        List them in :meth:`ddp_ignored_buffers` too, so DDP does not overwrite them with rank 0's. The trainer
+        saves every rank's copy in each checkpoint and gives each rank its own back on resume (with the same number
+        of ranks); the start-of-run broadcast leaves them alone. None by default.
+        """
+        return []
+
     def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
         """Told by the trainer before every step where training stands, for the method's own schedules.
 
