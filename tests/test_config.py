@@ -167,3 +167,16 @@ def test_a_config_built_in_python_reads_and_sets_the_planners_keys():
         _ = cfg.views.joint_beta
     cfg.views.planner = "padded_crop"
     assert cfg.views.params == {"num_views": 2, "padding": 4}
+
+
+def test_a_key_of_other_methods_is_refused_naming_them():
+    """Feature Transformation needs InfoNCE logits: a method without them refuses method.feature_transform at load,
+    naming the methods that take it."""
+    from contrastlab.methods import method_kwargs
+    from contrastlab.registry import METHODS
+
+    takers = sorted(m for m in METHODS.names() if "feature_transform" in method_kwargs(m))
+    assert "moco" in takers and "byol" not in takers
+    with pytest.raises(ConfigError, match=rf"method 'byol' takes no key method.feature_transform: it is a key of "
+                                          rf"{', '.join(takers)}"):
+        load_config("demo", ["method.name=byol", "method.feature_transform={}"])

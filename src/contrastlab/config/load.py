@@ -410,6 +410,12 @@ def _build_method(data: Any) -> dict[str, Any]:
     params = method_parameters(name)
     for key in data:
         if key not in params:
+            others = [m for m in METHODS.names() if m != name and key in method_parameters(m)]
+            if others:  # a plug-in such as feature_transform, which only some methods can take
+                raise ConfigError(f"method {name!r} takes no key method.{key}: it is a key of {', '.join(others)} "
+                                  f"(what it configures needs something method {name!r} does not have, e.g. "
+                                  f"InfoNCE logits for feature_transform). Remove method.{key}, or choose one of "
+                                  "those methods")
             raise _unknown_key(f"method.{key}", valid_keys(name))
     return {"name": name, "params": data}
 
