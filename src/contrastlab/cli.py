@@ -37,9 +37,10 @@ def smoke_overrides(cfg) -> list[str]:
     about 20 times slower than fp32 on CPUs without bf16 units (the methods' tests run bf16 autocast
     on small networks instead). The data is an evenly spaced subset of 64 demo images. A learnable
     memory shrinks to 8 columns, so CaCo's warm start takes one step; crop strategies with a localiser
-    train two one-step epochs so that the localiser runs between them.
+    train two one-step epochs so that the localiser runs between them; a method may shrink its own sizes
+    (:meth:`contrastlab.Method.smoke_overrides`, e.g. Barlow Twins' projector widths).
     """
-    from contrastlab.registry import BACKBONES, PLANNERS
+    from contrastlab.registry import BACKBONES, METHODS, PLANNERS
 
     small_net = cfg.model.cifar_stem or BACKBONES.info(cfg.model.arch)["small_input"]
     extra = [f"data.image_size={16 if small_net else 32}"]
@@ -48,6 +49,7 @@ def smoke_overrides(cfg) -> list[str]:
     if "memory_size" in cfg.method.params:
         extra.append("method.memory_size=8")
     extra += PLANNERS[cfg.views.planner].smoke_overrides(small_net)  # e.g. a localiser's two one-step epochs
+    extra += METHODS[cfg.method.name].smoke_overrides(dict(cfg.method.params))  # e.g. a projector's widths
     return SMOKE_OVERRIDES + extra
 
 

@@ -16,6 +16,8 @@ trust ratio and trained at their own rate (``--learning-rate-biases 0.0048`` aga
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,7 +26,10 @@ from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.barlow_twins import BarlowTwinsLoss
 from contrastlab.registry import register_method
 
-__all__ = ["BarlowTwins"]
+__all__ = ["SMOKE_WIDTH", "BarlowTwins"]
+
+SMOKE_WIDTH = 512
+"""The widest projector a ``--smoke`` run builds (:meth:`BarlowTwins.smoke_overrides`)."""
 
 
 @register_method()
@@ -66,6 +71,13 @@ class BarlowTwins(Method):
         super().__init__(backbone, feature_dim)
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, bias=False)
         self.criterion = BarlowTwinsLoss(lambd=lambd, scale=scale_loss, gather_distributed=gather_distributed)
+
+    @classmethod
+    def smoke_overrides(cls, params: dict[str, Any]) -> list[str]:
+        """``--smoke`` trains the projector at most ``SMOKE_WIDTH`` wide (the release's 8192 makes a 2-step CPU run
+        take minutes and write a 1.4 GB checkpoint); the code path is the same."""
+        return [f"method.{key}={SMOKE_WIDTH}" for key in ("proj_hidden_dim", "proj_out_dim")
+                if params.get(key, SMOKE_WIDTH) > SMOKE_WIDTH]
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         x1, x2 = self._two_views(views)
