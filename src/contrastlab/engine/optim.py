@@ -122,17 +122,17 @@ class LARC(torch.optim.SGD):
         for group in self.param_groups:
             if group["larc_exclude"] and group.get("exclude_from_lars"):
                 continue  # plain SGD, no weight decay
-            wd = group["larc_weight_decay"]
+            wd, lr = group["larc_weight_decay"], group["lr"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 p_norm = torch.linalg.vector_norm(p)
                 g_norm = torch.linalg.vector_norm(p.grad)
-                if p_norm > 0 and g_norm > 0:
-                    rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
-                    if group["larc_clip"]:  # at rate 0 nothing moves: keep the gradient as it is
-                        rate = torch.clamp(rate / group["lr"], max=1.0) if group["lr"] > 0 else torch.ones_like(rate)
-                    p.grad.add_(p, alpha=wd).mul_(rate)
+                scaled = (p_norm > 0) & (g_norm > 0)  # else the plain SGD step: no host sync to decide it
+                rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
+                if group["larc_clip"]:  # at rate 0 nothing moves: keep the gradient as it is
+                    rate = torch.clamp(rate / lr, max=1.0) if lr > 0 else torch.ones_like(rate)
+                p.grad.add_(p * (scaled.to(p.dtype) * wd)).mul_(torch.where(scaled, rate, torch.ones_like(rate)))
         return super().step(closure)
 
 
