@@ -185,6 +185,11 @@ def test_smoke_runs_shrink_only_the_projector_widths():
     assert BarlowTwins.smoke_overrides({"proj_hidden_dim": 8192, "proj_out_dim": 8192}) == [
         "method.proj_hidden_dim=512", "method.proj_out_dim=512"]
     assert BarlowTwins.smoke_overrides({"proj_hidden_dim": 256, "proj_out_dim": 128}) == []
+    from contrastlab.cli import _load
+
+    smoke = _load("demo", ["method.name=barlow_twins", "method.proj_out_dim=64"], smoke=True)  # defaults: 8192
+    assert smoke.method.params == {"proj_hidden_dim": 512, "proj_out_dim": 64}
+    assert _load("imagenet/barlow_twins_r50_1000ep", [], smoke=True).method.params["proj_out_dim"] == 512
 
 
 # --- optimisers: the release's LARS and solo-learn's -------------------------------------------------------------

@@ -211,9 +211,9 @@ class Method(nn.Module):
 
     @classmethod
     def smoke_overrides(cls, params: dict[str, Any]) -> list[str]:
-        """Extra ``key=value`` overrides that ``--smoke`` adds for this method, given its ``method.*`` values: sizes
-        that only make a 2-step CPU run slow and large (Barlow Twins' 8192-wide projector), never a code path. None
-        by default."""
+        """Extra ``key=value`` overrides that ``--smoke`` adds for this method, given the ``method.*`` values the run
+        would build it with (constructor defaults included): sizes that only make a 2-step CPU run slow and large
+        (Barlow Twins' 8192-wide projector), never a code path. None by default."""
         return []
 
     def before_optimizer_step(self, step: int) -> None:
