@@ -120,7 +120,7 @@ class LARC(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
-            if group["larc_exclude"] and group.get("exclude_from_lars"):
+            if group.get("larc_exclude") and group.get("exclude_from_lars"):  # .get: groups saved before the keys
                 continue  # plain SGD, no weight decay
             wd, lr = group["larc_weight_decay"], group["lr"]
             for p in group["params"]:
@@ -130,7 +130,7 @@ class LARC(torch.optim.SGD):
                 g_norm = torch.linalg.vector_norm(p.grad)
                 scaled = (p_norm > 0) & (g_norm > 0)  # else the plain SGD step: no host sync to decide it
                 rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
-                if group["larc_clip"]:  # at rate 0 nothing moves: keep the gradient as it is
+                if group.get("larc_clip"):  # at rate 0 nothing moves: keep the gradient as it is
                     rate = torch.clamp(rate / lr, max=1.0) if lr > 0 else torch.ones_like(rate)
                 p.grad.add_(p * (scaled.to(p.dtype) * wd)).mul_(torch.where(scaled, rate, torch.ones_like(rate)))
         return super().step(closure)
