@@ -260,6 +260,27 @@ def test_solo_learn_lars_is_larc_clipping_with_biases_and_norms_excluded():
             torch.testing.assert_close(ours, theirs)
 
 
+def test_a_step_with_solo_learns_lars_never_waits_for_the_device(monkeypatch):
+    """The loss, the method and LARC (whose plain-SGD case is decided on the device) call nothing that reads a
+    device value to the host, as the trainer's steps must not with train.finite_check_every > 1."""
+    from sync_guard import forbid_host_sync
+
+    import contrastlab.engine.optim as optim_module
+    import contrastlab.methods.barlow_twins as method_module
+    import contrastlab.objectives.barlow_twins as loss_module
+
+    method = _tiny_method()
+    cfg = load_config("cifar10/barlow_twins_r18_1000ep")
+    opt = build_optimizer(method.param_groups(), cfg.optim, 0.3)
+    x1, x2 = _ddp_images(0)
+    with monkeypatch.context() as m:
+        forbid_host_sync(m, *(module.__file__ for module in (optim_module, method_module, loss_module)))
+        out = method([x1, x2], torch.zeros(8), torch.arange(8))
+        out.loss.backward()
+        opt.step()
+    assert any(p.grad is not None for p in method.parameters())
+
+
 # --- recipes --------------------------------------------------------------------------------------------------
 
 
