@@ -6,7 +6,8 @@ released code facebookresearch/barlowtwins, ``main.py``.
 Both views go through the same backbone and projector, one view at a time (as the release: BatchNorm statistics
 per view). The projector is the release's ``--projector 8192-8192-8192``: ``proj_layers`` bias-free Linears with
 BatchNorm and ReLU between them and nothing after the last. The loss is
-:class:`~contrastlab.objectives.BarlowTwinsLoss` on the two projections, over the global batch under DDP.
+:class:`~contrastlab.objectives.BarlowTwinsLoss` on the two projections, over the global batch under DDP. The release
+has no multi-crop: with more views the first two are used.
 
 The release's optimiser is LARS with the biases and BatchNorm parameters excluded from weight decay and from the
 trust ratio and trained at their own rate (``--learning-rate-biases 0.0048`` against ``--learning-rate-weights
