@@ -34,7 +34,7 @@ def forget_the_examples():
 
     yield
     PLANNERS.unregister("nested_crop")
-    METHODS.unregister("barlow_twins")
+    METHODS.unregister("my_barlow_twins")
     DATASETS.unregister("npz_images")
     OBSERVERS.unregister("loss_trace")
     for name in [n for n in sys.modules if n.startswith("contrastlab_plugin_")]:
@@ -81,7 +81,7 @@ def test_crop_law_example(tmp_path):
 def test_method_example(tmp_path):
     path = str(ROOT / EXAMPLES["method"])
     import_plugin(path)
-    module = __import__(METHODS["barlow_twins"].__module__)
+    module = __import__(METHODS["my_barlow_twins"].__module__)
     z1, z2 = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     on, off = module.barlow_twins_loss(z1, z2, 0.5)
     a = (z1 - z1.mean(0)) / z1.std(0, unbiased=False)  # the cross-correlation entry by entry
@@ -89,7 +89,7 @@ def test_method_example(tmp_path):
     c = [[sum(float(a[n, i] * b[n, j]) for n in range(6)) / 6 for j in range(4)] for i in range(4)]
     assert float(on) == pytest.approx(sum((1 - c[i][i]) ** 2 for i in range(4)))
     assert float(off) == pytest.approx(0.5 * sum(c[i][j] ** 2 for i in range(4) for j in range(4) if i != j))
-    run = smoke(tmp_path, "barlow", f"plugins=[{path}]", "method.name=barlow_twins", "method.proj_hidden_dim=32",
+    run = smoke(tmp_path, "barlow", f"plugins=[{path}]", "method.name=my_barlow_twins", "method.proj_hidden_dim=32",
                 "method.proj_out_dim=32")
     metrics = [json.loads(line) for line in (tmp_path / "barlow" / "metrics.jsonl").read_text().splitlines()]
     assert set(metrics[-1]["parts"]) == {"on_diagonal", "off_diagonal"}

@@ -248,6 +248,62 @@ def test_caco_pretraining_file_with_its_memory(tmp_path):
     assert int(method.memory_written) == 64 and not method.warming_up  # a trained memory: no warm start due
 
 
+# ------------------------------------------------------------------------------------------- Barlow Twins
+
+
+def _barlow() -> nn.Module:
+    """main.py's BarlowTwins: backbone (torchvision ResNet, fc = Identity), projector (bias-free Linear-BN-ReLU x 2,
+    Linear), bn (BatchNorm1d without affine parameters: its running statistics are in the state dict)."""
+    up = nn.Module()
+    up.backbone = torchvision.models.resnet18()
+    up.backbone.fc = nn.Identity()
+    up.projector = nn.Sequential(nn.Linear(512, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+                                 nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+                                 nn.Linear(32, 16, bias=False))
+    up.bn = nn.BatchNorm1d(16, affine=False)
+    return _randomise(up, 30)
+
+
+BARLOW_HEADS = ["method.proj_hidden_dim=32", "method.proj_out_dim=16"]
+
+
+def _barlow_probe_file() -> tuple[nn.Module, dict]:
+    """evaluate.py's checkpoint.pth: the DDP ResNet with its fc under 'model', best_acc an argparse.Namespace."""
+    import argparse
+
+    net = _r18_probe(31)
+    return net, {"epoch": 100, "best_acc": argparse.Namespace(top1=71.5, top5=90.0), "model": _ddp(net),
+                 "optimizer": {}, "scheduler": {}}
+
+
+def test_barlowtwins_main_py_checkpoint_backbone_and_probe_files(tmp_path):
+    up = _barlow()
+    path = _save(tmp_path, "checkpoint.pth", {"epoch": 1000, "model": _ddp(up), "optimizer": {}})
+    method, ckpt, summary, lines = _imported(path, "barlowtwins", tmp_path, *BARLOW_HEADS)
+    assert summary["recipe"] == "imagenet/barlow_twins_r50_1000ep" and ckpt["epoch"] == 1000
+    with torch.no_grad():
+        _close(method.projector(method.backbone(X)), up.projector(up.backbone(X)))
+    assert any("bn.*" in line and "never reads" in line for line in lines)  # the loss BN's statistics, said
+    short = convert_released({"epoch": 300, "model": _ddp(up), "optimizer": {}}, "checkpoint.pth", "barlowtwins",
+                             overrides=BARLOW_HEADS, log=lambda s: None)
+    assert short.summary["recipe"] == "imagenet/barlow_twins_r50_300ep"
+
+    backbone = _save(tmp_path, "resnet50.pth", up.backbone.state_dict())
+    method, ckpt, summary, _ = _imported(backbone, "barlowtwins", tmp_path, *BARLOW_HEADS)
+    assert ckpt["imported"]["kind"] == "backbone" and summary["recipe"] == "imagenet/barlow_twins_r50_1000ep"
+    with torch.no_grad():
+        _close(method.backbone(X), up.backbone(X))
+
+    net, raw = _barlow_probe_file()
+    probe = _save(tmp_path, "lincls.pth", raw)
+    with pytest.raises(CheckpointError):  # best_acc is a Namespace: a pickled object
+        import_checkpoint(probe, "barlowtwins", tmp_path / "x.pt", log=lambda s: None)
+    out = tmp_path / "lin.pt"
+    import_checkpoint(probe, "barlowtwins", out, overrides=BARLOW_HEADS, allow_pickle=True, log=lambda s: None)
+    ckpt = load_checkpoint(out)
+    assert torch.equal(ckpt["classifier"]["weight"], net.fc.weight) and ckpt["classifier"]["num_classes"] == 10
+
+
 # -------------------------------------------------------------------------------------- ContrastiveCrop
 
 CCROP = ["method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.pred_hidden_dim=8", "data.image_size=32"]
@@ -538,10 +594,10 @@ def test_a_wrong_from_lists_the_valid_projects(tmp_path, capsys):
 
 def test_every_recipe_an_importer_picks_exists():
     from contrastlab.config.load import recipe_names
-    from contrastlab.importers import caco, ccrop, jointcrop, mocov3
+    from contrastlab.importers import barlowtwins, caco, ccrop, jointcrop, mocov3
 
     picks = [*mocov3.MoCoV3Importer.resnet_recipes.values(), *mocov3.MoCoV3Importer.vit_recipes.values(),
-             *jointcrop.JointCropImporter.resnet_recipes.values(), *caco.RECIPES.values(),
+             *jointcrop.JointCropImporter.resnet_recipes.values(), *caco.RECIPES.values(), *barlowtwins.RECIPES.values(),
              *ccrop.LINEAR_RECIPES.values(), "imagenet/mocov1_ccrop_r50_100ep", "imagenet/mocov2_ccrop_r50_100ep",
              *(f"cifar10/{m}_ccrop_r18_500ep" for m in ("mocov2", "simclr", "byol", "simsiam")),
              *(f"imagenet/mocov{v}{ft}_r50_200ep" for v in (1, 2) for ft in ("", "_ft")),
@@ -953,6 +1009,12 @@ LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the b
     "mocov3/deit backbone": ("backbone", "deit", partial(_deit_case, False)),
     "jointcrop/resnet pre-training": ("pretrain", "resnet", _mocov3_resnet_case),
     "jointcrop/resnet main_lincls": ("linear", "resnet", _resnet_lincls_case),
+    "barlowtwins/main.py": ("pretrain", "main.py", lambda: ({"epoch": 1000, "model": _ddp(_barlow()), "optimizer": {}},
+                                                            BARLOW_HEADS, None)),
+    "barlowtwins/resnet50.pth": ("backbone", "resnet50.pth", lambda: (_barlow().backbone.state_dict(), BARLOW_HEADS,
+                                                                      None)),
+    "barlowtwins/evaluate.py": ("linear", "evaluate.py", lambda: (_barlow_probe_file()[1], BARLOW_HEADS,
+                                                                  _head(_barlow_probe_file()[0]))),
     "caco/pre-training": ("pretrain", "resnet", _caco_case),
     "caco/linear.py": ("linear", "resnet", _caco_lincls_case),
     "ccrop/moco": ("pretrain", "moco", lambda: ({"optimizer_state": {}, "moco_state": _ddp(_ccrop_moco()),

@@ -1,9 +1,11 @@
-"""A method of your own: Barlow Twins (Zbontar, Jing, Misra, LeCun, Deny, ICML 2021).
+"""A method of your own, written as Barlow Twins is (Zbontar, Jing, Misra, LeCun, Deny, ICML 2021).
 
-The two views' projections are standardised over the batch; their cross-correlation matrix ``C`` is pushed to the
-identity: ``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2``. Register the class with
-``contrastlab.register_method`` and select it with ``method.name=barlow_twins``; its constructor's keyword
-arguments are its config keys (``method.proj_hidden_dim=...``).
+contrastlab ships Barlow Twins as a built-in method (``method.name=barlow_twins``); this file shows how such a
+method is written outside the package, under a name of its own. The two views' projections are standardised over
+the batch; their cross-correlation matrix ``C`` is pushed to the identity:
+``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2``. Register the class with ``contrastlab.register_method`` and
+select it with ``method.name=my_barlow_twins``; its constructor's keyword arguments are its config keys
+(``method.proj_hidden_dim=...``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> tuple
 
 
 @contrastlab.register_method()
-class BarlowTwins(contrastlab.Method):
+class MyBarlowTwins(contrastlab.Method):
     """Barlow Twins with a 3-layer projector (BN and ReLU between its layers)."""
 
-    name = "barlow_twins"
+    name = "my_barlow_twins"
 
     def __init__(self, backbone, feature_dim, proj_hidden_dim: int = 2048, proj_out_dim: int = 2048,
                  lambd: float = 0.0051) -> None:

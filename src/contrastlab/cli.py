@@ -37,9 +37,11 @@ def smoke_overrides(cfg) -> list[str]:
     about 20 times slower than fp32 on CPUs without bf16 units (the methods' tests run bf16 autocast
     on small networks instead). The data is an evenly spaced subset of 64 demo images. A learnable
     memory shrinks to 8 columns, so CaCo's warm start takes one step; crop strategies with a localiser
-    train two one-step epochs so that the localiser runs between them.
+    train two one-step epochs so that the localiser runs between them; a method may shrink its own sizes
+    (:meth:`contrastlab.Method.smoke_overrides`, e.g. Barlow Twins' projector widths).
     """
-    from contrastlab.registry import BACKBONES, PLANNERS
+    from contrastlab.methods import method_defaults
+    from contrastlab.registry import BACKBONES, METHODS, PLANNERS
 
     small_net = cfg.model.cifar_stem or BACKBONES.info(cfg.model.arch)["small_input"]
     extra = [f"data.image_size={16 if small_net else 32}"]
@@ -48,6 +50,8 @@ def smoke_overrides(cfg) -> list[str]:
     if "memory_size" in cfg.method.params:
         extra.append("method.memory_size=8")
     extra += PLANNERS[cfg.views.planner].smoke_overrides(small_net)  # e.g. a localiser's two one-step epochs
+    values = {**method_defaults(cfg.method.name), **cfg.method.params}  # what the run builds
+    extra += METHODS[cfg.method.name].smoke_overrides(values)  # e.g. a projector's widths
     return SMOKE_OVERRIDES + extra
 
 
@@ -425,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the released file (.pth.tar / .pth)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. data.root=./data")
     p.add_argument("--from", dest="source", required=True, help="the project that wrote it: mocov3, jointcrop, caco, "
-                   "ccrop, ft or mcl")
+                   "ccrop, ft, mcl or barlowtwins")
     p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
     p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
     _trust_pickle_flag(p, "the released file (released checkpoints normally load without it)")

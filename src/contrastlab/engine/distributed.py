@@ -3,9 +3,10 @@
 Gathers that must carry gradients (SimCLR's negatives, MoCo v3's keys) use
 :func:`gather_with_grad`, an autograd function of our own: the backward pass sums the gradient of the
 gathered tensor over all ranks and returns each rank the slice of its own input (the semantics of the
-now-deprecated ``torch.distributed.nn.functional.all_gather``). Gathers that feed buffers
-(queues, memory banks) use :func:`gather_no_grad`. Both return the input unchanged when no process
-group is initialised, so every building block works in a single process.
+now-deprecated ``torch.distributed.nn.functional.all_gather``); sums over ranks that must carry gradients (Barlow
+Twins' cross-correlation) use :func:`all_reduce_with_grad`, whose backward sums the gradient alike. Gathers that feed
+buffers (queues, memory banks) use :func:`gather_no_grad`. All return the input unchanged when no process group is
+initialised, so every building block works in a single process.
 """
 
 from __future__ import annotations
@@ -71,6 +72,40 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)
         start = get_rank() * ctx.batch
         return grad[start:start + ctx.batch]
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over every rank, with a backward pass that sums the gradient over every rank too.
+
+    The convention of :func:`gather_with_grad`: every rank's loss depends on every rank's ``x`` through the sum,
+    so each rank receives the gradient of the sum of all ranks' losses; DDP's averaging of parameter gradients then
+    gives exactly the single-process gradient (Barlow Twins' cross-correlation and its batch statistics).
+
+    Args:
+        x: a tensor of the same shape on every rank.
+
+    Returns:
+        the sum, same shape; in a single process, ``x`` itself.
+    """
+    if get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """all_reduce (sum) whose backward all-reduces (sums) the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.detach().clone().contiguous()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 @torch.no_grad()

@@ -78,45 +78,61 @@ class LARS(torch.optim.Optimizer):
 
 
 class LARC(torch.optim.SGD):
-    """SGD behind LARC's gradient scaling, scaling mode (apex ``LARC(clip=False)``), as CaCo's linear probe.
+    """SGD behind LARC's gradient scaling (apex ``LARC``), as CaCo's linear probe and solo-learn's LARS.
 
     Before the SGD step, every parameter ``p`` with ``||p|| > 0`` and ``||g|| > 0`` (biases included) gets
-    ``g <- (g + wd * p) * eta * ||p|| / (||g|| + wd * ||p|| + eps)``; the SGD step itself applies no weight
-    decay. A parameter whose norm or gradient norm is zero (a zero-initialised bias at the first step) takes
-    the plain SGD step. You et al. 2017 (LARS); CaCo (Wang & Qi, TPAMI 2023), ``ops/LARS.py`` upstream.
+    ``g <- (g + wd * p) * r`` with the local rate ``r = eta * ||p|| / (||g|| + wd * ||p|| + eps)``; the SGD step
+    itself applies no weight decay. A parameter whose norm or gradient norm is zero (a zero-initialised bias at the
+    first step) takes the plain SGD step. You et al. 2017 (LARS); CaCo (Wang & Qi, TPAMI 2023), ``ops/LARS.py``
+    upstream (scaling mode, apex ``clip=False``).
+
+    ``clip=True`` is apex's clipping mode, solo-learn's ``LARS(clip_lr=True)`` (vturrisi/solo-learn,
+    ``solo/utils/lars.py``): ``r <- min(r / lr, 1)``, so each parameter moves at ``min(eta ||p|| / (...), lr)``.
+    ``exclude=True`` leaves the parameters of groups flagged ``exclude_from_lars`` (biases and norms,
+    :func:`~contrastlab.methods.base.make_param_groups`) out of the scaling and the weight decay: plain SGD, as
+    solo-learn's ``exclude_bias_n_norm=True``.
 
     Args:
         params: parameters or groups.
         lr: learning rate.
         momentum: SGD momentum.
         weight_decay: L2 penalty, folded into the scaled gradient.
-        trust_coefficient: ``eta`` (CaCo: 0.001).
+        trust_coefficient: ``eta`` (CaCo: 0.001; solo-learn: 0.02).
         eps: added to the denominator of the local rate.
+        clip: clipping mode (``r <- min(r / lr, 1)``) instead of scaling mode.
+        exclude: plain SGD without weight decay for groups flagged ``exclude_from_lars``.
 
     Example:
         >>> opt = LARC(classifier.parameters(), lr=0.4, momentum=0.9)
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8) -> None:
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, clip: bool = False,
+                 exclude: bool = False) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("larc_weight_decay", weight_decay)
             group.setdefault("trust_coefficient", trust_coefficient)
             group.setdefault("larc_eps", eps)
+            group.setdefault("larc_clip", clip)
+            group.setdefault("larc_exclude", exclude)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
-            wd = group["larc_weight_decay"]
+            if group.get("larc_exclude") and group.get("exclude_from_lars"):  # .get: groups saved before the keys
+                continue  # plain SGD, no weight decay
+            wd, lr = group["larc_weight_decay"], group["lr"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 p_norm = torch.linalg.vector_norm(p)
                 g_norm = torch.linalg.vector_norm(p.grad)
-                if p_norm > 0 and g_norm > 0:
-                    rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
-                    p.grad.add_(p, alpha=wd).mul_(rate)
+                scaled = (p_norm > 0) & (g_norm > 0)  # else the plain SGD step: no host sync to decide it
+                rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
+                if group.get("larc_clip"):  # at rate 0 nothing moves: keep the gradient as it is
+                    rate = torch.clamp(rate / lr, max=1.0) if lr > 0 else torch.ones_like(rate)
+                p.grad.add_(p * (scaled.to(p.dtype) * wd)).mul_(torch.where(scaled, rate, torch.ones_like(rate)))
         return super().step(closure)
 
 
@@ -155,9 +171,9 @@ def _lars(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.op
 
 @register_optimizer("larc")
 def _larc(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """:class:`LARC` (CaCo's linear probe)."""
+    """:class:`LARC` (CaCo's linear probe; with ``optim.larc_clip`` and ``optim.larc_exclude``, solo-learn's LARS)."""
     return LARC(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                trust_coefficient=cfg.lars_trust_coefficient)
+                trust_coefficient=cfg.lars_trust_coefficient, clip=cfg.larc_clip, exclude=cfg.larc_exclude)
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -7,12 +7,13 @@ which released files import and how to evaluate them.
 
 Example:
     >>> sorted(IMPORTERS)
-    ['caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3']
+    ['barlowtwins', 'caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3']
 """
 
 from __future__ import annotations
 
 from contrastlab.errors import ConfigError
+from contrastlab.importers.barlowtwins import BarlowTwinsImporter
 from contrastlab.importers.base import Importer, Released
 from contrastlab.importers.caco import CaCoImporter
 from contrastlab.importers.ccrop import ContrastiveCropImporter
@@ -25,7 +26,7 @@ from contrastlab.importers.placement import Placement
 from contrastlab.registry import IMPORTERS
 
 BUILT_IN = (MoCoV3Importer, JointCropImporter, CaCoImporter, ContrastiveCropImporter, FeatureTransformImporter,
-            MCLImporter)
+            MCLImporter, BarlowTwinsImporter)
 """The importers of the five published systems' releases (each registers itself by its ``name``)."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from contrastlab.errors import ConfigError
+from contrastlab.methods.barlow_twins import BarlowTwins
 from contrastlab.methods.base import Method, StepOutput, make_param_groups
 from contrastlab.methods.byol import BYOL
 from contrastlab.methods.caco import CaCo
@@ -31,6 +32,7 @@ __all__ = [
     "BYOL",
     "MCL",
     "METHODS",
+    "BarlowTwins",
     "CaCo",
     "Method",
     "MoCo",

@@ -209,6 +209,13 @@ class Method(nn.Module):
             return 2, "its BatchNorm1d layers (in the heads) normalise over the images of a rank's batch"
         return self.min_batch_per_rank, self.min_batch_reason
 
+    @classmethod
+    def smoke_overrides(cls, params: dict[str, Any]) -> list[str]:
+        """Extra ``key=value`` overrides that ``--smoke`` adds for this method, given the ``method.*`` values the run
+        would build it with (constructor defaults included): sizes that only make a 2-step CPU run slow and large
+        (Barlow Twins' 8192-wide projector), never a code path. None by default."""
+        return []
+
     def before_optimizer_step(self, step: int) -> None:
         """Called after the backward pass (and gradient clipping) of optimiser step ``step`` (0-based; warm-start
         steps are step 0), before the optimiser uses the gradients: a method may drop some here, as DINO freezes its

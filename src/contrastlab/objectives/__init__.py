@@ -1,5 +1,6 @@
 """Objectives: standalone losses, one per module, each usable without the engine."""
 
+from contrastlab.objectives.barlow_twins import BarlowTwinsLoss, cross_correlation
 from contrastlab.objectives.cosine import BYOLLoss, NegativeCosineSimilarity
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.info_nce import InfoNCELoss
@@ -18,6 +19,7 @@ from contrastlab.objectives.nt_xent import NTXentLoss
 
 __all__ = [
     "BYOLLoss",
+    "BarlowTwinsLoss",
     "DistillationTerms",
     "FeatureTransform",
     "InfoNCELoss",
@@ -26,6 +28,7 @@ __all__ = [
     "NTXentLoss",
     "NegativeCosineSimilarity",
     "build_feature_transform",
+    "cross_correlation",
     "in_batch_masks",
     "kl_mimicry",
     "logit_distillation",

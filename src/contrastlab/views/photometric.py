@@ -28,6 +28,8 @@ Recipes (``PHOTOMETRICS``):
 - ``"byol"``: BYOL (Grill et al. 2020), also MoCo v3; asymmetric: jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
   grayscale 0.2; view 0 blur p=1.0, no solarisation; views >= 1 blur p=0.1, solarisation p=0.2.
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
+- ``"byol_small"``: the BYOL recipe without blur (view 0 no solarisation, views >= 1 solarisation p=0.2), as
+  solo-learn's CIFAR ``asymmetric.yaml`` (vturrisi/solo-learn, ``scripts/pretrain/cifar/augmentations``).
 - ``"none"``: flip and normalisation only.
 - ``"eval"``: normalisation only.
 
@@ -208,6 +210,10 @@ def _byol(view: int) -> dict[str, object]:
     }
 
 
+def _byol_small(view: int) -> dict[str, object]:
+    return {**_byol(view), "blur_prob": 0.0}
+
+
 def _mocov1(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_prob": 1.0, "grayscale_prob": 0.2, "grayscale_first": True}
 
@@ -229,6 +235,7 @@ for _name, _settings in {
     "mocov2": _simclr,  # MoCo v2 adopted SimCLR's jitter, grayscale and blur (sigma 0.1-2.0, p=0.5)
     "mocov1": _mocov1,
     "byol": _byol,
+    "byol_small": _byol_small,
     "small": _small,
     "none": _none,
     "eval": _eval,
