@@ -15,6 +15,7 @@ from contrastlab.objectives.mutual import (
     supcon_operator,
 )
 from contrastlab.objectives.nt_xent import NTXentLoss
+from contrastlab.objectives.vicreg import VICRegLoss
 
 __all__ = [
     "BYOLLoss",
@@ -25,6 +26,7 @@ __all__ = [
     "MutualTerms",
     "NTXentLoss",
     "NegativeCosineSimilarity",
+    "VICRegLoss",
     "build_feature_transform",
     "in_batch_masks",
     "kl_mimicry",
