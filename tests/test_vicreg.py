@@ -225,6 +225,32 @@ def test_views_go_through_the_network_one_at_a_time():
     torch.testing.assert_close(a, b)
 
 
+def test_extra_views_are_left_out():
+    """The release has no multi-crop: with 2 global + 2 local views (views.planner=multicrop) the first two make the
+    loss."""
+    method = _method()
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
+    local = [torch.randn(6, 3, 8, 8, generator=g) for _ in range(2)]
+    assert method([x1, x2, *local], None, None).loss.item() == method([x1, x2], None, None).loss.item()
+
+
+def test_mid_epoch_resume_on_the_device_pipeline_is_exact(tmp_path, monkeypatch):
+    """A run killed at its first mid-epoch checkpoint and resumed gives the uninterrupted run's losses and weights
+    bit for bit (data.pipeline=gpu, here on CPU tensors), and records the three terms per epoch."""
+    import json
+
+    from test_reliability import _assert_same_run, _interrupt_then_resume
+
+    _interrupt_then_resume(tmp_path, monkeypatch, ["method.name=vicreg", "data.pipeline=gpu",
+                                                   "train.checkpoint_every_steps=4"])
+    _assert_same_run(tmp_path / "full", tmp_path / "part")
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert set(record["parts"]) == {"invariance", "variance", "covariance"}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Two gloo ranks against one process on the global batch
 
@@ -338,3 +364,129 @@ def test_two_ranks_under_ddp_take_the_single_process_steps(ranks):
     for a, b, p in zip(ranks[0]["params"], ranks[1]["params"], single.parameters()):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recipes: the resolved settings against the released ones (values read from the upstream files named, written here)
+
+
+def _released_vicreg_lr(step: int, steps_per_epoch: int, epochs: int, batch: int, base_lr: float) -> float:
+    """facebookresearch/vicreg main_vicreg.py adjust_learning_rate."""
+    max_steps, warmup = epochs * steps_per_epoch, 10 * steps_per_epoch
+    peak = base_lr * batch / 256
+    if step < warmup:
+        return peak * step / warmup
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup)))
+    return peak * q + peak * 0.001 * (1 - q)
+
+
+def _recipe_views(cfg) -> list:
+    from contrastlab.views.photometric import make_photometric
+
+    return [make_photometric(cfg.views.photometric, v, (0.5,) * 3, (0.25,) * 3) for v in range(2)]
+
+
+def test_imagenet_recipe_is_the_released_run():
+    """README (run_with_submitit.py --epochs 1000 --batch-size 2048 --base-lr 0.2), main_vicreg.py defaults,
+    augmentations.py TrainTransform and evaluate.py (--lr-head 0.02)."""
+    from contrastlab.config.derived import derive
+    from contrastlab.config.load import load_config
+    from contrastlab.engine.schedules import run_learning_rate
+
+    cfg = load_config("imagenet/vicreg_r50_1000ep")
+    d = derive(cfg, world_size=32, dataset_len=1281167)
+    assert (cfg.data.batch_size, cfg.train.epochs, d.per_rank_batch_size) == (2048, 1000, 64)
+    for step in (0, 1, 3125, 6249, 6250, 6251, 300000, d.total_steps - 1):
+        epoch = step // d.steps_per_epoch
+        assert run_learning_rate(cfg, d, epoch, step) == pytest.approx(
+            _released_vicreg_lr(step, d.steps_per_epoch, 1000, 2048, 0.2), rel=1e-9, abs=1e-12)
+    o = cfg.optim
+    assert (o.name, o.weight_decay, o.momentum, o.lars_trust_coefficient) == ("lars", 1e-6, 0.9, 0.001)
+    m = cfg.method.params
+    assert (m["proj_hidden_dim"], m["proj_out_dim"], m["proj_layers"], m["proj_last_bias"]) == (8192, 8192, 3, False)
+    assert (m["sim_coeff"], m["std_coeff"], m["cov_coeff"], m["eps"]) == (25.0, 25.0, 1.0, 1e-4)
+    assert m["gather_distributed"] and m["variance_scope"] == "global"
+    assert (cfg.model.arch, cfg.model.zero_init_residual, cfg.model.sync_bn) == ("resnet50", True, True)
+    assert cfg.train.precision == "fp16"  # torch.cuda.amp.autocast + GradScaler
+    assert (cfg.data.image_size, tuple(cfg.views.scale), cfg.views.num_views) == (224, (0.08, 1.0), 2)
+    for view, blur, solarize in ((0, 1.0, 0.0), (1, 0.1, 0.2)):
+        r = _recipe_views(cfg)[view]
+        assert (r.jitter, r.jitter_prob, r.grayscale_prob, r.flip_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5)
+        assert (r.blur_prob, tuple(r.blur_sigma), r.solarize_prob) == (blur, (0.1, 2.0), solarize)
+    lin = cfg.linear
+    assert (lin.epochs, lin.batch_size, lin.lr, lin.optimizer, lin.momentum, lin.weight_decay, lin.schedule) == (
+        100, 256, 0.02, "sgd", 0.9, 1e-6, "cosine")
+    assert (tuple(lin.scale), lin.crop_fraction) == ((0.08, 1.0), 224 / 256)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_recipes_are_solo_learns_runs(dataset):
+    """vturrisi/solo-learn scripts/pretrain/cifar/vicreg.yaml, solo/args/pretrain.py (lr x batch x devices / 256),
+    solo/methods/base.py (warmup_cosine: 10 warm-up epochs from 3e-5, min_lr 0, per step), solo/methods/vicreg.py
+    (projector with a bias on its last Linear)."""
+    from contrastlab.config.derived import derive
+    from contrastlab.config.load import load_config
+
+    cfg = load_config(f"{dataset}/vicreg_r18_1000ep")
+    d = derive(cfg, world_size=1, dataset_len=50000)
+    assert (cfg.data.name, cfg.data.batch_size, cfg.train.epochs, d.lr) == (dataset, 256, 1000, 0.3)
+    assert (d.warmup_steps, d.warmup_start_lr, d.final_lr) == (10 * (50000 // 256), 3e-5, 0.0)
+    o = cfg.optim
+    assert (o.name, o.larc_clip, o.lars_trust_coefficient, o.weight_decay, o.momentum) == ("larc", True, 0.02, 1e-4,
+                                                                                         0.9)
+    m = cfg.method.params
+    assert (m["proj_hidden_dim"], m["proj_out_dim"], m["proj_layers"], m["proj_last_bias"]) == (2048, 2048, 3, True)
+    assert (m["sim_coeff"], m["std_coeff"], m["cov_coeff"]) == (25.0, 2 * 25.0, 1.0)  # solo-learn adds the views
+    assert (cfg.model.arch, cfg.model.cifar_stem, cfg.model.zero_init_residual) == ("resnet18", True, False)
+    assert cfg.train.precision == "fp16"  # 16-mixed
+    assert tuple(cfg.views.scale) == (0.2, 1.0)
+    for r in _recipe_views(cfg):
+        assert (r.jitter, r.jitter_prob, r.grayscale_prob, r.flip_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5)
+        assert (r.blur_prob, r.solarize_prob) == (0.0, 0.1)
+
+
+def test_solo_learns_summed_variance_is_our_average_with_twice_the_weight():
+    """solo/losses/vicreg.py adds the two views' variance terms; main_vicreg.py averages them."""
+    z1, z2 = _pair(8, 5, 0.5, 0.5, seed=11)
+
+    def hinge(z):
+        return torch.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+
+    def cov(z):
+        c = torch.cov(z.T)
+        return (c.pow(2).sum() - c.diagonal().pow(2).sum()) / z.shape[1]
+
+    solo = 25 * ((z1 - z2) ** 2).mean() + 25 * (hinge(z1) + hinge(z2)) + (cov(z1) + cov(z2))
+    assert VICRegLoss(25.0, 50.0, 1.0)(z1, z2)[0].item() == pytest.approx(solo.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("lr", [0.3, 1e-4])  # the local rate below the global one, and above it (clipped to it)
+def test_larc_with_clip_is_solo_learns_lars(lr):
+    """solo/utils/lars.py with clip_lr and exclude_bias_n_norm, written out: r = eta |w| / (|g| + wd |w| + eps),
+    r <- min(r / lr, 1), d = (g + wd w) r for matrices; plain SGD (no decay) for 1-D parameters; heavy ball."""
+    from contrastlab.engine.optim import LARC
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    eta, wd, mom = 0.02, 1e-4, 0.9
+    opt = LARC([{"params": [w], "exclude_from_lars": False}, {"params": [b], "exclude_from_lars": True}], lr=lr,
+               momentum=mom, weight_decay=wd, trust_coefficient=eta, clip=True)
+    w_ref, b_ref = w.detach().clone(), b.detach().clone()
+    buf_w = buf_b = None
+    clipped = []
+    for step in range(2):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        (x @ w.T + b).pow(3).sum().backward()
+        gw, gb = w.grad.clone(), b.grad.clone()
+        opt.step()
+        rate = eta * w_ref.norm() / (gw.norm() + wd * w_ref.norm() + 1e-8)
+        clipped.append(bool(rate / lr > 1))
+        dw = (gw + wd * w_ref) * min(rate.item() / lr, 1.0)
+        buf_w = dw if buf_w is None else mom * buf_w + dw
+        buf_b = gb if buf_b is None else mom * buf_b + gb
+        w_ref, b_ref = w_ref - lr * buf_w, b_ref - lr * buf_b
+        torch.testing.assert_close(w.detach(), w_ref)
+        torch.testing.assert_close(b.detach(), b_ref)
+    assert clipped == [lr < 1e-3] * 2  # both regimes are exercised

@@ -143,6 +143,7 @@ class OptimConfig:
     nesterov: bool = False
     exclude_bias_bn_wd: bool = False  #: no weight decay on 1-D parameters (biases, norms)
     lars_trust_coefficient: float = 0.001
+    larc_clip: bool = False  #: larc: the local rate clipped at the learning rate, min(rate / lr, 1) (apex LARC's clip mode, solo-learn's clip_lr)
     schedule: str = "cosine"  #: cosine | step | constant
     warmup_epochs: float = 0.0  #: linear warm-up, per iteration
     warmup_start_lr: float = 0.0  #: scaled with ``lr`` (per-iteration warm-up only)

@@ -78,36 +78,46 @@ class LARS(torch.optim.Optimizer):
 
 
 class LARC(torch.optim.SGD):
-    """SGD behind LARC's gradient scaling, scaling mode (apex ``LARC(clip=False)``), as CaCo's linear probe.
+    """SGD behind LARC's gradient scaling (apex ``LARC``), as CaCo's linear probe and solo-learn's ``LARS``.
 
     Before the SGD step, every parameter ``p`` with ``||p|| > 0`` and ``||g|| > 0`` (biases included) gets
-    ``g <- (g + wd * p) * eta * ||p|| / (||g|| + wd * ||p|| + eps)``; the SGD step itself applies no weight
+    ``g <- (g + wd * p) * r`` with the local rate ``r = eta * ||p|| / (||g|| + wd * ||p|| + eps)`` (scaling mode,
+    apex ``clip=False``), or ``r = min(eta * ||p|| / (...) / lr, 1)`` with ``clip`` (apex ``clip=True``, solo-learn's
+    ``clip_lr``: the update never runs faster than the global rate); the SGD step itself applies no weight
     decay. A parameter whose norm or gradient norm is zero (a zero-initialised bias at the first step) takes
-    the plain SGD step. You et al. 2017 (LARS); CaCo (Wang & Qi, TPAMI 2023), ``ops/LARS.py`` upstream.
+    the plain SGD step, and so do the parameters of a group flagged ``exclude_from_lars`` (a method's biases and
+    norms, :func:`~contrastlab.methods.base.make_param_groups`; solo-learn's ``exclude_bias_n_norm``): no weight
+    decay, no local rate. You et al. 2017 (LARS); CaCo (Wang & Qi, TPAMI 2023), ``ops/LARS.py`` upstream;
+    vturrisi/solo-learn ``solo/utils/lars.py``.
 
     Args:
         params: parameters or groups.
         lr: learning rate.
         momentum: SGD momentum.
         weight_decay: L2 penalty, folded into the scaled gradient.
-        trust_coefficient: ``eta`` (CaCo: 0.001).
+        trust_coefficient: ``eta`` (CaCo: 0.001; solo-learn: 0.02).
         eps: added to the denominator of the local rate.
+        clip: clip the local rate at the group's learning rate (``optim.larc_clip``).
 
     Example:
         >>> opt = LARC(classifier.parameters(), lr=0.4, momentum=0.9)
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8) -> None:
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, clip: bool = False) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("larc_weight_decay", weight_decay)
             group.setdefault("trust_coefficient", trust_coefficient)
             group.setdefault("larc_eps", eps)
+            group.setdefault("larc_clip", clip)
+            group.setdefault("exclude_from_lars", False)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
+            if group["exclude_from_lars"]:
+                continue
             wd = group["larc_weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
@@ -116,6 +126,8 @@ class LARC(torch.optim.SGD):
                 g_norm = torch.linalg.vector_norm(p.grad)
                 if p_norm > 0 and g_norm > 0:
                     rate = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["larc_eps"])
+                    if group["larc_clip"]:  # a rate of 0 (warm-up's first step) gives inf, clipped to 1
+                        rate = torch.clamp(rate / group["lr"], max=1.0)
                     p.grad.add_(p, alpha=wd).mul_(rate)
         return super().step(closure)
 
@@ -155,9 +167,9 @@ def _lars(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.op
 
 @register_optimizer("larc")
 def _larc(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """:class:`LARC` (CaCo's linear probe)."""
+    """:class:`LARC` (CaCo's linear probe; solo-learn's LARS with ``optim.larc_clip``)."""
     return LARC(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                trust_coefficient=cfg.lars_trust_coefficient)
+                trust_coefficient=cfg.lars_trust_coefficient, clip=cfg.larc_clip)
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

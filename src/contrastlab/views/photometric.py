@@ -28,6 +28,8 @@ Recipes (``PHOTOMETRICS``):
 - ``"byol"``: BYOL (Grill et al. 2020), also MoCo v3; asymmetric: jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
   grayscale 0.2; view 0 blur p=1.0, no solarisation; views >= 1 blur p=0.1, solarisation p=0.2.
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
+- ``"vicreg_cifar"``: solo-learn's VICReg on CIFAR (vturrisi/solo-learn ``scripts/pretrain/cifar/vicreg.yaml``),
+  the same for both views: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, no blur, solarisation p=0.1.
 - ``"none"``: flip and normalisation only.
 - ``"eval"``: normalisation only.
 
@@ -216,6 +218,10 @@ def _small(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2}
 
 
+def _vicreg_cifar(view: int) -> dict[str, object]:
+    return {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2, "solarize_prob": 0.1}
+
+
 def _none(view: int) -> dict[str, object]:
     return {}
 
@@ -230,6 +236,7 @@ for _name, _settings in {
     "mocov1": _mocov1,
     "byol": _byol,
     "small": _small,
+    "vicreg_cifar": _vicreg_cifar,
     "none": _none,
     "eval": _eval,
 }.items():
