@@ -594,7 +594,7 @@ def test_a_wrong_from_lists_the_valid_projects(tmp_path, capsys):
 
 def test_every_recipe_an_importer_picks_exists():
     from contrastlab.config.load import recipe_names
-    from contrastlab.importers import barlowtwins, caco, ccrop, jointcrop, mocov3
+    from contrastlab.importers import barlowtwins, caco, ccrop, jointcrop, mocov3, vicreg
 
     picks = [*mocov3.MoCoV3Importer.resnet_recipes.values(), *mocov3.MoCoV3Importer.vit_recipes.values(),
              *jointcrop.JointCropImporter.resnet_recipes.values(), *caco.RECIPES.values(), *barlowtwins.RECIPES.values(),
@@ -603,7 +603,7 @@ def test_every_recipe_an_importer_picks_exists():
              *(f"imagenet/mocov{v}{ft}_r50_200ep" for v in (1, 2) for ft in ("", "_ft")),
              *(f"cifar100/mcl_x{m}_{a}_300ep" for m in (2, 4) for a in ("r32", "r56", "r110")),
              *(f"imagenet/mcl_x{m}_{a}_90ep" for m in (2, 4) for a in ("r18", "r34")),
-             "imagenet/moco_mcl_x2_r18_200ep"]
+             "imagenet/moco_mcl_x2_r18_200ep", vicreg.RECIPE]
     assert sorted(set(picks) - set(recipe_names())) == []
     assert mocov3.recipe_for_epochs(jointcrop.JointCropImporter.resnet_recipes, 250).endswith("_300ep")
     assert mocov3.recipe_for_epochs(mocov3.MoCoV3Importer.resnet_recipes, None).endswith("_100ep")
@@ -615,6 +615,70 @@ def test_every_recipe_an_importer_picks_exists():
             info = {"peers": peers, "imagenet": arch in ("resnet18", "resnet34")}
             assert MCLImporter().default_recipe(Released(Path("x"), {}, {}, "supervised", layout, None, arch,
                                                          info)) in recipe_names()
+
+
+# ----------------------------------------------------------------------------------------------- VICReg
+
+
+class _VICRegResNet50(torchvision.models.ResNet):
+    """facebookresearch/vicreg resnet.py's resnet50: torchvision's names, no fc, a ConstantPad2d(1) before a first
+    convolution of padding 2, zero-initialised last BatchNorms of the residual branches."""
+
+    def __init__(self) -> None:
+        super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], zero_init_residual=True)
+        del self.fc
+        self.padding = nn.ConstantPad2d(1, 0.0)
+        self.conv1.padding = (2, 2)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.padding(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class _VICReg(nn.Module):
+    """main_vicreg.py's VICReg: backbone and Projector (Linear with bias, BN, ReLU per hidden layer; last Linear
+    without bias)."""
+
+    def __init__(self, hidden: int = 32, out: int = 16) -> None:
+        super().__init__()
+        self.backbone = _VICRegResNet50()
+        self.projector = nn.Sequential(nn.Linear(2048, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True),
+                                       nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True),
+                                       nn.Linear(hidden, out, bias=False))
+
+
+VICREG_HEADS = ["method.proj_hidden_dim=32", "method.proj_out_dim=16"]
+
+
+def _vicreg_case():
+    return {"epoch": 1000, "model": _ddp(_randomise(_VICReg(), 30)), "optimizer": {}}, VICREG_HEADS, None
+
+
+def test_vicreg_full_checkpoint_and_backbone_file(tmp_path):
+    """resnet50_fullckpt.pth (the training checkpoint) and resnet50.pth (the backbone's state dict): the same
+    backbone features, and the same expander outputs with the hidden biases folded into the BatchNorms, in
+    evaluation and in training mode."""
+    up = _randomise(_VICReg(), 31)
+    path = _save(tmp_path, "resnet50_fullckpt.pth", {"epoch": 1000, "model": _ddp(up),
+                                                     "optimizer": {"state": {}, "param_groups": []}})
+    method, ckpt, summary, lines = _imported(path, "vicreg", tmp_path, *VICREG_HEADS)
+    assert summary["recipe"] == "imagenet/vicreg_r50_1000ep" and ckpt["epoch"] == 1000
+    assert any("'optimizer': not carried over" in line for line in lines)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(method.backbone(x), up.backbone(x))
+        _close(method.projector(method.backbone(x)), up.projector(up.backbone(x)))
+        method.projector.double().train(), up.projector.double().train()  # float64: BN on 4 rows amplifies rounding
+        feats = up.backbone(x).double()
+        torch.testing.assert_close(method.projector(feats), up.projector(feats), rtol=1e-9, atol=1e-9)
+
+    path = _save(tmp_path, "resnet50.pth", up.backbone.state_dict())
+    method, ckpt, summary, _ = _imported(path, "vicreg", tmp_path, *VICREG_HEADS)
+    assert (ckpt["imported"]["kind"], ckpt["epoch"]) == ("backbone", 1000)  # no epoch in the file: the recipe's
+    with torch.no_grad():
+        _close(method.backbone(X), up.eval().backbone(X))
+    assert list(ckpt["imported"]["initial"].values()) == [len([k for k in ckpt["method"] if k.startswith("projector.")])]
 
 
 # ----------------------------------------------------------- MCL's WRN, ShuffleNetV2 and HCGNet cohorts
@@ -1033,6 +1097,9 @@ LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the b
     "mcl/independent": ("supervised", "independent", _mcl_independent_case),
     "mcl/shared": ("supervised", "shared", lambda: ({"net": _randomise(_ResNet32Shared(100, 4), 11).state_dict(),
                                                      "acc": 71.0, "epoch": 299}, [], None)),
+    "vicreg/full checkpoint": ("pretrain", "full", _vicreg_case),
+    "vicreg/backbone": ("backbone", "backbone", lambda: (_randomise(_VICRegResNet50(), 32).state_dict(), VICREG_HEADS,
+                                                         None)),
     "mcl/moco_mcl": ("pretrain", "moco_mcl", lambda: ({"epoch": 120, "arch": "resnet18", "state_dict": _ddp(_moco_mcl()),
                                                        "optimizer": {}}, MOCO_MCL, None)),
 }

@@ -342,6 +342,9 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
         stages = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
         if view >= 1:
             stages.append(T.RandomSolarize(128, p=0.2))
+    elif name == "vicreg_cifar":  # solo-learn scripts/pretrain/cifar/vicreg.yaml, both views
+        stages = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+                  T.RandomSolarize(128, p=0.1)]
     if name != "eval":
         stages.append(T.RandomHorizontalFlip(0.5))
     return T.Compose([*stages, T.ToTensor(), T.Normalize(MEAN, STD)])

@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the released file (.pth.tar / .pth)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. data.root=./data")
     p.add_argument("--from", dest="source", required=True, help="the project that wrote it: mocov3, jointcrop, caco, "
-                   "ccrop, ft, mcl or barlowtwins")
+                   "ccrop, ft, mcl, barlowtwins or vicreg")
     p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
     p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
     _trust_pickle_flag(p, "the released file (released checkpoints normally load without it)")

@@ -7,7 +7,7 @@ which released files import and how to evaluate them.
 
 Example:
     >>> sorted(IMPORTERS)
-    ['barlowtwins', 'caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3']
+    ['barlowtwins', 'caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3', 'vicreg']
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from contrastlab.importers.jointcrop import JointCropImporter
 from contrastlab.importers.mcl import MCLImporter
 from contrastlab.importers.mocov3 import MoCoV3Importer
 from contrastlab.importers.placement import Placement
+from contrastlab.importers.vicreg import VICRegImporter
 from contrastlab.registry import IMPORTERS
 
 BUILT_IN = (MoCoV3Importer, JointCropImporter, CaCoImporter, ContrastiveCropImporter, FeatureTransformImporter,
-            MCLImporter, BarlowTwinsImporter)
+            MCLImporter, BarlowTwinsImporter, VICRegImporter)
 """The importers of the five published systems' releases (each registers itself by its ``name``)."""
 
 

@@ -26,6 +26,7 @@ from contrastlab.methods.mocov3 import MoCoV3
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
 from contrastlab.methods.supervised import Supervised
+from contrastlab.methods.vicreg import VICReg
 from contrastlab.registry import METHODS as _METHODS
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "SimSiam",
     "StepOutput",
     "Supervised",
+    "VICReg",
     "build_method",
     "make_param_groups",
     "method_defaults",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from contrastlab.methods.base import Method, StepOutput
+from contrastlab.methods.base import Method, StepOutput, capped_sizes
 from contrastlab.models.heads import build_mlp
 from contrastlab.objectives.barlow_twins import BarlowTwinsLoss
 from contrastlab.registry import register_method
@@ -77,8 +77,7 @@ class BarlowTwins(Method):
     def smoke_overrides(cls, params: dict[str, Any]) -> list[str]:
         """``--smoke`` trains the projector at most ``SMOKE_WIDTH`` wide (the release's 8192 makes a 2-step CPU run
         take minutes and write a 1.4 GB checkpoint); the code path is the same."""
-        return [f"method.{key}={SMOKE_WIDTH}" for key in ("proj_hidden_dim", "proj_out_dim")
-                if params.get(key, SMOKE_WIDTH) > SMOKE_WIDTH]
+        return capped_sizes(params, {"proj_hidden_dim": SMOKE_WIDTH, "proj_out_dim": SMOKE_WIDTH})
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         x1, x2 = self._two_views(views)

@@ -65,6 +65,13 @@ def check_step_output(method: nn.Module, result: Any) -> None:
                                    f"{type(getattr(result, field_name)).__name__}; it {must}")
 
 
+def capped_sizes(params: dict[str, Any], limits: dict[str, int]) -> list[str]:
+    """``method.<key>=<limit>`` for each key of ``limits`` whose value in ``params`` exceeds it: what a method's
+    :meth:`Method.smoke_overrides` returns to train its wide heads narrower in ``--smoke`` runs."""
+    return [f"method.{key}={limit}" for key, limit in limits.items()
+            if isinstance(params.get(key), int) and params[key] > limit]
+
+
 def make_param_groups(name: str, params: Iterable[nn.Parameter], **flags: Any) -> list[dict[str, Any]]:
     """Split trainable ``params`` into a group of matrices/kernels and a group of 1-D tensors.
 

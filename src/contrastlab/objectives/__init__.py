@@ -16,6 +16,7 @@ from contrastlab.objectives.mutual import (
     supcon_operator,
 )
 from contrastlab.objectives.nt_xent import NTXentLoss
+from contrastlab.objectives.vicreg import VICRegLoss
 
 __all__ = [
     "BYOLLoss",
@@ -27,6 +28,7 @@ __all__ = [
     "MutualTerms",
     "NTXentLoss",
     "NegativeCosineSimilarity",
+    "VICRegLoss",
     "build_feature_transform",
     "cross_correlation",
     "in_batch_masks",

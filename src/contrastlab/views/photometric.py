@@ -30,6 +30,8 @@ Recipes (``PHOTOMETRICS``):
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
 - ``"byol_small"``: the BYOL recipe without blur (view 0 no solarisation, views >= 1 solarisation p=0.2), as
   solo-learn's CIFAR ``asymmetric.yaml`` (vturrisi/solo-learn, ``scripts/pretrain/cifar/augmentations``).
+- ``"vicreg_cifar"``: solo-learn's VICReg on CIFAR (vturrisi/solo-learn ``scripts/pretrain/cifar/vicreg.yaml``),
+  the same for both views: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, no blur, solarisation p=0.1.
 - ``"none"``: flip and normalisation only.
 - ``"eval"``: normalisation only.
 
@@ -222,6 +224,10 @@ def _small(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2}
 
 
+def _vicreg_cifar(view: int) -> dict[str, object]:
+    return {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2, "solarize_prob": 0.1}
+
+
 def _none(view: int) -> dict[str, object]:
     return {}
 
@@ -237,6 +243,7 @@ for _name, _settings in {
     "byol": _byol,
     "byol_small": _byol_small,
     "small": _small,
+    "vicreg_cifar": _vicreg_cifar,
     "none": _none,
     "eval": _eval,
 }.items():
