@@ -25,6 +25,7 @@ from contrastlab.methods.mocov3 import MoCoV3
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
 from contrastlab.methods.supervised import Supervised
+from contrastlab.methods.swav import SwAV
 from contrastlab.registry import METHODS as _METHODS
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "SimSiam",
     "StepOutput",
     "Supervised",
+    "SwAV",
     "build_method",
     "make_param_groups",
     "method_defaults",

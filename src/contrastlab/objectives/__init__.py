@@ -15,6 +15,7 @@ from contrastlab.objectives.mutual import (
     supcon_operator,
 )
 from contrastlab.objectives.nt_xent import NTXentLoss
+from contrastlab.objectives.swav import SwAVLoss, sinkhorn_knopp, swapped_prediction_loss
 
 __all__ = [
     "BYOLLoss",
@@ -25,11 +26,14 @@ __all__ = [
     "MutualTerms",
     "NTXentLoss",
     "NegativeCosineSimilarity",
+    "SwAVLoss",
     "build_feature_transform",
     "in_batch_masks",
     "kl_mimicry",
     "logit_distillation",
     "memory_bank_mutual_loss",
     "moco_mutual_loss",
+    "sinkhorn_knopp",
     "supcon_operator",
+    "swapped_prediction_loss",
 ]
