@@ -48,6 +48,7 @@ def _small(name: str) -> dict:
         "supervised": {"num_classes": 3},
         "mcl": {"num_classes": 3, "embed_dim": 8},
         "moco_mcl": {"proj_out_dim": 8, "queue_size": 16},
+        "swav": {"proj_hidden_dim": 32, "proj_out_dim": 8, "num_prototypes": 10},
     }[name]
 
 
