@@ -297,11 +297,11 @@ def test_queue_flag_is_the_releases_use_the_queue():
         method.queue[:, -1] = 0
     method.set_progress(1.0, 10, per_epoch=False)  # ... and is cleared by the next epoch
     assert float(method(_views(seed=3), None, None).parts["queue_used"]) == 0.0
-    state = method.state_dict()
-    assert state["_extra_state"] == {"queue_in_use": False, "queue_flag_epoch": 1}
-    method.queue_in_use = True
-    method.load_state_dict(state)
-    assert method.queue_in_use is False
+    saved = method.random_state()  # what a mid-epoch checkpoint keeps of it
+    assert saved == {"swav_queue_flag": {"in_use": False, "epoch": 1}}
+    method.queue_in_use, method.queue_flag_epoch = True, 0
+    method.set_random_state(saved)
+    assert (method.queue_in_use, method.queue_flag_epoch) == (False, 1)
 
 
 # --- DDP: two gloo ranks against one process on the global batch ----------------------------------------------
@@ -436,7 +436,7 @@ def test_ddp_mid_epoch_resume_gives_each_rank_its_own_queue_back(ranks):
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     for key, value in a["method"].items():
-        assert (value == b["method"][key]) if key == "_extra_state" else torch.equal(value, b["method"][key]), key
+        assert torch.equal(value, b["method"][key]), key
     queues = [r["queue"] for r in a["rank_local"]]
     assert not torch.equal(queues[0], queues[1]) and all(q.ne(0).all() for q in queues)  # per rank, full
     for mine, theirs in zip(queues, (r["queue"] for r in b["rank_local"])):
@@ -510,3 +510,94 @@ def test_cifar_recipes_are_solo_learns(dataset):
     assert (m["queue_length"], m["epoch_queue_starts"]) == (3840, 50)
     assert m["freeze_prototypes_niters"] == 2 * d.steps_per_epoch  # freeze_prototypes_epochs: 2
     assert cfg.views.scale == [0.08, 1.0] and cfg.views.num_views == 2 and cfg.views.photometric == "swav"
+
+
+# --- contrastlab import --from swav ---------------------------------------------------------------------------
+
+
+def _upstream_swav(seed: int) -> torch.nn.Module:
+    """facebookresearch/swav src/resnet50.py's model at small widths (torchvision's ResNet names at the top level,
+    projection_head Linear (with bias) - BN - ReLU - Linear, prototypes without bias), every tensor random."""
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.projection_head = torch.nn.Sequential(torch.nn.Linear(512, 32), torch.nn.BatchNorm1d(32),
+                                              torch.nn.ReLU(inplace=True), torch.nn.Linear(32, 16))
+    net.prototypes = torch.nn.Linear(16, 10, bias=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if t.dtype.is_floating_point:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=g) * 0.1)
+    return net.eval()
+
+
+def test_import_of_released_files_gives_the_upstream_outputs(tmp_path):
+    from contrastlab import assemble
+    from contrastlab.cli import main
+    from contrastlab.config.load import config_from_dict
+    from contrastlab.engine.checkpoint import load_checkpoint
+    from contrastlab.errors import CheckpointError
+    from contrastlab.importers import import_checkpoint
+
+    up = _upstream_swav(30)
+    zoo = tmp_path / "swav_400ep_bs256_pretrain.pth.tar"  # hubconf.py's files: the DDP state dict itself
+    torch.save({f"module.{k}": v for k, v in up.state_dict().items()}, zoo)
+    probe = tmp_path / "swav_400ep_bs256_eval_linear.pth.tar"  # eval_linear.py: the classifier alone
+    linear = torch.nn.Linear(512, 7)
+    torch.save({"epoch": 100, "state_dict": {f"module.linear.{k}": v for k, v in linear.state_dict().items()},
+                "optimizer": {}, "scheduler": {}, "best_acc": 74.3}, probe)
+    small = ["model.arch=resnet18", "method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.num_prototypes=10"]
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(zoo), "--from", "swav", "--classifier", str(probe), "--out", str(out), *small]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["recipe"] == "imagenet/swav_r50_400ep_bs256"  # from the file's name
+    assert ckpt["imported"]["classifier_file"]["best_acc"] == 74.3
+    assert torch.equal(ckpt["classifier"]["weight"], linear.weight.detach())
+    method = assemble.method(config_from_dict(__import__("yaml").safe_load(ckpt["config"])), 1)
+    method.load_state_dict(ckpt["method"], strict=True)
+    method.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # forward_backbone, forward_head: the bias before BatchNorm folded into its running mean
+        feats = up.avgpool(up.layer4(up.layer3(up.layer2(up.layer1(up.maxpool(up.relu(up.bn1(up.conv1(x)))))))))
+        expected = F.normalize(up.projection_head(feats.flatten(1)), dim=1)
+        torch.testing.assert_close(method.backbone(x), feats.flatten(1), rtol=1e-5, atol=1e-5)
+        z = F.normalize(method.projector(method.backbone(x)), dim=1)
+        torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(method.prototypes(z), up.prototypes(expected), rtol=1e-5, atol=1e-5)
+    assert not method.queue.any()  # saved apart upstream (queue<rank>.pth): refilled
+
+    training = tmp_path / "checkpoint.pth.tar"  # main_swav.py's own checkpoint
+    torch.save({"epoch": 150, "state_dict": {f"module.{k}": v for k, v in up.state_dict().items()},
+                "optimizer": {}, "amp": {}}, training)
+    summary = import_checkpoint(training, "swav", tmp_path / "t.pt", overrides=small, log=lambda s: None)
+    assert summary["recipe"] == "imagenet/swav_r50_200ep" and summary["epoch"] == 150
+    with pytest.raises(CheckpointError, match="--classifier"):
+        import_checkpoint(probe, "swav", tmp_path / "x.pt", log=lambda s: None)
+    wide = {k: v for k, v in ckpt["method"].items() if k.startswith("backbone.")}
+    wide = {k[len("backbone."):]: v for k, v in wide.items()}
+    wide.update({"conv1.weight": torch.zeros(128, 3, 7, 7), "layer1.0.conv3.weight": torch.zeros(1),
+                 "projection_head.0.weight": torch.zeros(1), "prototypes.weight": torch.zeros(1)})
+    torch.save(wide, tmp_path / "swav_RN50w2_400ep_pretrain.pth.tar")
+    with pytest.raises(CheckpointError, match="widened x2"):
+        import_checkpoint(tmp_path / "swav_RN50w2_400ep_pretrain.pth.tar", "swav", tmp_path / "w.pt",
+                          log=lambda s: None)
+
+
+def test_every_recipe_the_importer_picks_exists():
+    from contrastlab.config.load import recipe_names
+    from contrastlab.importers.base import PRETRAIN, Released
+    from contrastlab.importers.swav import SwAVImporter
+
+    names = set(recipe_names())
+    for file, epoch, expected in (("swav_800ep_pretrain.pth.tar", None, "swav_r50_800ep"),
+                                  ("swav_100ep_pretrain.pth.tar", None, "swav_r50_100ep"),
+                                  ("swav_200ep_bs256_pretrain.pth.tar", None, "swav_r50_200ep_bs256"),
+                                  ("swav_400ep_2x224_pretrain.pth.tar", None, "swav_r50_400ep_2x224"),
+                                  ("checkpoint.pth.tar", 37, "swav_r50_100ep"),  # a run of at least 37 epochs
+                                  ("checkpoint.pth.tar", None, "swav_r50_800ep"),  # hubconf.py's model
+                                  ("ckp-399.pth", 400, "swav_r50_400ep")):
+        chosen = SwAVImporter().default_recipe(Released(Path(file), {}, {}, PRETRAIN, "resnet", epoch))
+        assert chosen == f"imagenet/{expected}" and chosen in names, (file, chosen)

@@ -25,7 +25,7 @@ join the Sinkhorn only once it is in use: as in the release's ``use_the_queue``,
 every epoch and set at the first step whose queue (of the assigned crop being coded, before this step's write)
 has a non-zero last row, i.e. once the queue has been filled; within that step and the rest of the epoch the flag
 covers every assigned crop. The queue differs from rank to rank (:meth:`SwAV.rank_local_buffers`: each rank's
-copy is saved and given back on resume) and the flag travels in the method's state (``get_extra_state``).
+copy is saved and given back on resume); the flag travels in mid-epoch checkpoints (:meth:`SwAV.random_state`).
 ``queue_length`` must be a multiple of the global batch (the release silently trims it to one, which is
 0 for its batch-4096 runs; here the first step names the value to set).
 
@@ -136,13 +136,18 @@ class SwAV(Method):
     def rank_local_buffers(self) -> list[str]:
         return ["queue"]
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The queue flag (identical on every rank), so a run resumed mid-epoch continues as it would have."""
-        return {"queue_in_use": self.queue_in_use, "queue_flag_epoch": self.queue_flag_epoch}
+    def random_state(self) -> dict[str, Any]:
+        """SwAV draws no random numbers of its own, but its queue flag (``use_the_queue``) lives within an epoch, as
+        the state a mid-epoch checkpoint carries does: saved there, a run resumed mid-epoch continues as it would
+        have (at an epoch's end the next epoch clears the flag anyway)."""
+        return {**super().random_state(),
+                "swav_queue_flag": {"in_use": self.queue_in_use, "epoch": self.queue_flag_epoch}}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.queue_in_use = bool(state["queue_in_use"])
-        self.queue_flag_epoch = int(state["queue_flag_epoch"])
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        super().set_random_state(state)
+        flag = state.get("swav_queue_flag")
+        if flag is not None:
+            self.queue_in_use, self.queue_flag_epoch = bool(flag["in_use"]), int(flag["epoch"])
 
     def set_progress(self, epoch: float, total_epochs: int, per_epoch: bool) -> None:
         super().set_progress(epoch, total_epochs, per_epoch)
