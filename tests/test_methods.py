@@ -330,4 +330,5 @@ def test_build_method_errors() -> None:
         build_method("supervised", net, dim)
     method = build_method("moco", net, dim, proj_hidden_dim=16, proj_out_dim=4, queue_size=32, symmetric=True)
     assert isinstance(method, MoCo) and method.symmetric and method.queue.size == 32
-    assert set(METHODS) == {"simclr", "moco", "mocov3", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl"}
+    assert set(METHODS) == {"simclr", "moco", "mocov3", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl",
+                            "swav"}
