@@ -1064,6 +1064,30 @@ def _mcl_independent_case():
     return {"net": _randomise(independent, 10).state_dict(), "acc": 70.0, "epoch": 299, "optimizer": {}}, [], None
 
 
+def _swav_model() -> nn.Module:
+    """facebookresearch/swav src/resnet50.py's model at small widths: the ResNet's layers at the top level (no fc),
+    projection_head = Linear (with bias) - BatchNorm1d - ReLU - Linear, prototypes = Linear without bias."""
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.projection_head = nn.Sequential(nn.Linear(512, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32, 16))
+    net.prototypes = nn.Linear(16, 10, bias=False)
+    return _randomise(net, 28)
+
+
+SWAV = ["model.arch=resnet18", "method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.num_prototypes=10"]
+
+
+def _swav_case(with_probe: bool):
+    if not with_probe:  # the model zoo's file: the DDP state dict itself
+        return _ddp(_swav_model()), SWAV, None
+    linear = _randomise(nn.Linear(512, 10), 29)  # eval_linear.py's RegLog.linear, DDP-wrapped
+    probe = {"epoch": 100, "state_dict": {"module.linear.weight": linear.weight.detach(),
+                                          "module.linear.bias": linear.bias.detach()},
+             "optimizer": {}, "scheduler": {}, "best_acc": 75.3}
+    raw = {"epoch": 800, "state_dict": _ddp(_swav_model()), "optimizer": {}, "amp": {}}
+    return raw, SWAV, {"weight": linear.weight.detach(), "bias": linear.bias.detach()}, (probe, "eval_linear.pth.tar")
+
+
 LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the builder of (raw, overrides, classifier)
     "mocov3/resnet pre-training": ("pretrain", "resnet", _mocov3_resnet_case),
     "mocov3/vit pre-training": ("pretrain", "vit", _mocov3_vit_case),
@@ -1102,6 +1126,8 @@ LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the b
                                                          None)),
     "mcl/moco_mcl": ("pretrain", "moco_mcl", lambda: ({"epoch": 120, "arch": "resnet18", "state_dict": _ddp(_moco_mcl()),
                                                        "optimizer": {}}, MOCO_MCL, None)),
+    "swav/model zoo": ("pretrain", "resnet", partial(_swav_case, False)),
+    "swav/main_swav.py with --classifier": ("pretrain", "resnet", partial(_swav_case, True)),
 }
 
 

@@ -328,6 +328,12 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
         ]
     elif name == "small":
         stages = [simclr_jitter, T.RandomGrayscale(0.2)]
+    elif name == "swav":  # facebookresearch/swav src/multicropdataset.py: get_color_distortion(s=1.0) + blur
+        stages = [
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=0.5),
+        ]
     elif name == "mocov1":  # MoCo v1 greys before jittering; RandomApply(p=1) draws the coin ours draws
         stages = [T.RandomGrayscale(0.2), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.4)], p=1.0)]
     elif name == "byol":

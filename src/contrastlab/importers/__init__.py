@@ -7,7 +7,7 @@ which released files import and how to evaluate them.
 
 Example:
     >>> sorted(IMPORTERS)
-    ['barlowtwins', 'caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3', 'vicreg']
+    ['barlowtwins', 'caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3', 'swav', 'vicreg']
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from contrastlab.importers.jointcrop import JointCropImporter
 from contrastlab.importers.mcl import MCLImporter
 from contrastlab.importers.mocov3 import MoCoV3Importer
 from contrastlab.importers.placement import Placement
+from contrastlab.importers.swav import SwAVImporter
 from contrastlab.importers.vicreg import VICRegImporter
 from contrastlab.registry import IMPORTERS
 
 BUILT_IN = (MoCoV3Importer, JointCropImporter, CaCoImporter, ContrastiveCropImporter, FeatureTransformImporter,
-            MCLImporter, BarlowTwinsImporter, VICRegImporter)
+            MCLImporter, BarlowTwinsImporter, VICRegImporter, SwAVImporter)
 """The importers of the five published systems' releases (each registers itself by its ``name``)."""
 
 

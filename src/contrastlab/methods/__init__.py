@@ -26,6 +26,7 @@ from contrastlab.methods.mocov3 import MoCoV3
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.simsiam import SimSiam
 from contrastlab.methods.supervised import Supervised
+from contrastlab.methods.swav import SwAV
 from contrastlab.methods.vicreg import VICReg
 from contrastlab.registry import METHODS as _METHODS
 
@@ -43,6 +44,7 @@ __all__ = [
     "SimSiam",
     "StepOutput",
     "Supervised",
+    "SwAV",
     "VICReg",
     "build_method",
     "make_param_groups",

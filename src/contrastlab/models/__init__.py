@@ -12,6 +12,7 @@ from contrastlab.models.cohort import Cohort, build_cohort
 from contrastlab.models.ema import copy_params_, ema_update_, momentum_copy
 from contrastlab.models.hcgnet import HCGNet, hcgnet
 from contrastlab.models.heads import build_mlp
+from contrastlab.models.prototypes import Prototypes
 from contrastlab.models.shufflenetv2 import ShuffleNetV2, shufflenetv2
 from contrastlab.models.staged import named_stages, run_stages, stage_names, upstream_shared_until
 from contrastlab.models.wrn import WideResNet, wide_resnet
@@ -21,6 +22,7 @@ __all__ = [
     "CifarResNet",
     "Cohort",
     "HCGNet",
+    "Prototypes",
     "ShuffleNetV2",
     "WideResNet",
     "build_backbone",

@@ -16,6 +16,7 @@ from contrastlab.objectives.mutual import (
     supcon_operator,
 )
 from contrastlab.objectives.nt_xent import NTXentLoss
+from contrastlab.objectives.swav import SwAVLoss, sinkhorn_knopp, swapped_prediction_loss
 from contrastlab.objectives.vicreg import VICRegLoss
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MutualTerms",
     "NTXentLoss",
     "NegativeCosineSimilarity",
+    "SwAVLoss",
     "VICRegLoss",
     "build_feature_transform",
     "cross_correlation",
@@ -36,5 +38,7 @@ __all__ = [
     "logit_distillation",
     "memory_bank_mutual_loss",
     "moco_mutual_loss",
+    "sinkhorn_knopp",
     "supcon_operator",
+    "swapped_prediction_loss",
 ]

@@ -27,6 +27,9 @@ Recipes (``PHOTOMETRICS``):
   here the always-applied jitter still draws one, so the random streams (not the distribution) differ.
 - ``"byol"``: BYOL (Grill et al. 2020), also MoCo v3; asymmetric: jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
   grayscale 0.2; view 0 blur p=1.0, no solarisation; views >= 1 blur p=0.1, solarisation p=0.2.
+- ``"swav"``: SwAV (Caron et al. 2020; facebookresearch/swav ``src/multicropdataset.py``), every crop alike:
+  jitter (0.8, 0.8, 0.8, 0.2) p=0.8 (SimCLR's strength 1), grayscale 0.2, blur sigma in [0.1, 2.0] p=0.5 (PIL's
+  radius upstream; the ~10% kernel here). Also solo-learn's ``symmetric.yaml`` CIFAR augmentation.
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
 - ``"byol_small"``: the BYOL recipe without blur (view 0 no solarisation, views >= 1 solarisation p=0.2), as
   solo-learn's CIFAR ``asymmetric.yaml`` (vturrisi/solo-learn, ``scripts/pretrain/cifar/augmentations``).
@@ -220,6 +223,10 @@ def _mocov1(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_prob": 1.0, "grayscale_prob": 0.2, "grayscale_first": True}
 
 
+def _swav(view: int) -> dict[str, object]:
+    return {"jitter": (0.8, 0.8, 0.8, 0.2), "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5}
+
+
 def _small(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2}
 
@@ -246,6 +253,7 @@ for _name, _settings in {
     "vicreg_cifar": _vicreg_cifar,
     "none": _none,
     "eval": _eval,
+    "swav": _swav,
 }.items():
     register_photometric(_name, _settings)
 
