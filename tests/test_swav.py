@@ -603,3 +603,13 @@ def test_every_recipe_the_importer_picks_exists():
                                   ("ckp-399.pth", 400, "swav_r50_400ep")):
         chosen = SwAVImporter().default_recipe(Released(Path(file), {}, {}, PRETRAIN, "resnet", epoch))
         assert chosen == f"imagenet/{expected}" and chosen in names, (file, chosen)
+
+
+def test_score_statistics_are_refused_with_the_reason(tmp_path, capsys):
+    """SwAV scores crops against prototypes: no positive and negatives for FT's score statistics."""
+    from contrastlab.cli import main
+
+    code = main(["train", "cifar10/swav_r18_1000ep", "--smoke", f"out={tmp_path}",
+                 "observers=[progress,score_statistics]"])
+    assert code == 2 and "score_statistics needs a contrastive method with logits; method 'swav' has none" in \
+        capsys.readouterr().err

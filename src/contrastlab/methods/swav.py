@@ -201,6 +201,11 @@ class SwAV(Method):
             queue[:batch] = z[crop]
         return out
 
+    @property
+    def logit_temperature(self) -> None:
+        """None: SwAV's scores are against prototypes, not a positive and negatives (no score statistics)."""
+        return None
+
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         if len(views) < 2:
             raise ConfigError(f"method 'swav' needs at least 2 views per image (views.num_views, views.num_small), "
