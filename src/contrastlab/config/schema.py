@@ -111,6 +111,7 @@ class ModelConfig:
     width: float = 1.0  #: width multiplier (CIFAR ResNets)
     zero_init_residual: bool = False
     stop_grad_conv1: bool = False  #: ViTs: frozen random patch projection (MoCo v3)
+    drop_path_rate: float = 0.0  #: ViTs: stochastic depth of the trained network (DINO's student: 0.1; its teacher has none)
     sync_bn: bool = False  #: convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False
     peers: int = 1  #: cohort methods (mcl, moco_mcl): number of peer networks M
