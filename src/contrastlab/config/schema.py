@@ -50,7 +50,7 @@ class ViewsConfig:
     """
 
     planner: str = "random_resized"  #: a crop law of contrastlab.views.planners (random_resized | multicrop | joint_crop | contrastive_crop | semantic_crop | simccrop | padded_crop | fixed | center) or one registered with contrastlab.register_planner
-    photometric: str = "small"  #: simclr | mocov2 | mocov1 | byol | small | none | eval, or one registered with contrastlab.register_photometric
+    photometric: str = "small"  #: simclr | mocov2 | mocov1 | byol | dino | byol_small | small | none | eval, or one registered with contrastlab.register_photometric
     joint_blur: Literal["off", "always", "either"] = "off"  #: off | always (the pair's blur sigmas drawn jointly) | either (per pair JointCrop or JointBlur, p 0.5)
     joint_blur_beta: float = 0.0  #: JointBlur: shape of the log-sigma-ratio law (a reconstruction)
     joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
@@ -144,6 +144,7 @@ class OptimConfig:
     nesterov: bool = False
     exclude_bias_bn_wd: bool = False  #: no weight decay on 1-D parameters (biases, norms)
     lars_trust_coefficient: float = 0.001
+    lars_clip_lr: bool = False  #: LARS: scale by min(trust ratio / lr, 1), no layer faster than lr (solo-learn's clip_lr)
     schedule: str = "cosine"  #: cosine | step | constant
     warmup_epochs: float = 0.0  #: linear warm-up, per iteration
     warmup_start_lr: float = 0.0  #: scaled with ``lr`` (per-iteration warm-up only)

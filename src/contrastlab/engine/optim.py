@@ -33,6 +33,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 penalty added to the gradient before the trust ratio.
         momentum: heavy-ball momentum.
         trust_coefficient: ``eta`` in the trust ratio.
+        clip_lr: scale by ``min(ratio / lr, 1)`` instead of ``ratio``, so that no layer's rate exceeds ``lr``
+            (LARC's clipping; solo-learn's ``LARS(clip_lr=True)``, github.com/vturrisi/solo-learn
+            ``solo/utils/lars.py``, used by its CIFAR recipes).
 
     Example:
         >>> opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
@@ -45,9 +48,10 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
+        clip_lr: bool = False,
     ) -> None:
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                        "trust_coefficient": trust_coefficient, "exclude_from_lars": False}
+                        "trust_coefficient": trust_coefficient, "exclude_from_lars": False, "clip_lr": clip_lr}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -67,6 +71,8 @@ class LARS(torch.optim.Optimizer):
                         group["trust_coefficient"] * w_norm / g_norm,
                         torch.ones_like(w_norm),
                     )
+                    if group.get("clip_lr"):  # at lr 0, min(ratio / 0, 1) = 1 (as solo-learn's)
+                        ratio = (ratio / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(ratio)
                     d_p = d_p.mul(ratio)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -150,7 +156,7 @@ def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.o
 def _lars(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """:class:`LARS` with MoCo v3's exclusions."""
     return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                trust_coefficient=cfg.lars_trust_coefficient)
+                trust_coefficient=cfg.lars_trust_coefficient, clip_lr=cfg.lars_clip_lr)
 
 
 @register_optimizer("larc")

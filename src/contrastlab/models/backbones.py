@@ -17,7 +17,7 @@ github.com/winycg/MCL, plus the usual ImageNet ResNets):
   1024-d features).
 - ``hcgnet_a1``, ``hcgnet_a2``: HCGNet-A1/A2 (:mod:`contrastlab.models.hcgnet`, 414-d / 716-d).
 - ``vit_small``, ``vit_base``, ``vit_conv_small``, ``vit_conv_base``: MoCo v3's ViTs on timm
-  (:mod:`contrastlab.models.vit`, 384-d / 768-d class token); ``vit_small_dino``, ``vit_base_dino``: DINO's
+  (:mod:`contrastlab.models.vit`, 384-d / 768-d class token); ``vit_tiny_dino``, ``vit_small_dino``, ``vit_base_dino``: DINO's
   (learned position embedding, interpolated for any input side). They take ``img_size`` (the trainer passes
   ``data.image_size``), ``stop_grad_conv1`` and ``drop_path_rate`` (``model.drop_path_rate``: stochastic depth,
   DINO's student 0.1), and need ``pip install "contrastlab[vit]"``.

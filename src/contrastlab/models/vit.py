@@ -23,9 +23,9 @@ Weights of ``vit_small`` / ``vit_base`` load with strict key matching into timm'
 ``vit_small_patch16_224`` / ``vit_base_patch16_224`` built with ``num_classes=0`` (the head count does
 not change any weight shape). timm is an optional dependency: ``pip install "contrastlab[vit]"``.
 
-**DINO's ViTs** (``vit_small_dino``, ``vit_base_dino``; Caron et al., "Emerging Properties in Self-Supervised Vision
-Transformers", ICCV 2021, ``vision_transformer.py`` of github.com/facebookresearch/dino) are the standard ViT-S/16
-(6 heads) and ViT-B/16 (12 heads) with a **learned** position embedding, built by :func:`build_vit` with
+**DINO's ViTs** (``vit_tiny_dino``, ``vit_small_dino``, ``vit_base_dino``; Caron et al., "Emerging Properties in Self-Supervised Vision
+Transformers", ICCV 2021, ``vision_transformer.py`` of github.com/facebookresearch/dino) are the standard ViT-Ti/16
+(192 wide, 3 heads), ViT-S/16 (6 heads) and ViT-B/16 (12 heads) with a **learned** position embedding, built by :func:`build_vit` with
 ``style="dino"`` in :data:`VIT_ARCHS`:
 
 - they take any input side (multi-crop's 96-pixel local crops beside the 224-pixel global ones): the patch grid's
@@ -33,8 +33,8 @@ Transformers", ICCV 2021, ``vision_transformer.py`` of github.com/facebookresear
   (:func:`interpolate_position_embedding`);
 - initialisation as upstream: truncated normal (std 0.02) Linear weights, position embedding and class token, zero
   biases, LayerNorms at 1 and 0, PyTorch's default for the patch projection;
-- their keys are upstream's and timm's ``vit_small_patch16_224`` / ``vit_base_patch16_224`` (which has DINO's head
-  counts), so released DINO backbones load strictly.
+- their keys are upstream's and timm's ``vit_{tiny,small,base}_patch16_224`` (which have DINO's head counts), so
+  released DINO backbones load strictly.
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
     "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "conv_stem": False, "style": "mocov3"},
     "vit_conv_small": {"embed_dim": 384, "depth": 11, "num_heads": 12, "conv_stem": True, "style": "mocov3"},
     "vit_conv_base": {"embed_dim": 768, "depth": 11, "num_heads": 12, "conv_stem": True, "style": "mocov3"},
+    "vit_tiny_dino": {"embed_dim": 192, "depth": 12, "num_heads": 3, "conv_stem": False, "style": "dino"},
     "vit_small_dino": {"embed_dim": 384, "depth": 12, "num_heads": 6, "conv_stem": False, "style": "dino"},
     "vit_base_dino": {"embed_dim": 768, "depth": 12, "num_heads": 12, "conv_stem": False, "style": "dino"},
 }
-"""MoCo v3's four ViTs and DINO's two (``style``), patch size 16."""
+"""MoCo v3's four ViTs and DINO's three (``style``), patch size 16."""
 
 TIMM_EQUIVALENT = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
-                   "vit_small_dino": "vit_small_patch16_224", "vit_base_dino": "vit_base_patch16_224"}
+                   "vit_tiny_dino": "vit_tiny_patch16_224", "vit_small_dino": "vit_small_patch16_224",
+                   "vit_base_dino": "vit_base_patch16_224"}
 """The timm model whose weights have the same keys and shapes (``contrastlab export --format timm``)."""
 
 
@@ -212,8 +214,8 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False,
     (learned, interpolated position embedding, DINO's initialisation).
 
     Args:
-        name: ``vit_small``, ``vit_base``, ``vit_conv_small``, ``vit_conv_base`` (MoCo v3) or ``vit_small_dino``,
-            ``vit_base_dino`` (DINO).
+        name: ``vit_small``, ``vit_base``, ``vit_conv_small``, ``vit_conv_base`` (MoCo v3) or ``vit_tiny_dino``,
+            ``vit_small_dino``, ``vit_base_dino`` (DINO).
         img_size: input side (a multiple of 16); the position embedding has ``(img_size / 16)^2`` patches. DINO's
             ViTs also take other sides (their embedding is interpolated); MoCo v3's take this one only.
         stop_grad_conv1: freeze the random patch projection (not applicable to the conv stems, whose
@@ -239,7 +241,7 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False,
                               "qkv_bias": True, "norm_layer": partial(nn.LayerNorm, eps=1e-6),
                               "drop_path_rate": drop_path_rate}
     if spec["style"] == "dino":
-        vit = _dino_vit_class()(dynamic_img_size=True, **common)
+        vit = _dino_vit_class()(dynamic_img_size=True, weight_init="skip", **common)  # initialised below
         _init_dino_(vit)
         if stop_grad_conv1:
             vit.patch_embed.proj.weight.requires_grad_(False)

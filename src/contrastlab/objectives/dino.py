@@ -112,15 +112,16 @@ class DINOLoss(nn.Module):
             raise ValueError(f"teacher_temperature must be positive, got {teacher_temperature}")
         dtype = torch.promote_types(student[0].dtype, torch.float32)  # bf16/fp16 outputs: the softmaxes in fp32
         with torch.autocast(student[0].device.type, enabled=False):
-            t = torch.stack([x.detach().to(dtype) for x in teacher])  # [G, B, K]
+            batch, width = teacher[0].shape
+            t = torch.cat([x.detach().to(dtype) for x in teacher])  # [G * B, K], crop after crop
             targets = F.softmax((t - self.center.to(dtype)) / teacher_temperature, dim=-1)
-            log_probs = F.log_softmax(torch.stack([x.to(dtype) for x in student]) / self.student_temperature, dim=-1)
-            batch = t.shape[1]
-            pair_losses = -torch.einsum("gbk,vbk->gv", targets, log_probs) / batch  # [G, V]
+            log_probs = F.log_softmax(torch.cat([x.to(dtype) for x in student]) / self.student_temperature, dim=-1)
+            pair_losses = -torch.einsum("gbk,vbk->gv", targets.reshape(num_teacher, batch, width),
+                                        log_probs.reshape(num_student, batch, width)) / batch  # [G, V]
             keep = ~torch.eye(num_teacher, num_student, dtype=torch.bool, device=pair_losses.device)
             loss = pair_losses[keep].mean()
             entropy = -(targets * targets.clamp_min(1e-30).log()).sum(-1).mean()
-            batch_center = t.reshape(-1, t.shape[-1]).mean(0, keepdim=True)
+            batch_center = t.mean(0, keepdim=True)
             if self.gather_distributed:
                 batch_center = all_reduce_mean(batch_center)
         if update_center:

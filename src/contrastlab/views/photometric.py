@@ -27,6 +27,11 @@ Recipes (``PHOTOMETRICS``):
   here the always-applied jitter still draws one, so the random streams (not the distribution) differ.
 - ``"byol"``: BYOL (Grill et al. 2020), also MoCo v3; asymmetric: jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
   grayscale 0.2; view 0 blur p=1.0, no solarisation; views >= 1 blur p=0.1, solarisation p=0.2.
+- ``"dino"``: DINO (Caron et al. 2021, ``DataAugmentationDINO`` in facebookresearch/dino ``main_dino.py``): BYOL's
+  jitter and grayscale on every view; view 0 blur p=1.0; view 1 blur p=0.1 and solarisation p=0.2; views >= 2
+  (multi-crop's local crops) blur p=0.5, no solarisation.
+- ``"byol_small"``: BYOL's asymmetric recipe without blur (view 0 no solarisation, views >= 1 solarisation p=0.2),
+  solo-learn's CIFAR ``asymmetric.yaml`` (github.com/vturrisi/solo-learn).
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
 - ``"none"``: flip and normalisation only.
 - ``"eval"``: normalisation only.
@@ -208,6 +213,16 @@ def _byol(view: int) -> dict[str, object]:
     }
 
 
+def _dino(view: int) -> dict[str, object]:
+    if view < 2:
+        return _byol(view)
+    return {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5}
+
+
+def _byol_small(view: int) -> dict[str, object]:
+    return {**_byol(view), "blur_prob": 0.0}
+
+
 def _mocov1(view: int) -> dict[str, object]:
     return {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_prob": 1.0, "grayscale_prob": 0.2, "grayscale_first": True}
 
@@ -229,6 +244,8 @@ for _name, _settings in {
     "mocov2": _simclr,  # MoCo v2 adopted SimCLR's jitter, grayscale and blur (sigma 0.1-2.0, p=0.5)
     "mocov1": _mocov1,
     "byol": _byol,
+    "dino": _dino,
+    "byol_small": _byol_small,
     "small": _small,
     "none": _none,
     "eval": _eval,
