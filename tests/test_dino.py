@@ -451,6 +451,68 @@ def test_cli_trains_multicrop_on_the_gpu_pipeline_with_the_last_layer_frozen_in_
     assert moved > 1e-5
 
 
+# --- importing released files ------------------------------------------------------------------------------------
+
+
+class _UpstreamHead(nn.Module):
+    """DINOHead's structure and forward as ``vision_transformer.py`` writes it (weight norm spelled out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, bottleneck: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last_layer = nn.Module()
+        self.last_layer.weight_g = nn.Parameter(torch.rand(out_dim, 1) + 0.5)
+        self.last_layer.weight_v = nn.Parameter(torch.randn(out_dim, bottleneck))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v, g = self.last_layer.weight_v, self.last_layer.weight_g
+        return F.normalize(self.mlp(x), dim=-1) @ (g * v / v.norm(dim=1, keepdim=True)).T
+
+
+def upstream_dino_checkpoint(seed: int, full: bool = True) -> tuple[dict, dict[str, nn.Module]]:
+    """A ``main_dino.py`` checkpoint (or, ``full=False``, a backbone-only file) of a ViT-Ti/16 at 16 px, written in
+    upstream's naming from timm's ViT and the head above; and the upstream networks it holds."""
+    import timm
+
+    torch.manual_seed(seed)
+    nets = {name: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16).eval()
+            for name in ("student", "teacher")}
+    if not full:
+        return dict(nets["teacher"].state_dict()), nets
+    heads = {name: _UpstreamHead(192, 64, 32, 8) for name in ("student", "teacher")}
+    wrapper = {name: nn.ModuleDict({"backbone": nets[name], "head": heads[name]}) for name in nets}
+    raw = {"student": {f"module.{k}": v for k, v in wrapper["student"].state_dict().items()},
+           "teacher": dict(wrapper["teacher"].state_dict()), "optimizer": {}, "epoch": 300,
+           "dino_loss": {"center": torch.randn(1, 64)}, "args": "Namespace(arch='vit_tiny')"}
+    return raw, {**nets, **{f"{n}_head": h for n, h in heads.items()}}
+
+
+@needs_timm
+def test_importing_a_full_checkpoint_and_a_backbone_file_gives_upstreams_networks() -> None:
+    from contrastlab.importers import convert_released
+
+    raw, up = upstream_dino_checkpoint(30)
+    converted = convert_released(raw, "checkpoint.pth", "dino", overrides=["data.image_size=16"], log=lambda s: None)
+    method, record = converted.method.eval(), converted.checkpoint["imported"]
+    assert converted.checkpoint["recipe"] == "imagenet/dino_vit_s16_300ep" and record["kind"] == "pretrain"
+    assert (method.criterion.center == raw["dino_loss"]["center"]).all()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(method.backbone(x), up["student"](x))
+        torch.testing.assert_close(method.teacher_backbone(x), up["teacher"](x))
+        torch.testing.assert_close(method.head(method.backbone(x)), up["student_head"](up["student"](x)))
+        torch.testing.assert_close(method.teacher_head(method.teacher_backbone(x)), up["teacher_head"](up["teacher"](x)))
+    state, up = upstream_dino_checkpoint(31, full=False)
+    converted = convert_released(state, "dino_deittiny16_pretrain.pth", "dino", overrides=["data.image_size=16"],
+                                 log=lambda s: None)
+    method = converted.method.eval()
+    assert converted.checkpoint["imported"]["kind"] == "backbone" and method.backbone.embed_dim == 192
+    with torch.no_grad():
+        torch.testing.assert_close(method.backbone(x), up["teacher"](x))
+        torch.testing.assert_close(method.teacher_backbone(x), up["teacher"](x))
+
+
 # --- recipes as released -----------------------------------------------------------------------------------------
 
 # main_dino.py defaults and the README's commands (facebookresearch/dino), transcribed independently of the recipes.

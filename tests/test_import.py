@@ -944,6 +944,12 @@ def _mcl_independent_case():
     return {"net": _randomise(independent, 10).state_dict(), "acc": 70.0, "epoch": 299, "optimizer": {}}, [], None
 
 
+def _dino_file(full: bool) -> dict:
+    from test_dino import upstream_dino_checkpoint
+
+    return upstream_dino_checkpoint(32, full)[0]
+
+
 LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the builder of (raw, overrides, classifier)
     "mocov3/resnet pre-training": ("pretrain", "resnet", _mocov3_resnet_case),
     "mocov3/vit pre-training": ("pretrain", "vit", _mocov3_vit_case),
@@ -973,6 +979,8 @@ LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the b
                                                      "acc": 71.0, "epoch": 299}, [], None)),
     "mcl/moco_mcl": ("pretrain", "moco_mcl", lambda: ({"epoch": 120, "arch": "resnet18", "state_dict": _ddp(_moco_mcl()),
                                                        "optimizer": {}}, MOCO_MCL, None)),
+    "dino/main_dino.py": ("pretrain", "vit", lambda: (_dino_file(True), ["data.image_size=16"], None)),
+    "dino/backbone only": ("backbone", "vit", lambda: (_dino_file(False), ["data.image_size=16"], None)),
 }
 
 
