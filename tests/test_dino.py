@@ -206,6 +206,24 @@ def test_step_is_the_loss_of_the_student_and_teacher_outputs_and_the_centre_foll
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s)
 
 
+def test_a_step_never_waits_for_the_device(monkeypatch) -> None:
+    """No .item(), boolean mask or other host read in the loss, the head, the grouping or the method's step."""
+    from sync_guard import forbid_host_sync
+
+    import contrastlab.methods.dino as method_module
+    import contrastlab.models.dino_head as head_module
+    import contrastlab.models.multicrop as multicrop_module
+    import contrastlab.objectives.dino as loss_module
+
+    method = _dino(freeze_last_layer=1)
+    forbid_host_sync(monkeypatch, *(m.__file__ for m in (method_module, head_module, multicrop_module, loss_module)))
+    method.set_progress(0.5, 10, per_epoch=False)
+    out = method(_crops(B, 14), None, None)
+    out.loss.backward()
+    method.before_optimizer_step(0)
+    method.after_optimizer_step(0.99)
+
+
 def test_crops_of_one_size_share_a_backbone_call() -> None:
     views = [torch.randn(2, 3, *size) for size in [(8, 8)] * 2 + [(4, 4)] * 3 + [(8, 8)]]
     assert resolution_groups(views) == [(0, 2), (2, 5), (5, 6)]

@@ -48,6 +48,7 @@ def _small(name: str) -> dict:
         "supervised": {"num_classes": 3},
         "mcl": {"num_classes": 3, "embed_dim": 8},
         "moco_mcl": {"proj_out_dim": 8, "queue_size": 16},
+        "dino": {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8},
     }[name]
 
 
@@ -329,4 +330,5 @@ def test_build_method_errors() -> None:
         build_method("supervised", net, dim)
     method = build_method("moco", net, dim, proj_hidden_dim=16, proj_out_dim=4, queue_size=32, symmetric=True)
     assert isinstance(method, MoCo) and method.symmetric and method.queue.size == 32
-    assert set(METHODS) == {"simclr", "moco", "mocov3", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl"}
+    assert set(METHODS) == {"simclr", "moco", "mocov3", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl",
+                            "dino"}
