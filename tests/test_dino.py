@@ -548,6 +548,9 @@ RELEASED = {
                                     "method.teacher_temp": 0.07, "method.warmup_teacher_temp": 0.04,
                                     "method.warmup_teacher_temp_epochs": 30, "method.norm_last_layer": False,
                                     "views.num_small": 8},
+    "imagenet/dino_vit_s16_800ep": {"model.arch": "vit_small_dino", "train.epochs": 800, "data.batch_size": 1024,
+                                    "method.teacher_temp": 0.07, "method.warmup_teacher_temp_epochs": 30,
+                                    "method.norm_last_layer": False, "optim.weight_decay_end": 0.4},
     "imagenet/dino_r50_100ep": {"model.arch": "resnet50", "train.epochs": 100, "data.batch_size": 512,
                                 "optim.name": "sgd", "optim.lr": 0.03, "optim.momentum": 0.9, "optim.weight_decay": 1e-4,
                                 "optim.weight_decay_end": 1e-4, "views.scale": [0.14, 1.0],
@@ -568,3 +571,24 @@ def test_recipes_hold_the_released_settings(recipe: str) -> None:
     for key, value in {**RELEASED_DEFAULTS, **RELEASED[recipe]}.items():
         assert _value(cfg, key) == pytest.approx(value), key
     assert final_lr(cfg) == pytest.approx(1e-6)  # --min_lr, not scaled with the batch upstream
+
+
+# solo-learn scripts/pretrain/cifar/dino.yaml with solo/methods/dino.py's and solo/methods/base.py's defaults.
+SOLO_LEARN = {"model.arch": "resnet18", "model.cifar_stem": True, "model.sync_bn": True, "data.batch_size": 256,
+              "train.epochs": 1000, "views.planner": "random_resized", "views.num_views": 2, "views.scale": [0.08, 1.0],
+              "views.photometric": "byol_small", "method.out_dim": 4096, "method.hidden_dim": 2048,
+              "method.bottleneck_dim": 256, "method.norm_last_layer": True, "method.use_bn_in_head": False,
+              "method.student_temp": 0.1, "method.teacher_temp": 0.07, "method.warmup_teacher_temp_epochs": 0,
+              "method.freeze_last_layer": 1, "optim.clip_grad": 0.0, "optim.name": "lars", "optim.lr": 0.3,
+              "optim.base_batch_size": 256, "optim.weight_decay": 1e-6, "optim.lars_trust_coefficient": 0.02,
+              "optim.lars_clip_lr": True, "optim.warmup_epochs": 10, "optim.warmup_start_lr": 3e-5,
+              "optim.final_lr": 0.0, "train.ema_momentum": 0.9995, "train.ema_schedule": "cosine"}
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_recipes_hold_solo_learns_settings(dataset: str) -> None:
+    cfg = load_config(f"{dataset}/dino_r18_1000ep")
+    assert cfg.method.name == "dino" and cfg.data.name == dataset
+    for key, value in SOLO_LEARN.items():
+        got = _value(cfg, key)
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
