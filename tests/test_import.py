@@ -1086,6 +1086,10 @@ def _swav_case(with_probe: bool):
              "optimizer": {}, "scheduler": {}, "best_acc": 75.3}
     raw = {"epoch": 800, "state_dict": _ddp(_swav_model()), "optimizer": {}, "amp": {}}
     return raw, SWAV, {"weight": linear.weight.detach(), "bias": linear.bias.detach()}, (probe, "eval_linear.pth.tar")
+def _dino_file(full: bool) -> dict:
+    from test_dino import upstream_dino_checkpoint
+
+    return upstream_dino_checkpoint(32, full)[0]
 
 
 LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the builder of (raw, overrides, classifier)
@@ -1128,6 +1132,8 @@ LAYOUT_CASES = {  # importer/description -> (kind, layout) recognised, and the b
                                                        "optimizer": {}}, MOCO_MCL, None)),
     "swav/model zoo": ("pretrain", "resnet", partial(_swav_case, False)),
     "swav/main_swav.py with --classifier": ("pretrain", "resnet", partial(_swav_case, True)),
+    "dino/main_dino.py": ("pretrain", "vit", lambda: (_dino_file(True), ["data.image_size=16"], None)),
+    "dino/backbone only": ("backbone", "vit", lambda: (_dino_file(False), ["data.image_size=16"], None)),
 }
 
 

@@ -51,6 +51,7 @@ def _small(name: str) -> dict:
         "moco_mcl": {"proj_out_dim": 8, "queue_size": 16},
         "vicreg": {"proj_hidden_dim": 32, "proj_out_dim": 16},
         "swav": {"proj_hidden_dim": 32, "proj_out_dim": 8, "num_prototypes": 10},
+        "dino": {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8},
     }[name]
 
 
@@ -333,4 +334,4 @@ def test_build_method_errors() -> None:
     method = build_method("moco", net, dim, proj_hidden_dim=16, proj_out_dim=4, queue_size=32, symmetric=True)
     assert isinstance(method, MoCo) and method.symmetric and method.queue.size == 32
     assert set(METHODS) == {"simclr", "moco", "mocov3", "byol", "simsiam", "caco", "supervised", "mcl", "moco_mcl",
-                            "barlow_twins", "vicreg", "swav"}
+                            "barlow_twins", "vicreg", "swav", "dino"}

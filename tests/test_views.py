@@ -344,7 +344,16 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
         ]
         if view >= 1:
             stages.append(T.RandomSolarize(128, p=0.2))
-    elif name == "byol_small":  # solo-learn's CIFAR asymmetric.yaml: BYOL's jitter and solarisation, no blur
+    elif name == "dino":  # DataAugmentationDINO: global_transfo1 / global_transfo2 / local_transfo
+        blur = {0: 1.0, 1: 0.1}.get(view, 0.5)
+        stages = [
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=blur),
+        ]
+        if view == 1:
+            stages.append(T.RandomSolarize(128, p=0.2))
+    elif name == "byol_small":  # solo-learn's cifar asymmetric.yaml: no blur, solarisation 0.2 on the second view
         stages = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
         if view >= 1:
             stages.append(T.RandomSolarize(128, p=0.2))
@@ -358,7 +367,7 @@ def torchvision_pipeline(name: str, view: int, size: int) -> T.Compose:
 
 @pytest.mark.parametrize("name", sorted(PHOTOMETRICS))
 def test_recipes_reproduce_torchvision_compose(name):
-    for view in (0, 1, 2) if name.startswith("byol") else (0, 1):
+    for view in (0, 1, 2) if name in ("byol", "dino", "byol_small") else (0, 1):
         for size in (32, 48):
             recipe = make_photometric(name, view, MEAN, STD)
             reference = torchvision_pipeline(name, view, size)

@@ -136,6 +136,7 @@ def _backbone_kwargs(cfg: Config) -> dict:
     accepted = backbone_options(m.arch)
     given = {"cifar_stem": (m.cifar_stem, False), "zero_init_residual": (m.zero_init_residual, False),
              "width": (m.width, 1.0), "stop_grad_conv1": (m.stop_grad_conv1, False),
+             "drop_path_rate": (m.drop_path_rate, 0.0),
              "img_size": (image_size(cfg), None)}
     kwargs = {k: v for k, (v, default) in given.items() if k in accepted or (default is not None and v != default)}
     unknown = sorted(set(kwargs) - set(accepted))

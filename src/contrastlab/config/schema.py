@@ -50,7 +50,7 @@ class ViewsConfig:
     """
 
     planner: str = "random_resized"  #: a crop law of contrastlab.views.planners (random_resized | multicrop | joint_crop | contrastive_crop | semantic_crop | simccrop | padded_crop | fixed | center) or one registered with contrastlab.register_planner
-    photometric: str = "small"  #: simclr | mocov2 | mocov1 | byol | byol_small | small | none | eval, or one registered with contrastlab.register_photometric
+    photometric: str = "small"  #: simclr | mocov2 | mocov1 | byol | dino | byol_small | swav | vicreg_cifar | small | none | eval, or one registered with contrastlab.register_photometric
     joint_blur: Literal["off", "always", "either"] = "off"  #: off | always (the pair's blur sigmas drawn jointly) | either (per pair JointCrop or JointBlur, p 0.5)
     joint_blur_beta: float = 0.0  #: JointBlur: shape of the log-sigma-ratio law (a reconstruction)
     joint_blur_epsilon: float = 0.1  #: JointBlur: bound log(sigma_max / sigma_min - epsilon)
@@ -111,6 +111,7 @@ class ModelConfig:
     width: float = 1.0  #: width multiplier (CIFAR ResNets)
     zero_init_residual: bool = False
     stop_grad_conv1: bool = False  #: ViTs: frozen random patch projection (MoCo v3)
+    drop_path_rate: float = 0.0  #: ViTs: stochastic depth of the trained network (DINO's student: 0.1; its teacher has none)
     sync_bn: bool = False  #: convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False
     peers: int = 1  #: cohort methods (mcl, moco_mcl): number of peer networks M

@@ -87,6 +87,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "views.semantic_suppression": (_unit_closed, "in [0, 1]"),
     "model.width": (lambda v: 0 < v <= 64, "in (0, 64] (a channel multiplier)"),
     "model.peers": (_positive_int, "a positive integer"),
+    "model.drop_path_rate": (_unit_open, "in [0, 1) (a ViT's stochastic depth)"),
     "optim.lr": (_nonneg, ">= 0"),
     "optim.base_batch_size": (_positive_int, "a positive integer"),
     "optim.weight_decay": (_nonneg, ">= 0"),

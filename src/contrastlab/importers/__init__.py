@@ -7,7 +7,7 @@ which released files import and how to evaluate them.
 
 Example:
     >>> sorted(IMPORTERS)
-    ['barlowtwins', 'caco', 'ccrop', 'ft', 'jointcrop', 'mcl', 'mocov3', 'swav', 'vicreg']
+    ['barlowtwins', 'caco', 'ccrop', 'dino', 'ft', 'jointcrop', 'mcl', 'mocov3', 'swav', 'vicreg']
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from contrastlab.importers.base import Importer, Released
 from contrastlab.importers.caco import CaCoImporter
 from contrastlab.importers.ccrop import ContrastiveCropImporter
 from contrastlab.importers.convert import Converted, convert_released, import_checkpoint
+from contrastlab.importers.dino import DINOImporter
 from contrastlab.importers.ft import FeatureTransformImporter
 from contrastlab.importers.jointcrop import JointCropImporter
 from contrastlab.importers.mcl import MCLImporter
@@ -28,8 +29,9 @@ from contrastlab.importers.vicreg import VICRegImporter
 from contrastlab.registry import IMPORTERS
 
 BUILT_IN = (MoCoV3Importer, JointCropImporter, CaCoImporter, ContrastiveCropImporter, FeatureTransformImporter,
-            MCLImporter, BarlowTwinsImporter, VICRegImporter, SwAVImporter)
-"""The importers of the five published systems' releases (each registers itself by its ``name``)."""
+            MCLImporter, BarlowTwinsImporter, VICRegImporter, SwAVImporter, DINOImporter)
+"""The importers of the five published systems' releases and of the base methods' (each registers itself by its
+``name``)."""
 
 
 def get_importer(name: str) -> Importer:

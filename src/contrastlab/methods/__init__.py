@@ -19,6 +19,7 @@ from contrastlab.methods.barlow_twins import BarlowTwins
 from contrastlab.methods.base import Method, StepOutput, make_param_groups
 from contrastlab.methods.byol import BYOL
 from contrastlab.methods.caco import CaCo
+from contrastlab.methods.dino import DINO
 from contrastlab.methods.mcl import MCL
 from contrastlab.methods.moco import MoCo
 from contrastlab.methods.moco_mcl import MoCoMCL
@@ -32,6 +33,7 @@ from contrastlab.registry import METHODS as _METHODS
 
 __all__ = [
     "BYOL",
+    "DINO",
     "MCL",
     "METHODS",
     "BarlowTwins",

@@ -17,8 +17,10 @@ github.com/winycg/MCL, plus the usual ImageNet ResNets):
   1024-d features).
 - ``hcgnet_a1``, ``hcgnet_a2``: HCGNet-A1/A2 (:mod:`contrastlab.models.hcgnet`, 414-d / 716-d).
 - ``vit_small``, ``vit_base``, ``vit_conv_small``, ``vit_conv_base``: MoCo v3's ViTs on timm
-  (:mod:`contrastlab.models.vit`, 384-d / 768-d class token); they take ``img_size`` (the trainer passes
-  ``data.image_size``) and ``stop_grad_conv1``, and need ``pip install "contrastlab[vit]"``.
+  (:mod:`contrastlab.models.vit`, 384-d / 768-d class token); ``vit_tiny_dino``, ``vit_small_dino``, ``vit_base_dino``: DINO's
+  (learned position embedding, interpolated for any input side). They take ``img_size`` (the trainer passes
+  ``data.image_size``), ``stop_grad_conv1`` and ``drop_path_rate`` (``model.drop_path_rate``: stochastic depth,
+  DINO's student 0.1), and need ``pip install "contrastlab[vit]"``.
 
 Only the torchvision ResNets are changed by ``cifar_stem``; every other backbone is built for 32x32
 inputs already and ignores it. Every backbone accepts ``zero_init_residual``; the ResNets and WRNs zero
@@ -102,12 +104,12 @@ def _non_residual(name: str, factory: Callable[[], nn.Module]) -> Callable[..., 
 
 def _vit(name: str) -> Callable[..., tuple[nn.Module, int]]:
     def build(cifar_stem: bool = False, img_size: int = 224, stop_grad_conv1: bool = False,
-              zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+              zero_init_residual: bool = False, drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
         del cifar_stem  # a ViT's stem is its patch embedding
         if zero_init_residual:
             raise ConfigError(f"backbone {name!r} is a ViT; zero_init_residual=True is valid for the ResNets and "
                               "WideResNets only")
-        return build_vit(name, img_size=img_size, stop_grad_conv1=stop_grad_conv1)
+        return build_vit(name, img_size=img_size, stop_grad_conv1=stop_grad_conv1, drop_path_rate=drop_path_rate)
 
     return build
 

@@ -22,12 +22,25 @@ The classifier head is ``nn.Identity``: the backbone returns the final-normalise
 Weights of ``vit_small`` / ``vit_base`` load with strict key matching into timm's
 ``vit_small_patch16_224`` / ``vit_base_patch16_224`` built with ``num_classes=0`` (the head count does
 not change any weight shape). timm is an optional dependency: ``pip install "contrastlab[vit]"``.
+
+**DINO's ViTs** (``vit_tiny_dino``, ``vit_small_dino``, ``vit_base_dino``; Caron et al., "Emerging Properties in Self-Supervised Vision
+Transformers", ICCV 2021, ``vision_transformer.py`` of github.com/facebookresearch/dino) are the standard ViT-Ti/16
+(192 wide, 3 heads), ViT-S/16 (6 heads) and ViT-B/16 (12 heads) with a **learned** position embedding, built by :func:`build_vit` with
+``style="dino"`` in :data:`VIT_ARCHS`:
+
+- they take any input side (multi-crop's 96-pixel local crops beside the 224-pixel global ones): the patch grid's
+  position embedding is resized bicubically as upstream's ``interpolate_pos_encoding`` does it
+  (:func:`interpolate_position_embedding`);
+- initialisation as upstream: truncated normal (std 0.02) Linear weights, position embedding and class token, zero
+  biases, LayerNorms at 1 and 0, PyTorch's default for the patch projection;
+- their keys are upstream's and timm's ``vit_{tiny,small,base}_patch16_224`` (which have DINO's head counts), so
+  released DINO backbones load strictly.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -35,17 +48,22 @@ from torch import nn
 
 from contrastlab.errors import ConfigError
 
-__all__ = ["VIT_ARCHS", "ConvStem", "build_vit", "sincos_position_embedding"]
+__all__ = ["VIT_ARCHS", "ConvStem", "build_vit", "interpolate_position_embedding", "sincos_position_embedding"]
 
 VIT_ARCHS: dict[str, dict[str, Any]] = {
-    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 12, "conv_stem": False},
-    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "conv_stem": False},
-    "vit_conv_small": {"embed_dim": 384, "depth": 11, "num_heads": 12, "conv_stem": True},
-    "vit_conv_base": {"embed_dim": 768, "depth": 11, "num_heads": 12, "conv_stem": True},
+    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 12, "conv_stem": False, "style": "mocov3"},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "conv_stem": False, "style": "mocov3"},
+    "vit_conv_small": {"embed_dim": 384, "depth": 11, "num_heads": 12, "conv_stem": True, "style": "mocov3"},
+    "vit_conv_base": {"embed_dim": 768, "depth": 11, "num_heads": 12, "conv_stem": True, "style": "mocov3"},
+    "vit_tiny_dino": {"embed_dim": 192, "depth": 12, "num_heads": 3, "conv_stem": False, "style": "dino"},
+    "vit_small_dino": {"embed_dim": 384, "depth": 12, "num_heads": 6, "conv_stem": False, "style": "dino"},
+    "vit_base_dino": {"embed_dim": 768, "depth": 12, "num_heads": 12, "conv_stem": False, "style": "dino"},
 }
-"""MoCo v3's four ViTs, patch size 16."""
+"""MoCo v3's four ViTs and DINO's three (``style``), patch size 16."""
 
-TIMM_EQUIVALENT = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+TIMM_EQUIVALENT = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
+                   "vit_tiny_dino": "vit_tiny_patch16_224", "vit_small_dino": "vit_small_patch16_224",
+                   "vit_base_dino": "vit_base_patch16_224"}
 """The timm model whose weights have the same keys and shapes (``contrastlab export --format timm``)."""
 
 
@@ -124,17 +142,87 @@ def _xavier_qkv_(linear: nn.Linear) -> None:
     nn.init.uniform_(linear.weight, -bound, bound)
 
 
+def interpolate_position_embedding(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """A learned position embedding ``[1, 1 + N, D]`` (class token first, a square grid of ``N`` patches) for a
+    ``grid_h x grid_w`` patch grid, as DINO's ``interpolate_pos_encoding`` (facebookresearch/dino
+    ``vision_transformer.py``) computes it.
+
+    The grid is resized bicubically (``align_corners=False``) with the *scale factors* ``(grid + 0.1) / sqrt(N)``
+    per side (upstream's 0.1 keeps the floor of the output size right); the class token's row is kept. The
+    embedding is returned unchanged when the grid is the one it was built for.
+
+    Example:
+        >>> pe = torch.randn(1, 1 + 14 * 14, 8)
+        >>> interpolate_position_embedding(pe, 6, 6).shape  # a 96-pixel crop, 16-pixel patches
+        torch.Size([1, 37, 8])
+    """
+    patches = pos_embed.shape[1] - 1
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"the position embedding's {patches} patches are not a square grid")
+    if grid_h == side and grid_w == side:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = nn.functional.interpolate(grid, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+                                     mode="bicubic", align_corners=False)
+    if tuple(grid.shape[-2:]) != (grid_h, grid_w):  # cannot happen for grids up to thousands of patches a side
+        raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, wanted {(grid_h, grid_w)}")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
+
+
+@cache
+def _dino_vit_class() -> type:
+    """timm's ``VisionTransformer`` with DINO's position-embedding interpolation (built on first use: timm is
+    optional and slow to import)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class DINOVisionTransformer(VisionTransformer):
+        """A ViT that takes any input side: its learned position embedding is resized to the patch grid as DINO does
+        (:func:`interpolate_position_embedding`). Built with ``dynamic_img_size=True``, so the patch embedding
+        returns ``[B, H, W, D]`` grids."""
+
+        def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+            b, h, w, d = x.shape
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)
+            return self.pos_drop(tokens + interpolate_position_embedding(self.pos_embed, h, w))
+
+    DINOVisionTransformer.__module__ = __name__
+    return DINOVisionTransformer
+
+
+def _init_dino_(vit: nn.Module) -> None:
+    """DINO's initialisation (``VisionTransformer._init_weights`` upstream): truncated normal (std 0.02, cut at
+    +-2) Linear weights, position embedding and class token; zero biases; LayerNorm 1 and 0; the patch projection
+    keeps PyTorch's default initialisation."""
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    nn.init.trunc_normal_(vit.cls_token, std=0.02)
+    vit.patch_embed.proj.reset_parameters()
+
+
 def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False,
               drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
-    """One of :data:`VIT_ARCHS` with MoCo v3's position embedding and initialisation.
+    """One of :data:`VIT_ARCHS`: MoCo v3's (fixed sin-cos position embedding, MoCo v3's initialisation) or DINO's
+    (learned, interpolated position embedding, DINO's initialisation).
 
     Args:
-        name: ``vit_small``, ``vit_base``, ``vit_conv_small`` or ``vit_conv_base``.
-        img_size: input side (a multiple of 16); the position embedding has ``(img_size / 16)^2`` patches.
+        name: ``vit_small``, ``vit_base``, ``vit_conv_small``, ``vit_conv_base`` (MoCo v3) or ``vit_tiny_dino``,
+            ``vit_small_dino``, ``vit_base_dino`` (DINO).
+        img_size: input side (a multiple of 16); the position embedding has ``(img_size / 16)^2`` patches. DINO's
+            ViTs also take other sides (their embedding is interpolated); MoCo v3's take this one only.
         stop_grad_conv1: freeze the random patch projection (not applicable to the conv stems, whose
             convolutions always train, as upstream).
         drop_path_rate: stochastic depth (Huang et al. 2016), timm's ``drop_path_rate``: the rate rises linearly
-            from 0 in the first block to this value in the last. 0 for pre-training; DeiT fine-tunes with 0.1.
+            from 0 in the first block to this value in the last. 0 for MoCo v3's pre-training; DINO's student 0.1;
+            DeiT fine-tunes with 0.1.
 
     Returns:
         ``(vit, embed_dim)``; ``vit`` maps ``[B, 3, img_size, img_size]`` to the class token ``[B, embed_dim]``.
@@ -148,10 +236,19 @@ def build_vit(name: str, img_size: int = 224, stop_grad_conv1: bool = False,
     if img_size < 16 or img_size % 16:
         raise ConfigError(f"a ViT with 16x16 patches needs data.image_size a positive multiple of 16, got {img_size}")
     spec = VIT_ARCHS[name]
+    common: dict[str, Any] = {"img_size": img_size, "patch_size": 16, "num_classes": 0, "embed_dim": spec["embed_dim"],
+                              "depth": spec["depth"], "num_heads": spec["num_heads"], "mlp_ratio": 4.0,
+                              "qkv_bias": True, "norm_layer": partial(nn.LayerNorm, eps=1e-6),
+                              "drop_path_rate": drop_path_rate}
+    if spec["style"] == "dino":
+        vit = _dino_vit_class()(dynamic_img_size=True, weight_init="skip", **common)  # initialised below
+        _init_dino_(vit)
+        if stop_grad_conv1:
+            vit.patch_embed.proj.weight.requires_grad_(False)
+            vit.patch_embed.proj.bias.requires_grad_(False)
+        return vit, spec["embed_dim"]
     kwargs: dict[str, Any] = {"embed_layer": ConvStem} if spec["conv_stem"] else {}
-    vit = VisionTransformer(img_size=img_size, patch_size=16, num_classes=0, embed_dim=spec["embed_dim"],
-                            depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4.0, qkv_bias=True,
-                            norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate, **kwargs)
+    vit = VisionTransformer(**common, **kwargs)
     grid_h, grid_w = vit.patch_embed.grid_size
     vit.pos_embed = nn.Parameter(sincos_position_embedding(grid_h, grid_w, spec["embed_dim"]), requires_grad=False)
     for module_name, module in vit.named_modules():

@@ -2,6 +2,7 @@
 
 from contrastlab.objectives.barlow_twins import BarlowTwinsLoss, cross_correlation
 from contrastlab.objectives.cosine import BYOLLoss, NegativeCosineSimilarity
+from contrastlab.objectives.dino import DINOLoss, teacher_temperature
 from contrastlab.objectives.feature_transform import FeatureTransform, build_feature_transform
 from contrastlab.objectives.info_nce import InfoNCELoss
 from contrastlab.objectives.mutual import (
@@ -22,6 +23,7 @@ from contrastlab.objectives.vicreg import VICRegLoss
 __all__ = [
     "BYOLLoss",
     "BarlowTwinsLoss",
+    "DINOLoss",
     "DistillationTerms",
     "FeatureTransform",
     "InfoNCELoss",
@@ -41,4 +43,5 @@ __all__ = [
     "sinkhorn_knopp",
     "supcon_operator",
     "swapped_prediction_loss",
+    "teacher_temperature",
 ]

@@ -30,6 +30,9 @@ Recipes (``PHOTOMETRICS``):
 - ``"swav"``: SwAV (Caron et al. 2020; facebookresearch/swav ``src/multicropdataset.py``), every crop alike:
   jitter (0.8, 0.8, 0.8, 0.2) p=0.8 (SimCLR's strength 1), grayscale 0.2, blur sigma in [0.1, 2.0] p=0.5 (PIL's
   radius upstream; the ~10% kernel here). Also solo-learn's ``symmetric.yaml`` CIFAR augmentation.
+- ``"dino"``: DINO (Caron et al. 2021, ``DataAugmentationDINO`` in facebookresearch/dino ``main_dino.py``): BYOL's
+  jitter and grayscale on every view; view 0 blur p=1.0; view 1 blur p=0.1 and solarisation p=0.2; views >= 2
+  (multi-crop's local crops) blur p=0.5, no solarisation.
 - ``"small"``: the SimCLR recipe without blur, the usual choice for CIFAR-sized images.
 - ``"byol_small"``: the BYOL recipe without blur (view 0 no solarisation, views >= 1 solarisation p=0.2), as
   solo-learn's CIFAR ``asymmetric.yaml`` (vturrisi/solo-learn, ``scripts/pretrain/cifar/augmentations``).
@@ -215,6 +218,12 @@ def _byol(view: int) -> dict[str, object]:
     }
 
 
+def _dino(view: int) -> dict[str, object]:
+    if view < 2:
+        return _byol(view)
+    return {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5}
+
+
 def _byol_small(view: int) -> dict[str, object]:
     return {**_byol(view), "blur_prob": 0.0}
 
@@ -248,6 +257,7 @@ for _name, _settings in {
     "mocov2": _simclr,  # MoCo v2 adopted SimCLR's jitter, grayscale and blur (sigma 0.1-2.0, p=0.5)
     "mocov1": _mocov1,
     "byol": _byol,
+    "dino": _dino,
     "byol_small": _byol_small,
     "small": _small,
     "vicreg_cifar": _vicreg_cifar,
