@@ -47,6 +47,7 @@ from contrastlab.engine.distributed import get_world_size
 from contrastlab.errors import ConfigError
 from contrastlab.methods.base import Method, StepOutput
 from contrastlab.models.heads import build_mlp
+from contrastlab.models.multicrop import forward_by_resolution
 from contrastlab.models.prototypes import Prototypes
 from contrastlab.objectives.swav import SwAVLoss
 from contrastlab.registry import register_method
@@ -162,17 +163,6 @@ class SwAV(Method):
         if step < self.freeze_prototypes_niters:
             self.prototypes.weight.grad = None
 
-    def _features(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """Backbone features of every view, in view order; consecutive views of one size form one batch."""
-        feats, start = [], 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(views[start:end])))
-            start = end
-        return torch.cat(feats)
-
     @torch.no_grad()
     def _queue_scores(self, z: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The queued scores of each assigned crop (``None`` while the queue is not in use), then the queue's write
@@ -215,7 +205,7 @@ class SwAV(Method):
                               f"{max(self.crops_for_assign)}, but each image has {len(views)} views: use indices "
                               f"below {len(views)} (the global views come first)")
         self.prototypes.normalize_()
-        projected = self.projector(self._features(views))
+        projected = self.projector(forward_by_resolution(self.backbone, views))
         weight = self.prototypes.weight
         with torch.autocast(projected.device.type, enabled=False):
             z = F.normalize(projected.to(weight.dtype), dim=1)
