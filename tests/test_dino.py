@@ -571,3 +571,14 @@ def test_cifar_recipes_hold_solo_learns_settings(dataset: str) -> None:
     for key, value in SOLO_LEARN.items():
         got = _value(cfg, key)
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
+
+
+def test_smoke_runs_train_a_narrower_head_on_the_same_code_path() -> None:
+    """--smoke caps the head's output (65536 released) and MLP widths; the user's own overrides still win."""
+    from contrastlab.cli import _load
+
+    cfg = _load("imagenet/dino_vit_s16_100ep", [], smoke=True)
+    assert (cfg.method.params["out_dim"], cfg.method.params["hidden_dim"]) == (1024, 512)
+    assert cfg.method.params["bottleneck_dim"] == load_config("imagenet/dino_vit_s16_100ep").method.params.get(
+        "bottleneck_dim", 256)
+    assert _load("imagenet/dino_vit_s16_100ep", ["method.out_dim=2048"], smoke=True).method.params["out_dim"] == 2048

@@ -28,12 +28,13 @@ BatchNorm sees (ResNet-50): the global crops are normalised together, and so are
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from contrastlab.errors import ConfigError
-from contrastlab.methods.base import Method, StepOutput
+from contrastlab.methods.base import Method, StepOutput, capped_sizes
 from contrastlab.models.dino_head import DINOHead
 from contrastlab.models.ema import momentum_copy
 from contrastlab.models.multicrop import forward_by_resolution
@@ -175,6 +176,12 @@ class DINO(Method):
         return [] if self.criterion.gather_distributed else ["criterion.center"]
 
     # --- the step ------------------------------------------------------------------------------------
+
+    @classmethod
+    def smoke_overrides(cls, params: dict[str, Any]) -> list[str]:
+        """``--smoke`` trains the head at most 1024 wide in its output and 512 in its MLP (the release's 65536
+        outputs make a 2-step CPU run slow and its checkpoint large); the code path is the same."""
+        return capped_sizes(params, {"out_dim": 1024, "hidden_dim": 512})
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         num_global = self.num_global_views
