@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 from torch import nn
 
 from contrastlab.config.derived import derive
@@ -405,34 +405,27 @@ def _method_eval() -> BarlowTwins:
     return _tiny_method().eval()  # BatchNorm on running statistics: each image's projection is split-independent
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mine = slice(rank * B, (rank + 1) * B)
-        z1_all, z2_all = _global_embeddings()
-        z1, z2 = z1_all[mine].clone().requires_grad_(), z2_all[mine].clone().requires_grad_()
-        loss, info = BarlowTwinsLoss(lambd=LAMBD, gather_distributed=True)(z1, z2)
-        loss.backward()
-        result: dict[str, object] = {"loss": loss.detach(), "on": info["on_diagonal"], "grad1": z1.grad,
-                                     "grad2": z2.grad}
-        r1, r2 = z1_all[mine].clone().requires_grad_(), z2_all[mine].clone().requires_grad_()
-        release = _release_style_loss(r1, r2)
-        release.backward()
-        result.update(release_loss=release.detach(), release_grad1=r1.grad, release_grad2=r2.grad)
-        method = _method_eval()
-        result["losses"] = _run_method(method, wrap_ddp(method, torch.device("cpu")), mine)
-        result["params"] = [p.detach().clone() for p in method.parameters()]
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, folder: Path) -> dict:
+    mine = slice(rank * B, (rank + 1) * B)
+    z1_all, z2_all = _global_embeddings()
+    z1, z2 = z1_all[mine].clone().requires_grad_(), z2_all[mine].clone().requires_grad_()
+    loss, info = BarlowTwinsLoss(lambd=LAMBD, gather_distributed=True)(z1, z2)
+    loss.backward()
+    result: dict[str, object] = {"loss": loss.detach(), "on": info["on_diagonal"], "grad1": z1.grad,
+                                 "grad2": z2.grad}
+    r1, r2 = z1_all[mine].clone().requires_grad_(), z2_all[mine].clone().requires_grad_()
+    release = _release_style_loss(r1, r2)
+    release.backward()
+    result.update(release_loss=release.detach(), release_grad1=r1.grad, release_grad2=r2.grad)
+    method = _method_eval()
+    result["losses"] = _run_method(method, wrap_ddp(method, torch.device("cpu")), mine)
+    result["params"] = [p.detach().clone() for p in method.parameters()]
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("barlow_dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_worker, tmp_path_factory.mktemp("barlow_dist"), WORLD)
 
 
 def test_two_ranks_give_the_global_batch_loss_and_gradient(ranks):

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import run_on_ranks
 from torch import nn
 
 from contrastlab.cli import main
@@ -372,25 +371,18 @@ def _train(method: DINO, model: nn.Module, rows: slice) -> dict[str, list]:
     return seen
 
 
-def _dino_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        method = _dino(freeze_last_layer=1, warmup_teacher_temp_epochs=2, teacher_temp=0.06)
-        broadcast_ignored_buffers(method)
-        ddp = wrap_ddp(method, torch.device("cpu"))
-        seen = _train(method, ddp, slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH))
-        seen["ignored"] = sorted(ddp.parameters_to_ignore)
-        torch.save(seen, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _dino_worker(rank: int, folder: Path) -> dict:
+    method = _dino(freeze_last_layer=1, warmup_teacher_temp_epochs=2, teacher_temp=0.06)
+    broadcast_ignored_buffers(method)
+    ddp = wrap_ddp(method, torch.device("cpu"))
+    seen = _train(method, ddp, slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH))
+    seen["ignored"] = sorted(ddp.parameters_to_ignore)
+    return seen
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("dino_dist")
-    mp.spawn(_dino_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_dino_worker, tmp_path_factory.mktemp("dino_dist"), WORLD)
 
 
 def test_two_ranks_equal_one_process_on_the_global_batch(ranks: list[dict]) -> None:

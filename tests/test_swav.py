@@ -8,14 +8,12 @@ release's settings read from facebookresearch/swav's scripts and vturrisi/solo-l
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import run_on_ranks
 
 from contrastlab.config.derived import derive
 from contrastlab.config.load import load_config
@@ -373,27 +371,20 @@ def _interrupted_and_resumed_runs(out: Path) -> bool:
     return died
 
 
-def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))  # what the trainer reads
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        method = _ddp_method(queue_length=2 * WORLD * B)
-        model = wrap_ddp(method, torch.device("cpu"))
-        record = _train_steps(method, model, slice(rank * B, (rank + 1) * B))
-        record["ignored"] = sorted(model.parameters_to_ignore)
-        record["died"] = _interrupted_and_resumed_runs(Path(out_dir))
-        torch.save(record, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, folder: Path) -> dict:
+    method = _ddp_method(queue_length=2 * WORLD * B)
+    model = wrap_ddp(method, torch.device("cpu"))
+    record = _train_steps(method, model, slice(rank * B, (rank + 1) * B))
+    record["ignored"] = sorted(model.parameters_to_ignore)
+    record["died"] = _interrupted_and_resumed_runs(folder)
+    return record
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     """One spawn of two gloo ranks serves both DDP tests (a spawn costs seconds)."""
     tmp = tmp_path_factory.mktemp("swav_ddp")
-    mp.spawn(_ddp_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return tmp, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return tmp, run_on_ranks(_ddp_worker, tmp, WORLD)
 
 
 def test_ddp_equals_one_process_on_the_global_batch_queue_included(ranks):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 from torch import nn
 
 from contrastlab.engine.distributed import wrap_ddp
@@ -286,32 +285,25 @@ def _train(method: VICReg, model: nn.Module, rows: slice) -> list[torch.Tensor]:
     return losses
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mine = slice(rank * B, (rank + 1) * B)
-        result: dict[str, object] = {}
-        for scope in ("global", "rank"):
-            z1_all, z2_all = _global_embeddings()
-            z1 = z1_all[mine].clone().requires_grad_(True)
-            z2 = z2_all[mine].clone().requires_grad_(True)
-            loss, terms = VICRegLoss(gather_distributed=True, variance_scope=scope)(z1, z2)
-            loss.backward()
-            result[scope] = {"loss": loss.detach(), "grad1": z1.grad, "grad2": z2.grad, "terms": terms}
-        method = _ddp_method()
-        result["losses"] = _train(method, wrap_ddp(method, torch.device("cpu")), mine)
-        result["params"] = [p.detach().clone() for p in method.parameters()]
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, folder: Path) -> dict:
+    mine = slice(rank * B, (rank + 1) * B)
+    result: dict[str, object] = {}
+    for scope in ("global", "rank"):
+        z1_all, z2_all = _global_embeddings()
+        z1 = z1_all[mine].clone().requires_grad_(True)
+        z2 = z2_all[mine].clone().requires_grad_(True)
+        loss, terms = VICRegLoss(gather_distributed=True, variance_scope=scope)(z1, z2)
+        loss.backward()
+        result[scope] = {"loss": loss.detach(), "grad1": z1.grad, "grad2": z2.grad, "terms": terms}
+    method = _ddp_method()
+    result["losses"] = _train(method, wrap_ddp(method, torch.device("cpu")), mine)
+    result["params"] = [p.detach().clone() for p in method.parameters()]
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("vicreg_dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_worker, tmp_path_factory.mktemp("vicreg_dist"), WORLD)
 
 
 def _reference(z1: torch.Tensor, z2: torch.Tensor, scope: str) -> torch.Tensor:
