@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "FileDataset": "contrastlab.data.base",
     "make_photometric": "contrastlab.views.photometric",
     "ViewDataset": "contrastlab.views.dataset",
+    # studies: many runs, their states and their table
+    "Study": "contrastlab.studies.study",
     # errors
     "ContrastlabError": "contrastlab.errors",
     "ConfigError": "contrastlab.errors",

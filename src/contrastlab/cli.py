@@ -1,5 +1,5 @@
 """The ``contrastlab`` command line: train, eval (knn, linear, finetune), recipes, demo, plot, views, export, import,
-bench.
+bench, study.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -484,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")
     p.set_defaults(func=cmd_plot)
+
+    from contrastlab.studies.cli import add_study_parser
+
+    add_study_parser(sub)  # study list | run | status | table (contrastlab.studies)
     return parser
 
 

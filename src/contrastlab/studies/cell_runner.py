@@ -1,0 +1,203 @@
+"""The cell runner: one cell's stages, in order, as subprocesses (``contrastlab study run-cell DIR CELL [--stage S]``).
+
+Launchers only start this command (as a local process or inside a cluster job); it does the work:
+
+- it reads the study from ``DIR/study.yaml`` (written by :meth:`Study.prepare <contrastlab.studies.study.Study.prepare>`
+  before any cell starts) and whether the directory holds ``--smoke`` runs (``DIR/study.json``);
+- it skips every stage whose output exists (a rerun recomputes nothing) and runs the others, each with its stdout and
+  stderr appended to ``DIR/logs/<cell>.<stage>.log`` (a header line marks each attempt);
+- it writes ``DIR/cells/<cell>.json`` before and after each stage: ``running`` (host, pid, SLURM job), ``done``,
+  ``failed`` (the exit status and the last error line of the attempt's log, and the log's path), or ``pending`` after
+  a preemption;
+- SIGTERM and SIGUSR1 are passed on to the stage (a ``torchrun`` stage's workers get SIGUSR1: its agent would stop
+  them without a checkpoint on SIGTERM); a training run checkpoints and exits with status 75
+  (:data:`~contrastlab.engine.preemption.EXIT_PREEMPTED`), and so does the runner, so a SLURM job can be requeued and
+  continue with ``resume=auto``.
+
+Exit status: 0 when every stage is done, 75 when preempted or interrupted, 1 when a stage failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from contrastlab.engine.preemption import EXIT_PREEMPTED
+from contrastlab.errors import ContrastlabError
+from contrastlab.studies.study import Cell, Stage, Study, runner_alive
+
+EXIT_FAILED = 1
+"""Exit status of a cell runner whose stage failed."""
+
+_ERROR_WORDS = ("error", "exception", "traceback", "killed", "refused", "failed")
+
+
+def run_cell_argv(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = None,
+                  launcher: str = "local") -> list[str]:
+    """The command that runs one cell (what every launcher starts)."""
+    argv = [sys.executable, "-m", "contrastlab", "study", "run-cell", str(Path(study_dir).resolve()), cell_id,
+            "--launcher", launcher]
+    return argv + ["--stage", stage] * (stage is not None)
+
+
+def load_study_dir(study_dir: str | os.PathLike) -> tuple[Study, bool]:
+    """The study a directory was prepared for (its ``study.yaml``), and whether it holds ``--smoke`` runs."""
+    root = Path(study_dir)
+    if not (root / "study.yaml").is_file():
+        raise ContrastlabError(f"{root} holds no study.yaml: it is not a study directory, or its study never started; "
+                               "start cells with `contrastlab study run STUDY`")
+    study = Study.load(root / "study.yaml", dir=root, validate=False)
+    return study, study.smoke_of_dir()
+
+
+def last_error_line(log: Path, start: int = 0) -> str:
+    """The last line of ``log`` (from byte ``start``: this attempt) that reads like an error, else its last line."""
+    try:
+        with log.open("rb") as f:
+            f.seek(start)
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if not line.startswith("==== contrastlab study")]
+    for line in reversed(lines):
+        if any(word in line.lower() for word in _ERROR_WORDS):
+            return line[:500]
+    return lines[-1][:500] if lines else ""
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux ``/proc``); empty where unknown."""
+    found: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(p) for p in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+class _Signals:
+    """While a stage runs: SIGTERM / SIGUSR1 are passed on to it (recorded as a preemption), SIGINT is recorded
+    (the terminal gave it to the stage already)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.stage: Stage | None = None
+        self.preempted = ""
+        self.interrupted = False
+        self._previous: dict[int, object] = {}
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self.preempted = signal.Signals(signum).name
+        proc, stage = self.proc, self.stage
+        if proc is None or proc.poll() is not None or stage is None:
+            return
+        if stage.processes > 1 or stage.nodes > 1:  # torchrun: its workers checkpoint on SIGUSR1
+            for child in _children(proc.pid):
+                try:
+                    os.kill(child, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+        else:
+            proc.send_signal(signum)
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True
+
+    def __enter__(self) -> _Signals:  # noqa: PYI034
+        if threading.current_thread() is not threading.main_thread():  # Python installs handlers there only
+            return self
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._forward)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _exit_reason(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def run_cell(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = None,
+             launcher: str | None = None) -> int:
+    """Run one cell's stages that are not done (or only ``stage``), writing its state file and logs.
+
+    Returns:
+        0 when the stages ran are done, 75 when preempted or interrupted (the next run resumes), 1 when one failed.
+    """
+    study, smoke = load_study_dir(study_dir)
+    study = study.at(Path(study_dir).resolve())
+    cell = study.cell(cell_id, smoke=smoke)
+    launcher = launcher or ("slurm" if os.environ.get("SLURM_JOB_ID") else "local")
+    record = study.read_state(cell.id)
+    if record.get("state") == "running" and record.get("pid") != os.getpid() and runner_alive(record):
+        raise ContrastlabError(f"cell {cell.id} is running already (host {record.get('host')}, pid {record.get('pid')}"
+                               f"{', job ' + str(record['job']) if record.get('job') else ''}); "
+                               f"see {study.state_path(cell.id)}")
+    stages = list(cell.stages) if stage is None else [cell.stage(stage)]
+    for current in stages:
+        if current.done():
+            print(f"{cell.id}: {current.name} done already ({current.output})", flush=True)
+            continue
+        if current.name != "train" and not cell.stages[0].done():
+            log = study.log_path(cell.id, current.name)
+            study.write_state(cell.id, "failed", stage=current.name, log=log, launcher=launcher,
+                              reason=f"{current.name} needs the trained checkpoint, and train is not done")
+            print(f"{cell.id}: {current.name} needs train done first", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        status = _run_stage(study, cell, current, launcher)
+        if status != 0:
+            return status
+    if cell.done():
+        study.write_state(cell.id, "done", launcher=launcher)
+    else:
+        todo = [s.name for s in cell.stages if not s.done()]
+        study.write_state(cell.id, "pending", stage=todo[0], launcher=launcher,
+                          reason=f"stage(s) {', '.join(todo)} not run yet")
+    return 0
+
+
+def _run_stage(study: Study, cell: Cell, stage: Stage, launcher: str) -> int:
+    log = study.log_path(cell.id, stage.name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = stage.command()
+    study.write_state(cell.id, "running", stage=stage.name, log=log, launcher=launcher)
+    print(f"{cell.id}: {stage.name} running, log {log}", flush=True)
+    with log.open("ab") as out, _Signals() as signals:
+        out.write(f"==== contrastlab study {study.name}: cell {cell.id}, stage {stage.name}, pid {os.getpid()}, "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n==== {' '.join(command)}\n".encode())
+        out.flush()
+        start = out.tell()
+        signals.stage = stage
+        signals.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        returncode = signals.proc.wait()
+    if returncode == 0 and stage.done():
+        print(f"{cell.id}: {stage.name} done", flush=True)
+        return 0
+    if returncode == EXIT_PREEMPTED or (returncode != 0 and (signals.preempted or signals.interrupted)):
+        why = signals.preempted or ("SIGINT" if signals.interrupted else "a preemption signal")
+        study.write_state(cell.id, "pending", stage=stage.name, log=log, launcher=launcher,
+                          reason=f"{stage.name} stopped on {why} ({_exit_reason(returncode)}); the next run resumes it")
+        print(f"{cell.id}: {stage.name} stopped on {why}; run again to resume", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    if returncode == 0:
+        reason = f"{stage.name} exited with status 0 but wrote no {stage.output}"
+    else:
+        reason = f"{stage.name} {_exit_reason(returncode)}: {last_error_line(log, start)}"
+    study.write_state(cell.id, "failed", stage=stage.name, log=log, launcher=launcher, reason=reason)
+    print(f"{cell.id}: failed: {reason} (log {log})", file=sys.stderr, flush=True)
+    return EXIT_FAILED

@@ -1,0 +1,115 @@
+"""``contrastlab study list | run | status | table`` (and the launchers' internal ``run-cell``).
+
+Each command is a thin layer over :class:`~contrastlab.studies.study.Study`; everything here is reachable from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+STUDY_COMMANDS = "{list,run,status,table}"
+"""The commands the help lists (``run-cell`` is the launchers' own)."""
+
+_CORE_RUN_OPTIONS = {"command", "study_command", "func", "study", "launcher", "parallel", "smoke", "dry_run", "dir",
+                     "force", "cells"}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from contrastlab.studies.study import Study, study_names
+
+    for name in study_names():
+        study = Study.load(name, validate=False)
+        print(f"{name:<16} {len(study.groups) * len(study.seeds):>3} cells  {study.description}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from contrastlab.studies.study import Study
+
+    study = Study.load(args.study, dir=args.dir)
+    options = {k: v for k, v in vars(args).items() if k not in _CORE_RUN_OPTIONS}
+    failed = study.run(args.launcher, smoke=args.smoke, dry_run=args.dry_run, parallel=args.parallel, force=args.force,
+                       cells=args.cells, options=options)
+    return min(failed, 100)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from contrastlab.studies.study import Study
+
+    study = Study.load(args.study, dir=args.dir, validate=False)
+    statuses = study.status()
+    for status in statuses:
+        print(status.describe())
+    counts = Counter(s.state for s in statuses)
+    print(f"study {study.name} ({study.dir}): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from contrastlab.studies.study import Study
+
+    study = Study.load(args.study, dir=args.dir, validate=False)
+    print(study.table(fmt=args.format, figure=args.figure))
+    return 0
+
+
+def cmd_run_cell(args: argparse.Namespace) -> int:
+    from contrastlab.studies.cell_runner import run_cell
+
+    return run_cell(args.study_dir, args.cell, stage=args.stage, launcher=args.launcher)
+
+
+def add_study_parser(sub: Any) -> None:
+    """Register ``contrastlab study ...`` on the main parser's subcommands."""
+    from contrastlab.errors import ContrastlabError
+    from contrastlab.studies.launchers import LAUNCHERS
+
+    try:  # a broken plug-in package must not break every other command: `study run` names it when it looks it up
+        launchers = LAUNCHERS.items()
+    except ContrastlabError:
+        launchers = []
+    parser = sub.add_parser("study", help="run a study (recipes x overrides x seeds) and report it: "
+                            "study list | run | status | table (docs/studies.md)")
+    commands = parser.add_subparsers(dest="study_command", required=True, metavar=STUDY_COMMANDS)
+
+    p = commands.add_parser("list", help="the shipped studies")
+    p.set_defaults(func=cmd_list)
+
+    where = "the study directory (default studies/<name> under the current directory)"
+    p = commands.add_parser("run", help="run a study's cells that are not done")
+    p.add_argument("study", help="a shipped study name (`contrastlab study list`) or a study file")
+    p.add_argument("--launcher", default="local", help=f"how cells start: {', '.join(n for n, _ in launchers)} or one "
+                   "registered with contrastlab.studies.launchers.register_launcher (default local)")
+    p.add_argument("--parallel", type=int, default=1, help="cells at a time (local launcher; default 1)")
+    p.add_argument("--smoke", action="store_true", help="2-step CPU runs on the embedded demo data (checks the whole "
+                   "study in minutes; its own directory: full runs go elsewhere)")
+    p.add_argument("--dry-run", action="store_true", help="print every cell, its commands and resources; run nothing")
+    p.add_argument("--dir", help=where)
+    p.add_argument("--force", action="store_true", help="accept a changed study file for a directory run before: the "
+                   "changed cells' runs are moved aside and run afresh")
+    p.add_argument("--cells", help="only the cells whose id matches this shell pattern, e.g. 'simclr_*' or '*__s0'")
+    for _, launcher in launchers:
+        launcher.add_arguments(p.add_argument_group(f"{launcher.name} launcher"))
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("status", help="each cell: pending, running (where), done, failed (why, log), interrupted")
+    p.add_argument("study")
+    p.add_argument("--dir", help=where)
+    p.set_defaults(func=cmd_status)
+
+    p = commands.add_parser("table", help="the study's results as a table (and a figure)")
+    p.add_argument("study")
+    p.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
+    p.add_argument("--figure", help="also draw the figure to this file")
+    p.add_argument("--dir", help=where)
+    p.set_defaults(func=cmd_table)
+
+    p = commands.add_parser("run-cell")  # what launchers start: not listed
+    p.add_argument("study_dir")
+    p.add_argument("cell")
+    p.add_argument("--stage", help="run only this stage")
+    p.add_argument("--launcher", help="the launcher that started it (recorded in the state file)")
+    p.set_defaults(func=cmd_run_cell)

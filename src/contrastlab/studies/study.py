@@ -1,0 +1,823 @@
+"""Study files: a set of training runs (recipes x overrides x seeds) and what to evaluate, as one object.
+
+A study file (YAML; shipped ones in ``contrastlab/studies/files/<name>.yaml``, a user's anywhere) names groups of
+runs, each a recipe plus overrides, and the seeds every group is trained with. Each group x seed is a :class:`Cell`
+with its own run directory, and each cell is a list of :class:`Stage` command lines: ``contrastlab train`` (always
+with ``resume=auto``, so an interrupted cell continues), then the evaluations (``contrastlab eval ...``). A stage is
+done when its output file exists, so a study run again never recomputes or overwrites anything.
+
+Everything is checked when the study loads, before anything runs: unknown keys (the file and key are named, with
+the valid keys), unknown recipes (with the nearest names) and each group's overrides, by loading its config through
+:func:`contrastlab.config.load.load_config`, so a typo fails at once and not hours later in a cluster job.
+
+The study directory (``studies/<name>`` under the current directory unless given)::
+
+    study.yaml                  the study file as first run (a change to existing cells is refused unless forced)
+    study.json                  how it was first run (--smoke or not), from where, with which contrastlab
+    runs/<cell id>/             each cell's run directory (``out=``); its eval_*.json land beside results.json
+    cells/<cell id>.json        each cell's state, written by the cell runner (:mod:`contrastlab.studies.cell_runner`)
+    logs/<cell id>.<stage>.log  stdout and stderr of each stage
+
+A study only starts ``python -m contrastlab ...`` command lines and reads the files a run writes; it never imports
+the trainer, so a run made by hand and a run made by a study are the same thing.
+
+Example:
+    >>> from contrastlab.studies.study import Study
+    >>> study = Study.from_dict({"name": "tiny", "seeds": [0, 1], "groups": [{"name": "simclr", "recipe": "demo"}]},
+    ...                         validate=False)
+    >>> [cell.id for cell in study.cells()]
+    ['simclr__s0', 'simclr__s1']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contrastlab.errors import ConfigError, ContrastlabError
+
+STUDY_FILES = Path(__file__).parent / "files"
+"""The shipped study files (``contrastlab study list``)."""
+
+STUDY_KEYS = ("name", "description", "reproduces", "seeds", "evaluate", "resources", "overrides", "groups", "grid")
+GROUP_KEYS = ("name", "recipe", "overrides", "rows", "evaluate", "resources")
+GRID_KEYS = ("recipes", "overrides")
+EVALUATION_KEYS = ("kind", "recipe", "data", "overrides")
+EVALUATION_KINDS = ("knn", "linear", "finetune")
+STATES = ("pending", "running", "done", "failed", "interrupted")
+"""What ``study status`` says of a cell; ``interrupted``: its state file says running, but its process is gone."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+
+SMOKE_EVAL_OVERRIDES = {"linear": ["linear.epochs=1"], "finetune": ["finetune.epochs=1", "finetune.batch_size=16",
+                                                                      "finetune.warmup_epochs=0"]}
+"""Overrides an evaluation stage gets under ``--smoke`` (the checkpoint's own config is already a smoke config; a
+protocol recipe brings its own epochs)."""
+
+
+def _contrastlab() -> list[str]:
+    return [sys.executable, "-m", "contrastlab"]
+
+
+def study_names() -> list[str]:
+    """The shipped study names, sorted."""
+    return sorted(p.stem for p in STUDY_FILES.glob("*.yaml"))
+
+
+def study_path(study: str | os.PathLike) -> Path:
+    """The file of a shipped study name or a path; ConfigError naming the nearest names when neither exists."""
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        if not path.is_file():
+            raise ConfigError(f"study file {path} does not exist; give a shipped study name ({', '.join(study_names())}) "
+                              "or the path of a .yaml study file")
+        return path
+    shipped = STUDY_FILES / f"{study}.yaml"
+    if shipped.is_file():
+        return shipped
+    if path.is_file():
+        return path
+    close = difflib.get_close_matches(str(study), study_names(), n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"unknown study {str(study)!r}.{hint} Shipped studies: {', '.join(study_names())} "
+                      "(`contrastlab study list`); a path to a .yaml study file also works.")
+
+
+# --------------------------------------------------------------------------------------------- parsing helpers
+
+
+def _check_keys(data: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping (key: value), got {type(value).__name__} {value!r}")
+    return value
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, e.g. [optim.lr=0.5, views.planner=joint_crop], "
+                          f"got {value!r}")
+    return tuple(value)
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or "__" in value:
+        raise ConfigError(f"{where}: {value!r} is not a usable name: letters, digits, '_', '.', '-' (no '__'), "
+                          "starting with a letter or digit; it names folders and files")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- the objects
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one cell asks for: GPUs per node, nodes, CPU cores (per node), wall time, SLURM partition/account/mem.
+
+    ``gpus`` above 1 trains under ``torchrun`` (one process per GPU); the local launcher gives each running cell
+    its GPUs through ``CUDA_VISIBLE_DEVICES``.
+    """
+
+    gpus: int = 0
+    nodes: int = 1
+    cpus: int = 2
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    mem: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], where: str) -> Resources:
+        """Resources from a mapping of some of the fields; ConfigError naming a bad key or value."""
+        keys = tuple(f.name for f in dataclasses.fields(cls))
+        _check_keys(data, keys, where)
+        for key in ("gpus", "nodes", "cpus"):
+            value = data.get(key, getattr(cls, key))
+            least = 0 if key == "gpus" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{where}.{key}: expected a whole number >= {least}, got {value!r}")
+        for key in ("time", "partition", "account", "mem"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, (str, int)):
+                raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+        return cls(**{k: (str(v) if k in ("time", "partition", "account", "mem") and v is not None else v)
+                      for k, v in data.items()})
+
+    def describe(self) -> str:
+        """One line: ``gpus 1, nodes 1, cpus 8, time 02:00:00, partition gpu``."""
+        return ", ".join(f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                         if getattr(self, f.name) is not None)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a cell's checkpoint: ``knn`` (the training run's own kNN monitor), or a
+    ``contrastlab eval KIND`` stage with a protocol ``recipe`` (``linear/<name>``, ``finetune/<name>``), another
+    ``data`` set, or ``overrides``."""
+
+    kind: str
+    recipe: str | None = None
+    data: str | None = None
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def from_training_run(self) -> bool:
+        """A plain ``knn``: the kNN the training run reports in results.json (``knn_top1``), no stage of its own."""
+        return self.kind == "knn" and self.data is None and not self.overrides
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> Evaluation:
+        """``knn`` | ``{kind: linear, recipe: linear/<name>, data: ..., overrides: [...]}``."""
+        if isinstance(value, str):
+            value = {"kind": value}
+        data = _mapping(value, where)
+        _check_keys(data, EVALUATION_KEYS, where)
+        kind = data.get("kind")
+        if kind not in EVALUATION_KINDS:
+            raise ConfigError(f"{where}: kind {kind!r} is not an evaluation; choose from {', '.join(EVALUATION_KINDS)}")
+        recipe = data.get("recipe")
+        if recipe is not None:
+            if kind == "knn":
+                raise ConfigError(f"{where}: knn takes no recipe (its settings are the run's monitor.knn_*; change them "
+                                  "with overrides: [monitor.knn_k=200])")
+            if not isinstance(recipe, str) or not recipe.startswith(f"{kind}/"):
+                raise ConfigError(f"{where}.recipe: a {kind} evaluation takes a {kind}/<name> protocol recipe "
+                                  f"(`contrastlab recipes`), got {recipe!r}")
+        if data.get("data") is not None and not isinstance(data["data"], str):
+            raise ConfigError(f"{where}.data: expected a dataset name, got {data['data']!r}")
+        return cls(kind, recipe, data.get("data"), _strings(data.get("overrides"), f"{where}.overrides"))
+
+    def describe(self) -> str:
+        if self.from_training_run:
+            return "knn"
+        extra = [f"recipe {self.recipe}"] * bool(self.recipe) + [f"data {self.data}"] * bool(self.data)
+        extra += list(self.overrides)
+        return f"{self.kind} ({', '.join(extra)})" if extra else self.kind
+
+
+@dataclass(frozen=True)
+class Group:
+    """A recipe with overrides, trained once per seed of the study."""
+
+    name: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    rows: tuple[str, ...] = ()
+    evaluate: tuple[Evaluation, ...] = ()
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command line of a cell; done when ``output`` exists.
+
+    ``argv`` is the contrastlab command (``[python, -m, contrastlab, ...]``); :meth:`command` is what runs, under
+    ``torchrun`` when ``processes`` > 1 (one worker per GPU; several ``nodes`` meet at ``$MASTER_ADDR:$MASTER_PORT``).
+    """
+
+    name: str
+    argv: list[str]
+    output: Path
+    processes: int = 1
+    nodes: int = 1
+
+    def done(self) -> bool:
+        return self.output.is_file()
+
+    def command(self, environ: dict[str, str] | None = None) -> list[str]:
+        """The command line that runs this stage (``environ``: where a multi-node rendezvous is read)."""
+        if self.processes <= 1 and self.nodes <= 1:
+            return list(self.argv)
+        assert self.argv[1:3] == ["-m", "contrastlab"], self.argv
+        runner = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.processes)]
+        if self.nodes <= 1:
+            runner.append("--standalone")
+        else:
+            env = os.environ if environ is None else environ
+            where = f"{env.get('MASTER_ADDR', '$MASTER_ADDR')}:{env.get('MASTER_PORT', '29500')}"
+            runner += ["--nnodes", str(self.nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", where,
+                       "--rdzv-id", self.output.parent.name]
+        return [*runner, "-m", "contrastlab", *self.argv[3:]]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One group trained with one seed: its run directory, stages and resources.
+
+    ``overrides`` are the study's then the group's (the train stage adds ``seed``, ``out`` and ``resume=auto``);
+    ``outputs`` maps every stage and evaluation to the file that holds its result (a plain ``knn`` evaluation reads
+    ``knn_top1`` from the training run's ``results.json``).
+    """
+
+    id: str
+    group: str
+    seed: int
+    recipe: str
+    overrides: tuple[str, ...]
+    rows: tuple[str, ...]
+    evaluations: tuple[Evaluation, ...]
+    resources: Resources
+    run_dir: Path
+    stages: tuple[Stage, ...]
+    outputs: dict[str, Path]
+
+    def done(self) -> bool:
+        """Whether every stage's output exists."""
+        return all(stage.done() for stage in self.stages)
+
+    def stage(self, name: str) -> Stage:
+        names = [s.name for s in self.stages]
+        if name not in names:
+            raise ContrastlabError(f"cell {self.id} has no stage {name!r}; its stages: {', '.join(names)}")
+        return self.stages[names.index(name)]
+
+    def definition(self) -> tuple[Any, ...]:
+        """What makes its results: recipe, overrides, seed and evaluations (a change of these is a new cell)."""
+        return (self.recipe, self.overrides, self.seed, self.evaluations)
+
+
+@dataclass(frozen=True)
+class CellStatus:
+    """A cell's state (``STATES``) as ``study status`` reports it, from its outputs and its state file."""
+
+    cell: str
+    state: str
+    stage: str | None = None
+    launcher: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    job: str | None = None
+    log: str | None = None
+    reason: str = ""
+    updated: str | None = None
+
+    def describe(self) -> str:
+        """One line for ``study status``."""
+        parts = [f"{self.cell:<28} {self.state:<11}"]
+        if self.stage and self.state != "done":
+            parts.append(f"stage {self.stage}")
+        if self.state in ("running", "interrupted"):
+            where = f"host {self.host}, pid {self.pid}" + (f", job {self.job}" if self.job else "")
+            parts.append(f"({where})")
+        if self.reason:
+            parts.append(f"- {self.reason}")
+        if self.log and self.state in ("failed", "interrupted", "running"):
+            parts.append(f"[log {self.log}]")
+        return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ derived values
+
+
+def _data_name(recipe: str, overrides: tuple[str, ...], smoke: bool) -> str:
+    """The dataset a cell trains on, read without building the config (cheap; checked against the loaded config
+    when the study is validated). ``--smoke`` trains on ``demo`` unless the overrides name another."""
+    from contrastlab.config.load import parse_override, read_recipe
+    from contrastlab.config.schema import DataConfig
+
+    name: Any = "demo" if smoke else (read_recipe(recipe).get("data") or {}).get("name", DataConfig.name)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "data.name":
+            name = value
+        elif key == "data" and isinstance(value, dict) and "name" in value:
+            name = value["name"]
+    return str(name)
+
+
+def _stage_names(evaluations: tuple[Evaluation, ...]) -> list[str]:
+    """``knn``, ``linear``, ...; ``<kind>_<data>`` where a kind appears more than once."""
+    kinds = [e.kind for e in evaluations if not e.from_training_run]
+    return [e.kind if kinds.count(e.kind) == 1 else f"{e.kind}_{e.data or 'own'}"
+            for e in evaluations if not e.from_training_run]
+
+
+def _slurm_job() -> str | None:
+    """This process's SLURM job: ``<array job>_<task>`` in an array, else the job id; None outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def job_alive(job: str) -> bool | None:
+    """Whether SLURM still knows job ``job`` (pending, running, requeued), by ``squeue``; None without squeue."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def runner_alive(record: dict[str, Any]) -> bool | None:
+    """Whether the runner a ``running`` state file names still runs: its SLURM job (squeue), else its pid on this
+    host; None when neither can be checked from here (another host, no squeue)."""
+    from contrastlab.engine.run_lock import pid_alive
+
+    if record.get("job"):
+        alive = job_alive(str(record["job"]))
+        if alive is not None:
+            return alive
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+        return pid_alive(record["pid"], record.get("pid_start"))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- Study
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study file, loaded and checked. Build it with :meth:`load` (a shipped name or a path) or :meth:`from_dict`.
+
+    Attributes:
+        name: The study's name (its default directory is ``studies/<name>``).
+        dir: The study directory (``studies/<name>`` under the current directory unless given).
+        groups: Explicit groups first, then the grid's in order.
+        source: Where it was read from (a path, or ``<dict>``); errors name it.
+        text: The study file as written (copied to ``<dir>/study.yaml`` at the first run).
+    """
+
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    groups: tuple[Group, ...]
+    evaluate: tuple[Evaluation, ...]
+    resources: Resources
+    overrides: tuple[str, ...]
+    reproduces: tuple[str, ...]
+    source: str
+    text: str
+    dir: Path
+
+    @property
+    def reference(self) -> str:
+        """How to name this study on the command line: its shipped name, or its file."""
+        return self.name if Path(self.source).parent == STUDY_FILES else self.source
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, study: str | os.PathLike, *, dir: str | os.PathLike | None = None, validate: bool = True) -> Study:
+        """Load a shipped study by name (``contrastlab study list``) or a study file by path, and check it.
+
+        Args:
+            study: A shipped name (``"demo"``) or the path of a ``.yaml`` study file.
+            dir: The study directory (default ``studies/<name>`` under the current directory).
+            validate: Load each group's config to check its recipe and overrides (what a typo needs to fail early).
+
+        Raises:
+            ConfigError: naming the file, the key and the fix.
+        """
+        path = study_path(study)
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"study file {path} is not valid YAML: {exc}") from exc
+        return cls.from_dict(data, source=str(path), dir=dir, validate=validate, text=text,
+                             default_name=path.stem if path.parent != STUDY_FILES else None)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>", dir: str | os.PathLike | None = None,
+                  validate: bool = True, text: str | None = None, default_name: str | None = None) -> Study:
+        """A study from the mapping a study file holds (see docs/studies.md)."""
+        data = _mapping(data, f"study {source}")
+        _check_keys(data, STUDY_KEYS, source)
+        name = data.get("name", default_name)
+        if name is None:
+            raise ConfigError(f"{source}: the study needs a `name:` (it names its directory, studies/<name>)")
+        name = _name(name, f"{source}: name")
+        description = data.get("description") or ""
+        seeds = data.get("seeds", [0])
+        if (not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
+                or len(set(seeds)) != len(seeds)):
+            raise ConfigError(f"{source}: seeds: expected a non-empty list of different whole numbers, e.g. [0, 1, 2], "
+                              f"got {seeds!r}")
+        evaluate = cls._evaluations(data.get("evaluate", ["knn"]), f"{source}: evaluate")
+        resources_data = _mapping(data.get("resources"), f"{source}: resources")
+        resources = Resources.parse(resources_data, f"{source}: resources")
+        groups = cls._groups(data, source, evaluate, resources_data)
+        study = cls(name=name, description=str(description), seeds=tuple(seeds), groups=groups, evaluate=evaluate,
+                    resources=resources, overrides=_strings(data.get("overrides"), f"{source}: overrides"),
+                    reproduces=_strings(data.get("reproduces"), f"{source}: reproduces"), source=source,
+                    text=text if text is not None else yaml.safe_dump(data, sort_keys=False),
+                    dir=Path(dir) if dir is not None else Path("studies") / name)
+        if validate:
+            study.validate()
+        return study
+
+    @staticmethod
+    def _evaluations(value: Any, where: str) -> tuple[Evaluation, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, e.g. [knn, {{kind: linear, recipe: linear/<name>}}], "
+                              f"got {value!r}")
+        evaluations = tuple(Evaluation.parse(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(set(evaluations)) != len(evaluations):
+            raise ConfigError(f"{where}: an evaluation is listed twice")
+        return evaluations
+
+    @classmethod
+    def _groups(cls, data: dict[str, Any], source: str, evaluate: tuple[Evaluation, ...],
+                resources: dict[str, Any]) -> tuple[Group, ...]:
+        groups: list[Group] = []
+        explicit = data.get("groups") or []
+        if not isinstance(explicit, list):
+            raise ConfigError(f"{source}: groups: expected a list of {{name, recipe, overrides}} mappings")
+        for i, item in enumerate(explicit):
+            where = f"{source}: groups[{i}]"
+            item = _mapping(item, where)
+            _check_keys(item, GROUP_KEYS, where)
+            name = _name(item.get("name"), f"{where}.name")
+            where = f"{source}: groups[{i}] ({name})"
+            recipe = item.get("recipe")
+            if not isinstance(recipe, str) or not recipe:
+                raise ConfigError(f"{where}.recipe: every group needs a recipe name (`contrastlab recipes`) or path")
+            own = _mapping(item.get("resources"), f"{where}.resources")
+            groups.append(Group(
+                name=name, recipe=recipe, overrides=_strings(item.get("overrides"), f"{where}.overrides"),
+                rows=_strings(item.get("rows"), f"{where}.rows"),
+                evaluate=cls._evaluations(item["evaluate"], f"{where}.evaluate") if "evaluate" in item else evaluate,
+                resources=Resources.parse({**resources, **own}, f"{where}.resources")))
+        grid = _mapping(data.get("grid"), f"{source}: grid")
+        if grid:
+            _check_keys(grid, GRID_KEYS, f"{source}: grid")
+            recipes = _mapping(grid.get("recipes"), f"{source}: grid.recipes")
+            variants = _mapping(grid.get("overrides"), f"{source}: grid.overrides") or {"": []}
+            if not recipes:
+                raise ConfigError(f"{source}: grid.recipes: give at least one `key: recipe` (the group names are "
+                                  "<recipe key>_<override key>)")
+            for rkey, recipe in recipes.items():
+                _name(rkey, f"{source}: grid.recipes key")
+                if not isinstance(recipe, str):
+                    raise ConfigError(f"{source}: grid.recipes.{rkey}: expected a recipe name, got {recipe!r}")
+                for okey, overrides in variants.items():
+                    name = f"{rkey}_{okey}" if okey else str(rkey)
+                    if okey:
+                        _name(okey, f"{source}: grid.overrides key")
+                    groups.append(Group(name=name, recipe=recipe,
+                                        overrides=_strings(overrides, f"{source}: grid.overrides.{okey}"),
+                                        evaluate=evaluate, resources=Resources.parse(resources, f"{source}: resources")))
+        if not groups:
+            raise ConfigError(f"{source}: the study has no groups; give `groups:` (a list of {{name, recipe, "
+                              "overrides}}) and/or `grid:` ({recipes: {key: recipe}, overrides: {key: [...]}})")
+        names = [g.name for g in groups]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"{source}: group names must differ; {', '.join(twice)} appear(s) twice")
+        return tuple(groups)
+
+    def validate(self) -> None:
+        """Load every group's config (recipe, the study's and the group's overrides, the seed) and every
+        evaluation's protocol recipe; ConfigError naming the file, the group and the key at the first problem."""
+        from contrastlab.config.load import (
+            finetune_section,
+            is_finetune_recipe,
+            is_linear_recipe,
+            linear_section,
+            load_config,
+            recipe_path,
+        )
+
+        sections = {"linear": linear_section, "finetune": finetune_section}
+        for i, group in enumerate(self.groups):
+            where = f"{self.source}: group {group.name!r}"
+            try:
+                recipe_path(group.recipe)
+            except ContrastlabError as exc:
+                raise ConfigError(f"{where}: recipe: {exc}") from None
+            if is_linear_recipe(group.recipe) or is_finetune_recipe(group.recipe):
+                raise ConfigError(f"{where}: recipe {group.recipe} is an evaluation protocol, not a training recipe; "
+                                  "list it under evaluate: [{kind: linear, recipe: ...}]")
+            overrides = [*self.overrides, *group.overrides]
+            try:
+                cfg = load_config(group.recipe, [*overrides, f"seed={self.seeds[0]}"])
+            except ContrastlabError as exc:
+                raise ConfigError(f"{where} (recipe {group.recipe}): overrides {overrides}: {exc}") from None
+            if cfg.data.name != _data_name(group.recipe, tuple(overrides), smoke=False):  # the cheap reading agrees
+                raise ConfigError(f"{where}: set the dataset with data.name=NAME (found {cfg.data.name!r} otherwise)")
+            for evaluation in group.evaluate:
+                if evaluation.from_training_run and "knn" not in cfg.observers:
+                    raise ConfigError(f"{where}: evaluate: knn reads knn_top1 from the training run's results.json, but "
+                                      f"its config lists no knn observer (observers: {cfg.observers}); add "
+                                      "`observers+=[knn]` to its overrides, or evaluate {kind: knn, data: NAME} as a "
+                                      "stage of its own")
+                if evaluation.recipe is not None:
+                    try:
+                        sections[evaluation.kind](evaluation.recipe)
+                    except ContrastlabError as exc:
+                        raise ConfigError(f"{where}: evaluate {evaluation.kind}: {exc}") from None
+                if evaluation.overrides:
+                    try:
+                        load_config(group.recipe, [*overrides, *evaluation.overrides])
+                    except ContrastlabError as exc:
+                        raise ConfigError(f"{where}: evaluate {evaluation.kind} overrides "
+                                          f"{list(evaluation.overrides)}: {exc}") from None
+
+    # -------------------------------------------------------------------------------------------- cells
+
+    def at(self, dir: str | os.PathLike | None) -> Study:
+        """This study with its directory at ``dir`` (itself when None)."""
+        return self if dir is None else dataclasses.replace(self, dir=Path(dir))
+
+    def cells(self, *, smoke: bool = False, pattern: str | None = None) -> list[Cell]:
+        """Every group x seed, seed by seed (every group's seed 0 first), with its stages in ``self.dir``.
+
+        Args:
+            smoke: Build the ``--smoke`` stages (2-step CPU runs on the demo data).
+            pattern: Only the cells whose id matches this shell pattern (``"simclr_*"``, ``"*__s0"``).
+        """
+        root = self.dir.resolve()
+        cells = [self._cell(group, seed, root, smoke) for seed in self.seeds for group in self.groups]
+        if pattern is not None:
+            cells = [c for c in cells if fnmatch.fnmatchcase(c.id, pattern)]
+            if not cells:
+                raise ContrastlabError(f"no cell of study {self.name} matches {pattern!r}; its cells: "
+                                       f"{', '.join(c.id for c in self.cells(smoke=smoke))}")
+        return cells
+
+    def cell(self, cell_id: str, *, smoke: bool = False) -> Cell:
+        """The cell named ``cell_id``; ContrastlabError naming the nearest ids."""
+        cells = {c.id: c for c in self.cells(smoke=smoke)}
+        if cell_id not in cells:
+            close = difflib.get_close_matches(cell_id, list(cells), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ContrastlabError(f"study {self.name} has no cell {cell_id!r}.{hint} Cells are <group>__s<seed>: "
+                                   f"{', '.join(cells)}")
+        return cells[cell_id]
+
+    def _cell(self, group: Group, seed: int, root: Path, smoke: bool) -> Cell:
+        cell_id = f"{group.name}__s{seed}"
+        run_dir = root / "runs" / cell_id
+        overrides = (*self.overrides, *group.overrides)
+        distributed = not smoke and group.resources.gpus > 1
+        train = [*_contrastlab(), "train", group.recipe, *overrides, f"seed={seed}", f"out={run_dir}", "resume=auto"]
+        stages = [Stage("train", train + ["--smoke"] * smoke, run_dir / "results.json",
+                        processes=group.resources.gpus if distributed else 1,
+                        nodes=group.resources.nodes if not smoke else 1)]
+        outputs = {"train": run_dir / "results.json"}
+        names = iter(_stage_names(group.evaluate))
+        data = _data_name(group.recipe, overrides, smoke)
+        for evaluation in group.evaluate:
+            if evaluation.from_training_run:
+                outputs[evaluation.kind] = run_dir / "results.json"
+                continue
+            name = next(names)
+            output = run_dir / f"eval_{evaluation.kind}_{evaluation.data or data}.json"
+            argv = [*_contrastlab(), "eval", evaluation.kind, str(run_dir / "checkpoints" / "last.pt"),
+                    "--out", str(output)]
+            argv += ["--recipe", evaluation.recipe] * bool(evaluation.recipe)
+            argv += ["--data", evaluation.data] * bool(evaluation.data)
+            argv += ["--resume", "auto"] * (evaluation.kind == "finetune")
+            argv += [*evaluation.overrides, *(SMOKE_EVAL_OVERRIDES.get(evaluation.kind, []) if smoke else [])]
+            stages.append(Stage(name, argv, output))
+            outputs[name] = output
+        return Cell(id=cell_id, group=group.name, seed=seed, recipe=group.recipe, overrides=overrides, rows=group.rows,
+                    evaluations=group.evaluate, resources=group.resources, run_dir=run_dir, stages=tuple(stages),
+                    outputs=outputs)
+
+    # ----------------------------------------------------------------------------------- the directory
+
+    def prepare(self, *, smoke: bool = False, force: bool = False) -> None:
+        """Make the study directory ready for its cells: ``study.yaml`` (the file as first run) and ``study.json``.
+
+        A directory first run with another version of the study file is refused, naming the cells whose recipe,
+        overrides, seed or evaluations changed or that were removed, unless ``force``: then the changed cells' run
+        directories and state files are moved aside (``runs/<id>.replaced-<time>``) so they run afresh. Added groups
+        or seeds and other edits (description, rows, resources) are taken as they are. A directory of ``--smoke``
+        runs is never reused for a full run, nor the other way round.
+        """
+        root = self.dir
+        copy, meta = root / "study.yaml", root / "study.json"
+        if copy.is_file():
+            previous = Study.from_dict(yaml.safe_load(copy.read_text()), source=str(copy), dir=root, validate=False)
+            first = json.loads(meta.read_text()) if meta.is_file() else {"smoke": smoke}
+            if bool(first.get("smoke")) != smoke:
+                was, now = ("--smoke runs", "a full run") if first.get("smoke") else ("full runs", "a --smoke run")
+                raise ContrastlabError(f"{root} holds {was} of study {self.name}; put {now} in another directory "
+                                       "(--dir DIR / Study.run(dir=...)): the runs there would be resumed otherwise")
+            old = {c.id: c for c in previous.cells(smoke=smoke)}
+            new = {c.id: c for c in self.cells(smoke=smoke)}
+            changed = sorted(i for i in old.keys() & new.keys() if old[i].definition() != new[i].definition())
+            removed = sorted(old.keys() - new.keys())
+            if changed or removed:
+                what = "; ".join([f"changed cells (recipe, overrides or evaluations): {', '.join(changed)}"] * bool(changed)
+                                 + [f"removed cells: {', '.join(removed)}"] * bool(removed))
+                if not force:
+                    raise ContrastlabError(
+                        f"{root} was first run with another version of study {self.name} ({copy}): {what}. Undo the "
+                        "change, run the new version in another directory (--dir DIR), or pass --force: the changed "
+                        "cells' run directories are then moved aside and those cells run afresh")
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                for cell_id in changed:
+                    for path in (root / "runs" / cell_id, root / "cells" / f"{cell_id}.json"):
+                        if path.exists():
+                            path.rename(path.with_name(f"{path.name}.replaced-{stamp}"))
+                print(f"--force: {what}; moved the changed cells' runs aside (*.replaced-{stamp})", file=sys.stderr)
+        for folder in ("runs", "cells", "logs"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        if not meta.is_file():
+            from contrastlab import __version__
+
+            meta.write_text(json.dumps({"smoke": smoke, "source": self.source, "contrastlab": __version__,
+                                        "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}, indent=2) + "\n")
+        copy.write_text(self.text)
+
+    def state_path(self, cell_id: str) -> Path:
+        return self.dir / "cells" / f"{cell_id}.json"
+
+    def log_path(self, cell_id: str, stage: str) -> Path:
+        return self.dir / "logs" / f"{cell_id}.{stage}.log"
+
+    def read_state(self, cell_id: str) -> dict[str, Any]:
+        """A cell's state file (``{}`` when there is none or it cannot be read)."""
+        try:
+            record = json.loads(self.state_path(cell_id).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def write_state(self, cell_id: str, state: str, *, stage: str | None = None, log: Path | None = None,
+                    reason: str = "", launcher: str | None = None) -> dict[str, Any]:
+        """Write a cell's state file atomically, with this process's host, pid and SLURM job."""
+        from contrastlab.engine.run_lock import _process_start
+
+        assert state in STATES, state
+        record = {"cell": cell_id, "state": state, "stage": stage, "launcher": launcher, "host": socket.gethostname(),
+                  "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "job": _slurm_job(),
+                  "log": str(log) if log else None, "reason": reason,
+                  "updated": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        path = self.state_path(cell_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+        return record
+
+    def smoke_of_dir(self) -> bool:
+        """Whether the study directory holds ``--smoke`` runs (its ``study.json``); False when never run."""
+        try:
+            return bool(json.loads((self.dir / "study.json").read_text()).get("smoke"))
+        except (OSError, ValueError):
+            return False
+
+    # ---------------------------------------------------------------------------------- run and report
+
+    def status(self, *, dir: str | os.PathLike | None = None) -> list[CellStatus]:
+        """Each cell's state: done (every output exists), running (where, which job), interrupted (its state file
+        says running but the process or job is gone), failed (the reason and the log), or pending."""
+        study = self.at(dir)
+        return [study._status(cell) for cell in study.cells(smoke=study.smoke_of_dir())]
+
+    def _status(self, cell: Cell) -> CellStatus:
+        record = self.read_state(cell.id)
+        keep = {k: record.get(k) for k in ("launcher", "host", "pid", "job", "log", "updated")}
+        if cell.done():
+            return CellStatus(cell.id, "done", **keep)
+        todo = next(s.name for s in cell.stages if not s.done())
+        state = record.get("state")
+        if state == "running":
+            alive = runner_alive(record)
+            if alive is False:
+                return CellStatus(cell.id, "interrupted", stage=record.get("stage") or todo, **keep,
+                                  reason="its runner is gone (killed, or its job ended); the next `study run` "
+                                  "resumes it")
+            return CellStatus(cell.id, "running", stage=record.get("stage") or todo, **keep,
+                              reason="" if alive else "cannot check from this host whether it still runs")
+        if state == "failed":
+            return CellStatus(cell.id, "failed", stage=record.get("stage") or todo, **keep,
+                              reason=record.get("reason") or "")
+        done = [s.name for s in cell.stages if s.done()]
+        reason = record.get("reason") or (f"{', '.join(done)} done" if done else "")
+        return CellStatus(cell.id, "pending", stage=todo, **keep, reason=reason)
+
+    def describe(self, *, launcher: str = "local", smoke: bool = False, parallel: int = 1,
+                 dir: str | os.PathLike | None = None, cells: str | None = None,
+                 options: dict[str, Any] | None = None) -> str:
+        """Every cell, its commands and resources, as ``launcher`` would run them; runs nothing."""
+        from contrastlab.studies.launchers import LAUNCHERS
+
+        study = self.at(dir)
+        chosen = study.cells(smoke=smoke, pattern=cells)
+        return LAUNCHERS[launcher]().describe(study, chosen, smoke=smoke, options={"parallel": parallel, **(options or {})})
+
+    def run(self, launcher: str = "local", *, smoke: bool = False, dry_run: bool = False, parallel: int = 1,
+            dir: str | os.PathLike | None = None, force: bool = False, cells: str | None = None,
+            options: dict[str, Any] | None = None) -> int:
+        """Run the cells that are not done with ``launcher`` (``LAUNCHERS``: ``local``, or one you register).
+
+        Args:
+            smoke: 2-step CPU runs on the demo data (a check of the whole study in minutes).
+            dry_run: Print :meth:`describe` and run nothing.
+            parallel: Cells at a time (local launcher).
+            dir: The study directory (default ``self.dir``).
+            force: Accept a changed study file for a directory run before (see :meth:`prepare`).
+            cells: Only the cells matching this shell pattern.
+            options: The launcher's own options.
+
+        Returns:
+            The number of cells that failed (0 when every cell is done, or when the launcher only submits jobs).
+        """
+        from contrastlab.studies.launchers import LAUNCHERS
+
+        study = self.at(dir)
+        opts = {"parallel": parallel, **(options or {})}
+        chosen = study.cells(smoke=smoke, pattern=cells)
+        runner = LAUNCHERS[launcher]()
+        if dry_run:
+            print(runner.describe(study, chosen, smoke=smoke, options=opts))
+            return 0
+        study.prepare(smoke=smoke, force=force)
+        return int(runner.launch(study, chosen, smoke=smoke, options=opts) or 0)
+
+    def table(self, fmt: str = "markdown", figure: str | os.PathLike | None = None) -> str:
+        """The study's results as a table (:func:`contrastlab.studies.table.study_table`)."""
+        try:
+            from contrastlab.studies.table import study_table
+        except ModuleNotFoundError as exc:
+            if exc.name != "contrastlab.studies.table":
+                raise
+            raise ContrastlabError("contrastlab.studies.table is not installed") from None
+        return study_table(self, fmt=fmt, figure=figure)
+
+
+def format_command(argv: list[str], study_dir: Path | None = None) -> str:
+    """A command line as a shell would take it, with the study directory shortened to its path from here."""
+    text = shlex.join(argv)
+    if study_dir is not None:
+        absolute = str(study_dir.resolve())
+        try:
+            short = os.path.relpath(absolute)
+        except ValueError:
+            short = absolute
+        if not short.startswith(".."):
+            text = text.replace(absolute, short)
+    return text.replace(sys.executable, "python", 1) if text.startswith(sys.executable) else text
