@@ -149,10 +149,12 @@ def run_cell(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = 
                                f"{', job ' + str(record['job']) if record.get('job') else ''}); "
                                f"see {study.state_path(cell.id)}")
     stages = list(cell.stages) if stage is None else [cell.stage(stage)]
+    ran = False
     for current in stages:
         if current.done():
             print(f"{cell.id}: {current.name} done already ({current.output})", flush=True)
             continue
+        ran = True
         if current.name != "train" and not cell.stages[0].done():
             log = study.log_path(cell.id, current.name)
             study.write_state(cell.id, "failed", stage=current.name, log=log, launcher=launcher,
@@ -162,6 +164,8 @@ def run_cell(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = 
         status = _run_stage(study, cell, current, launcher)
         if status != 0:
             return status
+    if not ran and record.get("state") == ("done" if cell.done() else "pending"):
+        return 0  # nothing ran: the state file stays as it was
     if cell.done():
         study.write_state(cell.id, "done", launcher=launcher)
     else:

@@ -44,7 +44,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for status in statuses:
         print(status.describe())
     counts = Counter(s.state for s in statuses)
-    print(f"study {study.name} ({study.dir}): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    smoke = " (--smoke runs)" if study.smoke_of_dir() else ""
+    print(f"study {study.name} ({study.dir}){smoke}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return 0
 
 
@@ -85,7 +86,7 @@ def add_study_parser(sub: Any) -> None:
                    "registered with contrastlab.studies.launchers.register_launcher (default local)")
     p.add_argument("--parallel", type=int, default=1, help="cells at a time (local launcher; default 1)")
     p.add_argument("--smoke", action="store_true", help="2-step CPU runs on the embedded demo data (checks the whole "
-                   "study in minutes; its own directory: full runs go elsewhere)")
+                   "study in minutes; a full run in the same directory later moves them aside)")
     p.add_argument("--dry-run", action="store_true", help="print every cell, its commands and resources; run nothing")
     p.add_argument("--dir", help=where)
     p.add_argument("--force", action="store_true", help="accept a changed study file for a directory run before: the "

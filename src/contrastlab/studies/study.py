@@ -657,13 +657,16 @@ class Study:
         """
         root = self.dir
         copy, meta = root / "study.yaml", root / "study.json"
+        if copy.is_file() and self.smoke_of_dir() and not smoke:  # a check run before the real one: set it aside
+            aside = root.with_name(f"{root.name}.smoke-{time.strftime('%Y%m%d-%H%M%S')}")
+            root.rename(aside)
+            print(f"{root} held --smoke runs of study {self.name}: moved them to {aside}", file=sys.stderr)
         if copy.is_file():
             previous = Study.from_dict(yaml.safe_load(copy.read_text()), source=str(copy), dir=root, validate=False)
-            first = json.loads(meta.read_text()) if meta.is_file() else {"smoke": smoke}
-            if bool(first.get("smoke")) != smoke:
-                was, now = ("--smoke runs", "a full run") if first.get("smoke") else ("full runs", "a --smoke run")
-                raise ContrastlabError(f"{root} holds {was} of study {self.name}; put {now} in another directory "
-                                       "(--dir DIR / Study.run(dir=...)): the runs there would be resumed otherwise")
+            if smoke and not self.smoke_of_dir():
+                raise ContrastlabError(f"{root} holds full runs of study {self.name}; run --smoke in another directory "
+                                       "(--dir DIR / Study.run(dir=...)): the real runs there would be resumed by "
+                                       "2-step smoke runs otherwise")
             old = {c.id: c for c in previous.cells(smoke=smoke)}
             new = {c.id: c for c in self.cells(smoke=smoke)}
             changed = sorted(i for i in old.keys() & new.keys() if old[i].definition() != new[i].definition())
@@ -689,7 +692,8 @@ class Study:
 
             meta.write_text(json.dumps({"smoke": smoke, "source": self.source, "contrastlab": __version__,
                                         "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}, indent=2) + "\n")
-        copy.write_text(self.text)
+        if not copy.is_file() or copy.read_text() != self.text:
+            copy.write_text(self.text)
 
     def state_path(self, cell_id: str) -> Path:
         return self.dir / "cells" / f"{cell_id}.json"
