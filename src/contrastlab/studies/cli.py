@@ -82,8 +82,9 @@ def add_study_parser(sub: Any) -> None:
     where = "the study directory (default studies/<name> under the current directory)"
     p = commands.add_parser("run", help="run a study's cells that are not done")
     p.add_argument("study", help="a shipped study name (`contrastlab study list`) or a study file")
-    p.add_argument("--launcher", default="local", help=f"how cells start: {', '.join(n for n, _ in launchers)} or one "
-                   "registered with contrastlab.studies.launchers.register_launcher (default local)")
+    p.add_argument("--launcher", default="local", choices=[n for n, _ in launchers] or None,
+                   help="how cells start (default local; a plug-in package adds its own with "
+                   "contrastlab.studies.launchers.register_launcher)")
     p.add_argument("--parallel", type=int, default=1, help="cells at a time (local launcher; default 1)")
     p.add_argument("--smoke", action="store_true", help="2-step CPU runs on the embedded demo data (checks the whole "
                    "study in minutes; a full run in the same directory later moves them aside)")
