@@ -278,9 +278,13 @@ def tiny(tmp_path_factory):
     return path, folder / "study", status
 
 
-def test_a_local_smoke_run_finishes_every_cell(tiny):
+def test_a_local_smoke_run_finishes_every_cell(tiny, capsys):
     path, folder, status = tiny
     assert status == 0
+    assert main(["study", "status", str(path), "--dir", str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [[c, "done"] for c in ("rrc__s0", "jc__s0", "rrc__s1", "jc__s1")]
+    assert lines[-1].endswith("(--smoke runs): 4 done")
     states = Study.load(path, dir=folder).status()
     assert [(s.cell, s.state) for s in states] == [("rrc__s0", "done"), ("jc__s0", "done"), ("rrc__s1", "done"),
                                                    ("jc__s1", "done")]
