@@ -22,6 +22,7 @@ import yaml
 from contrastlab.cli import main
 from contrastlab.errors import ConfigError, ContrastlabError
 from contrastlab.registry import OBSERVERS
+from contrastlab.studies.cell_runner import load_study_dir
 from contrastlab.studies.launchers import LAUNCHERS, Launcher, register_launcher
 from contrastlab.studies.launchers import local as local_launcher
 from contrastlab.studies.study import Stage, Study
@@ -83,6 +84,11 @@ def test_unknown_study_names_the_nearest_shipped_ones():
 def test_the_good_file_loads(tmp_path):
     study = Study.load(write_study(tmp_path / "check.yaml", GOOD))
     assert [c.id for c in study.cells()] == ["rrc__s0"] and study.dir == Path("studies") / "check"
+    unnamed = Study.load(write_study(tmp_path / "mine.yaml", {k: v for k, v in GOOD.items() if k != "name"}),
+                         dir=tmp_path / "dir")
+    assert unnamed.name == "mine"  # the file's name
+    unnamed.prepare()
+    assert load_study_dir(tmp_path / "dir")[0].name == "mine"  # the copy in the study directory says it
 
 
 # -------------------------------------------------------------------------------------- cell expansion

@@ -653,7 +653,8 @@ class Study:
         overrides, seed or evaluations changed or that were removed, unless ``force``: then the changed cells' run
         directories and state files are moved aside (``runs/<id>.replaced-<time>``) so they run afresh. Added groups
         or seeds and other edits (description, rows, resources) are taken as they are. A directory of ``--smoke``
-        runs is never reused for a full run, nor the other way round.
+        runs is moved aside (``<dir>.smoke-<time>``) when a full run starts there; a ``--smoke`` run in a directory
+        of full runs is refused.
         """
         root = self.dir
         copy, meta = root / "study.yaml", root / "study.json"
@@ -692,8 +693,9 @@ class Study:
 
             meta.write_text(json.dumps({"smoke": smoke, "source": self.source, "contrastlab": __version__,
                                         "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}, indent=2) + "\n")
-        if not copy.is_file() or copy.read_text() != self.text:
-            copy.write_text(self.text)
+        text = self.text if (yaml.safe_load(self.text) or {}).get("name") else f"name: {self.name}\n{self.text}"
+        if not copy.is_file() or copy.read_text() != text:  # the copy names the study itself
+            copy.write_text(text)
 
     def state_path(self, cell_id: str) -> Path:
         return self.dir / "cells" / f"{cell_id}.json"
