@@ -74,6 +74,11 @@ def _contrastlab() -> list[str]:
     return [sys.executable, "-m", "contrastlab"]
 
 
+def study_dir(name: str, dir: str | os.PathLike | None = None) -> Path:
+    """A study's directory: ``dir``, else ``studies/<name>`` under the current directory."""
+    return Path(dir) if dir is not None else Path("studies") / name
+
+
 def study_names() -> list[str]:
     """The shipped study names, sorted."""
     return sorted(p.stem for p in STUDY_FILES.glob("*.yaml"))
@@ -470,7 +475,7 @@ class Study:
                     resources=resources, overrides=_strings(data.get("overrides"), f"{source}: overrides"),
                     reproduces=_strings(data.get("reproduces"), f"{source}: reproduces"), source=source,
                     text=text if text is not None else yaml.safe_dump(data, sort_keys=False),
-                    dir=Path(dir) if dir is not None else Path("studies") / name)
+                    dir=study_dir(name, dir))
         if validate:
             study.validate()
         return study
