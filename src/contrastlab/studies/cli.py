@@ -63,15 +63,26 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
     return run_cell(args.study_dir, args.cell, stage=args.stage, launcher=args.launcher)
 
 
+def builtin_launchers() -> list[type]:
+    """The launcher classes the package ships (``BUILTIN_LAUNCHERS``), found without a registry lookup: building the
+    parser must not import plug-in packages (a broken one is reported when ``study run`` looks its name up in
+    ``LAUNCHERS``, which also checks the name and names the nearest ones)."""
+    import importlib
+    import inspect
+
+    from contrastlab.studies.launchers import BUILTIN_LAUNCHERS, Launcher
+
+    found = []
+    for name in BUILTIN_LAUNCHERS:
+        module = importlib.import_module(name)
+        found += [obj for obj in vars(module).values() if inspect.isclass(obj) and issubclass(obj, Launcher)
+                  and obj.__module__ == name]
+    return found
+
+
 def add_study_parser(sub: Any) -> None:
     """Register ``contrastlab study ...`` on the main parser's subcommands."""
-    from contrastlab.errors import ContrastlabError
-    from contrastlab.studies.launchers import LAUNCHERS
-
-    try:  # a broken plug-in package must not break every other command: `study run` names it when it looks it up
-        launchers = LAUNCHERS.items()
-    except ContrastlabError:
-        launchers = []
+    launchers = builtin_launchers()
     parser = sub.add_parser("study", help="run a study (recipes x overrides x seeds) and report it: "
                             "study list | run | status | table (docs/studies.md)")
     commands = parser.add_subparsers(dest="study_command", required=True, metavar=STUDY_COMMANDS)
@@ -82,9 +93,8 @@ def add_study_parser(sub: Any) -> None:
     where = "the study directory (default studies/<name> under the current directory)"
     p = commands.add_parser("run", help="run a study's cells that are not done")
     p.add_argument("study", help="a shipped study name (`contrastlab study list`) or a study file")
-    p.add_argument("--launcher", default="local", choices=[n for n, _ in launchers] or None,
-                   help="how cells start (default local; a plug-in package adds its own with "
-                   "contrastlab.studies.launchers.register_launcher)")
+    p.add_argument("--launcher", default="local", help=f"how cells start: {', '.join(c.name for c in launchers)}, or "
+                   "one a plug-in registers with contrastlab.studies.launchers.register_launcher (default local)")
     p.add_argument("--parallel", type=int, default=1, help="cells at a time (local launcher; default 1)")
     p.add_argument("--smoke", action="store_true", help="2-step CPU runs on the embedded demo data (checks the whole "
                    "study in minutes; a full run in the same directory later moves them aside)")
@@ -93,7 +103,7 @@ def add_study_parser(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="accept a changed study file for a directory run before: the "
                    "changed cells' runs are moved aside and run afresh")
     p.add_argument("--cells", help="only the cells whose id matches this shell pattern, e.g. 'simclr_*' or '*__s0'")
-    for _, launcher in launchers:
+    for launcher in launchers:
         launcher.add_arguments(p.add_argument_group(f"{launcher.name} launcher"))
     p.set_defaults(func=cmd_run)
 
