@@ -563,6 +563,52 @@ def test_importing_a_full_checkpoint_and_a_backbone_file_gives_upstreams_network
         torch.testing.assert_close(method.teacher_backbone(x), up["teacher"](x))
 
 
+@needs_timm
+def test_a_released_linear_classifier_reads_the_last_four_class_tokens(tmp_path) -> None:
+    """``import --from dino --classifier *_linearweights.pth`` beside a backbone file: ``eval linear
+    --stored-classifier`` scores it on the 4 x 192 last-blocks features (a 192-wide classifier is refused), and its
+    top-1 equals the accuracy of the file's Linear on hooked tokens of the upstream network, computed here."""
+    from contrastlab import assemble
+    from contrastlab.config.load import config_from_dict
+    from contrastlab.errors import CheckpointError
+    from contrastlab.importers import import_checkpoint
+
+    state, up = upstream_dino_checkpoint(32, full=False)
+    backbone = tmp_path / "dino_deittiny16_pretrain.pth"
+    torch.save(state, backbone)
+    linear = nn.Linear(4 * 192, 10)
+    probe = tmp_path / "dino_deittiny16_linearweights.pth"
+    torch.save({"epoch": 100, "state_dict": {f"module.linear.{k}": v for k, v in linear.state_dict().items()},
+                "optimizer": {}, "scheduler": {}, "best_acc": 72.0}, probe)
+    with pytest.raises(CheckpointError, match="--classifier"):
+        import_checkpoint(probe, "dino", tmp_path / "x.pt", log=lambda s: None)
+    out = tmp_path / "imported.pt"
+    small = ["data.image_size=16", "data.name=demo", "data.root=null", "data.train_split=train", "data.test_split=test",
+             "data.workers=0", "train.device=cpu"]
+    assert main(["import", str(backbone), "--from", "dino", "--classifier", str(probe), "--out", str(out), *small]) == 0
+    assert main(["eval", "linear", str(out), "--stored-classifier", *small]) == 0
+    result = json.loads((tmp_path / "imported.eval_linear_demo_stored.json").read_text())
+    ckpt = load_checkpoint(out)
+    cfg = config_from_dict(__import__("yaml").safe_load(ckpt["config"]))
+    test = list(assemble.evaluation_views(cfg, assemble.dataset(cfg, cfg.data.test_split)))
+    images, labels = torch.stack([views[0] for views, _, _ in test]), torch.tensor([label for _, label, _ in test])
+    caught: list[torch.Tensor] = []
+    teacher = up["teacher"]
+    hooks = [block.register_forward_hook(lambda _m, _i, o: caught.append(o)) for block in teacher.blocks[-4:]]
+    with torch.no_grad():
+        teacher(images)
+        features = torch.cat([teacher.norm(o)[:, 0] for o in caught], dim=1)
+        expected = (linear(features).argmax(1) == labels).float().mean().item() * 100
+    for hook in hooks:
+        hook.remove()
+    assert result["top1"] == pytest.approx(expected, abs=1e-4) and result["network"] == "momentum"
+    narrow = tmp_path / "narrow_linearweights.pth"
+    torch.save({"state_dict": {"module.linear.weight": torch.zeros(10, 192), "module.linear.bias": torch.zeros(10)}},
+               narrow)
+    assert main(["import", str(backbone), "--from", "dino", "--classifier", str(narrow), "--out",
+                 str(tmp_path / "narrow.pt"), *small]) == 2  # refused: the probe reads 768-d features
+
+
 # --- recipes as released -----------------------------------------------------------------------------------------
 
 # main_dino.py defaults and the README's commands (facebookresearch/dino), transcribed independently of the recipes.

@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
     p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
     _trust_pickle_flag(p, "the released file (released checkpoints normally load without it)")
-    p.add_argument("--classifier", help="a linear-probe file that holds only the classifier (FT's main_linear.py, SwAV's eval_linear.py), "
+    p.add_argument("--classifier", help="a linear-probe file that holds only the classifier (FT's main_linear.py, SwAV's and DINO's eval_linear.py), "
                    "trained on this pre-training file's backbone: stored for `eval linear --stored-classifier`")
     p.set_defaults(func=cmd_import)
 

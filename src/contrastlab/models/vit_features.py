@@ -63,3 +63,9 @@ class LastBlocksFeatures(nn.Module):
             return cls
         patches = normed[-1][:, vit.num_prefix_tokens:].mean(dim=1)
         return torch.stack([cls, patches], dim=-1).flatten(1)  # cls_0, mean_0, cls_1, mean_1, ...
+
+
+def probe_feature_dim(feature_dim: int, linear) -> int:
+    """The width of the features a linear probe with ``linear`` settings (:class:`contrastlab.config.schema.LinearConfig`)
+    reads from a backbone of ``feature_dim`` outputs (a ViT's ``embed_dim``)."""
+    return feature_dim * (linear.n_last_blocks + int(linear.avgpool_patch_tokens))
