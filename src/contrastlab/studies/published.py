@@ -121,9 +121,8 @@ class PublishedRow:
 
 
 def _decimals(number: float) -> int:
-    """Decimal places of a number as YAML wrote it back (``82.47`` -> 2, ``0.2`` -> 1, ``74`` -> 0)."""
-    text = repr(float(number))
-    return 0 if text.endswith(".0") else len(text.split(".")[1])
+    """Decimal places of a number as YAML read it, at least one (``82.47`` -> 2, ``0.2`` -> 1, ``74.0`` -> 1)."""
+    return len(repr(float(number)).split(".")[1])
 
 
 def _entry_error(path: Path, index: int, entry: Any, problem: str) -> ContrastlabError:
