@@ -1,5 +1,5 @@
 """The ``contrastlab`` command line: train, eval (knn, linear, finetune), recipes, demo, plot, views, export, import,
-bench.
+bench, published.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -409,6 +409,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_published(args: argparse.Namespace) -> int:
+    """Published rows, one a line; no match is an error (exit status 2) naming what was searched."""
+    from contrastlab.studies.published import format_rows, rows
+
+    selected = rows(args.filter)
+    if not selected:
+        raise ContrastlabError(f"no published row matches {args.filter!r} (searched: ids, tables and recipe names; "
+                               "substrings, or * ? [ ] wildcards); `contrastlab published` lists every row")
+    print(format_rows(selected, long=args.long))
+    return 0
+
+
 def _trust_pickle_flag(parser: argparse.ArgumentParser, what: str) -> None:
     """``--trust-pickle``, the one opt-in of every command that opens a checkpoint (:mod:`contrastlab.safe_load`)."""
     parser.add_argument("--trust-pickle", action="store_true", help=f"also open {what} when it holds Python objects "
@@ -517,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "compiled_render (the renderer through torch.compile, data.compile_views)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("published", help="published rows (paper / README numbers) and the recipes that reproduce them")
+    p.add_argument("filter", nargs="?", help="keep rows whose id, table or recipe contains it (wildcards * ? allowed)")
+    p.add_argument("--long", action="store_true", help="also print each row's label, protocol recipe and note")
+    p.set_defaults(func=cmd_published)
 
     p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")
