@@ -342,3 +342,16 @@ def test_table_of_real_runs_groups_seeds(smoke_runs, capsys, tmp_path):
 def test_table_cli_errors(tmp_path, capsys):
     assert main(["table", str(tmp_path / "missing")]) == 2
     assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
+
+
+def test_runs_made_by_hand_are_grouped_by_config_without_seed_and_out(tmp_path):
+    runs = [write_run(tmp_path / "a0", seed=0, results={"knn_top1": 40.0}),
+            write_run(tmp_path / "a1", seed=1, results={"knn_top1": 44.0}),
+            write_run(tmp_path / "b0", seed=0, results={"knn_top1": 50.0},
+                      config={"method.temperature": 0.2, "method.extra": "x"}),
+            write_run(tmp_path / "c0", seed=0, recipe="other", results={"knn_top1": 60.0})]
+    table = table_from_runs(runs)
+    names = ["demo method.temperature=0.5", "demo method.temperature=0.2 method.extra=x", "other"]
+    assert [g.name for g in table.groups] == names
+    assert [len(g.cells) for g in table.groups] == [2, 1, 1]
+    assert table.groups[0].metrics["knn_top1"].mean == statistics.mean([40.0, 44.0])

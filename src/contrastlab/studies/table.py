@@ -590,6 +590,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _override_text(value: Any) -> str:
+    """A config value as an override writes it: ``joint_crop``, ``0.2``, ``[0.2, 1.0]``, ``null``."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
 def _config_key(result: RunResult) -> str:
     flat = {k: v for k, v in _flatten(result.config).items() if k not in IGNORED_CONFIG_KEYS}
     return json.dumps([result.recipe, flat], sort_keys=True, default=str)
@@ -598,7 +603,7 @@ def _config_key(result: RunResult) -> str:
 def records_from_runs(run_dirs: Iterable[str | os.PathLike]) -> list[CellRecord]:
     """Cells for run directories made by hand: runs with the same recipe and the same ``config.yaml`` apart from
     :data:`IGNORED_CONFIG_KEYS` form one group, named by the recipe and the config values that tell it apart from
-    the other groups of that recipe.
+    the other groups of that recipe (values that differ first, then keys only it has; four at most).
 
     Raises:
         ContrastlabError: a directory is not a run directory (no ``config.yaml``).
@@ -616,9 +621,11 @@ def records_from_runs(run_dirs: Iterable[str | os.PathLike]) -> list[CellRecord]
     names = {}
     for key in dict.fromkeys(keys):
         others = [k for k in flat if k != key and recipe_of[k] == recipe_of[key]]
-        differing = sorted({name for other in others for name in set(flat[key]) | set(flat[other])
-                             if name not in IGNORED_CONFIG_KEYS and flat[key].get(name) != flat[other].get(name)})
-        values = [f"{name}={json.dumps(flat[key].get(name), default=str)}" for name in differing]
+        # keys both configs have, with different values, first (views.planner); then keys only this one has
+        both = {n for o in others for n in set(flat[key]) & set(flat[o]) if flat[key][n] != flat[o][n]}
+        own = {n for o in others for n in set(flat[key]) - set(flat[o])}
+        differing = [n for n in [*sorted(both), *sorted(own - both)] if n not in IGNORED_CONFIG_KEYS]
+        values = [f"{name}={_override_text(flat[key][name])}" for name in differing]
         names[key] = " ".join([recipe_of[key], *values[:4], *(["…"] if len(values) > 4 else [])])
     return [CellRecord(group=names[key], seed=r.seed if r.seed is not None else 0, run_dir=r.run_dir,
                        state=run_state(r.run_dir)) for key, r in zip(keys, results)]
