@@ -4,8 +4,8 @@
 
 - ``PATH``: one panel per accuracy metric of the table, one bar per group (one per published row when a group
   reproduces several rows of that metric) at the mean over its done cells, the error bar one sample standard
-  deviation, ``n`` written on the bar; the published value is a black horizontal tick, with the published
-  standard deviation as its error bar where the paper gives one. The value axis starts at a round number
+  deviation, ``n`` written at the bar's foot; the published value is a red line across the bar, with a pale red
+  band of plus and minus the published standard deviation where the paper gives one. The value axis starts at a round number
   below the lowest value, not at 0, so that differences of a point show.
 - ``<PATH stem>_curves<PATH suffix>``: the kNN top-1 after every epoch of every cell (``metrics.jsonl``), one
   colour per group; cells that are not done (failed, interrupted, running) are dashed.
@@ -103,6 +103,8 @@ def _pyplot():
 def draw_bars(panels: list[BarPanel], path: str | os.PathLike, columns: int = 3) -> Path:
     """Write the bar chart of :func:`bar_data`'s panels to ``path`` (up to ``columns`` panels a row)."""
     plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
     width = max(3.6, 0.9 * max(len(p.bars) for p in panels) + 1.6)
@@ -113,20 +115,23 @@ def draw_bars(panels: list[BarPanel], path: str | os.PathLike, columns: int = 3)
         xs = list(range(len(panel.bars)))
         ax.bar(xs, [b.mean for b in panel.bars], yerr=[b.std or 0.0 for b in panel.bars], capsize=4,
                color="tab:blue", alpha=0.8, label="ours: mean ± std over done cells")
-        published = [(x, b) for x, b in zip(xs, panel.bars) if b.published is not None]
-        if published:
-            ax.errorbar([x for x, _ in published], [b.published for _, b in published],
-                        yerr=[b.published_std or 0.0 for _, b in published], fmt="_", markersize=28,
-                        markeredgewidth=2.5, color="black", capsize=6, label="published ± its std")
         for x, b in zip(xs, panel.bars):
-            ax.annotate(f"n={b.n}", (x, b.mean), ha="center", va="top", xytext=(0, -4), textcoords="offset points",
-                        fontsize="small", color="white")
+            if b.published is None:
+                continue
+            ax.hlines(b.published, x - 0.42, x + 0.42, color="tab:red", linewidth=2.5, zorder=3, label="published")
+            if b.published_std:
+                ax.add_patch(Rectangle((x - 0.42, b.published - b.published_std), 0.84, 2 * b.published_std,
+                                       color="tab:red", alpha=0.25, linewidth=0, zorder=2,
+                                       label="published ± its std"))
         lows = [b.mean - (b.std or 0.0) for b in panel.bars]
         lows += [b.published - (b.published_std or 0.0) for b in panel.bars if b.published is not None]
         highs = [b.mean + (b.std or 0.0) for b in panel.bars]
         highs += [b.published + (b.published_std or 0.0) for b in panel.bars if b.published is not None]
         bottom = max(0.0, 5.0 * math.floor((min(lows) - 5.0) / 5.0))
         ax.set_ylim(bottom, max(highs) + 0.08 * (max(highs) - bottom) + 0.5)
+        for x, b in zip(xs, panel.bars):
+            ax.annotate(f"n={b.n}", (x, bottom), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points",
+                        fontsize="small", color="white")
         ax.set_xticks(xs, ["\n".join(textwrap.wrap(b.label, 20)) for b in panel.bars], rotation=30, ha="right",
                       fontsize="x-small")
         ax.set_ylabel(f"{LABELS.get(panel.metric, panel.metric)} (%)")
@@ -135,7 +140,7 @@ def draw_bars(panels: list[BarPanel], path: str | os.PathLike, columns: int = 3)
     for ax in axes.flat[:len(panels)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=2, fontsize="small", frameon=False)
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=3, fontsize="small", frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path)
     plt.close(fig)
@@ -145,6 +150,8 @@ def draw_bars(panels: list[BarPanel], path: str | os.PathLike, columns: int = 3)
 def draw_curves(curves: list[Curve], path: str | os.PathLike) -> Path:
     """Write every cell's kNN curve to ``path``, one colour per group, cells that are not done dashed."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     colours: dict[str, str] = {}
     for curve in curves:
@@ -153,6 +160,7 @@ def draw_curves(curves: list[Curve], path: str | os.PathLike) -> Path:
         ax.plot(curve.epochs, curve.values, color=colour, linestyle="-" if curve.state == "done" else "--",
                 marker="o" if len(curve.epochs) < 30 else None, markersize=3, alpha=0.85,
                 label=curve.group if first else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")
     ax.set_title("kNN top-1 after each epoch, one line per cell (dashed: not done)", fontsize="medium")
