@@ -366,6 +366,12 @@ def cmd_plot_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from contrastlab.studies.table import cmd_table as table
+
+    return table(args)
+
+
 def cmd_views(args: argparse.Namespace) -> int:
     from contrastlab import assemble
     from contrastlab.viz.view_sheet import ImageList, draw_view_sheet
@@ -538,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("table", help="mean ± std over seeds of run directories made by hand (docs/study_tables.md)")
+    p.add_argument("runs", nargs="+", help="run directories; runs whose config.yaml differs only in seed/out are "
+                   "one row")
+    p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    p.add_argument("--figure", help="also write a bar chart to PATH and the kNN curves to <PATH stem>_curves.png")
+    p.set_defaults(func=cmd_table)
     return parser
 
 
