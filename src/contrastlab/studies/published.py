@@ -12,9 +12,10 @@ protocol that measured it, and the recipe(s) that train it here. The systems and
 - The base methods contrastlab adds: solo-learn's CIFAR table (DINO, SwAV, Barlow Twins, VICReg) and the
   ImageNet rows of those four papers / READMEs that a shipped recipe trains.
 
-ContrastiveCrop (CVPR 2022) and SemanticCrop (PRCV 2023): their code releases and READMEs state only ranges of
-gains, and the per-cell tables of the papers are not transcribed here; the one row-level pair, MoCo v1 with
-RandomCrop and with ContrastiveCrop on ImageNet, is in JointCrop's appendix table.
+ContrastiveCrop (CVPR 2022) and SemanticCrop (PRCV 2023): ContrastiveCrop's README prints no result numbers (its
+range of gains is the paper's abstract) and SemanticCrop's states only a range; the per-cell tables of the papers are
+not transcribed here; the one row-level pair, MoCo v1 with RandomCrop and with ContrastiveCrop on ImageNet, is in
+JointCrop's appendix table.
 
 Example:
     >>> from contrastlab.studies.published import row, rows
