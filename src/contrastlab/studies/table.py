@@ -47,15 +47,18 @@ METRIC_SOURCES: dict[str, str] = {
                  "the best peer), else the `classifier` head",
     "test_top1_peer_mean": "results.json `test_top1.peer_mean` (cohorts: the mean over peers)",
     "test_top1_ensemble": "results.json `test_top1.ensemble` (cohorts: the summed logits of the peers)",
+    "epoch_s": "results.json `wall_seconds` / `epochs`: seconds per epoch of the whole run (set-up, monitors and "
+               "checkpoints included; summed over resumed processes)",
     "train_loop_min": "metrics.jsonl: the sum over epochs of the epoch's images / `img_per_s`, in minutes "
-                      "(the training loop only: no set-up, monitors or checkpoints)",
+                      "(the training loop only: no set-up, monitors or checkpoints); for runs that predate "
+                      "`wall_seconds`",
 }
 
 #: Column headings of the markdown and LaTeX tables.
 LABELS: dict[str, str] = {
     "knn_top1": "kNN top-1", "linear_top1": "linear top-1", "finetune_top1": "fine-tune top-1",
     "test_top1": "test top-1", "test_top1_peer_mean": "test top-1 (peer mean)",
-    "test_top1_ensemble": "test top-1 (ensemble)", "train_loop_min": "train loop (min)",
+    "test_top1_ensemble": "test top-1 (ensemble)", "epoch_s": "s / epoch", "train_loop_min": "train loop (min)",
 }
 
 #: Cell states, in the order a group's status names them; only ``done`` cells are averaged.
@@ -224,6 +227,11 @@ def read_run(run_dir: str | os.PathLike, data: str | None = None) -> RunResult:
     records = read_jsonl(run_dir / "metrics.jsonl")
     out.knn_curve = [(int(r["epoch"]), float(r["knn_top1"])) for r in records
                      if _number(r.get("knn_top1")) is not None and _number(r.get("epoch")) is not None]
+    wall, epochs = _number(results.get("wall_seconds")), _number(results.get("epochs"))
+    if wall is not None and epochs:
+        out.metrics["epoch_s"] = wall / epochs
+        out.measured["epoch_s"] = f"results.json wall_seconds / epochs on {out.device or 'an unrecorded device'}"
+        return out
     minutes = _train_loop_minutes(records, _number((info.get("derived") or {}).get("global_batch_size")))
     if minutes is not None and results:  # a finished run only: a partial sum is not the run's time
         out.metrics["train_loop_min"] = minutes
