@@ -1,5 +1,5 @@
 #!/bin/bash
-# A single-node SLURM cluster on this machine, from Debian's slurm-wlm and munge packages: for trying
+# A single-node SLURM cluster on this machine, from Debian's SLURM (slurm-wlm) and munge packages: for trying
 # examples/slurm/train.sbatch and for the tests that submit real jobs (tests/test_slurm.py).
 #
 #   scripts/local_slurm.sh start    # install the packages if missing (as root), start munged, slurmctld, slurmd
@@ -10,7 +10,8 @@
 # Everything it writes lives in one folder, $CONTRASTLAB_SLURM_DIR (default /tmp/contrastlab-slurm): the generated
 # slurm.conf, the controller's state, spool, logs and pid files. The cluster is one node, this host (`hostname -s`,
 # reached at 127.0.0.1) with nproc CPUs and its memory, in one partition `local`; no accounting (sacct does not
-# work; `scontrol show job` keeps a finished job for MinJobAge = 300 s). Clients find it through
+# work; `scontrol show job` keeps a finished job for MinJobAge = 300 s). Pending jobs are scheduled every second
+# (a job whose begin time passes starts then, not at the next 30 s backfill pass); KillWait is 10 s. Clients find it through
 # SLURM_CONF=<folder>/etc/slurm.conf; as root, /etc/slurm/slurm.conf is also linked to it when that file does not
 # exist, so that a plain `sbatch` works (stop removes the link). Ports: $CONTRASTLAB_SLURM_PORT (default 6817) for
 # slurmctld, the next one for slurmd.
@@ -23,15 +24,15 @@ set -euo pipefail
 DIR=${CONTRASTLAB_SLURM_DIR:-/tmp/contrastlab-slurm}
 PORT=${CONTRASTLAB_SLURM_PORT:-6817}
 CONF=$DIR/etc/slurm.conf
-PACKAGES=(slurm-wlm munge)
+PACKAGES=(slurmctld slurmd slurm-client munge)  # slurm-wlm's daemons and clients, without its optional plugins
 NEEDED=(slurmctld slurmd munged mungekey munge sbatch srun squeue sinfo scontrol scancel)
 START_TIMEOUT=${CONTRASTLAB_SLURM_START_TIMEOUT:-60}
 export SLURM_CONF=$CONF
 
 say() { echo "local_slurm: $*"; }
-die() { echo "local_slurm: error: $*" >&2; exit "${2:-1}"; }
+die() { echo "local_slurm: error: $1" >&2; exit "${2:-1}"; }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [ -f "$1" ] && [ -n "$(cat "$1")" ] && [ -d "/proc/$(cat "$1")" ]; }  # any user may ask
 running() { alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid"; }
 munge_works() { command -v munge >/dev/null && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -47,14 +48,11 @@ install_packages() {
   local missing
   missing=$(missing_commands)
   [ -z "$missing" ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    die "missing $missing; as root, install: apt-get install -y ${PACKAGES[*]}" 3
-  fi
   command -v apt-get >/dev/null || die "missing $missing and there is no apt-get; install SLURM (slurmctld, slurmd) and munge" 3
   say "installing ${PACKAGES[*]} (missing: $missing)"
   local t0=$SECONDS
   if ! { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-         DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${PACKAGES[@]}"; } \
+         DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${PACKAGES[@]}"; } \
          > "$DIR/log/apt.log" 2>&1; then
     tail -n 20 "$DIR/log/apt.log" >&2
     die "apt-get install ${PACKAGES[*]} failed (log: $DIR/log/apt.log)" 3
@@ -114,6 +112,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 JobRequeue=1
 EnforcePartLimits=ALL
 ReturnToService=2
@@ -161,9 +160,6 @@ cmd_start() {
   fi
   local t0=$SECONDS
   install_packages
-  if [ "$(id -u)" -ne 0 ]; then
-    die "starting needs root (munged runs as the munge user, slurmd as root)" 3
-  fi
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/run" "$DIR/log"
   start_munge
   write_conf
@@ -190,16 +186,16 @@ stop_pid() {  # stop_pid NAME: SIGTERM the daemon of pid file NAME.pid, wait up 
 cmd_stop() {
   if alive "$DIR/run/slurmctld.pid"; then
     local jobs i
-    jobs=$(squeue -h -o %i 2>/dev/null || true)
+    jobs=$(squeue -h -t pending,running,suspended,configuring -o %i 2>/dev/null || true)
     if [ -n "$jobs" ]; then
       say "cancelling jobs: $(echo $jobs)"
       # shellcheck disable=SC2086
       scancel $jobs 2>/dev/null || true
-      for i in $(seq 150); do
-        [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
-        sleep 0.2
-      done
     fi
+    for i in $(seq 150); do  # cancelled and completing jobs: their processes end before slurmd stops
+      [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+      sleep 0.2
+    done
   fi
   stop_pid slurmd
   stop_pid slurmctld
@@ -229,6 +225,12 @@ cmd_status() {
 
 case ${1:-} in
   start|stop)
+    if [ "$(id -u)" -ne 0 ]; then  # a cluster that root started serves everyone
+      if [ "$1" = start ] && running; then say "already running (SLURM_CONF=$CONF)"; exit 0; fi
+      missing=$(missing_commands)
+      [ -z "$missing" ] || die "missing $missing; as root, install: apt-get install -y ${PACKAGES[*]}" 3
+      die "$1 needs root (munged runs as the munge user, slurmctld and slurmd as root)" 3
+    fi
     mkdir -p "$DIR/log" "$DIR/run"
     exec 9>"$DIR/lock"
     flock -w 600 9 || die "another local_slurm.sh held $DIR/lock for 10 minutes"
