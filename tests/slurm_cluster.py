@@ -149,20 +149,34 @@ def acquire() -> Cluster:
         SlurmUnavailable: the script exited with status 3 (the packages cannot be installed, or not as root).
         RuntimeError: the cluster did not start (the script's output says why).
     """
+    if os.geteuid() != 0:  # only a cluster root started can serve this session, and it never stops it
+        _start()
+        return Cluster(cluster_dir())
     with _leases_locked() as folder:
         (folder / "leases" / session_id()).touch()
-        t0 = time.monotonic()
-        proc = subprocess.run([str(SCRIPT), "start"], check=False, capture_output=True, text=True, timeout=900)
-        output = (proc.stdout + proc.stderr).strip()
-        if proc.returncode == UNAVAILABLE:
+        try:
+            started = _start()
+        except SlurmUnavailable:
             (folder / "leases" / session_id()).unlink(missing_ok=True)
-            raise SlurmUnavailable(output)
-        if proc.returncode != 0:
-            raise RuntimeError(f"scripts/local_slurm.sh start failed ({proc.returncode}):\n{output}")
-        if "already running" not in proc.stdout:  # this session started it: stop it when the session ends
+            raise
+        if started:  # this session started it: stop it when the session ends
             (folder / "started_by_tests").write_text(str(_controller_pid()))
-            print(f"\nlocal SLURM cluster started in {time.monotonic() - t0:.1f} s:\n{output}", file=sys.stderr)
     return Cluster(cluster_dir())
+
+
+def _start() -> bool:
+    """``local_slurm.sh start``; whether it started the cluster (False: it was running)."""
+    t0 = time.monotonic()
+    proc = subprocess.run([str(SCRIPT), "start"], check=False, capture_output=True, text=True, timeout=900)
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode == UNAVAILABLE:
+        raise SlurmUnavailable(output)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/local_slurm.sh start failed ({proc.returncode}):\n{output}")
+    if "already running" in proc.stdout:
+        return False
+    print(f"\nlocal SLURM cluster started in {time.monotonic() - t0:.1f} s:\n{output}", file=sys.stderr)
+    return True
 
 
 def release() -> str | None:

@@ -120,7 +120,7 @@ def test_interrupted_job_continues_to_the_same_loss(slurm: Cluster, uninterrupte
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
 
     assert f"job {run.job} (requeued 1 times)" in text  # --open-mode=append: both attempts in one file
-    resumed = [int(s) for s in re.findall(r"resumed from \S+ at epoch \d+, step (\d+),", text)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at epoch \d+, step (\d+)\b", text)]
     assert len(resumed) == 1 and 0 < resumed[0] < STEPS, text[-3000:]
     if interrupt == "SIGUSR1":
         stopped = re.findall(r"stopped by SIGUSR1 at step (\d+)", text)
