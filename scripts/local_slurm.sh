@@ -11,10 +11,10 @@
 # slurm.conf, the controller's state, spool, logs and pid files. The cluster is one node, this host (`hostname -s`,
 # reached at 127.0.0.1) with nproc CPUs and its memory, in one partition `local`; no accounting (sacct does not
 # work; `scontrol show job` keeps a finished job for MinJobAge = 300 s). Pending jobs are scheduled every second
-# (a job whose begin time passes starts then, not at the next 30 s backfill pass); KillWait is 10 s. Clients find it through
-# SLURM_CONF=<folder>/etc/slurm.conf; as root, /etc/slurm/slurm.conf is also linked to it when that file does not
-# exist, so that a plain `sbatch` works (stop removes the link). Ports: $CONTRASTLAB_SLURM_PORT (default 6817) for
-# slurmctld, the next one for slurmd.
+# (a job whose begin time passes starts then, not at the next 30 s backfill pass); KillWait is 10 s. Clients find
+# it through SLURM_CONF=<folder>/etc/slurm.conf; as root, /etc/slurm/slurm.conf is also linked to it when that file
+# does not exist, so that a plain `sbatch` works (stop removes the link). Ports: $CONTRASTLAB_SLURM_PORT (default
+# 6817) for slurmctld, the next one for slurmd.
 #
 # `start` is idempotent and safe to run concurrently (a lock file serialises start and stop): on a running cluster
 # it says so and succeeds. Exit status: 0 done; 1 failed (the daemons' logs are printed); 3 SLURM cannot be
@@ -32,7 +32,11 @@ export SLURM_CONF=$CONF
 say() { echo "local_slurm: $*"; }
 die() { echo "local_slurm: error: $1" >&2; exit "${2:-1}"; }
 
-alive() { [ -f "$1" ] && [ -n "$(cat "$1")" ] && [ -d "/proc/$(cat "$1")" ]; }  # any user may ask
+alive() {  # alive DIR/run/NAME.pid: that daemon runs (any user may ask; a reused pid of another program is not it)
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+}
 running() { alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid"; }
 munge_works() { command -v munge >/dev/null && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -48,11 +52,12 @@ install_packages() {
   local missing
   missing=$(missing_commands)
   [ -z "$missing" ] && return 0
-  command -v apt-get >/dev/null || die "missing $missing and there is no apt-get; install SLURM (slurmctld, slurmd) and munge" 3
+  command -v apt-get >/dev/null ||
+    die "missing $missing and there is no apt-get; install SLURM (slurmctld, slurmd, its clients) and munge" 3
   say "installing ${PACKAGES[*]} (missing: $missing)"
-  local t0=$SECONDS
-  if ! { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-         DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${PACKAGES[@]}"; } \
+  local t0=$SECONDS apt=(apt-get -o DPkg::Lock::Timeout=300 -qq)
+  if ! { DEBIAN_FRONTEND=noninteractive "${apt[@]}" update &&
+         DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends "${PACKAGES[@]}"; } \
          > "$DIR/log/apt.log" 2>&1; then
     tail -n 20 "$DIR/log/apt.log" >&2
     die "apt-get install ${PACKAGES[*]} failed (log: $DIR/log/apt.log)" 3

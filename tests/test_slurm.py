@@ -74,7 +74,8 @@ def test_start_is_idempotent(slurm: Cluster):
     proc = slurm.run(str(SCRIPT), "start")
     assert "already running" in proc.stdout
     proc = slurm.run(str(SCRIPT), "status")
-    assert "running" in proc.stdout and re.search(r"^local\*\s+up\s+infinite\s+1\s", proc.stdout, re.MULTILINE), proc.stdout
+    assert "running" in proc.stdout, proc.stdout
+    assert re.search(r"^local\*\s+up\s+infinite\s+1\s", proc.stdout, re.MULTILINE), proc.stdout  # sinfo's partition
 
 
 def test_train_sbatch_runs_to_its_results(slurm: Cluster, uninterrupted: TrainJob):
@@ -92,9 +93,9 @@ def test_interrupted_job_continues_to_the_same_loss(slurm: Cluster, uninterrupte
                                                     interrupt: str):
     """Interrupted after its first checkpoint, the job is requeued and continues to the uninterrupted run's loss.
 
-    ``scontrol requeue`` (as a preemption with PreemptMode=REQUEUE): SLURM sends SIGTERM to every process of the job and requeues it;
-    under torchrun SIGTERM stops the workers without a checkpoint, so the run resumes from its last periodic or
-    end-of-epoch checkpoint. SIGUSR1 (what ``--signal=USR1@N`` sends the job steps before the time limit;
+    ``scontrol requeue`` (as a preemption with PreemptMode=REQUEUE): SLURM sends SIGTERM to every process of the job
+    and requeues it; under torchrun SIGTERM stops the workers without a checkpoint, so the run resumes from its last
+    periodic or end-of-epoch checkpoint. SIGUSR1 (what ``--signal=USR1@N`` sends the job steps before the time limit;
     ``scancel --signal=USR1`` sends it now): the workers write a checkpoint at the next step and exit 75, and the
     script requeues the job itself. Either way the requeued job waits for a begin time 2 minutes away, which the test
     moves to 2 s from now.
