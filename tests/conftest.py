@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
+import slurm_cluster
 import torch
 
 # torch.compile (data.compile_views tests): on CI's 2 cores, inductor's pool of compile workers costs more than it
@@ -33,3 +36,37 @@ def _one_thread_per_xdist_worker():
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
     yield
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Name the test session after the pytest process that runs it (xdist's workers inherit the variable): the
+    local SLURM cluster's leases (tests/slurm_cluster.py) are per session."""
+    if not hasattr(config, "workerinput"):
+        os.environ[slurm_cluster.SESSION_VARIABLE] = str(os.getpid())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After every worker has finished: stop the local SLURM cluster if this session started it and no other
+    test session still uses it."""
+    if not hasattr(session.config, "workerinput"):
+        done = slurm_cluster.release()
+        if done:
+            print(f"\n{done}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_session() -> slurm_cluster.Cluster:
+    """A real single-node SLURM cluster (scripts/local_slurm.sh start), shared by the session's workers; skips,
+    saying why, only when SLURM cannot be installed here."""
+    try:
+        return slurm_cluster.acquire()
+    except slurm_cluster.SlurmUnavailable as exc:
+        pytest.skip(f"no SLURM cluster on this machine: {exc}")
+
+
+@pytest.fixture
+def slurm(slurm_cluster_session: slurm_cluster.Cluster) -> Iterator[slurm_cluster.Cluster]:
+    """The local SLURM cluster for one test; jobs the test submitted and left running are cancelled after it."""
+    cluster = slurm_cluster.Cluster(slurm_cluster_session.dir)
+    yield cluster
+    cluster.cancel_submitted()

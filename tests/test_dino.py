@@ -440,6 +440,67 @@ def test_cli_trains_multicrop_on_the_gpu_pipeline_with_the_last_layer_frozen_in_
     assert moved > 1e-5
 
 
+# --- evaluating as released: the teacher, and a ViT's last blocks ------------------------------------------------
+
+
+@needs_timm
+def test_last_blocks_features_are_the_normalised_class_tokens_of_the_last_blocks() -> None:
+    """``linear.n_last_blocks`` / ``linear.avgpool_patch_tokens`` (eval_linear.py): the tokens every block outputs,
+    caught by forward hooks and passed through the final LayerNorm here, against the module's own block loop."""
+    from contrastlab.models.vit import build_vit
+    from contrastlab.models.vit_features import LastBlocksFeatures
+
+    torch.manual_seed(0)
+    vit, dim = build_vit("vit_small_dino", img_size=32)
+    vit.eval()
+    x = torch.randn(3, 3, 32, 32)
+    caught: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: caught.append(out)) for block in vit.blocks]
+    with torch.no_grad():
+        final = vit(x)
+        for hook in hooks:
+            hook.remove()
+        normed = [vit.norm(out) for out in caught]
+        torch.testing.assert_close(LastBlocksFeatures(vit, 1)(x), final)  # one block: the backbone's own output
+        four = LastBlocksFeatures(vit, 4)
+        assert four.dim == 4 * dim
+        torch.testing.assert_close(four(x), torch.cat([n[:, 0] for n in normed[-4:]], dim=1))
+        pooled = LastBlocksFeatures(vit, 1, avgpool_patch_tokens=True)(x)
+    patch_mean = normed[-1][:, 1:].mean(dim=1)
+    for i in range(dim):  # interleaved as released: cls_0, mean_0, cls_1, mean_1, ...
+        torch.testing.assert_close(pooled[:, 2 * i], normed[-1][:, 0, i])
+        torch.testing.assert_close(pooled[:, 2 * i + 1], patch_mean[:, i])
+    with pytest.raises(ConfigError, match="avgpool_patch_tokens=true reads the last block only"):
+        LastBlocksFeatures(vit, 4, avgpool_patch_tokens=True)
+    with pytest.raises(ConfigError, match="between 1 and the ViT's 12 blocks"):
+        LastBlocksFeatures(vit, 13)
+    with pytest.raises(ConfigError, match="set linear.n_last_blocks=1"):
+        LastBlocksFeatures(build_backbone("resnet18")[0], 4)
+
+
+def test_evaluation_reads_the_teacher_when_the_run_says_so(tmp_path) -> None:
+    """``model.evaluated_network=momentum`` (DINO's recipes): kNN during training, ``eval`` and ``export`` read the
+    teacher's backbone; ``--network online`` the student's. Checked by exporting both and comparing with the
+    checkpoint's ``teacher_backbone.*`` and ``backbone.*`` tensors, which differ after training."""
+    out = tmp_path / "run"
+    assert main(["train", "demo", "--smoke", f"out={out}", *RUN[4:], "train.epochs=1", "train.max_steps=2",
+                 "data.subset=16", "views.small_size=8", "model.evaluated_network=momentum", "model.arch=resnet18",
+                 "model.cifar_stem=false", "model.width=1.0"]) == 0
+    ckpt = out / "checkpoints" / "last.pt"
+    weights = load_checkpoint(ckpt)["method"]
+    for network, prefix in (("momentum", "teacher_backbone."), ("online", "backbone.")):
+        assert main(["export", str(ckpt), "--format", "torchvision", "--out", str(tmp_path / f"{network}.pth"),
+                     "--network", network]) == 0
+        exported = torch.load(tmp_path / f"{network}.pth", weights_only=True)
+        name = "conv1.weight"
+        torch.testing.assert_close(exported[name], weights[prefix + name], rtol=0, atol=0)
+    assert not torch.equal(weights["teacher_backbone.conv1.weight"], weights["backbone.conv1.weight"])
+    assert main(["eval", "knn", str(ckpt), "monitor.max_bank=16", "monitor.max_test=8"]) == 0
+    assert json.loads((out / "eval_knn_demo.json").read_text())["network"] == "momentum"
+    with pytest.raises(ConfigError, match="method 'simclr' keeps no momentum copy"):
+        load_config("demo", ["model.evaluated_network=momentum"])
+
+
 # --- importing released files ------------------------------------------------------------------------------------
 
 
@@ -502,13 +563,62 @@ def test_importing_a_full_checkpoint_and_a_backbone_file_gives_upstreams_network
         torch.testing.assert_close(method.teacher_backbone(x), up["teacher"](x))
 
 
+@needs_timm
+def test_a_released_linear_classifier_reads_the_last_four_class_tokens(tmp_path) -> None:
+    """``import --from dino --classifier *_linearweights.pth`` beside a backbone file: ``eval linear
+    --stored-classifier`` scores it on the 4 x 192 last-blocks features (a 192-wide classifier is refused), and its
+    top-1 equals the accuracy of the file's Linear on hooked tokens of the upstream network, computed here."""
+    from contrastlab import assemble
+    from contrastlab.config.load import config_from_dict
+    from contrastlab.errors import CheckpointError
+    from contrastlab.importers import import_checkpoint
+
+    state, up = upstream_dino_checkpoint(32, full=False)
+    backbone = tmp_path / "dino_deittiny16_pretrain.pth"
+    torch.save(state, backbone)
+    linear = nn.Linear(4 * 192, 10)
+    probe = tmp_path / "dino_deittiny16_linearweights.pth"
+    torch.save({"epoch": 100, "state_dict": {f"module.linear.{k}": v for k, v in linear.state_dict().items()},
+                "optimizer": {}, "scheduler": {}, "best_acc": 72.0}, probe)
+    with pytest.raises(CheckpointError, match="--classifier"):
+        import_checkpoint(probe, "dino", tmp_path / "x.pt", log=lambda s: None)
+    out = tmp_path / "imported.pt"
+    small = ["data.image_size=16", "data.name=demo", "data.root=null", "data.train_split=train", "data.test_split=test",
+             "data.workers=0", "train.device=cpu"]
+    assert main(["import", str(backbone), "--from", "dino", "--classifier", str(probe), "--out", str(out), *small]) == 0
+    assert main(["eval", "linear", str(out), "--stored-classifier", *small]) == 0
+    result = json.loads((tmp_path / "imported.eval_linear_demo_stored.json").read_text())
+    ckpt = load_checkpoint(out)
+    cfg = config_from_dict(__import__("yaml").safe_load(ckpt["config"]))
+    test = list(assemble.evaluation_views(cfg, assemble.dataset(cfg, cfg.data.test_split)))
+    images, labels = torch.stack([views[0] for views, _, _ in test]), torch.tensor([label for _, label, _ in test])
+    caught: list[torch.Tensor] = []
+    teacher = up["teacher"]
+    hooks = [block.register_forward_hook(lambda _m, _i, o: caught.append(o)) for block in teacher.blocks[-4:]]
+    with torch.no_grad():
+        teacher(images)
+        features = torch.cat([teacher.norm(o)[:, 0] for o in caught], dim=1)
+        expected = (linear(features).argmax(1) == labels).float().mean().item() * 100
+    for hook in hooks:
+        hook.remove()
+    assert result["top1"] == pytest.approx(expected, abs=1e-4) and result["network"] == "momentum"
+    narrow = tmp_path / "narrow_linearweights.pth"
+    torch.save({"state_dict": {"module.linear.weight": torch.zeros(10, 192), "module.linear.bias": torch.zeros(10)}},
+               narrow)
+    assert main(["import", str(backbone), "--from", "dino", "--classifier", str(narrow), "--out",
+                 str(tmp_path / "narrow.pt"), *small]) == 2  # refused: the probe reads 768-d features
+
+
 # --- recipes as released -----------------------------------------------------------------------------------------
 
 # main_dino.py defaults and the README's commands (facebookresearch/dino), transcribed independently of the recipes.
 RELEASED_DEFAULTS = {"method.out_dim": 65536, "method.student_temp": 0.1, "method.center_momentum": 0.9,
                      "method.freeze_last_layer": 1, "train.ema_momentum": 0.996, "train.ema_schedule": "cosine",
                      "optim.warmup_epochs": 10, "optim.clip_grad": 3.0, "optim.clip_grad_mode": "per_parameter",
-                     "views.num_views": 2, "views.small_size": 96, "data.image_size": 224, "optim.exclude_bias_bn_wd": True}
+                     "views.num_views": 2, "views.small_size": 96, "data.image_size": 224, "optim.exclude_bias_bn_wd": True,
+                     # eval_knn.py / eval_linear.py --checkpoint_key teacher; eval_linear.py --n_last_blocks 4 (ViT-S)
+                     "model.evaluated_network": "momentum", "linear.n_last_blocks": 4,
+                     "linear.avgpool_patch_tokens": False}
 RELEASED = {
     "imagenet/dino_vit_s16_100ep": {"model.arch": "vit_small_dino", "model.drop_path_rate": 0.1, "train.epochs": 100,
                                     "data.batch_size": 512, "optim.name": "adamw", "optim.lr": 0.0005,
@@ -525,7 +635,8 @@ RELEASED = {
     "imagenet/dino_r50_100ep": {"model.arch": "resnet50", "train.epochs": 100, "data.batch_size": 512,
                                 "optim.name": "sgd", "optim.lr": 0.03, "optim.momentum": 0.9, "optim.weight_decay": 1e-4,
                                 "optim.weight_decay_end": 1e-4, "views.scale": [0.14, 1.0],
-                                "views.small_scale": [0.05, 0.14], "views.num_small": 8, "model.sync_bn": True},
+                                "views.small_scale": [0.05, 0.14], "views.num_small": 8, "model.sync_bn": True,
+                                "linear.n_last_blocks": 1},  # a ResNet's pooled features (eval_linear.py, resnet)
 }
 
 

@@ -242,6 +242,32 @@ def test_gpu_pipeline_resumes_mid_epoch_exactly_like_the_uninterrupted_run(tmp_p
     _assert_same_run(tmp_path / "full", tmp_path / "part")
 
 
+def test_wall_time_grows_each_epoch_and_is_summed_over_resumed_processes(tmp_path, monkeypatch):
+    """``wall_seconds`` (metrics.jsonl, results.json): the killed process's seconds, carried by its mid-epoch
+    checkpoint, plus the resuming process's own (timed here around the call)."""
+    from contrastlab.engine import trainer as trainer_module
+
+    save, written = trainer_module.atomic_save, []
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        if obj.get("partial"):
+            written.append(obj["wall_seconds"])
+            raise _Killed
+
+    monkeypatch.setattr(trainer_module, "atomic_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(_tiny(tmp_path, "train.checkpoint_every_steps=4"), quiet=True)
+    monkeypatch.setattr(trainer_module, "atomic_save", save)
+    t0 = time.perf_counter()
+    train(_tiny(tmp_path, "train.checkpoint_every_steps=4", "resume=auto"), quiet=True)
+    resumed = time.perf_counter() - t0
+    walls = [json.loads(line)["wall_seconds"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    total = json.loads((tmp_path / "results.json").read_text())["wall_seconds"]
+    assert written[0] > 0 and walls == sorted(walls) and walls[-1] <= total
+    assert 0.5 * resumed < total - written[0] <= resumed
+
+
 def test_deferred_finite_check_stops_within_its_window(tmp_path, monkeypatch):
     _with_nan_steps(monkeypatch, {3})
     with pytest.raises(NonFiniteLossError, match="between step 1 and step 4"):

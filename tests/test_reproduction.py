@@ -222,12 +222,14 @@ def test_byol_rows_start_the_target_from_its_own_initialisation() -> None:
         BYOL(torch.nn.Linear(4, 4), 4, 8, 4, 8, target_init="random")
 
 
-def test_supervised_resnet50_recipe_is_the_pytorch_imagenet_example() -> None:
-    """FT's supervised row (76.1) is torchvision's ResNet-50: pytorch/examples imagenet/main.py, lr 0.1 x0.1 every
-    30 epochs (adjust_learning_rate once per epoch), batch 256, wd 1e-4, RandomResizedCrop(224) + flip, fp32."""
-    cfg = load_config("imagenet/supervised_r50_90ep")
+@pytest.mark.parametrize("depth", [50, 18, 34])
+def test_supervised_resnet_recipes_are_the_pytorch_imagenet_example(depth: int) -> None:
+    """FT's supervised row (76.1) is torchvision's ResNet-50, MCL's ImageNet baselines (69.76, 73.30) torchvision's
+    ResNet-18 / 34: pytorch/examples imagenet/main.py, lr 0.1 x0.1 every 30 epochs (adjust_learning_rate once per
+    epoch), batch 256, wd 1e-4, RandomResizedCrop(224) + flip, fp32."""
+    cfg = load_config(f"imagenet/supervised_r{depth}_90ep")
     assert (cfg.method.name, cfg.model.arch, cfg.model.cifar_stem, cfg.train.precision) == (
-        "supervised", "resnet50", False, "fp32")
+        "supervised", f"resnet{depth}", False, "fp32")
     assert (cfg.data.batch_size, cfg.data.image_size, cfg.views.params["num_views"],
             cfg.views.params["scale"]) == (256, 224, 1, [0.08, 1.0])
     assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == ("sgd", 0.9, 1e-4, False)

@@ -1,5 +1,5 @@
 """The ``contrastlab`` command line: train, eval (knn, linear, finetune), recipes, demo, plot, views, export, import,
-bench, study.
+bench, published, table, study.
 
 Every command takes ``key=value`` overrides after its positional arguments. Errors caused by input
 (unknown keys, missing datasets, damaged checkpoints) print one clear message and exit with status 2.
@@ -184,11 +184,13 @@ def _views_on_device(cfg, device, *datasets) -> bool:
 
 def _eval_out(args: argparse.Namespace, cfg) -> Path:
     """Where an evaluation's JSON goes: ``--out``; for a run's ``checkpoints/last.pt``
-    ``<run>/eval_<kind>_<data>[_peerN][_stored].json`` (another checkpoint of the run adds ``_<its name>``); for a
+    ``<run>/eval_<kind>_<data>[_peerN][_<network>][_stored].json`` (``--network`` other than the run's; another checkpoint of the run adds ``_<its name>``); for a
     checkpoint anywhere else ``<its name>.eval_<kind>_<data>[...].json`` beside it."""
     if args.out:
         return Path(args.out)
     suffix = f"_peer{args.peer}" if args.peer is not None else ""
+    network = getattr(args, "network", None)
+    suffix += f"_{network}" if network and network != cfg.model.evaluated_network else ""  # not the run's own
     suffix += "_stored" if getattr(args, "stored_classifier", False) else ""
     checkpoint = Path(args.checkpoint)
     name = f"eval_{args.kind}_{cfg.data.name}{suffix}"
@@ -201,15 +203,40 @@ def _eval_out(args: argparse.Namespace, cfg) -> Path:
 def _eval_info(args: argparse.Namespace, cfg, ckpt) -> dict:
     """What every evaluation's result says about its input."""
     return {"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], "data": cfg.data.name, "peer": args.peer or 0,
-            "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
+            "network": _network(args, cfg), "train_split": cfg.data.labeled_split or cfg.data.train_split, "test_split": cfg.data.test_split}
+
+
+def _network(args: argparse.Namespace, cfg) -> str:
+    """``--network``, else the run's ``model.evaluated_network``."""
+    return getattr(args, "network", None) or cfg.model.evaluated_network
+
+
+def _backbone_module(args: argparse.Namespace, cfg) -> str:
+    """The checkpoint's module that ``--network`` names: ``backbone`` (online) or the method's momentum copy."""
+    from contrastlab.errors import ConfigError
+    from contrastlab.methods.base import evaluated_module
+    from contrastlab.registry import METHODS
+
+    module = evaluated_module(METHODS[cfg.method.name], _network(args, cfg))
+    if module != "backbone" and args.peer is not None:
+        raise ConfigError("the momentum network is one backbone; --peer selects a cohort peer's online network: "
+                          "give one of them")
+    return module
 
 
 def _pretrained_backbone(args: argparse.Namespace, cfg, ckpt, device):
+    """The checkpoint's backbone (``--peer``, ``--network``) on ``device``; for ``eval linear`` with
+    ``linear.n_last_blocks`` > 1 or ``linear.avgpool_patch_tokens`` the ViT's last-blocks features (DINO's probe)."""
     from contrastlab import assemble
     from contrastlab.engine.checkpoint import load_backbone_weights
 
     net, dim = assemble.backbone(cfg)
-    load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer)
+    load_backbone_weights(net, ckpt, str(args.checkpoint), peer=args.peer, module=_backbone_module(args, cfg))
+    if args.kind == "linear" and (cfg.linear.n_last_blocks != 1 or cfg.linear.avgpool_patch_tokens):
+        from contrastlab.models.vit_features import LastBlocksFeatures
+
+        net = LastBlocksFeatures(net, cfg.linear.n_last_blocks, cfg.linear.avgpool_patch_tokens)
+        dim = net.dim
     return net.to(device), dim
 
 
@@ -265,6 +292,7 @@ def _eval_finetune(args: argparse.Namespace, cfg, ckpt, device) -> dict:
 
     folder = _eval_out(args, cfg).with_suffix("")  # <run>/eval_finetune_<data>/
     return finetune_checkpoint(ckpt, cfg, str(args.checkpoint), folder, peer=args.peer, resume=args.resume,
+                               module=_backbone_module(args, cfg),
                                trust_pickle=args.trust_pickle)
 
 
@@ -338,6 +366,12 @@ def cmd_plot_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from contrastlab.studies.table import cmd_table as table
+
+    return table(args)
+
+
 def cmd_views(args: argparse.Namespace) -> int:
     from contrastlab import assemble
     from contrastlab.viz.view_sheet import ImageList, draw_view_sheet
@@ -375,9 +409,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from contrastlab.export import export_backbone
 
     ckpt, cfg = _eval_config(args)
-    result = export_backbone(backbone_state(ckpt, args.peer), cfg.model.arch, args.format, args.out,
+    result = export_backbone(backbone_state(ckpt, args.peer, _backbone_module(args, cfg)), cfg.model.arch, args.format, args.out,
                              cifar_stem=cfg.model.cifar_stem)
     print(json.dumps({"checkpoint": str(args.checkpoint), "epoch": ckpt["epoch"], **result}))
+    return 0
+
+
+def cmd_published(args: argparse.Namespace) -> int:
+    """Published rows, one a line; no match is an error (exit status 2) naming what was searched."""
+    from contrastlab.studies.published import format_rows, rows
+
+    selected = rows(args.filter)
+    if not selected:
+        raise ContrastlabError(f"no published row matches {args.filter!r} (searched: ids, tables and recipe names; "
+                               "substrings, or * ? [ ] wildcards); `contrastlab published` lists every row")
+    print(format_rows(selected, long=args.long))
     return 0
 
 
@@ -386,6 +432,13 @@ def _trust_pickle_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--trust-pickle", action="store_true", help=f"also open {what} when it holds Python objects "
                         "besides tensors and plain containers: this may run code from the file, so only for a file "
                         "from a source you trust")
+
+
+def _network_flag(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--network", choices=["online", "momentum"], default=None,
+                        help=f"which backbone to {verb}: the trained (online) one, or the method's momentum copy "
+                        "(DINO's teacher, which its paper evaluates; MoCo's key encoder; BYOL's target); default: "
+                        "the run's model.evaluated_network")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="eval finetune: continue from a fine-tuning checkpoint, or 'auto' (the last one "
                    "in <run>/eval_finetune_<data>/checkpoints)")
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): evaluate peer N (default 0)")
+    _network_flag(p, "evaluate")
     p.add_argument("--stored-classifier", action="store_true", help="eval linear: report the test accuracy of the "
                    "classifier stored in the checkpoint (an imported linear-probe file's, or an MCL peer's) instead "
                    "of training a probe")
@@ -433,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the contrastlab checkpoint to write (.pt)")
     p.add_argument("--recipe", help="the recipe to build the model from (default: the importer's choice for the file)")
     _trust_pickle_flag(p, "the released file (released checkpoints normally load without it)")
-    p.add_argument("--classifier", help="a linear-probe file that holds only the classifier (FT's main_linear.py, SwAV's eval_linear.py), "
+    p.add_argument("--classifier", help="a linear-probe file that holds only the classifier (FT's main_linear.py, SwAV's and DINO's eval_linear.py), "
                    "trained on this pre-training file's backbone: stored for `eval linear --stored-classifier`")
     p.set_defaults(func=cmd_import)
 
@@ -459,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["torchvision", "timm", "detectron2"])
     p.add_argument("--out", required=True, help="output file (.pth for torchvision/timm, .pkl for detectron2)")
     p.add_argument("--peer", type=int, default=None, help="cohort methods (MCL): export peer N (default 0)")
+    _network_flag(p, "export")
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     _trust_pickle_flag(p, "the checkpoint")
     p.set_defaults(func=cmd_export)
@@ -481,9 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("published", help="published rows (paper / README numbers) and the recipes that reproduce them")
+    p.add_argument("filter", nargs="?", help="keep rows whose id, table or recipe contains it (wildcards * ? allowed)")
+    p.add_argument("--long", action="store_true", help="also print each row's label, protocol recipe and note")
+    p.set_defaults(func=cmd_published)
+
     p = sub.add_parser("plot", help="(re)draw training curves of a run directory; `plot scores RUN...` for score figures")
     p.add_argument("run")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("table", help="mean ± std over seeds of run directories made by hand (docs/study_tables.md)")
+    p.add_argument("runs", nargs="+", help="run directories; runs whose config.yaml differs only in seed/out are "
+                   "one row")
+    p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    p.add_argument("--figure", help="also write a bar chart to PATH and the kNN curves to <PATH stem>_curves.png")
+    p.set_defaults(func=cmd_table)
 
     from contrastlab.studies.cli import add_study_parser
 

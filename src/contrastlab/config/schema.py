@@ -111,6 +111,7 @@ class ModelConfig:
     width: float = 1.0  #: width multiplier (CIFAR ResNets)
     zero_init_residual: bool = False
     stop_grad_conv1: bool = False  #: ViTs: frozen random patch projection (MoCo v3)
+    evaluated_network: str = "online"  #: online | momentum: the backbone kNN, linear probe and export read (DINO: the teacher)
     drop_path_rate: float = 0.0  #: ViTs: stochastic depth of the trained network (DINO's student: 0.1; its teacher has none)
     sync_bn: bool = False  #: convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False
@@ -228,6 +229,8 @@ class LinearConfig:
     augment: bool = True  #: RandomResizedCrop + flip each epoch; False = features computed once
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  #: RandomResizedCrop area range
     crop_fraction: float = 1.0  #: eval views: centre crop fraction (0.875 for ImageNet)
+    n_last_blocks: int = 1  #: ViTs: class tokens of the last N blocks, concatenated (DINO's ViT-S probe: 4)
+    avgpool_patch_tokens: bool = False  #: ViTs: last class token and mean patch token (DINO's ViT-B probe)
 
 
 @dataclass

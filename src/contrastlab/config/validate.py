@@ -19,6 +19,7 @@ from contrastlab.registry import (
     DATASETS,
     LOGGERS,
     LR_SCHEDULES,
+    METHODS,
     MOMENTUM_SCHEDULES,
     OBSERVERS,
     OPTIMIZERS,
@@ -130,6 +131,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "linear.weight_decay": (_nonneg, ">= 0"),
     "linear.scale": (_pair_in_unit, "[min, max] with 0 < min <= max <= 1"),
     "linear.crop_fraction": (_fraction, "in (0, 1]"),
+    "linear.n_last_blocks": (_positive_int, "a positive integer (a ViT's last blocks whose class tokens the probe reads)"),
     "finetune.epochs": (_positive_int, "a positive integer"),
     "finetune.batch_size": (_positive_int, "a positive integer"),
     "finetune.lr": (_nonneg, ">= 0"),
@@ -222,6 +224,9 @@ def check_names(cfg: Any) -> None:
         if isinstance(value, list) and len(set(value)) < len(value):
             twice = sorted({n for n in value if value.count(n) > 1})
             raise ConfigError(f"config key {key} lists {', '.join(map(repr, twice))} more than once; list each once")
+    from contrastlab.methods.base import evaluated_module
+
+    evaluated_module(METHODS[cfg.method.name], cfg.model.evaluated_network)  # a method that keeps that network
     t = cfg.train
     if t.finite_check_every > 1 and t.nonfinite == "skip":
         raise ConfigError("train.nonfinite=skip decides at every step whether to skip it; it needs "

@@ -255,15 +255,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def backbone_state(ckpt: dict[str, Any], peer: int | None = None) -> dict[str, torch.Tensor]:
+def backbone_state(ckpt: dict[str, Any], peer: int | None = None,
+                   module: str = "backbone") -> dict[str, torch.Tensor]:
     """The online backbone's weights from a checkpoint's method state (keys without ``backbone.``).
 
     ``peer`` selects peer ``i`` of a cohort method (MCL) instead: its weights, shared trunk included, are
-    under ``cohort.peers.<i>.``; ``backbone.`` is peer 0.
+    under ``cohort.peers.<i>.``; ``backbone.`` is peer 0. ``module`` reads another copy of the backbone, e.g. the
+    method's momentum backbone (:attr:`contrastlab.methods.Method.momentum_backbone`, DINO's ``teacher_backbone``).
     """
-    prefix = "backbone." if peer is None else f"cohort.peers.{peer}."
+    prefix = f"{module}." if peer is None else f"cohort.peers.{peer}."
     state = {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
     if not state:
+        if module != "backbone":
+            raise CheckpointError(f"checkpoint holds no '{prefix}*' weights in its method state")
         if peer is not None:
             peers = sorted({int(k.split(".")[2]) for k in ckpt["method"] if k.startswith("cohort.peers.")})
             raise CheckpointError(f"checkpoint has no peer {peer}; its peers: {peers or 'none (not a cohort method)'}")
@@ -292,9 +296,10 @@ def stored_classifier(ckpt: dict[str, Any], peer: int | None = None) -> tuple[to
 
 
 def load_backbone_weights(backbone: nn.Module, ckpt: dict[str, Any], source: str = "checkpoint",
-                          peer: int | None = None) -> None:
-    """Load the backbone (or cohort peer ``peer``) weights strictly; CheckpointError listing mismatches."""
+                          peer: int | None = None, module: str = "backbone") -> None:
+    """Load the backbone (or cohort peer ``peer``, or the copy at ``module``) weights strictly; CheckpointError
+    listing mismatches."""
     try:
-        backbone.load_state_dict(backbone_state(ckpt, peer), strict=True)
+        backbone.load_state_dict(backbone_state(ckpt, peer, module), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: backbone weights do not match the model built from its config: {exc}") from exc

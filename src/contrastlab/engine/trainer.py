@@ -129,6 +129,8 @@ class Trainer:
     def _build(self, method: Method | None, dataset: Dataset | None, planner: Any, test_dataset: Dataset | None,
                observers: list[Observer]) -> None:
         """The rest of set-up, with the run directory locked."""
+        self.started = time.perf_counter()  # wall time counts from here (set-up included)
+        self.wall_before = 0.0  # wall seconds of the processes this run resumed from
         cfg = self.cfg
         resume_path = resolve_resume(cfg, self.out, self.log, self.device, self.trust_pickle)
         if resume_path is None:  # a fresh run starts in an empty directory: nothing of an earlier one mixes in
@@ -255,6 +257,7 @@ class Trainer:
         if self.step is None:  # imported: upstream counts epochs only
             self.step = self.epoch * self.d.steps_per_epoch
         self.skipped_total = ckpt.get("skipped_total", 0)
+        self.wall_before = float(ckpt.get("wall_seconds", 0.0))
         self._load_rank_local(ckpt.get("rank_local"), path)
         self.numbered = list(ckpt.get("numbered", []))  # older checkpoints: none counted, none deleted
         self.last_record = ckpt.get("record")
@@ -401,6 +404,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "derived": self.d.as_dict(), "skipped_total": self.skipped_total, "partial": partial,
+                "wall_seconds": self.wall_seconds(),
                 "numbered": kept, "given": self.given, "rank_local": rank_local,
                 "method_class": f"{type(self.method).__module__}.{type(self.method).__qualname__}",
                 "observers": self.observers.state_dict(rank_local=False), "record": self.last_record}
@@ -491,6 +495,7 @@ class Trainer:
         record: dict[str, Any] = {
             "epoch": self.epoch, "step": self.step, "loss": means["loss"], "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": progress.batch * self.d.global_batch_size / elapsed if elapsed > 0 else 0.0,
+            "wall_seconds": self.wall_seconds(),  # since the run started, before this epoch's monitors
         }
         if "parts" in means:
             record["parts"] = means["parts"]
@@ -519,6 +524,9 @@ class Trainer:
         if self.skipped_total:
             results["skipped_steps"] = self.skipped_total
         self.observers.on_finish(self.run_view, results)
+        results["wall_seconds"] = self.wall_seconds()
+        results["wall_seconds_is"] = ("seconds from the trainer's start to the end of training, summed over the "
+                                      "processes of a resumed run (set-up, monitors and checkpoints included)")
         if self.main:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
         dist.barrier()
@@ -551,6 +559,10 @@ class Trainer:
             return self._finish()
         finally:
             self.close()
+
+    def wall_seconds(self) -> float:
+        """Seconds since this run started, summed over the processes it resumed from (checkpoints carry the sum)."""
+        return self.wall_before + time.perf_counter() - self.started
 
     def close(self) -> None:
         """Release the run directory (called by :meth:`run` however it ends; idempotent)."""

@@ -379,7 +379,7 @@ def _evenly_spaced(dataset: Dataset, n: int) -> Dataset:
 def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str | Path, *, peer: int | None = None,
                         resume: str | Path | None = None,
                         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-                        trust_pickle: bool = False) -> dict[str, Any]:
+                        trust_pickle: bool = False, module: str = "backbone") -> dict[str, Any]:
     """Fine-tune the backbone of a pre-training checkpoint with ``cfg.finetune`` (``contrastlab eval finetune``).
 
     The labelled training split (``data.labeled_split`` or ``data.train_split``; ``data.subset`` keeps an evenly
@@ -393,6 +393,7 @@ def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str
         source: the checkpoint's path, for messages.
         out: the fine-tuning folder.
         peer: cohort methods: fine-tune peer ``peer``.
+        module: the checkpoint's copy of the backbone to start from (``backbone``, or the method's momentum copy).
         resume: a fine-tuning checkpoint to continue, or ``"auto"`` (``out/checkpoints/last.pt`` when present).
         log: where progress lines go.
         trust_pickle: open a ``resume`` file holding Python objects besides tensors (may run code from the file).
@@ -406,7 +407,7 @@ def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str
     denv = init_distributed("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     device = select_device(cfg.train.device, denv.local_rank)
     net, dim = finetune_backbone(cfg)
-    load_backbone_weights(net, ckpt, source, peer=peer)
+    load_backbone_weights(net, ckpt, source, peer=peer, module=module)
     train_base = assemble.labeled_dataset(cfg) if cfg.data.labeled_split else assemble.training_dataset(cfg)
     test_base = _evenly_spaced(assemble.dataset(cfg, cfg.data.test_split), cfg.monitor.max_test)
     mean, std = assemble.normalization(cfg)

@@ -156,3 +156,16 @@ def plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def eval_linear_classifier(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The classifier of an ``eval_linear.py`` file of facebookresearch/swav or facebookresearch/dino (``--classifier
+    FILE``): ``state_dict`` (one ``Linear`` under ``linear.``, DDP's ``module.`` removed), ``epoch``, ``best_acc`` (the
+    best validation top-1 over the epochs), ``optimizer`` and ``scheduler`` (not carried)."""
+    state = state_under(raw, "state_dict", path)
+    if set(state) != {"linear.weight", "linear.bias"}:
+        raise CheckpointError(f"{path}: eval_linear.py's 'state_dict' holds one Linear (linear.weight, "
+                              f"linear.bias); found {sorted(state)}")
+    return ({"weight": state["linear.weight"], "bias": state["linear.bias"]},
+            {"epoch": plain(raw.get("epoch")), "best_acc": plain(raw.get("best_acc")),
+             "optimizer": "not carried over", "scheduler": "not carried over"})

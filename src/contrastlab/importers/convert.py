@@ -36,6 +36,7 @@ import torch
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import LINEAR, read_released
 from contrastlab.importers.placement import Placement, _listed
+from contrastlab.models.vit_features import probe_feature_dim
 
 
 def _stderr(message: str) -> None:
@@ -153,10 +154,13 @@ def convert_released(raw: dict[str, Any], path: str | os.PathLike, source: str, 
     if classifier is not None:
         stored, probe_info = importer.classifier_file(classifier[0], Path(classifier[1]))
         dim = int(stored["weight"].shape[-1])
-        if stored["weight"].ndim != 2 or dim != method.feature_dim:
+        wanted = probe_feature_dim(method.feature_dim, cfg.linear)
+        if stored["weight"].ndim != 2 or dim != wanted:
+            blocks = (f" (linear.n_last_blocks={cfg.linear.n_last_blocks}, linear.avgpool_patch_tokens="
+                      f"{str(cfg.linear.avgpool_patch_tokens).lower()})") if wanted != method.feature_dim else ""
             raise CheckpointError(f"{classifier[1]}: the classifier's weight has shape {list(stored['weight'].shape)}; "
-                                  f"the backbone of {path} gives {method.feature_dim}-d features: pass the linear file "
-                                  "trained on this pre-training file")
+                                  f"the probe on the backbone of {path} reads {wanted}-d features{blocks}: pass the "
+                                  "linear file trained on this pre-training file, or the linear.* settings it used")
         source_of = f"{classifier[1]} ({importer.project} linear probe on {path.name})"
         ckpt["imported"]["classifier_file"] = {"file": str(classifier[1]), **probe_info}
     classifier = stored

@@ -10,6 +10,9 @@ Released layouts:
   ``teacher_backbone`` / ``teacher_head`` and ``criterion.center`` of :class:`~contrastlab.methods.DINO`, whose
   names are upstream's (``head.mlp.<i>``, ``head.last_layer.weight_g`` / ``weight_v``). The head's sizes (``K``,
   hidden and bottleneck widths, depth, BatchNorm) are read from the tensors and set as ``method.*`` overrides.
+- ``eval_linear.py``'s classifier (``dino_deitsmall16_linearweights.pth``, ...): ``state_dict`` with one ``Linear``;
+  passed with ``--classifier FILE`` beside the backbone it was trained on, it becomes the checkpoint's stored
+  classifier (``contrastlab eval linear --stored-classifier``, on the recipe's last-blocks features).
 - backbone only (``dino_deitsmall16_pretrain.pth``, ``dino_vitbase16_pretrain.pth``,
   ``dino_resnet50_pretrain.pth``): the teacher's backbone as a flat state dict (timm's ViT names; torchvision's
   ResNet-50 without ``fc``), the network ``eval_knn.py`` and ``eval_linear.py`` evaluate. Placed as ``backbone``
@@ -24,6 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from contrastlab.errors import CheckpointError
 from contrastlab.importers.base import (
     BACKBONE,
@@ -31,6 +36,7 @@ from contrastlab.importers.base import (
     PRETRAIN,
     Importer,
     Released,
+    eval_linear_classifier,
     strip_module,
     upstream_epoch,
 )
@@ -88,6 +94,10 @@ class DINOImporter(Importer):
     resnet_recipe: ClassVar[str] = "imagenet/dino_r50_100ep"
 
     def recognise(self, raw: dict[str, Any], path: Path) -> Released:
+        linear = raw.get("state_dict")
+        if isinstance(linear, dict) and set(strip_module(linear)) == {"linear.weight", "linear.bias"}:
+            raise CheckpointError(f"{path} is an eval_linear.py file (the classifier alone): pass it with --classifier "
+                                  "beside the pre-training file it was trained on")
         if isinstance(raw.get("student"), dict) and isinstance(raw.get("teacher"), dict):
             student, teacher = strip_module(raw["student"]), strip_module(raw["teacher"])
             state = {**{f"student.{k}": v for k, v in student.items()},
@@ -109,6 +119,12 @@ class DINOImporter(Importer):
             return Released(path, raw, state, BACKBONE, "vit" if arch != "resnet50" else "resnet", None, arch)
         raise CheckpointError(f"{path}: neither a main_dino.py checkpoint ('student', 'teacher', 'dino_loss', ...) nor "
                               f"a backbone-only file (a flat state dict); top-level keys found: {sorted(raw)[:8]}")
+
+    def classifier_file(self, raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``eval_linear.py``'s file (``*_linearweights.pth``: ``LinearClassifier``'s ``module.linear.weight`` and
+        ``bias``) on the features the recipe's ``linear.n_last_blocks`` / ``avgpool_patch_tokens`` read (ViT-S: the
+        last 4 class tokens, 1536 features)."""
+        return eval_linear_classifier(raw, path)
 
     def default_recipe(self, released: Released) -> str:
         if released.arch == "resnet50":

@@ -37,6 +37,7 @@ from contrastlab.importers.base import (
     PRETRAIN,
     Importer,
     Released,
+    eval_linear_classifier,
     plain,
     state_under,
     strip_module,
@@ -100,12 +101,5 @@ class SwAVImporter(Importer):
                                "empty, refilled from method.epoch_queue_starts")
 
     def classifier_file(self, raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``eval_linear.py``'s file: ``state_dict`` (``RegLog``: ``module.linear.weight`` and ``bias``), ``epoch``,
-        ``best_acc`` (the best validation top-1 over the epochs), ``optimizer`` and ``scheduler`` (not carried)."""
-        state = state_under(raw, "state_dict", path)
-        if set(state) != {"linear.weight", "linear.bias"}:
-            raise CheckpointError(f"{path}: eval_linear.py's 'state_dict' holds one Linear (linear.weight, "
-                                  f"linear.bias; use_bn false); found {sorted(state)}")
-        return ({"weight": state["linear.weight"], "bias": state["linear.bias"]},
-                {"epoch": plain(raw.get("epoch")), "best_acc": plain(raw.get("best_acc")),
-                 "optimizer": "not carried over", "scheduler": "not carried over"})
+        """``eval_linear.py``'s file (``RegLog`` with ``use_bn`` false: ``module.linear.weight`` and ``bias``)."""
+        return eval_linear_classifier(raw, path)

@@ -65,6 +65,26 @@ def check_step_output(method: nn.Module, result: Any) -> None:
                                    f"{type(getattr(result, field_name)).__name__}; it {must}")
 
 
+NETWORKS = ("online", "momentum")
+"""What evaluation and export read (``model.evaluated_network``, ``--network``)."""
+
+
+def evaluated_module(method: type[Method], network: str) -> str:
+    """The module path, in a method's state, of the backbone that ``network`` names: ``backbone`` (``online``) or
+    the method's momentum copy (``momentum``: :attr:`Method.momentum_backbone`, e.g. DINO's teacher)."""
+    from contrastlab.registry import METHODS
+
+    if network not in NETWORKS:
+        raise ConfigError(f"model.evaluated_network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if network == "online":
+        return "backbone"
+    if method.momentum_backbone is None:
+        keeping = ", ".join(name for name, cls in METHODS.items() if cls.momentum_backbone)
+        raise ConfigError(f"evaluating the momentum network: method {method.name!r} keeps no momentum copy of its "
+                          f"backbone (methods that do: {keeping}); set model.evaluated_network=online")
+    return method.momentum_backbone
+
+
 def capped_sizes(params: dict[str, Any], limits: dict[str, int]) -> list[str]:
     """``method.<key>=<limit>`` for each key of ``limits`` whose value in ``params`` exceeds it: what a method's
     :meth:`Method.smoke_overrides` returns to train its wide heads narrower in ``--smoke`` runs."""
@@ -124,6 +144,9 @@ class Method(nn.Module):
     takes_cohort: ClassVar[bool] = False  #: built around a Cohort of peers (model.peers), not one backbone
     min_batch_per_rank: ClassVar[int] = 1  #: the fewest images per rank a step learns from (see batch_size_needed)
     min_batch_reason: ClassVar[str] = ""  #: why, when more than 1 (ends the trainer's message)
+    #: module path of the momentum (EMA) copy of ``backbone`` (DINO's teacher, MoCo's key encoder), which
+    #: ``contrastlab eval/export --network momentum`` reads; None when the method keeps none
+    momentum_backbone: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()

@@ -69,6 +69,7 @@ class BYOL(Method):
     """
 
     name = "byol"
+    momentum_backbone = "target_encoder.0"
 
     def __init__(
         self,

@@ -122,6 +122,7 @@ class CaCo(Method):
     """
 
     name = "caco"
+    momentum_backbone = "key_encoder.0"
 
     def __init__(
         self,

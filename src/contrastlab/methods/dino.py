@@ -97,6 +97,7 @@ class DINO(Method):
     """
 
     name = "dino"
+    momentum_backbone = "teacher_backbone"
 
     def __init__(
         self,

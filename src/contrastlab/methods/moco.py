@@ -124,6 +124,7 @@ class MoCo(Method):
     """
 
     name = "moco"
+    momentum_backbone = "key_encoder.0"
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class MoCoV3(Method):
     """
 
     name = "mocov3"
+    momentum_backbone = "key_encoder.0"
     min_batch_per_rank = 2
     min_batch_reason = "a query's negatives are the keys of the batch's other images"
 

@@ -100,6 +100,13 @@ class KNNMonitor:
         return knn_accuracy(feats, labels, bank, bank_labels, self.num_classes, self.k, self.temperature)
 
 
+def evaluated_backbone(run: Run) -> nn.Module:
+    """The backbone ``model.evaluated_network`` names: the online one, or the method's momentum copy."""
+    from contrastlab.methods.base import evaluated_module
+
+    return run.method.get_submodule(evaluated_module(type(run.method), run.config.model.evaluated_network))
+
+
 class KNNObserver(Observer):
     """The kNN monitor during training, with the collapse guard (``monitor.*`` settings); rank 0 only."""
 
@@ -111,7 +118,7 @@ class KNNObserver(Observer):
         m, epoch = run.config.monitor, run.epoch
         if not (run.last_epoch or (m.knn_every > 0 and epoch % m.knn_every == 0) or epoch <= m.knn_every_epoch_until):
             return
-        self.top1 = record["knn_top1"] = self.monitor.evaluate(run.method.backbone)
+        self.top1 = record["knn_top1"] = self.monitor.evaluate(evaluated_backbone(run))
         run.log(f"epoch {epoch}: kNN top-1 {self.top1:.2f}% ({self.monitor.label()})")
         if m.collapse_threshold > 0 and epoch >= m.collapse_after_epoch and self.top1 <= m.collapse_threshold:
             run.request_stop(CollapseError(
@@ -122,8 +129,9 @@ class KNNObserver(Observer):
 
     def on_finish(self, run: Run, results: dict[str, Any]) -> None:
         if self.top1 is None:  # a run resumed after its last epoch
-            self.top1 = self.monitor.evaluate(run.method.backbone)
+            self.top1 = self.monitor.evaluate(evaluated_backbone(run))
         results["knn_top1"] = self.top1
+        results["knn_network"] = run.config.model.evaluated_network
         results.update(self.monitor.describe())
 
 

@@ -1,5 +1,8 @@
-"""Studies: many runs (recipes x overrides x seeds) described by one file, run by a launcher, read back as a table.
+"""Studies: published numbers as data, study files, launchers and tables (issue 24).
 
-A study drives runs through their run directories (config.yaml, results.json, eval_*.json) and ``python -m
-contrastlab`` command lines; it never imports the trainer. See :mod:`contrastlab.studies.study` and docs/studies.md.
+They drive runs through the run directory and never reach inside the engine.
 """
+
+from contrastlab.studies.published import METRICS, PublishedRow, row, rows, tables
+
+__all__ = ["METRICS", "PublishedRow", "row", "rows", "tables"]

@@ -1,0 +1,157 @@
+"""examples/slurm/train.sbatch through a real SLURM: a single-node cluster on this machine (scripts/local_slurm.sh,
+Debian's slurm-wlm), jobs submitted with sbatch, interrupted with scontrol requeue and with the time limit's
+SIGUSR1, and failures read back with ``scontrol show job`` (this cluster keeps no accounting for sacct).
+
+Runs are the demo at smoke size (64 images, batch 8, 8 steps an epoch), 30 steps on one CPU process under torchrun
+(GPUS_PER_NODE=1, ``--gpus-per-node 0`` on the command line overriding the script's GPU request), checkpointing every
+5 steps; each job takes about 15 s, most of it starting Python.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from slurm_cluster import FINISHED, REPO, SCRIPT, Cluster
+
+TRAIN_SBATCH = REPO / "examples" / "slurm" / "train.sbatch"
+STEPS, CHECKPOINT_EVERY, STEPS_PER_EPOCH = 30, 5, 8
+RUN = ["--smoke", "data.root=null", "train.epochs=4", f"train.max_steps={STEPS}",
+       f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", "monitor.knn_every=0"]
+ON_THIS_CLUSTER = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+
+
+@dataclass
+class TrainJob:
+    job: str
+    out: Path
+    log: Path
+
+    def results(self) -> dict:
+        return json.loads((self.out / "results.json").read_text())
+
+
+def submit_train(cluster: Cluster, folder: Path, *overrides: str, **env: str) -> TrainJob:
+    """examples/slurm/train.sbatch on one CPU process: the demo at smoke size, then ``overrides``."""
+    out, log = folder / "run", folder / "job.out"
+    job = cluster.sbatch(*ON_THIS_CLUSTER, f"--output={log}", f"--chdir={REPO}", str(TRAIN_SBATCH), *RUN, *overrides,
+                         env=cluster.env(RECIPE="demo", OUT=str(out), GPUS_PER_NODE="1", OMP_NUM_THREADS="1", **env))
+    return TrainJob(job, out, log)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster_session: Cluster, tmp_path_factory: pytest.TempPathFactory) -> TrainJob:
+    """The run every interrupted one is compared with, trained to the end by one train.sbatch job: once per test
+    session, whichever xdist worker needs it first (the others wait for it and read its record)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "slurm-uninterrupted"
+    folder.mkdir(exist_ok=True)
+    record = folder / "job.json"
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file():
+            fields = json.loads(record.read_text())
+            return TrainJob(fields["job"], Path(fields["out"]), Path(fields["log"]))
+        cluster = Cluster(slurm_cluster_session.dir)
+        run = submit_train(cluster, folder)
+        try:
+            info = cluster.wait(run.job, log=run.log)
+        finally:
+            cluster.cancel_submitted()
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), run.log.read_text()[-3000:]
+        record.write_text(json.dumps({"job": run.job, "out": str(run.out), "log": str(run.log)}))
+        return run
+
+
+def test_start_is_idempotent(slurm: Cluster):
+    proc = slurm.run(str(SCRIPT), "start")
+    assert "already running" in proc.stdout
+    proc = slurm.run(str(SCRIPT), "status")
+    assert "running" in proc.stdout, proc.stdout
+    assert re.search(r"^local\*\s+up\s+infinite\s+1\s", proc.stdout, re.MULTILINE), proc.stdout  # sinfo's partition
+
+
+def test_train_sbatch_runs_to_its_results(slurm: Cluster, uninterrupted: TrainJob):
+    results, text = uninterrupted.results(), uninterrupted.log.read_text()
+    assert results["steps"] == STEPS and results["epochs"] == math.ceil(STEPS / STEPS_PER_EPOCH)
+    assert math.isfinite(results["final_loss"]) and math.isfinite(results["last_step_loss"])
+    assert f"job {uninterrupted.job} (requeued 0 times)" in text
+    assert "global batch 8 on 1 rank(s)" in text  # torchrun started one worker
+    assert f"finished: {uninterrupted.out}/results.json" in text
+    assert "resumed from" not in text
+
+
+@pytest.mark.parametrize("interrupt", ["scontrol requeue", "SIGUSR1"])
+def test_interrupted_job_continues_to_the_same_loss(slurm: Cluster, uninterrupted: TrainJob, tmp_path: Path,
+                                                    interrupt: str):
+    """Interrupted after its first checkpoint, the job is requeued and continues to the uninterrupted run's loss.
+
+    ``scontrol requeue`` (as a preemption with PreemptMode=REQUEUE): SLURM sends SIGTERM to every process of the job
+    and requeues it; under torchrun SIGTERM stops the workers without a checkpoint, so the run resumes from its last
+    periodic or end-of-epoch checkpoint. SIGUSR1 (what ``--signal=USR1@N`` sends the job steps before the time limit;
+    ``scancel --signal=USR1`` sends it now): the workers write a checkpoint at the next step and exit 75, and the
+    script requeues the job itself. Either way the requeued job waits for a begin time 2 minutes away, which the test
+    moves to 2 s from now.
+    """
+    run = submit_train(slurm, tmp_path)
+    checkpoint = run.out / "checkpoints" / "last.pt"
+    slurm.wait(run.job, until=lambda info: checkpoint.is_file() or info["JobState"] in {"COMPLETED", "FAILED"},
+               log=run.log)
+    assert not (run.out / "results.json").exists(), "the run ended before it could be interrupted"
+    if interrupt == "scontrol requeue":
+        slurm.run("scontrol", "requeue", run.job)
+    else:
+        slurm.run("scancel", "--signal=USR1", run.job)
+    # requeued, it waits for a begin time about 2 minutes away (Reason=None at first, for a moment)
+    pending = slurm.wait(run.job, until=lambda info: (info["JobState"], info["Reason"]) == ("PENDING", "BeginTime")
+                         or info["JobState"] in FINISHED, timeout=60, log=run.log)
+    assert (pending["JobState"], pending["Restarts"]) == ("PENDING", "1")
+    # Not "now": slurmd refuses a job whose new credential dates from the second its old one was revoked in (the
+    # job fails, "Job credential revoked"), which happens when the script requeues the job itself.
+    slurm.run("scontrol", "update", f"JobId={run.job}", "StartTime=now+2")
+    info = slurm.wait(run.job, log=run.log)
+    text = run.log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
+
+    assert f"job {run.job} (requeued 1 times)" in text  # --open-mode=append: both attempts in one file
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at epoch \d+, step (\d+)\b", text)]
+    assert len(resumed) == 1 and 0 < resumed[0] < STEPS, text[-3000:]
+    if interrupt == "SIGUSR1":
+        stopped = re.findall(r"stopped by SIGUSR1 at step (\d+)", text)
+        assert [int(s) for s in stopped] == resumed  # the checkpoint written on the signal
+        assert "checkpoint written: requeueing" in text
+    else:  # no checkpoint on SIGTERM under torchrun: the last one written every 5 steps or at an epoch's end
+        assert resumed[0] % CHECKPOINT_EVERY == 0 or resumed[0] % STEPS_PER_EPOCH == 0
+        assert "DUE TO JOB REQUEUE" in text
+
+    results, expected = run.results(), uninterrupted.results()
+    assert results["steps"] == expected["steps"] == STEPS
+    assert results["final_loss"] == expected["final_loss"]
+    assert results["last_step_loss"] == expected["last_step_loss"]
+
+
+def test_failing_train_job_is_reported_failed_and_not_requeued(slurm: Cluster, tmp_path: Path):
+    run = submit_train(slurm, tmp_path, "train.no_such_key=1", MAX_RESTARTS="0")
+    info = slurm.wait(run.job, log=run.log)
+    text = run.log.read_text()
+    assert (info["JobState"], info["Reason"], info["ExitCode"], info["Restarts"]) == \
+        ("FAILED", "NonZeroExitCode", "1:0", "0"), text[-3000:]  # torchrun's status, not the worker's
+    assert "no_such_key" in text and "without writing a checkpoint: not requeueing" in text
+    assert not run.out.joinpath("results.json").exists()
+
+
+def test_failing_command_keeps_its_exit_status(slurm: Cluster, tmp_path: Path):
+    """A job running contrastlab itself (as a study's cell runner does) reports contrastlab's own status."""
+    log = tmp_path / "job.out"
+    job = slurm.sbatch("--cpus-per-task=1", "--time=5", f"--output={log}", f"--chdir={tmp_path}",
+                       "--wrap", f"exec {sys.executable} -m contrastlab train demo --smoke train.no_such_key=1")
+    info = slurm.wait(job, log=log)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log.read_text()
+    assert "contrastlab: error:" in log.read_text() and "no_such_key" in log.read_text()
