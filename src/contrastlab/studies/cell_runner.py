@@ -12,7 +12,13 @@ Launchers only start this command (as a local process or inside a cluster job); 
 - SIGTERM and SIGUSR1 are passed on to the stage (a ``torchrun`` stage's workers get SIGUSR1: its agent would stop
   them without a checkpoint on SIGTERM); a training run checkpoints and exits with status 75
   (:data:`~contrastlab.engine.preemption.EXIT_PREEMPTED`), and so does the runner, so a SLURM job can be requeued and
-  continue with ``resume=auto``.
+  continue with ``resume=auto``. SLURM signals every process of a job step, the stage's own included: a ``torchrun``
+  agent is started with SIGUSR1 ignored (its workers install their own handler), so that the signal meant for the
+  workers does not kill the agent under them;
+- a stage that spans several nodes runs one runner per node (``srun``, one task a node): the runner of node 0
+  (``SLURM_PROCID``) reports the cell as above, the others only run their node's ``torchrun`` agent, logging to
+  ``DIR/logs/<cell>.<stage>.node<k>.log``. A state file that names this runner's own SLURM job (an earlier attempt of
+  a requeued job, or node 0 of this one) does not count as another runner of the cell.
 
 Exit status: 0 when every stage is done, 75 when preempted or interrupted, 1 when a stage failed.
 """
@@ -30,7 +36,7 @@ from types import FrameType
 
 from contrastlab.engine.preemption import EXIT_PREEMPTED
 from contrastlab.errors import ContrastlabError
-from contrastlab.studies.study import Cell, Stage, Study, runner_alive
+from contrastlab.studies.study import Cell, Stage, Study, _slurm_job, runner_alive
 
 EXIT_FAILED = 1
 """Exit status of a cell runner whose stage failed."""
@@ -38,12 +44,21 @@ EXIT_FAILED = 1
 _ERROR_WORDS = ("error", "exception", "traceback", "killed", "refused", "failed")
 
 
-def run_cell_argv(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = None,
-                  launcher: str = "local") -> list[str]:
-    """The command that runs one cell (what every launcher starts)."""
+def run_cell_argv(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = None, launcher: str = "local",
+                  gpus: int | None = None, nodes: int | None = None) -> list[str]:
+    """The command that runs one cell (what every launcher starts); ``gpus`` and ``nodes`` override the study file's
+    resources (a cluster launcher's ``--gpus-per-node`` and ``--nodes``)."""
     argv = [sys.executable, "-m", "contrastlab", "study", "run-cell", str(Path(study_dir).resolve()), cell_id,
             "--launcher", launcher]
-    return argv + ["--stage", stage] * (stage is not None)
+    argv += ["--stage", stage] * (stage is not None)
+    argv += ["--gpus", str(gpus)] * (gpus is not None)
+    return argv + ["--nodes", str(nodes)] * (nodes is not None)
+
+
+def node_rank(stage: Stage) -> int:
+    """This runner's node in a stage that spans several nodes (``SLURM_PROCID``: one runner per node under srun);
+    0 for a stage on one node."""
+    return int(os.environ.get("SLURM_PROCID", "0") or 0) if stage.nodes > 1 else 0
 
 
 def load_study_dir(study_dir: str | os.PathLike) -> tuple[Study, bool]:
@@ -133,22 +148,29 @@ def _exit_reason(returncode: int) -> str:
 
 
 def run_cell(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = None,
-             launcher: str | None = None) -> int:
+             launcher: str | None = None, gpus: int | None = None, nodes: int | None = None) -> int:
     """Run one cell's stages that are not done (or only ``stage``), writing its state file and logs.
+
+    ``gpus`` and ``nodes`` override the study file's resources (what a cluster job was given).
 
     Returns:
         0 when the stages ran are done, 75 when preempted or interrupted (the next run resumes), 1 when one failed.
     """
     study, smoke = load_study_dir(study_dir)
-    study = study.at(Path(study_dir).resolve())
+    study = study.at(Path(study_dir).resolve()).with_resources(gpus=gpus, nodes=nodes)
     cell = study.cell(cell_id, smoke=smoke)
     launcher = launcher or ("slurm" if os.environ.get("SLURM_JOB_ID") else "local")
+    stages = list(cell.stages) if stage is None else [cell.stage(stage)]
+    rank = max((node_rank(s) for s in stages), default=0)
+    if rank:
+        return _follow(study, cell, [s for s in stages if s.nodes > 1], rank)
     record = study.read_state(cell.id)
-    if record.get("state") == "running" and record.get("pid") != os.getpid() and runner_alive(record):
+    own_job = _slurm_job()
+    if (record.get("state") == "running" and record.get("pid") != os.getpid()
+            and not (own_job and record.get("job") == own_job) and runner_alive(record)):
         raise ContrastlabError(f"cell {cell.id} is running already (host {record.get('host')}, pid {record.get('pid')}"
                                f"{', job ' + str(record['job']) if record.get('job') else ''}); "
                                f"see {study.state_path(cell.id)}")
-    stages = list(cell.stages) if stage is None else [cell.stage(stage)]
     ran = False
     for current in stages:
         if current.done():
@@ -175,24 +197,63 @@ def run_cell(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = 
     return 0
 
 
-def _run_stage(study: Study, cell: Cell, stage: Stage, launcher: str) -> int:
-    log = study.log_path(cell.id, stage.name)
+def _ignore_sigusr1() -> None:
+    """In a torchrun agent's process before exec: SIGUSR1 ignored (inherited through exec; the workers it starts
+    install their own handler), so that SLURM's SIGUSR1 to every process of the step does not kill the agent."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _start(study: Study, cell: Cell, stage: Stage, log: Path) -> tuple[int, int, _Signals]:
+    """Run ``stage`` with its output appended to ``log`` after a header line, passing on signals; its exit status,
+    where this attempt's output starts in the log, and what the signals saw."""
     log.parent.mkdir(parents=True, exist_ok=True)
     command = stage.command()
-    study.write_state(cell.id, "running", stage=stage.name, log=log, launcher=launcher)
-    print(f"{cell.id}: {stage.name} running, log {log}", flush=True)
+    torchrun = stage.processes > 1 or stage.nodes > 1
     with log.open("ab") as out, _Signals() as signals:
         out.write(f"==== contrastlab study {study.name}: cell {cell.id}, stage {stage.name}, pid {os.getpid()}, "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n==== {' '.join(command)}\n".encode())
         out.flush()
         start = out.tell()
         signals.stage = stage
-        signals.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # preexec_fn: the runner starts no threads, and the child only sets a signal's disposition before exec
+        signals.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_ignore_sigusr1 if torchrun else None)  # noqa: PLW1509
         returncode = signals.proc.wait()
+    return returncode, start, signals
+
+
+def _preempted(returncode: int, signals: _Signals) -> bool:
+    return returncode == EXIT_PREEMPTED or (returncode != 0 and bool(signals.preempted or signals.interrupted))
+
+
+def _follow(study: Study, cell: Cell, stages: list[Stage], rank: int) -> int:
+    """Node ``rank``'s part of stages that span several nodes: its torchrun agent, logged to
+    ``<cell>.<stage>.node<rank>.log``; node 0's runner writes the cell's state. The exit status as :func:`run_cell`'s."""
+    for stage in stages:
+        if stage.done():
+            continue
+        log = study.log_path(cell.id, stage.name)
+        log = log.with_name(f"{cell.id}.{stage.name}.node{rank}.log")
+        print(f"{cell.id}: {stage.name} on node {rank}, log {log}", flush=True)
+        returncode, _, signals = _start(study, cell, stage, log)
+        if _preempted(returncode, signals):
+            return EXIT_PREEMPTED
+        if returncode != 0:
+            print(f"{cell.id}: {stage.name} on node {rank} {_exit_reason(returncode)} (log {log})", file=sys.stderr,
+                  flush=True)
+            return EXIT_FAILED
+    return 0
+
+
+def _run_stage(study: Study, cell: Cell, stage: Stage, launcher: str) -> int:
+    log = study.log_path(cell.id, stage.name)
+    study.write_state(cell.id, "running", stage=stage.name, log=log, launcher=launcher)
+    print(f"{cell.id}: {stage.name} running, log {log}", flush=True)
+    returncode, start, signals = _start(study, cell, stage, log)
     if returncode == 0 and stage.done():
         print(f"{cell.id}: {stage.name} done", flush=True)
         return 0
-    if returncode == EXIT_PREEMPTED or (returncode != 0 and (signals.preempted or signals.interrupted)):
+    if _preempted(returncode, signals):
         why = signals.preempted or ("SIGINT" if signals.interrupted else "a preemption signal")
         study.write_state(cell.id, "pending", stage=stage.name, log=log, launcher=launcher,
                           reason=f"{stage.name} stopped on {why} ({_exit_reason(returncode)}); the next run resumes it")

@@ -60,7 +60,8 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_run_cell(args: argparse.Namespace) -> int:
     from contrastlab.studies.cell_runner import run_cell
 
-    return run_cell(args.study_dir, args.cell, stage=args.stage, launcher=args.launcher)
+    return run_cell(args.study_dir, args.cell, stage=args.stage, launcher=args.launcher, gpus=args.gpus,
+                    nodes=args.nodes)
 
 
 def builtin_launchers() -> list[type]:
@@ -124,4 +125,6 @@ def add_study_parser(sub: Any) -> None:
     p.add_argument("cell")
     p.add_argument("--stage", help="run only this stage")
     p.add_argument("--launcher", help="the launcher that started it (recorded in the state file)")
+    p.add_argument("--gpus", type=int, help="GPUs per node, over the study file's resources.gpus")
+    p.add_argument("--nodes", type=int, help="nodes, over the study file's resources.nodes")
     p.set_defaults(func=cmd_run_cell)

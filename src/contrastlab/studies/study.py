@@ -593,6 +593,19 @@ class Study:
         """This study with its directory at ``dir`` (itself when None)."""
         return self if dir is None else dataclasses.replace(self, dir=Path(dir))
 
+    def with_resources(self, **changes: Any) -> Study:
+        """This study with ``changes`` (:class:`Resources` fields; None leaves a field as it is) over the resources of
+        the study and of every group: a cluster launcher's command-line overrides (``--gpus-per-node 4``). The cell
+        runner gets the same ``gpus`` and ``nodes`` (``run-cell --gpus G --nodes N``), so its training command
+        (torchrun's processes and nodes) matches what the job asked for."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        if not given:
+            return self
+        parsed = Resources.parse(given, "resources overrides")
+        fields = {k: getattr(parsed, k) for k in given}
+        groups = tuple(dataclasses.replace(g, resources=dataclasses.replace(g.resources, **fields)) for g in self.groups)
+        return dataclasses.replace(self, groups=groups, resources=dataclasses.replace(self.resources, **fields))
+
     def cells(self, *, smoke: bool = False, pattern: str | None = None) -> list[Cell]:
         """Every group x seed, seed by seed (every group's seed 0 first), with its stages in ``self.dir``.
 
