@@ -29,12 +29,12 @@ from contrastlab.registry import Registry
 from contrastlab.studies.cell_runner import run_cell_argv
 from contrastlab.studies.study import Cell, Study, format_command
 
-BUILTIN_LAUNCHERS = ("contrastlab.studies.launchers.local",)
+BUILTIN_LAUNCHERS = ("contrastlab.studies.launchers.local", "contrastlab.studies.launchers.slurm")
 """Modules that register the built-in launchers (imported on the first lookup)."""
 
 LAUNCHERS: Registry = Registry("launcher", "--launcher", BUILTIN_LAUNCHERS,
                                "contrastlab.studies.launchers.register_launcher")
-"""Launcher classes (:class:`Launcher` subclasses) by name: ``local``, and those registered by plug-ins."""
+"""Launcher classes (:class:`Launcher` subclasses) by name: ``local``, ``slurm``, and those registered by plug-ins."""
 
 
 def register_launcher(name: str | None = None, obj: Any = None, **info: Any) -> Any:
