@@ -341,12 +341,13 @@ class SlurmLauncher(Launcher):
                   flush=True)
             return
         folder = self.folder(study)
+        texts = [self.script(study, array, folder, smoke=smoke, options=options) for array in arrays]  # checks first
         folder.mkdir(parents=True)
         jobs: list[str] = []
         submitted: list[dict[str, Any]] = []
-        for array in arrays:
+        for array, text in zip(arrays, texts, strict=True):
             script = folder / f"{array.name}.sbatch"
-            script.write_text(self.script(study, array, folder, smoke=smoke, options=options))
+            script.write_text(text)
             dependency = None if array.after is None else jobs[array.after]
             command = self.sbatch_command(script, dependency, options)
             job = self._submit(command, script, jobs)
@@ -373,9 +374,10 @@ class SlurmLauncher(Launcher):
         if earlier:
             subprocess.run(["scancel", *earlier], capture_output=True, check=False, timeout=60)
         cancelled = f"; cancelled the arrays submitted before it ({', '.join(earlier)})" if earlier else ""
-        raise ContrastlabError(f"sbatch refused {script}: {(proc.stderr or proc.stdout).strip()}{cancelled}. Change "
-                               "the resources (resources in the study file, or --partition/--account/--time/"
-                               "--gpus-per-node/--cpus-per-task/--mem/--nodes), then run again")
+        raise ContrastlabError(f"sbatch refused {script}: {(proc.stderr or proc.stdout).strip()}{cancelled}. Fix what "
+                               "it names: SLURM here (`sinfo` should answer), or the resources (resources in the study "
+                               "file, or --partition/--account/--time/--gpus-per-node/--cpus-per-task/--mem/--nodes, "
+                               "--sbatch-option), then run again")
 
     @staticmethod
     def _queued(study: Study) -> dict[str, str]:
