@@ -152,6 +152,30 @@ def test_several_gpus_train_under_torchrun():
     assert cell.stages[0].processes == 2 and cell.stages[0].command()[2] == "torch.distributed.run"
 
 
+def test_a_finetune_stage_runs_on_the_cells_gpus_and_nodes_as_training_does():
+    """Fine-tuning trains the whole network (under torchrun, like training); a linear probe or kNN is one process."""
+    evaluate = ["knn", {"kind": "linear", "recipe": "linear/demo_10ep"}, {"kind": "finetune"},
+                {"kind": "knn", "overrides": ["monitor.knn_k=10"]}]
+    groups = [{"name": "big", "recipe": "demo"},
+              {"name": "one", "recipe": "demo", "resources": {"gpus": 1, "nodes": 1}}]
+    data = {"name": "spread", "seeds": [0], "evaluate": evaluate, "resources": {"gpus": 4, "nodes": 2},
+            "groups": groups}
+    study = Study.from_dict(data, dir="/x", validate=False)
+    big, one = study.cells()
+    assert [s.name for s in big.stages] == ["train", "linear", "finetune", "knn"]
+    assert [(s.processes, s.nodes) for s in big.stages] == [(4, 2), (1, 1), (4, 2), (1, 1)]
+    finetune = big.stage("finetune").command({"MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert finetune == [PY, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--nnodes", "2",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "n1:1234", "--rdzv-id", "big__s0",
+                        "-m", "contrastlab", "eval", "finetune", str(big.run_dir / "checkpoints" / "last.pt"),
+                        "--out", str(big.run_dir / "eval_finetune_demo.json"), "--resume", "auto"]
+    for name in ("linear", "knn"):
+        stage = big.stage(name)
+        assert stage.command() == stage.argv and stage.argv[:5] == [*CL, "eval", name]
+    assert all((s.processes, s.nodes) == (1, 1) and s.command() == s.argv for s in one.stages)
+    assert all((s.processes, s.nodes) == (1, 1) for c in study.cells(smoke=True) for s in c.stages)
+
+
 def test_dry_run_prints_every_cell_and_its_commands_and_runs_nothing(tmp_path, capsys):
     path = write_study(tmp_path / "grid.yaml", GRID)
     folder = tmp_path / "out"

@@ -18,9 +18,11 @@ _CORE_RUN_OPTIONS = {"command", "study_command", "func", "study", "launcher", "p
 def cmd_list(args: argparse.Namespace) -> int:
     from contrastlab.studies.study import Study, study_names
 
-    for name in study_names():
+    names = study_names()
+    width = max(map(len, names), default=0)
+    for name in names:
         study = Study.load(name, validate=False)
-        print(f"{name:<16} {len(study.groups) * len(study.seeds):>3} cells  {study.description}")
+        print(f"{name:<{width}} {len(study.groups) * len(study.seeds):>3} cells  {study.description}")
     return 0
 
 

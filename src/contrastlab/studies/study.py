@@ -145,8 +145,9 @@ def _name(value: Any, where: str) -> str:
 class Resources:
     """What one cell asks for: GPUs per node, nodes, CPU cores (per node), wall time, SLURM partition/account/mem.
 
-    ``gpus`` above 1 trains under ``torchrun`` (one process per GPU); the local launcher gives each running cell
-    its GPUs through ``CUDA_VISIBLE_DEVICES``.
+    ``gpus`` above 1 trains (and fine-tunes) under ``torchrun`` (one process per GPU); the local launcher gives each
+    running cell its GPUs through ``CUDA_VISIBLE_DEVICES``. ``time`` is the limit of one job: a training run stopped
+    at it resumes in the next (``resume=auto``).
     """
 
     gpus: int = 0
@@ -244,6 +245,7 @@ class Stage:
 
     ``argv`` is the contrastlab command (``[python, -m, contrastlab, ...]``); :meth:`command` is what runs, under
     ``torchrun`` when ``processes`` > 1 (one worker per GPU; several ``nodes`` meet at ``$MASTER_ADDR:$MASTER_PORT``).
+    A cell's train and finetune stages run on all its GPUs and nodes; knn and linear stages in one process.
     """
 
     name: str
@@ -637,10 +639,10 @@ class Study:
         run_dir = root / "runs" / cell_id
         overrides = (*self.overrides, *group.overrides)
         distributed = not smoke and group.resources.gpus > 1
+        placement = {"processes": group.resources.gpus if distributed else 1,
+                     "nodes": group.resources.nodes if not smoke else 1}
         train = [*_contrastlab(), "train", group.recipe, *overrides, f"seed={seed}", f"out={run_dir}", "resume=auto"]
-        stages = [Stage("train", train + ["--smoke"] * smoke, run_dir / "results.json",
-                        processes=group.resources.gpus if distributed else 1,
-                        nodes=group.resources.nodes if not smoke else 1)]
+        stages = [Stage("train", train + ["--smoke"] * smoke, run_dir / "results.json", **placement)]
         outputs = {"train": run_dir / "results.json"}
         names = iter(_stage_names(group.evaluate))
         data = _data_name(group.recipe, overrides, smoke)
@@ -656,7 +658,8 @@ class Study:
             argv += ["--data", evaluation.data] * bool(evaluation.data)
             argv += ["--resume", "auto"] * (evaluation.kind == "finetune")
             argv += [*evaluation.overrides, *(SMOKE_EVAL_OVERRIDES.get(evaluation.kind, []) if smoke else [])]
-            stages.append(Stage(name, argv, output))
+            # fine-tuning trains the whole network: it runs on the cell's GPUs and nodes, as training does
+            stages.append(Stage(name, argv, output, **(placement if evaluation.kind == "finetune" else {})))
             outputs[name] = output
         return Cell(id=cell_id, group=group.name, seed=seed, recipe=group.recipe, overrides=overrides, rows=group.rows,
                     evaluations=group.evaluate, resources=group.resources, run_dir=run_dir, stages=tuple(stages),
