@@ -201,6 +201,115 @@ def test_the_demo_study_is_six_groups_by_three_seeds(capsys):
     assert re.search(r"^demo\s+18 cells", capsys.readouterr().out, re.MULTILINE)
 
 
+# ------------------------------------------------------------------------------ command-line overrides
+
+EXTRA = ["data.root=/elsewhere/data", "optim.weight_decay=0.0003"]
+
+
+def test_command_line_overrides_reach_every_train_command_after_the_files_own(tmp_path, capsys):
+    path = write_study(tmp_path / "grid.yaml", GRID)
+    study = Study.load(path, dir=tmp_path / "grid", overrides=EXTRA)
+    plain = {c.id: c for c in Study.from_dict(GRID, dir=tmp_path / "grid", validate=False).cells()}
+    assert study.extra_overrides == tuple(EXTRA)
+    for cell in study.cells() + study.cells(smoke=True):
+        assert cell.overrides == (*plain[cell.id].overrides, *EXTRA)  # the study's, the group's, then these
+        train = cell.stage("train").argv
+        at = train.index(f"seed={cell.seed}")
+        assert train[:4] == [*CL, "train"] and train[at - len(EXTRA):at] == EXTRA
+    # the command line: key=value after the study, before or after the flags; --dry-run shows them
+    folder = tmp_path / "out"
+    assert main(["study", "run", str(path), EXTRA[0], "--dry-run", "--dir", str(folder), EXTRA[1]]) == 0
+    text = capsys.readouterr().out
+    assert f"command-line overrides of every cell (after the study's and the group's): {' '.join(EXTRA)}" in text
+    trains = [line for line in text.splitlines() if " train " in line and "seed=" in line]
+    assert len(trains) == 10 and all(f"{' '.join(EXTRA)} seed=" in line for line in trains)
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["data.rot=/data"], ["command line's ['data.rot=/data']", "'data.rot'", "data.root"]),
+    (["views.planner=jointcrop"], ["command line's", "jointcrop", "joint_crop"]),
+    (["data.root"], ["command-line overrides", "'data.root' is not a key=value override"]),
+])
+def test_a_bad_command_line_override_is_refused_at_load_naming_the_key(tmp_path, capsys, extra, needles):
+    path = write_study(tmp_path / "check.yaml", GOOD)
+    with pytest.raises(ConfigError) as info:
+        Study.load(path, overrides=extra)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    with pytest.raises(ConfigError, match=re.escape(needles[1])):  # Study.run checks those it is given
+        Study.load(path, dir=tmp_path / "s").run(overrides=extra)
+    assert main(["study", "run", str(path), *extra, "--dir", str(tmp_path / "cli")]) == 2
+    assert needles[1] in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "cli").exists()  # refused before anything ran
+
+
+def test_command_line_overrides_are_recorded_and_other_ones_are_refused_unless_forced(tmp_path, capsys):
+    seen: list[tuple[str, tuple[str, ...]]] = []
+
+    @register_launcher("overrides_test")
+    class Recording(Launcher):
+        name = "overrides_test"
+
+        def launch(self, study, cells, *, smoke, options):
+            seen.extend((c.id, c.overrides) for c in cells)
+
+    # a linear evaluation: its output file is named by the dataset, which the command line's data.name sets
+    data = {**GOOD, "seeds": [0, 1], "evaluate": [{"kind": "linear"}]}
+    path = write_study(tmp_path / "check.yaml", data)
+    folder = tmp_path / "s"
+    first = ["data.name=cifar10", "data.root=/elsewhere"]
+    run = ["study", "run", str(path), "--dir", str(folder), "--launcher", "overrides_test"]
+    try:
+        assert main([*run, *first]) == 0
+        assert seen == [(f"rrc__s{seed}", ("optim.lr=0.1", *first)) for seed in (0, 1)]
+        assert json.loads((folder / "study.json").read_text())["overrides"] == first
+        # the cell runner, status and table read them back from the directory
+        recorded = load_study_dir(folder)[0]
+        assert recorded.extra_overrides == tuple(first)
+        assert recorded.cell("rrc__s0").stage("linear").output.name == "eval_linear_cifar10.json"
+        run_dir = folder / "runs" / "rrc__s0"
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text("{}")
+        (run_dir / "eval_linear_cifar10.json").write_text(json.dumps({"top1": 50.0}))
+        plain = Study.load(path, dir=folder, validate=False)  # no overrides given
+        assert [(s.cell, s.state) for s in plain.status()] == [("rrc__s0", "done"), ("rrc__s1", "pending")]
+        capsys.readouterr()
+        assert main(["study", "status", str(path), "--dir", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^rrc__s0\s+done", out, re.MULTILINE)
+        assert f"with {' '.join(first)}: 1 done, 1 pending" in out
+        # the same overrides again: accepted; other ones, or none: a changed study, refused naming the cells
+        seen.clear()
+        assert main([*run, *first]) == 0 and len(seen) == 2
+        for other, now in ((["data.name=cifar10"], "data.name=cifar10"), ([], "none")):
+            assert main([*run, *other]) == 2
+            err = capsys.readouterr().err
+            assert "changed cells (recipe, overrides or evaluations): rrc__s0, rrc__s1" in err
+            assert f"the command-line overrides were {' '.join(first)}, now {now}" in err and "--force" in err
+        assert json.loads((folder / "study.json").read_text())["overrides"] == first  # refused: nothing changed
+        assert (run_dir / "eval_linear_cifar10.json").is_file()
+        # --force: the changed cells' runs are moved aside and the new overrides recorded
+        assert main([*run, "--force", "data.name=cifar10"]) == 0
+        assert not run_dir.exists() and len(list((folder / "runs").glob("rrc__s0.replaced-*"))) == 1
+        assert json.loads((folder / "study.json").read_text())["overrides"] == ["data.name=cifar10"]
+        assert load_study_dir(folder)[0].extra_overrides == ("data.name=cifar10",)
+    finally:
+        LAUNCHERS.unregister("overrides_test")
+
+
+def test_a_cell_trains_with_the_command_line_overrides_after_the_groups_own(tmp_path, capsys):
+    """One --smoke cell through the local launcher and the cell runner, a process that reads them from study.json."""
+    path = write_study(tmp_path / "check.yaml", GOOD)  # the group sets optim.lr=0.1
+    folder = tmp_path / "s"
+    assert main(["study", "run", str(path), "optim.lr=0.125", "--smoke", "--dir", str(folder)]) == 0
+    config = yaml.safe_load((folder / "runs" / "rrc__s0" / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 0.125 and config["seed"] == 0  # the command line's override wins
+    capsys.readouterr()
+    assert main(["study", "status", str(path), "--dir", str(folder)]) == 0  # without repeating it
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(--smoke runs) with optim.lr=0.125: 1 done")
+
+
 # -------------------------------------------------------------------------------------- local launcher
 
 
@@ -476,3 +585,15 @@ def test_the_readme_study_example_runs(tmp_path, monkeypatch, capsys):
     assert "simclr_rrc__s0" in out and "18 cells" in out
     results = json.loads((tmp_path / "studies" / "demo-smoke" / "runs" / "simclr_rrc__s0" / "results.json").read_text())
     assert results["steps"] == 2
+
+
+def test_the_readme_points_a_shipped_study_at_the_users_data(tmp_path, capsys):
+    section, _ = readme_study_blocks()
+    line = next(line for line in section.splitlines() if line.startswith("contrastlab study run") and "data.root=" in line)
+    argv = line.split("#", 1)[0].split()[1:]
+    assert "--dry-run" in argv
+    assert main([*argv, "--dir", str(tmp_path / "s")]) == 0
+    root = next(a for a in argv if a.startswith("data.root="))
+    trains = [t for t in capsys.readouterr().out.splitlines() if " train " in t and "seed=" in t]
+    assert trains and all(f" {root} seed=" in t for t in trains)
+    assert not (tmp_path / "s").exists()

@@ -21,8 +21,12 @@ from PIL import Image
 
 from contrastlab.cli import main
 from contrastlab.errors import ContrastlabError
+from contrastlab.studies import published
 from contrastlab.studies.figures import bar_data, curve_data, curves_path, write_figures
+from contrastlab.studies.study import Study
 from contrastlab.studies.table import (
+    LABELS,
+    METRIC_SOURCES,
     Aggregate,
     CellRecord,
     build_table,
@@ -210,6 +214,51 @@ def test_eval_files_and_training_loop_time(tmp_path):
     (run / "eval_linear_demo.json").write_text("{")
     with pytest.raises(ContrastlabError, match="not valid JSON"):
         read_run(run)
+
+
+def test_linear_top5_is_read_from_the_probes_file(tmp_path):
+    run = write_run(tmp_path / "r", seed=0, results={}, evals={"linear": {"top1": 61.25, "top5": 87.5, "epochs": 3}})
+    result = read_run(run)
+    assert result.metrics["linear_top1"] == 61.25 and result.metrics["linear_top5"] == 87.5
+    assert result.measured["linear_top5"] == "eval_linear_demo.json top5 (epochs 3)"
+    (run / "eval_linear_demo.json").write_text(json.dumps({"top1": 61.25}))  # a probe file without top5: top-1 only
+    assert "linear_top5" not in read_run(run).metrics and read_run(run).metrics["linear_top1"] == 61.25
+
+
+def test_the_solo_learn_study_table_compares_linear_top5_with_its_acc5_row(tmp_path):
+    """The shipped study and published rows: a cell's eval_linear_cifar10.json `top5` (written here) against the
+    published Acc@5, on the group's Acc@5 line."""
+    study = Study.load("solo_learn_cifar10", dir=tmp_path / "solo", validate=False)
+    cell = study.cell("barlow_twins__s0")
+    top1, top5 = RNG.uniform(80, 90), RNG.uniform(95, 99)
+    write_run(cell.run_dir, seed=0, recipe=cell.recipe, results={}, data="cifar10",
+              evals={"linear": {"top1": top1, "top5": top5}})
+    assert cell.stage("linear").output == cell.run_dir / "eval_linear_cifar10.json"
+    (study.dir / "cells").mkdir()
+    (study.dir / "cells" / f"{cell.id}.json").write_text(json.dumps({"cell": cell.id, "state": "done"}))
+    lines = {line["published_row"]: line for line in csv.DictReader(io.StringIO(study.table(fmt="csv")))}
+    row = published.row("solo_learn_cifar10/barlow_twins/top5")
+    assert row.metric == "linear_top5"
+    line = lines[row.id]
+    assert line["published_metric"] == "linear_top5" and float(line["published"]) == row.value
+    assert float(line["linear_top5_mean"]) == top5 and float(line["diff_points"]) == pytest.approx(top5 - row.value)
+    assert float(lines["solo_learn_cifar10/barlow_twins/top1"]["diff_points"]) == pytest.approx(
+        top1 - published.row("solo_learn_cifar10/barlow_twins/top1").value)
+    assert "linear top-5" in study.table()
+
+
+#: Published metrics that contrastlab does not measure: fine-tuning on another dataset and detectron2 detection,
+#: run outside it on an exported backbone (docs/study_tables.md); their table lines stay empty.
+MEASURED_OUTSIDE = {"transfer_top1", "voc_ap50", "coco_ap"}
+
+
+def test_every_published_metric_is_read_by_the_table_or_measured_outside():
+    for metric in published.METRICS:
+        assert (metric in METRIC_SOURCES) != (metric in MEASURED_OUTSIDE), metric
+    assert MEASURED_OUTSIDE <= set(published.METRICS)  # no stale name in the list
+    assert set(LABELS) == set(METRIC_SOURCES)
+    for row in published.rows():  # a row the table cannot read is measured by a protocol outside contrastlab
+        assert (row.metric in MEASURED_OUTSIDE) == (row.protocol in published.OUTSIDE_PROTOCOLS), row.id
 
 
 def test_duplicate_seed_in_a_group_is_refused(tmp_path):

@@ -3,7 +3,8 @@
 Launchers only start this command (as a local process or inside a cluster job); it does the work:
 
 - it reads the study from ``DIR/study.yaml`` (written by :meth:`Study.prepare <contrastlab.studies.study.Study.prepare>`
-  before any cell starts) and whether the directory holds ``--smoke`` runs (``DIR/study.json``);
+  before any cell starts), and from ``DIR/study.json`` the command line's overrides of every cell and whether the
+  directory holds ``--smoke`` runs;
 - it skips every stage whose output exists (a rerun recomputes nothing) and runs the others, each with its stdout and
   stderr appended to ``DIR/logs/<cell>.<stage>.log`` (a header line marks each attempt);
 - it writes ``DIR/cells/<cell>.json`` before and after each stage: ``running`` (host, pid, SLURM job), ``done``,
@@ -67,7 +68,7 @@ def load_study_dir(study_dir: str | os.PathLike) -> tuple[Study, bool]:
     if not (root / "study.yaml").is_file():
         raise ContrastlabError(f"{root} holds no study.yaml: it is not a study directory, or its study never started; "
                                "start cells with `contrastlab study run STUDY`")
-    study = Study.load(root / "study.yaml", dir=root, validate=False)
+    study = Study.load(root / "study.yaml", dir=root, validate=False).as_recorded()  # + study.json's overrides
     return study, study.smoke_of_dir()
 
 

@@ -6,13 +6,14 @@ Each command is a thin layer over :class:`~contrastlab.studies.study.Study`; eve
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Any
 
 STUDY_COMMANDS = "{list,run,status,table}"
 """The commands the help lists (``run-cell`` is the launchers' own)."""
 
 _CORE_RUN_OPTIONS = {"command", "study_command", "func", "study", "launcher", "parallel", "smoke", "dry_run", "dir",
-                     "force", "cells"}
+                     "force", "cells", "overrides"}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from contrastlab.studies.study import Study
 
-    study = Study.load(args.study, dir=args.dir)
+    study = Study.load(args.study, dir=args.dir, overrides=args.overrides)
     options = {k: v for k, v in vars(args).items() if k not in _CORE_RUN_OPTIONS}
     failed = study.run(args.launcher, smoke=args.smoke, dry_run=args.dry_run, parallel=args.parallel, force=args.force,
                        cells=args.cells, options=options)
@@ -47,7 +48,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(status.describe())
     counts = Counter(s.state for s in statuses)
     smoke = " (--smoke runs)" if study.smoke_of_dir() else ""
-    print(f"study {study.name} ({study.dir}){smoke}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    recorded = study.recorded_overrides()
+    given = f" with {shlex.join(recorded)}" if recorded else ""  # the command line's overrides, from study.json
+    print(f"study {study.name} ({study.dir}){smoke}{given}: "
+          + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return 0
 
 
@@ -96,6 +100,9 @@ def add_study_parser(sub: Any) -> None:
     where = "the study directory (default studies/<name> under the current directory)"
     p = commands.add_parser("run", help="run a study's cells that are not done")
     p.add_argument("study", help="a shipped study name (`contrastlab study list`) or a study file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every cell, after the study's and "
+                   "the group's, e.g. data.root=/data/imagenet; recorded in the study directory (status and table "
+                   "read them from there), and a later run with other ones is refused unless --force")
     p.add_argument("--launcher", default="local", help=f"how cells start: {', '.join(c.name for c in launchers)}, or "
                    "one a plug-in registers with contrastlab.studies.launchers.register_launcher (default local)")
     p.add_argument("--parallel", type=int, default=1, help="cells at a time (local launcher; default 1)")
@@ -103,8 +110,8 @@ def add_study_parser(sub: Any) -> None:
                    "study in minutes; a full run in the same directory later moves them aside)")
     p.add_argument("--dry-run", action="store_true", help="print every cell, its commands and resources; run nothing")
     p.add_argument("--dir", help=where)
-    p.add_argument("--force", action="store_true", help="accept a changed study file for a directory run before: the "
-                   "changed cells' runs are moved aside and run afresh")
+    p.add_argument("--force", action="store_true", help="accept a changed study file or other key=value overrides for a "
+                   "directory run before: the changed cells' runs are moved aside and run afresh")
     p.add_argument("--cells", help="only the cells whose id matches this shell pattern, e.g. 'simclr_*' or '*__s0'")
     for launcher in launchers:
         launcher.add_arguments(p.add_argument_group(f"{launcher.name} launcher"))

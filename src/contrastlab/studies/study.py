@@ -13,7 +13,8 @@ the valid keys), unknown recipes (with the nearest names) and each group's overr
 The study directory (``studies/<name>`` under the current directory unless given)::
 
     study.yaml                  the study file as first run (a change to existing cells is refused unless forced)
-    study.json                  how it was first run (--smoke or not), from where, with which contrastlab
+    study.json                  how it was first run (--smoke or not), from where, with which contrastlab, and the
+                                command line's overrides of every cell (``overrides``)
     runs/<cell id>/             each cell's run directory (``out=``); its eval_*.json land beside results.json
     cells/<cell id>.json        each cell's state, written by the cell runner (:mod:`contrastlab.studies.cell_runner`)
     logs/<cell id>.<stage>.log  stdout and stderr of each stage
@@ -43,6 +44,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,21 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
         raise ConfigError(f"{where}: expected a list of strings, e.g. [optim.lr=0.5, views.planner=joint_crop], "
                           f"got {value!r}")
     return tuple(value)
+
+
+def _override_list(value: Sequence[str] | None, where: str) -> tuple[str, ...]:
+    """Overrides given outside the study file (the command line's ``key=value``); ConfigError naming one that is
+    not a string or has no ``=``."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        raise ConfigError(f"{where}: expected a list of key=value strings, e.g. ['data.root=/data/imagenet'], got "
+                          f"the string {value!r}")
+    found = tuple(value)
+    for text in found:
+        if not isinstance(text, str) or "=" not in text.lstrip("="):
+            raise ConfigError(f"{where}: {text!r} is not a key=value override, e.g. data.root=/data/imagenet")
+    return found
 
 
 def _name(value: Any, where: str) -> str:
@@ -277,7 +294,8 @@ class Stage:
 class Cell:
     """One group trained with one seed: its run directory, stages and resources.
 
-    ``overrides`` are the study's then the group's (the train stage adds ``seed``, ``out`` and ``resume=auto``);
+    ``overrides`` are the study's, the group's, then the command line's (:attr:`Study.extra_overrides`; the train
+    stage adds ``seed``, ``out`` and ``resume=auto``);
     ``outputs`` maps every stage and evaluation to the file that holds its result (a plain ``knn`` evaluation reads
     ``knn_top1`` from the training run's ``results.json``).
     """
@@ -411,6 +429,9 @@ class Study:
         groups: Explicit groups first, then the grid's in order.
         source: Where it was read from (a path, or ``<dict>``); errors name it.
         text: The study file as written (copied to ``<dir>/study.yaml`` at the first run).
+        extra_overrides: ``key=value`` overrides of every cell given when the study was loaded or run (the command
+            line's, ``contrastlab study run STUDY key=value ...``), after the study's and the group's; recorded in
+            ``<dir>/study.json``, so that status, table and the cell runner read them back from there.
     """
 
     name: str
@@ -424,6 +445,7 @@ class Study:
     source: str
     text: str
     dir: Path
+    extra_overrides: tuple[str, ...] = ()
 
     @property
     def reference(self) -> str:
@@ -433,13 +455,16 @@ class Study:
     # ------------------------------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, study: str | os.PathLike, *, dir: str | os.PathLike | None = None, validate: bool = True) -> Study:
+    def load(cls, study: str | os.PathLike, *, dir: str | os.PathLike | None = None, validate: bool = True,
+             overrides: Sequence[str] | None = None) -> Study:
         """Load a shipped study by name (``contrastlab study list``) or a study file by path, and check it.
 
         Args:
             study: A shipped name (``"demo"``) or the path of a ``.yaml`` study file.
             dir: The study directory (default ``studies/<name>`` under the current directory).
             validate: Load each group's config to check its recipe and overrides (what a typo needs to fail early).
+            overrides: ``key=value`` overrides of every cell, after the study's and the group's
+                (:attr:`extra_overrides`; ``contrastlab study run STUDY key=value ...``), checked with them.
 
         Raises:
             ConfigError: naming the file, the key and the fix.
@@ -451,12 +476,13 @@ class Study:
         except yaml.YAMLError as exc:
             raise ConfigError(f"study file {path} is not valid YAML: {exc}") from exc
         return cls.from_dict(data, source=str(path), dir=dir, validate=validate, text=text,
-                             default_name=path.stem if path.parent != STUDY_FILES else None)
+                             default_name=path.stem if path.parent != STUDY_FILES else None, overrides=overrides)
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<dict>", dir: str | os.PathLike | None = None,
-                  validate: bool = True, text: str | None = None, default_name: str | None = None) -> Study:
-        """A study from the mapping a study file holds (see docs/studies.md)."""
+                  validate: bool = True, text: str | None = None, default_name: str | None = None,
+                  overrides: Sequence[str] | None = None) -> Study:
+        """A study from the mapping a study file holds (see docs/studies.md); ``overrides`` as :meth:`load`'s."""
         data = _mapping(data, f"study {source}")
         _check_keys(data, STUDY_KEYS, source)
         name = data.get("name", default_name)
@@ -477,7 +503,7 @@ class Study:
                     resources=resources, overrides=_strings(data.get("overrides"), f"{source}: overrides"),
                     reproduces=_strings(data.get("reproduces"), f"{source}: reproduces"), source=source,
                     text=text if text is not None else yaml.safe_dump(data, sort_keys=False),
-                    dir=study_dir(name, dir))
+                    dir=study_dir(name, dir), extra_overrides=_override_list(overrides, "command-line overrides"))
         if validate:
             study.validate()
         return study
@@ -564,11 +590,13 @@ class Study:
             if is_linear_recipe(group.recipe) or is_finetune_recipe(group.recipe):
                 raise ConfigError(f"{where}: recipe {group.recipe} is an evaluation protocol, not a training recipe; "
                                   "list it under evaluate: [{kind: linear, recipe: ...}]")
-            overrides = [*self.overrides, *group.overrides]
+            overrides = [*self.overrides, *group.overrides, *self.extra_overrides]
             try:
                 cfg = load_config(group.recipe, [*overrides, f"seed={self.seeds[0]}"])
             except ContrastlabError as exc:
-                raise ConfigError(f"{where} (recipe {group.recipe}): overrides {overrides}: {exc}") from None
+                given = (f"overrides {[*self.overrides, *group.overrides]} then the command line's "
+                         f"{list(self.extra_overrides)}" if self.extra_overrides else f"overrides {overrides}")
+                raise ConfigError(f"{where} (recipe {group.recipe}): {given}: {exc}") from None
             if cfg.data.name != _data_name(group.recipe, tuple(overrides), smoke=False):  # the cheap reading agrees
                 raise ConfigError(f"{where}: set the dataset with data.name=NAME (found {cfg.data.name!r} otherwise)")
             for evaluation in group.evaluate:
@@ -608,6 +636,37 @@ class Study:
         groups = tuple(dataclasses.replace(g, resources=dataclasses.replace(g.resources, **fields)) for g in self.groups)
         return dataclasses.replace(self, groups=groups, resources=dataclasses.replace(self.resources, **fields))
 
+    def with_overrides(self, overrides: Sequence[str], *, validate: bool = True) -> Study:
+        """This study with ``overrides`` as its :attr:`extra_overrides` (every cell's, after the study's and the
+        group's); checked as :meth:`load` checks them unless ``validate`` is False."""
+        study = dataclasses.replace(self, extra_overrides=_override_list(overrides, "command-line overrides"))
+        if validate:
+            study.validate()
+        return study
+
+    def recorded_overrides(self) -> tuple[str, ...] | None:
+        """The command-line overrides the study directory was run with (``study.json`` ``overrides``); None when
+        the directory was never prepared. A ``study.json`` from before they were recorded gives ``()``."""
+        path = self.dir / "study.json"
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ContrastlabError(f"{path} cannot be read ({exc}); it is written by `contrastlab study run`") from exc
+        value = meta.get("overrides", []) if isinstance(meta, dict) else None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ContrastlabError(f"{path}: 'overrides' should be a list of key=value strings, got {value!r}")
+        return tuple(value)
+
+    def as_recorded(self) -> Study:
+        """This study with the command-line overrides its directory was run with (:meth:`recorded_overrides`), so
+        that its cells are the directory's; itself when the directory was never prepared."""
+        recorded = self.recorded_overrides()
+        if recorded is None or recorded == self.extra_overrides:
+            return self
+        return dataclasses.replace(self, extra_overrides=recorded)
+
     def cells(self, *, smoke: bool = False, pattern: str | None = None) -> list[Cell]:
         """Every group x seed, seed by seed (every group's seed 0 first), with its stages in ``self.dir``.
 
@@ -637,7 +696,7 @@ class Study:
     def _cell(self, group: Group, seed: int, root: Path, smoke: bool) -> Cell:
         cell_id = f"{group.name}__s{seed}"
         run_dir = root / "runs" / cell_id
-        overrides = (*self.overrides, *group.overrides)
+        overrides = (*self.overrides, *group.overrides, *self.extra_overrides)
         distributed = not smoke and group.resources.gpus > 1
         placement = {"processes": group.resources.gpus if distributed else 1,
                      "nodes": group.resources.nodes if not smoke else 1}
@@ -670,7 +729,8 @@ class Study:
     def prepare(self, *, smoke: bool = False, force: bool = False) -> None:
         """Make the study directory ready for its cells: ``study.yaml`` (the file as first run) and ``study.json``.
 
-        A directory first run with another version of the study file is refused, naming the cells whose recipe,
+        A directory first run with another version of the study file, or with other command-line overrides
+        (:attr:`extra_overrides`, recorded in ``study.json``), is refused, naming the cells whose recipe,
         overrides, seed or evaluations changed or that were removed, unless ``force``: then the changed cells' run
         directories and state files are moved aside (``runs/<id>.replaced-<time>``) so they run afresh. Added groups
         or seeds and other edits (description, rows, resources) are taken as they are. A directory of ``--smoke``
@@ -684,7 +744,8 @@ class Study:
             root.rename(aside)
             print(f"{root} held --smoke runs of study {self.name}: moved them to {aside}", file=sys.stderr)
         if copy.is_file():
-            previous = Study.from_dict(yaml.safe_load(copy.read_text()), source=str(copy), dir=root, validate=False)
+            previous = Study.from_dict(yaml.safe_load(copy.read_text()), source=str(copy), dir=root, validate=False,
+                                       overrides=self.recorded_overrides())
             if smoke and not self.smoke_of_dir():
                 raise ContrastlabError(f"{root} holds full runs of study {self.name}; run --smoke in another directory "
                                        "(--dir DIR / Study.run(dir=...)): the real runs there would be resumed by "
@@ -696,11 +757,15 @@ class Study:
             if changed or removed:
                 what = "; ".join([f"changed cells (recipe, overrides or evaluations): {', '.join(changed)}"] * bool(changed)
                                  + [f"removed cells: {', '.join(removed)}"] * bool(removed))
+                if previous.extra_overrides != self.extra_overrides:
+                    what += (f"; the command-line overrides were {_shell(previous.extra_overrides)}, now "
+                             f"{_shell(self.extra_overrides)}")
                 if not force:
                     raise ContrastlabError(
                         f"{root} was first run with another version of study {self.name} ({copy}): {what}. Undo the "
-                        "change, run the new version in another directory (--dir DIR), or pass --force: the changed "
-                        "cells' run directories are then moved aside and those cells run afresh")
+                        "change (give the same command-line overrides again), run the new version in another "
+                        "directory (--dir DIR), or pass --force: the changed cells' run directories are then moved "
+                        "aside and those cells run afresh")
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 for cell_id in changed:
                     for path in (root / "runs" / cell_id, root / "cells" / f"{cell_id}.json"):
@@ -713,7 +778,12 @@ class Study:
             from contrastlab import __version__
 
             meta.write_text(json.dumps({"smoke": smoke, "source": self.source, "contrastlab": __version__,
-                                        "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}, indent=2) + "\n")
+                                        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                                        "overrides": list(self.extra_overrides)}, indent=2) + "\n")
+        elif self.recorded_overrides() != self.extra_overrides:  # accepted above (--force), or never recorded
+            record = json.loads(meta.read_text())
+            record["overrides"] = list(self.extra_overrides)
+            meta.write_text(json.dumps(record, indent=2) + "\n")
         text = self.text if (yaml.safe_load(self.text) or {}).get("name") else f"name: {self.name}\n{self.text}"
         if not copy.is_file() or copy.read_text() != text:  # the copy names the study itself
             copy.write_text(text)
@@ -761,7 +831,7 @@ class Study:
     def status(self, *, dir: str | os.PathLike | None = None) -> list[CellStatus]:
         """Each cell's state: done (every output exists), running (where, which job), interrupted (its state file
         says running but the process or job is gone), failed (the reason and the log), or pending."""
-        study = self.at(dir)
+        study = self.at(dir).as_recorded()  # the directory's cells: its command-line overrides, not repeated
         return [study._status(cell) for cell in study.cells(smoke=study.smoke_of_dir())]
 
     def _status(self, cell: Cell) -> CellStatus:
@@ -798,7 +868,7 @@ class Study:
 
     def run(self, launcher: str = "local", *, smoke: bool = False, dry_run: bool = False, parallel: int = 1,
             dir: str | os.PathLike | None = None, force: bool = False, cells: str | None = None,
-            options: dict[str, Any] | None = None) -> int:
+            options: dict[str, Any] | None = None, overrides: Sequence[str] | None = None) -> int:
         """Run the cells that are not done with ``launcher`` (``LAUNCHERS``: ``local``, or one you register).
 
         Args:
@@ -806,16 +876,19 @@ class Study:
             dry_run: Print :meth:`describe` and run nothing.
             parallel: Cells at a time (local launcher).
             dir: The study directory (default ``self.dir``).
-            force: Accept a changed study file for a directory run before (see :meth:`prepare`).
+            force: Accept a changed study file or other command-line overrides for a directory run before (see
+                :meth:`prepare`).
             cells: Only the cells matching this shell pattern.
             options: The launcher's own options.
+            overrides: ``key=value`` overrides of every cell (checked, then :attr:`extra_overrides`); default: the
+                study's own :attr:`extra_overrides` (those given to :meth:`load`).
 
         Returns:
             The number of cells that failed (0 when every cell is done, or when the launcher only submits jobs).
         """
         from contrastlab.studies.launchers import LAUNCHERS
 
-        study = self.at(dir)
+        study = self.at(dir) if overrides is None else self.at(dir).with_overrides(overrides)
         opts = {"parallel": parallel, **(options or {})}
         chosen = study.cells(smoke=smoke, pattern=cells)
         runner = LAUNCHERS[launcher]()
@@ -833,7 +906,12 @@ class Study:
             if exc.name != "contrastlab.studies.table":
                 raise
             raise ContrastlabError("contrastlab.studies.table is not installed") from None
-        return study_table(self, fmt=fmt, figure=figure)
+        return study_table(self.as_recorded(), fmt=fmt, figure=figure)
+
+
+def _shell(overrides: Sequence[str]) -> str:
+    """Overrides as the command line gives them (``none`` when there are none)."""
+    return shlex.join(overrides) if overrides else "none"
 
 
 def format_command(argv: list[str], study_dir: Path | None = None) -> str:

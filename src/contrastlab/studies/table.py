@@ -42,6 +42,7 @@ METRIC_SOURCES: dict[str, str] = {
     "knn_top1": "eval_knn_<data>.json `knn_top1` when `contrastlab eval knn` ran, else results.json `knn_top1` "
                 "(the kNN monitor after the last epoch)",
     "linear_top1": "eval_linear_<data>.json `top1` (final epoch of the probe)",
+    "linear_top5": "eval_linear_<data>.json `top5` (the same probe, top-5)",
     "finetune_top1": "eval_finetune_<data>.json `finetune_top1` (after the final epoch)",
     "test_top1": "results.json `test_top1` at the final epoch: `peer_best` for a cohort (MCL's papers report "
                  "the best peer), else the `classifier` head",
@@ -56,7 +57,8 @@ METRIC_SOURCES: dict[str, str] = {
 
 #: Column headings of the markdown and LaTeX tables.
 LABELS: dict[str, str] = {
-    "knn_top1": "kNN top-1", "linear_top1": "linear top-1", "finetune_top1": "fine-tune top-1",
+    "knn_top1": "kNN top-1", "linear_top1": "linear top-1", "linear_top5": "linear top-5",
+    "finetune_top1": "fine-tune top-1",
     "test_top1": "test top-1", "test_top1_peer_mean": "test top-1 (peer mean)",
     "test_top1_ensemble": "test top-1 (ensemble)", "epoch_s": "s / epoch", "train_loop_min": "train loop (min)",
 }
@@ -66,6 +68,13 @@ STATES = ("done", "failed", "interrupted", "running", "pending")
 
 #: ``config.yaml`` keys that do not change what a run measures: runs differing only in these form one group.
 IGNORED_CONFIG_KEYS = ("seed", "out", "resume", "overwrite", "log.run_name")
+
+_EVAL_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "knn": (("knn_top1", "knn_top1"),),
+    "linear": (("linear_top1", "top1"), ("linear_top5", "top5")),
+    "finetune": (("finetune_top1", "finetune_top1"),),
+}
+"""``contrastlab eval KIND``'s file -> (metric, key) read from it; the first key must be there."""
 
 _LOCK_NAME, _LOCK_TIMEOUT = "run.lock", 300.0  # contrastlab.engine.run_lock.LOCK_NAME, DEFAULT_TIMEOUT
 
@@ -207,19 +216,20 @@ def read_run(run_dir: str | os.PathLike, data: str | None = None) -> RunResult:
     if _number(results.get("knn_top1")) is not None:
         out.metrics["knn_top1"] = float(results["knn_top1"])
         out.measured["knn_top1"] = f"results.json knn_top1 ({_knn_settings(results)})"
-    evals = {"knn": ("knn_top1", "knn_top1"), "linear": ("linear_top1", "top1"),
-             "finetune": ("finetune_top1", "finetune_top1")}
-    for kind, (metric, key) in evals.items():
+    for kind, reads in _EVAL_METRICS.items():
         path = run_dir / f"eval_{kind}_{data}.json"
         if not path.is_file():
             continue
         result = _read_json(path)
-        if _number(result.get(key)) is None:
-            raise ContrastlabError(f"{path} holds no number under {key!r}; was it written by `contrastlab eval {kind}`?")
-        out.metrics[metric] = float(result[key])
+        (_, first), *_ = reads
+        if _number(result.get(first)) is None:
+            raise ContrastlabError(f"{path} holds no number under {first!r}; was it written by `contrastlab eval {kind}`?")
         settings = _knn_settings(result) if kind == "knn" else ", ".join(
             f"{k} {result[k]}" for k in ("epochs", "lr", "protocol") if k in result)
-        out.measured[metric] = f"{path.name} {key}" + (f" ({settings})" if settings else "")
+        for metric, key in reads:  # the first key is required; the others where the file has them
+            if _number(result.get(key)) is not None:
+                out.metrics[metric] = float(result[key])
+                out.measured[metric] = f"{path.name} {key}" + (f" ({settings})" if settings else "")
     metrics, measured = _test_top1(results, run_dir / "results.json")
     out.metrics.update(metrics)
     out.measured.update(measured)

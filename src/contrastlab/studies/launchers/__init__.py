@@ -22,6 +22,7 @@ that engine does.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any, ClassVar
 
@@ -75,6 +76,13 @@ class Launcher:
                  (f"directory {study.dir}, launcher {self.name}, {len(cells)} cells, "
                   f"{sum(c.done() for c in cells)} done; {'--smoke runs' if smoke else 'full runs'}; "
                   f"python = {sys.executable}")]
+        if study.extra_overrides:
+            lines.append(f"command-line overrides of every cell (after the study's and the group's): "
+                         f"{shlex.join(study.extra_overrides)}")
+        recorded = study.recorded_overrides()
+        if recorded is not None and recorded != study.extra_overrides:
+            lines.append(f"the directory was run with other command-line overrides ({shlex.join(recorded) or 'none'}):"
+                         " a run refuses this unless --force")
         for cell in cells:
             lines.append("")
             lines.append(f"cell {cell.id} (group {cell.group}, seed {cell.seed}"
