@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from contrastlab.config.load import load_config
+from contrastlab.studies.study import Study
 
 RECIPES = {"demo/dino_r20_8ep": "dino", "demo/swav_r20_8ep": "swav", "demo/barlow_twins_r20_8ep": "barlow_twins",
            "demo/vicreg_r20_8ep": "vicreg"}
@@ -37,3 +38,15 @@ def test_demo_method_recipe_shares_the_demo_settings(recipe):
         assert getattr(cfg, section) == getattr(demo, section), section
     assert (cfg.seed, cfg.observers, cfg.train.precision, cfg.train.device) == (
         demo.seed, demo.observers, demo.train.precision, demo.train.device)
+
+
+def test_the_base_methods_demo_study_crosses_six_methods_with_the_demo_studys_crops():
+    """The study of issue 25: SimCLR, MoCo v2 and the four recipes above x the demo study's three crop laws, with the
+    demo study's override sets, x 3 seeds."""
+    study, demo = Study.load("base_methods_demo"), Study.load("demo")
+    assert len(study.cells()) == 54 and study.seeds == demo.seeds == (0, 1, 2)
+    recipes = {"simclr": "demo", "mocov2": "demo/mocov2_r20_8ep", **{m: r for r, m in RECIPES.items()}}
+    crops = {g.name.split("_", 1)[1]: g.overrides for g in demo.groups if g.name.startswith("simclr_")}
+    assert set(crops) == {"rrc", "ccrop", "jointcrop"}
+    assert {g.name: (g.recipe, g.overrides) for g in study.groups} == {
+        f"{m}_{c}": (recipe, overrides) for m, recipe in recipes.items() for c, overrides in crops.items()}

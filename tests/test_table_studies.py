@@ -100,7 +100,7 @@ def test_every_table_with_recipes_ships_a_study():
     assert set(tables()) == set(EXPECTED) | NO_RECIPE
     for name in NO_RECIPE:
         assert not any(r.recipes for r in tables()[name]) and not (STUDY_FILES / f"{name}.yaml").exists()
-    assert set(study_names()) == set(EXPECTED) | {"demo"}
+    assert set(study_names()) == set(EXPECTED) | {"demo", "base_methods_demo"}
 
 
 def test_loading_every_table_study_is_quick(studies):
