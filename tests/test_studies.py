@@ -23,9 +23,10 @@ from contrastlab.cli import main
 from contrastlab.errors import ConfigError, ContrastlabError
 from contrastlab.registry import OBSERVERS
 from contrastlab.studies.cell_runner import load_study_dir
+from contrastlab.studies.cells import Stage
 from contrastlab.studies.launchers import LAUNCHERS, Launcher, register_launcher
 from contrastlab.studies.launchers import local as local_launcher
-from contrastlab.studies.study import Stage, Study
+from contrastlab.studies.study import Study
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

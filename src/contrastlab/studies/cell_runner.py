@@ -37,7 +37,8 @@ from types import FrameType
 
 from contrastlab.engine.preemption import EXIT_PREEMPTED
 from contrastlab.errors import ContrastlabError
-from contrastlab.studies.study import Cell, Stage, Study, _slurm_job, runner_alive
+from contrastlab.studies.cells import Cell, Stage, runner_alive, slurm_job
+from contrastlab.studies.study import Study
 
 EXIT_FAILED = 1
 """Exit status of a cell runner whose stage failed."""
@@ -166,7 +167,7 @@ def run_cell(study_dir: str | os.PathLike, cell_id: str, *, stage: str | None = 
     if rank:
         return _follow(study, cell, [s for s in stages if s.nodes > 1], rank)
     record = study.read_state(cell.id)
-    own_job = _slurm_job()
+    own_job = slurm_job()
     if (record.get("state") == "running" and record.get("pid") != os.getpid()
             and not (own_job and record.get("job") == own_job) and runner_alive(record)):
         raise ContrastlabError(f"cell {cell.id} is running already (host {record.get('host')}, pid {record.get('pid')}"

@@ -37,34 +37,35 @@ import difflib
 import fnmatch
 import json
 import os
-import re
 import shlex
-import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from contrastlab.errors import ConfigError, ContrastlabError
+from contrastlab.studies.cells import STATES, Cell, CellStatus, Stage, runner_alive, slurm_job
+from contrastlab.studies.spec import (
+    GRID_KEYS,
+    GROUP_KEYS,
+    STUDY_KEYS,
+    Evaluation,
+    Group,
+    Resources,
+    as_mapping,
+    check_keys,
+    override_list,
+    string_list,
+    usable_name,
+)
 
 STUDY_FILES = Path(__file__).parent / "files"
 """The shipped study files (``contrastlab study list``)."""
-
-STUDY_KEYS = ("name", "description", "reproduces", "seeds", "evaluate", "resources", "overrides", "groups", "grid")
-GROUP_KEYS = ("name", "recipe", "overrides", "rows", "evaluate", "resources")
-GRID_KEYS = ("recipes", "overrides")
-EVALUATION_KEYS = ("kind", "recipe", "data", "overrides")
-EVALUATION_KINDS = ("knn", "linear", "finetune")
-STATES = ("pending", "running", "done", "failed", "interrupted")
-"""What ``study status`` says of a cell; ``interrupted``: its state file says running, but its process is gone."""
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 SMOKE_EVAL_OVERRIDES = {"linear": ["linear.epochs=1"], "finetune": ["finetune.epochs=1", "finetune.batch_size=16",
                                                                       "finetune.warmup_epochs=0"]}
@@ -105,257 +106,6 @@ def study_path(study: str | os.PathLike) -> Path:
                       "(`contrastlab study list`); a path to a .yaml study file also works.")
 
 
-# --------------------------------------------------------------------------------------------- parsing helpers
-
-
-def _check_keys(data: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
-    for key in data:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
-
-
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping (key: value), got {type(value).__name__} {value!r}")
-    return value
-
-
-def _strings(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: expected a list of strings, e.g. [optim.lr=0.5, views.planner=joint_crop], "
-                          f"got {value!r}")
-    return tuple(value)
-
-
-def _override_list(value: Sequence[str] | None, where: str) -> tuple[str, ...]:
-    """Overrides given outside the study file (the command line's ``key=value``); ConfigError naming one that is
-    not a string or has no ``=``."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        raise ConfigError(f"{where}: expected a list of key=value strings, e.g. ['data.root=/data/imagenet'], got "
-                          f"the string {value!r}")
-    found = tuple(value)
-    for text in found:
-        if not isinstance(text, str) or "=" not in text.lstrip("="):
-            raise ConfigError(f"{where}: {text!r} is not a key=value override, e.g. data.root=/data/imagenet")
-    return found
-
-
-def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value) or "__" in value:
-        raise ConfigError(f"{where}: {value!r} is not a usable name: letters, digits, '_', '.', '-' (no '__'), "
-                          "starting with a letter or digit; it names folders and files")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------- the objects
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one cell asks for: GPUs per node, nodes, CPU cores (per node), wall time, SLURM partition/account/mem.
-
-    ``gpus`` above 1 trains (and fine-tunes) under ``torchrun`` (one process per GPU); the local launcher gives each
-    running cell its GPUs through ``CUDA_VISIBLE_DEVICES``. ``time`` is the limit of one job: a training run stopped
-    at it resumes in the next (``resume=auto``).
-    """
-
-    gpus: int = 0
-    nodes: int = 1
-    cpus: int = 2
-    time: str = "01:00:00"
-    partition: str | None = None
-    account: str | None = None
-    mem: str | None = None
-
-    @classmethod
-    def parse(cls, data: dict[str, Any], where: str) -> Resources:
-        """Resources from a mapping of some of the fields; ConfigError naming a bad key or value."""
-        keys = tuple(f.name for f in dataclasses.fields(cls))
-        _check_keys(data, keys, where)
-        for key in ("gpus", "nodes", "cpus"):
-            value = data.get(key, getattr(cls, key))
-            least = 0 if key == "gpus" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{where}.{key}: expected a whole number >= {least}, got {value!r}")
-        for key in ("time", "partition", "account", "mem"):
-            value = data.get(key)
-            if value is not None and not isinstance(value, (str, int)):
-                raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
-        return cls(**{k: (str(v) if k in ("time", "partition", "account", "mem") and v is not None else v)
-                      for k, v in data.items()})
-
-    def describe(self) -> str:
-        """One line: ``gpus 1, nodes 1, cpus 8, time 02:00:00, partition gpu``."""
-        return ", ".join(f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self)
-                         if getattr(self, f.name) is not None)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One evaluation of a cell's checkpoint: ``knn`` (the training run's own kNN monitor), or a
-    ``contrastlab eval KIND`` stage with a protocol ``recipe`` (``linear/<name>``, ``finetune/<name>``), another
-    ``data`` set, or ``overrides``."""
-
-    kind: str
-    recipe: str | None = None
-    data: str | None = None
-    overrides: tuple[str, ...] = ()
-
-    @property
-    def from_training_run(self) -> bool:
-        """A plain ``knn``: the kNN the training run reports in results.json (``knn_top1``), no stage of its own."""
-        return self.kind == "knn" and self.data is None and not self.overrides
-
-    @classmethod
-    def parse(cls, value: Any, where: str) -> Evaluation:
-        """``knn`` | ``{kind: linear, recipe: linear/<name>, data: ..., overrides: [...]}``."""
-        if isinstance(value, str):
-            value = {"kind": value}
-        data = _mapping(value, where)
-        _check_keys(data, EVALUATION_KEYS, where)
-        kind = data.get("kind")
-        if kind not in EVALUATION_KINDS:
-            raise ConfigError(f"{where}: kind {kind!r} is not an evaluation; choose from {', '.join(EVALUATION_KINDS)}")
-        recipe = data.get("recipe")
-        if recipe is not None:
-            if kind == "knn":
-                raise ConfigError(f"{where}: knn takes no recipe (its settings are the run's monitor.knn_*; change them "
-                                  "with overrides: [monitor.knn_k=200])")
-            if not isinstance(recipe, str) or not recipe.startswith(f"{kind}/"):
-                raise ConfigError(f"{where}.recipe: a {kind} evaluation takes a {kind}/<name> protocol recipe "
-                                  f"(`contrastlab recipes`), got {recipe!r}")
-        if data.get("data") is not None and not isinstance(data["data"], str):
-            raise ConfigError(f"{where}.data: expected a dataset name, got {data['data']!r}")
-        return cls(kind, recipe, data.get("data"), _strings(data.get("overrides"), f"{where}.overrides"))
-
-    def describe(self) -> str:
-        if self.from_training_run:
-            return "knn"
-        extra = [f"recipe {self.recipe}"] * bool(self.recipe) + [f"data {self.data}"] * bool(self.data)
-        extra += list(self.overrides)
-        return f"{self.kind} ({', '.join(extra)})" if extra else self.kind
-
-
-@dataclass(frozen=True)
-class Group:
-    """A recipe with overrides, trained once per seed of the study."""
-
-    name: str
-    recipe: str
-    overrides: tuple[str, ...] = ()
-    rows: tuple[str, ...] = ()
-    evaluate: tuple[Evaluation, ...] = ()
-    resources: Resources = field(default_factory=Resources)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One command line of a cell; done when ``output`` exists.
-
-    ``argv`` is the contrastlab command (``[python, -m, contrastlab, ...]``); :meth:`command` is what runs, under
-    ``torchrun`` when ``processes`` > 1 (one worker per GPU; several ``nodes`` meet at ``$MASTER_ADDR:$MASTER_PORT``).
-    A cell's train and finetune stages run on all its GPUs and nodes; knn and linear stages in one process.
-    """
-
-    name: str
-    argv: list[str]
-    output: Path
-    processes: int = 1
-    nodes: int = 1
-
-    def done(self) -> bool:
-        return self.output.is_file()
-
-    def command(self, environ: dict[str, str] | None = None) -> list[str]:
-        """The command line that runs this stage (``environ``: where a multi-node rendezvous is read)."""
-        if self.processes <= 1 and self.nodes <= 1:
-            return list(self.argv)
-        assert self.argv[1:3] == ["-m", "contrastlab"], self.argv
-        runner = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.processes)]
-        if self.nodes <= 1:
-            runner.append("--standalone")
-        else:
-            env = os.environ if environ is None else environ
-            where = f"{env.get('MASTER_ADDR', '$MASTER_ADDR')}:{env.get('MASTER_PORT', '29500')}"
-            runner += ["--nnodes", str(self.nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", where,
-                       "--rdzv-id", self.output.parent.name]
-        return [*runner, "-m", "contrastlab", *self.argv[3:]]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One group trained with one seed: its run directory, stages and resources.
-
-    ``overrides`` are the study's, the group's, then the command line's (:attr:`Study.extra_overrides`; the train
-    stage adds ``seed``, ``out`` and ``resume=auto``);
-    ``outputs`` maps every stage and evaluation to the file that holds its result (a plain ``knn`` evaluation reads
-    ``knn_top1`` from the training run's ``results.json``).
-    """
-
-    id: str
-    group: str
-    seed: int
-    recipe: str
-    overrides: tuple[str, ...]
-    rows: tuple[str, ...]
-    evaluations: tuple[Evaluation, ...]
-    resources: Resources
-    run_dir: Path
-    stages: tuple[Stage, ...]
-    outputs: dict[str, Path]
-
-    def done(self) -> bool:
-        """Whether every stage's output exists."""
-        return all(stage.done() for stage in self.stages)
-
-    def stage(self, name: str) -> Stage:
-        names = [s.name for s in self.stages]
-        if name not in names:
-            raise ContrastlabError(f"cell {self.id} has no stage {name!r}; its stages: {', '.join(names)}")
-        return self.stages[names.index(name)]
-
-    def definition(self) -> tuple[Any, ...]:
-        """What makes its results: recipe, overrides, seed and evaluations (a change of these is a new cell)."""
-        return (self.recipe, self.overrides, self.seed, self.evaluations)
-
-
-@dataclass(frozen=True)
-class CellStatus:
-    """A cell's state (``STATES``) as ``study status`` reports it, from its outputs and its state file."""
-
-    cell: str
-    state: str
-    stage: str | None = None
-    launcher: str | None = None
-    host: str | None = None
-    pid: int | None = None
-    job: str | None = None
-    log: str | None = None
-    reason: str = ""
-    updated: str | None = None
-
-    def describe(self) -> str:
-        """One line for ``study status``."""
-        parts = [f"{self.cell:<28} {self.state:<11}"]
-        if self.stage and self.state != "done":
-            parts.append(f"stage {self.stage}")
-        if self.state in ("running", "interrupted"):
-            where = f"host {self.host}, pid {self.pid}" + (f", job {self.job}" if self.job else "")
-            parts.append(f"({where})")
-        if self.reason:
-            parts.append(f"- {self.reason}")
-        if self.log and self.state in ("failed", "interrupted", "running"):
-            parts.append(f"[log {self.log}]")
-        return " ".join(parts)
-
 
 # ------------------------------------------------------------------------------------------ derived values
 
@@ -382,38 +132,6 @@ def _stage_names(evaluations: tuple[Evaluation, ...]) -> list[str]:
     return [e.kind if kinds.count(e.kind) == 1 else f"{e.kind}_{e.data or 'own'}"
             for e in evaluations if not e.from_training_run]
 
-
-def _slurm_job() -> str | None:
-    """This process's SLURM job: ``<array job>_<task>`` in an array, else the job id; None outside SLURM."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
-
-
-def job_alive(job: str) -> bool | None:
-    """Whether SLURM still knows job ``job`` (pending, running, requeued), by ``squeue``; None without squeue."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], check=False, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.returncode == 0 and bool(out.stdout.strip())
-
-
-def runner_alive(record: dict[str, Any]) -> bool | None:
-    """Whether the runner a ``running`` state file names still runs: its SLURM job (squeue), else its pid on this
-    host; None when neither can be checked from here (another host, no squeue)."""
-    from contrastlab.engine.run_lock import pid_alive
-
-    if record.get("job"):
-        alive = job_alive(str(record["job"]))
-        if alive is not None:
-            return alive
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-        return pid_alive(record["pid"], record.get("pid_start"))
-    return None
 
 
 # --------------------------------------------------------------------------------------------------- Study
@@ -483,12 +201,12 @@ class Study:
                   validate: bool = True, text: str | None = None, default_name: str | None = None,
                   overrides: Sequence[str] | None = None) -> Study:
         """A study from the mapping a study file holds (see docs/studies.md); ``overrides`` as :meth:`load`'s."""
-        data = _mapping(data, f"study {source}")
-        _check_keys(data, STUDY_KEYS, source)
+        data = as_mapping(data, f"study {source}")
+        check_keys(data, STUDY_KEYS, source)
         name = data.get("name", default_name)
         if name is None:
             raise ConfigError(f"{source}: the study needs a `name:` (it names its directory, studies/<name>)")
-        name = _name(name, f"{source}: name")
+        name = usable_name(name, f"{source}: name")
         description = data.get("description") or ""
         seeds = data.get("seeds", [0])
         if (not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
@@ -496,14 +214,14 @@ class Study:
             raise ConfigError(f"{source}: seeds: expected a non-empty list of different whole numbers, e.g. [0, 1, 2], "
                               f"got {seeds!r}")
         evaluate = cls._evaluations(data.get("evaluate", ["knn"]), f"{source}: evaluate")
-        resources_data = _mapping(data.get("resources"), f"{source}: resources")
+        resources_data = as_mapping(data.get("resources"), f"{source}: resources")
         resources = Resources.parse(resources_data, f"{source}: resources")
         groups = cls._groups(data, source, evaluate, resources_data)
         study = cls(name=name, description=str(description), seeds=tuple(seeds), groups=groups, evaluate=evaluate,
-                    resources=resources, overrides=_strings(data.get("overrides"), f"{source}: overrides"),
-                    reproduces=_strings(data.get("reproduces"), f"{source}: reproduces"), source=source,
+                    resources=resources, overrides=string_list(data.get("overrides"), f"{source}: overrides"),
+                    reproduces=string_list(data.get("reproduces"), f"{source}: reproduces"), source=source,
                     text=text if text is not None else yaml.safe_dump(data, sort_keys=False),
-                    dir=study_dir(name, dir), extra_overrides=_override_list(overrides, "command-line overrides"))
+                    dir=study_dir(name, dir), extra_overrides=override_list(overrides, "command-line overrides"))
         if validate:
             study.validate()
         return study
@@ -527,37 +245,37 @@ class Study:
             raise ConfigError(f"{source}: groups: expected a list of {{name, recipe, overrides}} mappings")
         for i, item in enumerate(explicit):
             where = f"{source}: groups[{i}]"
-            item = _mapping(item, where)
-            _check_keys(item, GROUP_KEYS, where)
-            name = _name(item.get("name"), f"{where}.name")
+            item = as_mapping(item, where)
+            check_keys(item, GROUP_KEYS, where)
+            name = usable_name(item.get("name"), f"{where}.name")
             where = f"{source}: groups[{i}] ({name})"
             recipe = item.get("recipe")
             if not isinstance(recipe, str) or not recipe:
                 raise ConfigError(f"{where}.recipe: every group needs a recipe name (`contrastlab recipes`) or path")
-            own = _mapping(item.get("resources"), f"{where}.resources")
+            own = as_mapping(item.get("resources"), f"{where}.resources")
             groups.append(Group(
-                name=name, recipe=recipe, overrides=_strings(item.get("overrides"), f"{where}.overrides"),
-                rows=_strings(item.get("rows"), f"{where}.rows"),
+                name=name, recipe=recipe, overrides=string_list(item.get("overrides"), f"{where}.overrides"),
+                rows=string_list(item.get("rows"), f"{where}.rows"),
                 evaluate=cls._evaluations(item["evaluate"], f"{where}.evaluate") if "evaluate" in item else evaluate,
                 resources=Resources.parse({**resources, **own}, f"{where}.resources")))
-        grid = _mapping(data.get("grid"), f"{source}: grid")
+        grid = as_mapping(data.get("grid"), f"{source}: grid")
         if grid:
-            _check_keys(grid, GRID_KEYS, f"{source}: grid")
-            recipes = _mapping(grid.get("recipes"), f"{source}: grid.recipes")
-            variants = _mapping(grid.get("overrides"), f"{source}: grid.overrides") or {"": []}
+            check_keys(grid, GRID_KEYS, f"{source}: grid")
+            recipes = as_mapping(grid.get("recipes"), f"{source}: grid.recipes")
+            variants = as_mapping(grid.get("overrides"), f"{source}: grid.overrides") or {"": []}
             if not recipes:
                 raise ConfigError(f"{source}: grid.recipes: give at least one `key: recipe` (the group names are "
                                   "<recipe key>_<override key>)")
             for rkey, recipe in recipes.items():
-                _name(rkey, f"{source}: grid.recipes key")
+                usable_name(rkey, f"{source}: grid.recipes key")
                 if not isinstance(recipe, str):
                     raise ConfigError(f"{source}: grid.recipes.{rkey}: expected a recipe name, got {recipe!r}")
                 for okey, overrides in variants.items():
                     name = f"{rkey}_{okey}" if okey else str(rkey)
                     if okey:
-                        _name(okey, f"{source}: grid.overrides key")
+                        usable_name(okey, f"{source}: grid.overrides key")
                     groups.append(Group(name=name, recipe=recipe,
-                                        overrides=_strings(overrides, f"{source}: grid.overrides.{okey}"),
+                                        overrides=string_list(overrides, f"{source}: grid.overrides.{okey}"),
                                         evaluate=evaluate, resources=Resources.parse(resources, f"{source}: resources")))
         if not groups:
             raise ConfigError(f"{source}: the study has no groups; give `groups:` (a list of {{name, recipe, "
@@ -639,7 +357,7 @@ class Study:
     def with_overrides(self, overrides: Sequence[str], *, validate: bool = True) -> Study:
         """This study with ``overrides`` as its :attr:`extra_overrides` (every cell's, after the study's and the
         group's); checked as :meth:`load` checks them unless ``validate`` is False."""
-        study = dataclasses.replace(self, extra_overrides=_override_list(overrides, "command-line overrides"))
+        study = dataclasses.replace(self, extra_overrides=override_list(overrides, "command-line overrides"))
         if validate:
             study.validate()
         return study
@@ -809,7 +527,7 @@ class Study:
 
         assert state in STATES, state
         record = {"cell": cell_id, "state": state, "stage": stage, "launcher": launcher, "host": socket.gethostname(),
-                  "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "job": _slurm_job(),
+                  "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "job": slurm_job(),
                   "log": str(log) if log else None, "reason": reason,
                   "updated": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         path = self.state_path(cell_id)

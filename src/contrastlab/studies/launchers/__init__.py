@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 
 from contrastlab.registry import Registry
 from contrastlab.studies.cell_runner import run_cell_argv
-from contrastlab.studies.study import Cell, Study, format_command
+from contrastlab.studies.cells import Cell
+from contrastlab.studies.study import Study, format_command
 
 BUILTIN_LAUNCHERS = ("contrastlab.studies.launchers.local", "contrastlab.studies.launchers.slurm")
 """Modules that register the built-in launchers (imported on the first lookup)."""

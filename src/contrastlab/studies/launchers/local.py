@@ -17,8 +17,9 @@ from typing import Any
 
 from contrastlab.errors import ContrastlabError
 from contrastlab.studies.cell_runner import run_cell_argv
+from contrastlab.studies.cells import Cell
 from contrastlab.studies.launchers import Launcher, register_launcher
-from contrastlab.studies.study import Cell, Study
+from contrastlab.studies.study import Study
 
 
 def visible_gpus() -> list[str]:

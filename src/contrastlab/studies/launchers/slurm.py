@@ -51,8 +51,10 @@ from typing import Any
 
 from contrastlab.errors import ContrastlabError
 from contrastlab.studies.cell_runner import run_cell_argv
+from contrastlab.studies.cells import Cell, Stage, runner_alive
 from contrastlab.studies.launchers import Launcher, register_launcher
-from contrastlab.studies.study import Cell, Resources, Stage, Study, runner_alive
+from contrastlab.studies.spec import Resources
+from contrastlab.studies.study import Study
 
 EXIT_PREEMPTED = 75
 """The runner's status after a checkpoint on a preemption signal (:data:`contrastlab.engine.preemption.EXIT_PREEMPTED`)."""
@@ -62,7 +64,7 @@ MAX_REQUEUES = 20
 
 RESOURCE_OPTIONS = {"partition": "partition", "account": "account", "time": "time", "gpus_per_node": "gpus",
                     "cpus_per_task": "cpus", "mem": "mem", "nodes": "nodes"}
-"""Command-line option (its ``dest``) -> the :class:`~contrastlab.studies.study.Resources` field it overrides."""
+"""Command-line option (its ``dest``) -> the :class:`~contrastlab.studies.spec.Resources` field it overrides."""
 
 _SCRIPT = """#!/bin/bash
 # contrastlab study {study}{smoke}: stage(s) {stages} of {n} cell(s), one element of this job array per cell.
