@@ -229,6 +229,40 @@ def test_a_failing_cell_is_reported_and_its_evaluation_cancelled(submitted: Subm
     assert len(trains) == 2  # broken's other time limit: an array of its own
 
 
+def test_the_shipped_demo_study_runs_to_its_table(slurm: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture):
+    """The demo study as shipped, two of its groups x seeds 0 and 1 (--cells), submitted with --smoke and tabled."""
+    env = slurm.env(OMP_NUM_THREADS="1")
+    for key in ("SLURM_CONF", "PYTHONPATH", "PATH", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, env[key])
+    folder = tmp_path / "demo"
+    cells = "simclr_[rj]*__s[01]"  # simclr_rrc and simclr_jointcrop, seeds 0 and 1
+    try:
+        assert main(["study", "run", "demo", "--launcher", "slurm", "--smoke", "--dir", str(folder), "--cells", cells,
+                     "--cpus-per-task", "1", "--time", "00:05:00"]) == 0
+        arrays = json.loads(next((folder / "slurm").glob("*/jobs.json")).read_text())
+        slurm.submitted += [a["job"] for a in arrays]
+        assert [sorted(name for name, _ in a["tasks"].values()) for a in arrays] == [
+            ["simclr_jointcrop__s0", "simclr_jointcrop__s1", "simclr_rrc__s0", "simclr_rrc__s1"]]
+        _wait_all(slurm, [a["job"] for a in arrays], timeout=300)
+    finally:
+        slurm.cancel_submitted()
+    capsys.readouterr()
+    assert main(["study", "table", "demo", "--dir", str(folder), "--format", "csv"]) == 0
+    rows = {row["group"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert list(rows) == ["simclr_rrc", "simclr_ccrop", "simclr_jointcrop", "mocov2_rrc", "mocov2_ccrop",
+                          "mocov2_jointcrop"], rows
+    for group in ("simclr_rrc", "simclr_jointcrop"):
+        assert (rows[group]["status"], rows[group]["knn_top1_n"]) == ("2/3 done, 1 pending", "2"), rows[group]
+        for seed in (0, 1):
+            results = json.loads((folder / "runs" / f"{group}__s{seed}" / "results.json").read_text())
+            assert results["steps"] == 2 and 0 <= results["knn_top1"] <= 100
+        values = [json.loads((folder / "runs" / f"{group}__s{s}" / "results.json").read_text())["knn_top1"]
+                  for s in (0, 1)]
+        assert float(rows[group]["knn_top1_mean"]) == pytest.approx(sum(values) / 2)
+    assert rows["mocov2_rrc"]["status"] == "0/3 done, 3 pending" and rows["mocov2_rrc"]["knn_top1_n"] in ("", "0")
+
+
 # ------------------------------------------------------------------------------------------ no cluster needed
 
 
