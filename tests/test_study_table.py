@@ -30,7 +30,6 @@ from contrastlab.studies.table import (
     Aggregate,
     CellRecord,
     build_table,
-    cell_state,
     read_run,
     run_state,
     study_table,
@@ -278,32 +277,31 @@ def test_run_state_of_runs_made_by_hand(tmp_path):
     assert run_state(run) == "done"
 
 
-def test_study_table_reads_cell_state_files(tmp_path):
-    study_dir = tmp_path / "studies" / "demo"
-    values, cells = [], []
-    for seed in (0, 1, 2):
-        values.append(RNG.uniform(10, 90))
-        write_run(study_dir / "runs" / f"g__s{seed}", seed=seed, results={"knn_top1": values[-1] if seed < 2
-                                                                           else 0.0}, records=curve(2))
-        cells.append(SimpleNamespace(id=f"g__s{seed}", group="g", seed=seed, run_dir=study_dir / "runs" / f"g__s{seed}",
-                                     rows=[]))
-    cells.append(SimpleNamespace(id="g__s3", group="g", seed=3, run_dir=study_dir / "runs" / "g__s3", rows=[]))
-    (study_dir / "cells").mkdir()
-    for seed in (0, 1):
-        (study_dir / "cells" / f"g__s{seed}.json").write_text(json.dumps({"cell": f"g__s{seed}", "state": "done"}))
+def test_study_table_gives_each_cell_the_state_study_status_gives_it(tmp_path):
+    """A study's table counts cells as `study status` does: done when the outputs exist (also a run made by hand or
+    linked in from an identical cell of another study, with no state file), interrupted when the state file says
+    running and its runner is gone, failed as its state file says, pending otherwise; only done cells are averaged."""
+    study = Study.from_dict({"name": "demo", "seeds": [0, 1, 2, 3, 4], "groups": [{"name": "g", "recipe": "demo"}]},
+                            dir=tmp_path / "studies" / "demo", validate=False)
+    study.prepare()
+    runs, values = study.dir / "runs", [RNG.uniform(10, 90) for _ in range(2)]
+    write_run(runs / "g__s0", seed=0, results={"knn_top1": values[0]}, records=curve(2))
+    study.write_state("g__s0", "done", stage="train")
+    write_run(tmp_path / "elsewhere" / "g__s1", seed=1, results={"knn_top1": values[1]}, records=curve(2))
+    (runs / "g__s1").symlink_to(tmp_path / "elsewhere" / "g__s1")  # no state file: done by its outputs
+    write_run(runs / "g__s2", seed=2, records=curve(1))  # a running state file whose process is gone
     gone = subprocess.Popen(["true"])
     gone.wait()
-    (study_dir / "cells" / "g__s2.json").write_text(json.dumps({"cell": "g__s2", "state": "running",
-                                                                "host": __import__("socket").gethostname(),
-                                                                "pid": gone.pid}))
-    assert cell_state(study_dir, "g__s2") == "interrupted"
-    assert cell_state(study_dir, "g__s3") == "pending"
-    study = SimpleNamespace(cells=lambda: cells)
+    state = json.loads(study.state_path("g__s0").read_text())
+    study.state_path("g__s2").write_text(json.dumps({**state, "cell": "g__s2", "state": "running", "pid": gone.pid,
+                                                     "pid_start": None, "job": None}))
+    study.write_state("g__s3", "failed", stage="train", reason="exited with status 1")
+    assert [s.state for s in study.status()] == ["done", "done", "interrupted", "failed", "pending"]
     figure = tmp_path / "fig.png"
     (line,) = csv.DictReader(io.StringIO(study_table(study, fmt="csv", figure=figure, published=None)))
-    assert line["status"] == "2/4 done, 1 interrupted, 1 pending"
-    assert float(line["knn_top1_mean"]) == pytest.approx(statistics.mean(values[:2]), abs=1e-12)
-    assert float(line["knn_top1_std"]) == pytest.approx(statistics.stdev(values[:2]), abs=1e-12)
+    assert line["status"] == "2/5 done, 1 failed, 1 interrupted, 1 pending"
+    assert float(line["knn_top1_mean"]) == pytest.approx(statistics.mean(values), abs=1e-12)
+    assert float(line["knn_top1_std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
     for path in (figure, curves_path(figure)):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 0 and image.size[1] > 0

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -545,42 +544,13 @@ class Table:
 
 
 # ---------------------------------------------------------------------------------------------- studies
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def cell_state(study_dir: str | os.PathLike, cell_id: str) -> str:
-    """A study cell's state from ``<study dir>/cells/<cell id>.json`` (``pending`` without one); a ``running``
-    cell whose process on this host is gone is ``interrupted``."""
-    path = Path(study_dir) / "cells" / f"{cell_id}.json"
-    if not path.is_file():
-        return "pending"
-    info = _read_json(path)
-    state = info.get("state")
-    if not isinstance(state, str):
-        raise ContrastlabError(f"{path} holds no 'state'; was it written by `contrastlab study run-cell`?")
-    pid = info.get("pid")
-    if state == "running" and info.get("host") == socket.gethostname() and isinstance(pid, int) \
-            and not _pid_alive(pid):
-        return "interrupted"
-    return state
-
-
 def records_from_study(study: Any) -> list[CellRecord]:
-    """The study's cells (``study.cells()``: ``.id .group .seed .run_dir .rows``) with their states; a cell's
-    study directory is its run directory's grandparent (``<study dir>/runs/<cell id>``)."""
-    records = []
-    for cell in study.cells():
-        run_dir = Path(cell.run_dir)
-        records.append(CellRecord(group=cell.group, seed=cell.seed, run_dir=run_dir, rows=list(cell.rows),
-                                  state=cell_state(run_dir.parent.parent, cell.id)))
-    return records
+    """The study's cells with the states ``study status`` gives them (:meth:`Study.status
+    <contrastlab.studies.study.Study.status>`: done when every output exists, whoever wrote it; else what the cell's
+    state file says, a running cell whose runner or SLURM job is gone being ``interrupted``)."""
+    states = {status.cell: status.state for status in study.status()}
+    return [CellRecord(group=cell.group, seed=cell.seed, run_dir=Path(cell.run_dir), rows=list(cell.rows),
+                       state=states[cell.id]) for cell in study.cells(smoke=study.smoke_of_dir())]
 
 
 def study_table(study: Any, fmt: str = "markdown", figure: str | os.PathLike | None = None,
