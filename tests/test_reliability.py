@@ -22,7 +22,6 @@ from contrastlab.config.load import load_config
 from contrastlab.engine.checkpoint import load_checkpoint
 from contrastlab.engine.preemption import EXIT_PREEMPTED
 from contrastlab.engine.trainer import NonFiniteLossError, train
-from contrastlab.errors import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit comparisons with OMP_NUM_THREADS=1 subprocesses
 
@@ -63,54 +62,65 @@ def _cli(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "contrastlab", "train", "demo", f"out={out}", *TINY, *extra]
 
 
-def _wait_for_partial_checkpoint(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Wait until ``path`` holds a mid-epoch checkpoint (the process keeps running)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if path.is_file():
-            with contextlib.suppress(CheckpointError, OSError):  # being replaced right now: try again
-                if load_checkpoint(path).get("partial"):
-                    return
+PAUSE_PLUGIN = Path(__file__).with_name("pause_at_step.py")
+PAUSED = [f"plugins=[{PAUSE_PLUGIN}]", "observers=[progress,knn,test_accuracy,localiser,pause_at_step]",
+          "train.checkpoint_every_steps=2"]  # held after step 3, with the step-2 checkpoint on disk
+
+
+def _paused_ranks(pause: Path, proc: subprocess.Popen, ranks: int = 1, timeout: float = 180.0) -> list[int]:
+    """Wait until ``ranks`` processes are held by the ``pause_at_step`` observer; their pids, by rank."""
+    pids = [pause / f"rank{rank}.pid" for rank in range(ranks)]
+    end = time.monotonic() + timeout
+    while not all(p.is_file() for p in pids):
         if proc.poll() is not None:
-            raise AssertionError(f"training ended before the checkpoint appeared: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError("no mid-epoch checkpoint appeared")
+            raise AssertionError(f"training ended before it was held at step 3: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < end, "training never reached step 3"
+        time.sleep(0.02)
+    return [int(p.read_text()) for p in pids]
+
+
+def _pause_env(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    return pause, {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(pause)}
 
 
 def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every_steps=2", "train.deterministic=true"),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pause, env = _pause_env(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(out, *PAUSED), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc)
+        [pid] = _paused_ranks(pause, proc)
+        assert pid == proc.pid
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert ckpt["partial"] is not None and ckpt["step"] % 2 == 0 and 0 < ckpt["step"] < 12
-    train(_tiny(tmp_path, "train.checkpoint_every_steps=2", "resume=auto"), quiet=True)
-    _assert_same_run(reference, tmp_path)
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["partial"] is not None and ckpt["step"] == 2
+    (pause / "release").touch()
+    train(_tiny(out, "train.checkpoint_every_steps=2", "resume=auto"), quiet=True)
+    _assert_same_run(reference, out)
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_75(reference, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # checkpoint_every_steps only tells the test that training runs; SIGTERM writes its own checkpoint
-    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every_steps=3"), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    pause, env = _pause_env(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(out, *PAUSED), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc)
-        proc.send_signal(signal.SIGTERM)
+        _paused_ranks(pause, proc)
+        proc.send_signal(signal.SIGTERM)  # arrives while step 3's observers run: the checkpoint is of step 3
+        (pause / "release").touch()
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "resume=auto" in err and "SIGTERM" in err
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert ckpt["partial"] is not None
-    train(_tiny(tmp_path, "resume=auto"), quiet=True)
-    _assert_same_run(reference, tmp_path)
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["partial"] is not None and ckpt["step"] == 3
+    train(_tiny(out, "resume=auto"), quiet=True)
+    _assert_same_run(reference, out)
 
 
 def test_views_do_not_depend_on_the_number_of_workers(reference, tmp_path):
@@ -131,25 +141,26 @@ def _children(pid: int) -> list[int]:
 
 def test_torchrun_restart_after_a_killed_rank_finishes_the_run(tmp_path):
     """torchrun --max-restarts 1: kill one of 2 gloo ranks mid-run; the job restarts from its checkpoint."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pause, env = _pause_env(tmp_path)
+    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-           "--master-port", "29531", "-m", "contrastlab", "train", "demo", f"out={tmp_path}", *TINY,
-           "train.checkpoint_every_steps=2"]
+           "--master-port", "29531", "-m", "contrastlab", "train", "demo", f"out={out}", *TINY, *PAUSED]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_partial_checkpoint(tmp_path / "checkpoints" / "last.pt", proc, timeout=180)
-        workers = _children(proc.pid)
-        assert len(workers) == 2, workers
-        os.kill(int(workers[1]), signal.SIGKILL)
+        workers = _paused_ranks(pause, proc, ranks=2)
+        assert sorted(workers) == _children(proc.pid)  # torchrun's own workers, one per rank
+        assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+        os.kill(workers[1], signal.SIGKILL)
+        (pause / "release").touch()  # rank 0 goes on to step 4 and finds its peer gone
         _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert "resuming from its last checkpoint" in err
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "resuming from its last checkpoint" in err and "at epoch 0, step 2" in err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 12  # global batch 8: 6 steps an epoch
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 12  # global batch 8: 6 steps an epoch
 
 
 def _with_nan_steps(monkeypatch, bad_calls: set[int]) -> None:
