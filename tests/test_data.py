@@ -628,3 +628,15 @@ def test_unknown_dataset_option_is_a_dataset_error():
 
     with pytest.raises(DatasetError, match="class_list"):
         build_dataset("demo", None, "train", class_list="x.txt")
+
+
+def test_evenly_spaced_takes_the_first_of_every_len_over_n_items() -> None:
+    from contrastlab.data.subsets import IndexedSubset, evenly_spaced
+
+    demo = build_dataset("demo", "", "test")
+    for n in (1, 7, 250, 999):
+        sub = evenly_spaced(demo, n)
+        expected = [int(k * len(demo) / n) for k in range(n)]  # floor(k * len / n), in exact arithmetic here
+        assert isinstance(sub, IndexedSubset) and sub.indices == expected and len(set(expected)) == n
+        assert sub.targets == [demo.targets[i] for i in expected] and sub[n - 1][2] == n - 1
+    assert evenly_spaced(demo, 0) is demo and evenly_spaced(demo, len(demo)) is demo

@@ -134,7 +134,8 @@ def test_cells_are_the_product_of_groups_and_seeds_with_their_commands(tmp_path)
         assert cell.rows == (("x/y/z",) if cell.group == "base" else ())
     smoke = study.cells(smoke=True)
     assert all(c.stages[0].argv[-1] == "--smoke" and c.stages[0].processes == 1 for c in smoke)
-    assert [s.argv[-1] for c in smoke for s in c.stages[1:]] == ["linear.epochs=1"] * 8
+    assert [s.argv[-3:] for c in smoke for s in c.stages[1:]] == [["linear.epochs=1", "linear.max_train=256",
+                                                                    "linear.max_test=256"]] * 8
     assert [c.id for c in study.cells(pattern="moco_*__s1")] == ["moco_rrc__s1", "moco_jc__s1"]
 
 

@@ -210,9 +210,13 @@ def test_cli_eval_knn_and_linear(tmp_path, capsys):
         assert on_device["knn_views"] == "device" and on_device["knn_top1"] == pytest.approx(knn["knn_top1"], abs=2.0)
         # a linear-probe recipe replaces the protocol; overrides still win
         assert main(["eval", "linear", ck, "--recipe", "linear/cifar_r18_100ep", "linear.epochs=1",
-                     "linear.batch_size=16", "--out", str(tmp_path / "lin.json")]) == 0
+                     "linear.batch_size=16", "linear.max_train=40", "linear.max_test=20",
+                     "--out", str(tmp_path / "lin.json")]) == 0
     lin = json.loads((tmp_path / "lin.json").read_text())
     assert lin["lr"] == 10.0 and lin["schedule"] == "step" and lin["epochs"] == 1 and lin["augment"] is True
+    assert (lin["train_size"], lin["test_size"]) == (40, 20)  # linear.max_train / max_test: what study --smoke sets
+    correct = lin["top1"] * 20 / 100  # a count of the 20 test images
+    assert abs(correct - round(correct)) < 1e-4
     assert main(["train", "linear/cifar_r18_100ep"]) == 2
     assert "eval linear" in capsys.readouterr().err
     assert (tmp_path / "run" / "eval_linear_demo.json").is_file()

@@ -18,7 +18,7 @@ from contrastlab.data import build_dataset, native_size
 from contrastlab.data import normalization as dataset_normalization
 from contrastlab.data.device_images import DeviceImages
 from contrastlab.data.download import download_dataset
-from contrastlab.data.subsets import IndexedSubset, class_balanced_subset
+from contrastlab.data.subsets import class_balanced_subset, evenly_spaced
 from contrastlab.errors import ConfigError
 from contrastlab.methods import METHODS, build_method
 from contrastlab.methods.base import Method
@@ -45,9 +45,7 @@ def training_dataset(cfg: Config) -> Dataset:
     n = cfg.data.subset
     if n < 0:
         raise ConfigError(f"data.subset must be >= 0 (0 = the whole split), got {n}")
-    if n == 0 or n >= len(base):
-        return base
-    return IndexedSubset(base, [i * len(base) // n for i in range(n)])
+    return evenly_spaced(base, n)
 
 
 def labeled_dataset(cfg: Config, train_base: Dataset | None = None) -> Dataset:

@@ -256,9 +256,10 @@ def _eval_linear(args: argparse.Namespace, cfg, ckpt, device) -> dict:
     import torch
 
     from contrastlab import assemble
+    from contrastlab.data.subsets import evenly_spaced
 
     net, dim = _pretrained_backbone(args, cfg, ckpt, device)
-    test_base = assemble.dataset(cfg, cfg.data.test_split)
+    test_base = evenly_spaced(assemble.dataset(cfg, cfg.data.test_split), cfg.linear.max_test)
     if args.stored_classifier:
         from contrastlab.engine.checkpoint import stored_classifier
         from contrastlab.eval.linear import classifier_accuracy
@@ -271,7 +272,7 @@ def _eval_linear(args: argparse.Namespace, cfg, ckpt, device) -> dict:
     from contrastlab.views import eval_view_dataset, make_photometric, make_planner
     from contrastlab.views.dataset import ViewDataset
 
-    train_base = assemble.labeled_dataset(cfg)
+    train_base = evenly_spaced(assemble.labeled_dataset(cfg), cfg.linear.max_train)
     mean, std = assemble.normalization(cfg)
     size = assemble.image_size(cfg)
     if cfg.linear.augment:

@@ -231,6 +231,8 @@ class LinearConfig:
     crop_fraction: float = 1.0  #: eval views: centre crop fraction (0.875 for ImageNet)
     n_last_blocks: int = 1  #: ViTs: class tokens of the last N blocks, concatenated (DINO's ViT-S probe: 4)
     avgpool_patch_tokens: bool = False  #: ViTs: last class token and mean patch token (DINO's ViT-B probe)
+    max_train: int = 0  #: train the probe on an evenly spaced subset of this many labelled images (0 = all; smoke stages: 256)
+    max_test: int = 0  #: score it on an evenly spaced subset of this many test images (0 = all; smoke stages: 256)
 
 
 @dataclass

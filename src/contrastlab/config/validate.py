@@ -131,6 +131,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "linear.weight_decay": (_nonneg, ">= 0"),
     "linear.scale": (_pair_in_unit, "[min, max] with 0 < min <= max <= 1"),
     "linear.crop_fraction": (_fraction, "in (0, 1]"),
+    "linear.max_train": (_nonneg, ">= 0 (0 = all)"),
+    "linear.max_test": (_nonneg, ">= 0 (0 = all)"),
     "linear.n_last_blocks": (_positive_int, "a positive integer (a ViT's last blocks whose class tokens the probe reads)"),
     "finetune.epochs": (_positive_int, "a positive integer"),
     "finetune.batch_size": (_positive_int, "a positive integer"),

@@ -10,6 +10,15 @@ from torch.utils.data import Dataset
 from contrastlab.errors import ConfigError
 
 
+def evenly_spaced(dataset: Any, n: int) -> Any:
+    """The first of every ``len / n`` samples as an :class:`IndexedSubset` (``dataset`` itself when ``n`` is 0 or
+    not smaller than it): a fixed, class-spread selection that needs no random stream."""
+    size = len(dataset)
+    if n <= 0 or n >= size:
+        return dataset
+    return IndexedSubset(dataset, [i * size // n for i in range(n)])
+
+
 class IndexedSubset(Dataset):
     """The samples ``indices`` of a dataset, renumbered ``0 .. len - 1`` (items keep the dataset's format).
 

@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from contrastlab.config.schema import Config, FinetuneConfig, OptimConfig
-from contrastlab.data.subsets import IndexedSubset
+from contrastlab.data.subsets import evenly_spaced
 from contrastlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint
 from contrastlab.engine.distributed import all_reduce_mean, barrier
 from contrastlab.engine.optim import build_optimizer, set_learning_rate
@@ -368,14 +368,6 @@ def finetune_backbone(cfg: Config) -> tuple[nn.Module, int]:
     return assemble.backbone(cfg)
 
 
-def _evenly_spaced(dataset: Dataset, n: int) -> Dataset:
-    """The first of every ``len / n`` samples (all when ``n`` is 0 or not smaller than the dataset)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    if n <= 0 or n >= size:
-        return dataset
-    return IndexedSubset(dataset, [i * size // n for i in range(n)])
-
-
 def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str | Path, *, peer: int | None = None,
                         resume: str | Path | None = None,
                         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
@@ -409,7 +401,7 @@ def finetune_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str, out: str
     net, dim = finetune_backbone(cfg)
     load_backbone_weights(net, ckpt, source, peer=peer, module=module)
     train_base = assemble.labeled_dataset(cfg) if cfg.data.labeled_split else assemble.training_dataset(cfg)
-    test_base = _evenly_spaced(assemble.dataset(cfg, cfg.data.test_split), cfg.monitor.max_test)
+    test_base = evenly_spaced(assemble.dataset(cfg, cfg.data.test_split), cfg.monitor.max_test)
     mean, std = assemble.normalization(cfg)
     train_tf, test_tf = finetune_transforms(cfg.finetune, assemble.image_size(cfg), mean, std)
     torch.manual_seed(cfg.seed)
