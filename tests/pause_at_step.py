@@ -1,31 +1,39 @@
-"""A plug-in observer for fault tests: it holds each rank after step ``PAUSE_STEP`` (default 3) of a run's first
-attempt, writes ``rank<N>.pid`` in ``PAUSE_DIR`` and waits there until the test creates ``PAUSE_DIR/release``.
+"""A plug-in observer for fault tests: it holds each rank after step ``PAUSE_STEP`` (default 3) of a run, writes
+``paused.rank<N>.pid`` in the run directory and waits there until the test creates ``<run directory>/release`` or
+the process receives a preemption signal (SIGUSR1, or SIGTERM outside torchrun: the trainer's handler records it).
 
-A test that kills or signals a training process mid-run uses it instead of racing a fast machine: once the pid files
-are there, the checkpoint of step ``PAUSE_STEP - 1`` (with ``train.checkpoint_every_steps=2``) is on disk and the
-run cannot finish before the test acts. Listed as ``plugins=[<this file>]`` and ``observers=[..., pause_at_step]``.
+A test that kills, signals or requeues a training process mid-run uses it instead of racing a fast machine: once
+the pid files are there, the checkpoint of the last multiple of ``train.checkpoint_every_steps`` before
+``PAUSE_STEP`` is on disk and the run cannot finish before the test acts. A run that finds ``release`` (a resumed
+or requeued one) passes through. Listed as ``plugins=[<this file>]`` and ``observers=[..., pause_at_step]``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 import contrastlab
 
 
+def _preemption_recorded() -> bool:
+    """Whether the trainer's handler (``engine.preemption.PreemptionSignals``) has recorded a signal."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    return bool(getattr(getattr(handler, "__self__", None), "requested", False))
+
+
 class PauseAtStep(contrastlab.Observer):
     def on_step_end(self, run, step_output) -> None:
-        if run.step != int(os.environ.get("PAUSE_STEP", "3")) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        release = run.out / "release"
+        if run.step != int(os.environ.get("PAUSE_STEP", "3")) or release.exists():
             return
-        here = Path(os.environ["PAUSE_DIR"])
-        if (here / "release").exists():  # a resumed run of the same directory passes through
-            return
-        (here / f"rank{run.rank}.pid.tmp").write_text(str(os.getpid()))
-        (here / f"rank{run.rank}.pid.tmp").rename(here / f"rank{run.rank}.pid")
+        pid = run.out / f"paused.rank{run.rank}.pid"
+        Path(f"{pid}.tmp").write_text(str(os.getpid()))
+        Path(f"{pid}.tmp").rename(pid)
         deadline = time.monotonic() + 120
-        while not (here / "release").exists() and time.monotonic() < deadline:
+        while not release.exists() and not _preemption_recorded() and time.monotonic() < deadline:
             time.sleep(0.02)
 
 

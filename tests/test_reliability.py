@@ -67,9 +67,9 @@ PAUSED = [f"plugins=[{PAUSE_PLUGIN}]", "observers=[progress,knn,test_accuracy,lo
           "train.checkpoint_every_steps=2"]  # held after step 3, with the step-2 checkpoint on disk
 
 
-def _paused_ranks(pause: Path, proc: subprocess.Popen, ranks: int = 1, timeout: float = 180.0) -> list[int]:
-    """Wait until ``ranks`` processes are held by the ``pause_at_step`` observer; their pids, by rank."""
-    pids = [pause / f"rank{rank}.pid" for rank in range(ranks)]
+def _paused_ranks(out: Path, proc: subprocess.Popen, ranks: int = 1, timeout: float = 180.0) -> list[int]:
+    """Wait until ``ranks`` processes of the run in ``out`` are held by ``pause_at_step``; their pids, by rank."""
+    pids = [out / f"paused.rank{rank}.pid" for rank in range(ranks)]
     end = time.monotonic() + timeout
     while not all(p.is_file() for p in pids):
         if proc.poll() is not None:
@@ -79,18 +79,15 @@ def _paused_ranks(pause: Path, proc: subprocess.Popen, ranks: int = 1, timeout: 
     return [int(p.read_text()) for p in pids]
 
 
-def _pause_env(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    pause = tmp_path / "pause"
-    pause.mkdir()
-    return pause, {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(pause)}
+_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
-    pause, env = _pause_env(tmp_path)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(out, *PAUSED), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(out, *PAUSED), env=_ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        [pid] = _paused_ranks(pause, proc)
+        [pid] = _paused_ranks(out, proc)
         assert pid == proc.pid
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -98,19 +95,18 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, t
     assert proc.returncode == -signal.SIGKILL
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["partial"] is not None and ckpt["step"] == 2
-    (pause / "release").touch()
+    (out / "release").touch()
     train(_tiny(out, "train.checkpoint_every_steps=2", "resume=auto"), quiet=True)
     _assert_same_run(reference, out)
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_75(reference, tmp_path):
-    pause, env = _pause_env(tmp_path)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(out, *PAUSED), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(out, *PAUSED), env=_ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        _paused_ranks(pause, proc)
+        _paused_ranks(out, proc)
         proc.send_signal(signal.SIGTERM)  # arrives while step 3's observers run: the checkpoint is of step 3
-        (pause / "release").touch()
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -141,17 +137,16 @@ def _children(pid: int) -> list[int]:
 
 def test_torchrun_restart_after_a_killed_rank_finishes_the_run(tmp_path):
     """torchrun --max-restarts 1: kill one of 2 gloo ranks mid-run; the job restarts from its checkpoint."""
-    pause, env = _pause_env(tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--master-port", "29531", "-m", "contrastlab", "train", "demo", f"out={out}", *TINY, *PAUSED]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=_ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        workers = _paused_ranks(pause, proc, ranks=2)
+        workers = _paused_ranks(out, proc, ranks=2)
         assert sorted(workers) == _children(proc.pid)  # torchrun's own workers, one per rank
         assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
         os.kill(workers[1], signal.SIGKILL)
-        (pause / "release").touch()  # rank 0 goes on to step 4 and finds its peer gone
+        (out / "release").touch()  # rank 0 goes on to step 4 and finds its peer gone; the restart passes step 3
         _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:

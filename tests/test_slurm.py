@@ -25,6 +25,9 @@ STEPS, CHECKPOINT_EVERY, STEPS_PER_EPOCH = 30, 5, 8
 RUN = ["--smoke", "data.root=null", "train.epochs=4", f"train.max_steps={STEPS}",
        f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", "monitor.knn_every=0"]
 ON_THIS_CLUSTER = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+# held after step 6 (the step-5 checkpoint on disk) until interrupted: tests/pause_at_step.py, PAUSE_STEP=6
+PAUSED = [f"plugins=[{REPO / 'tests' / 'pause_at_step.py'}]",
+          "observers=[progress,knn,test_accuracy,localiser,plots,pause_at_step]"]
 
 
 @dataclass
@@ -99,19 +102,19 @@ def test_interrupted_job_continues_to_the_same_loss(slurm: Cluster, uninterrupte
     script requeues the job itself. Either way the requeued job waits for a begin time 2 minutes away, which the test
     moves to 2 s from now.
     """
-    run = submit_train(slurm, tmp_path)
-    checkpoint = run.out / "checkpoints" / "last.pt"
-    slurm.wait(run.job, until=lambda info: checkpoint.is_file() or info["JobState"] in {"COMPLETED", "FAILED"},
-               log=run.log)
-    assert not (run.out / "results.json").exists(), "the run ended before it could be interrupted"
+    run = submit_train(slurm, tmp_path, *PAUSED, PAUSE_STEP="6")
+    paused = run.out / "paused.rank0.pid"
+    slurm.wait(run.job, until=lambda info: paused.is_file() or info["JobState"] in FINISHED, log=run.log)
+    assert paused.is_file(), run.log.read_text()[-3000:]
     if interrupt == "scontrol requeue":
         slurm.run("scontrol", "requeue", run.job)
-    else:
+    else:  # the held worker records it and goes on: a checkpoint at step 6
         slurm.run("scancel", "--signal=USR1", run.job)
     # requeued, it waits for a begin time about 2 minutes away (Reason=None at first, for a moment)
     pending = slurm.wait(run.job, until=lambda info: (info["JobState"], info["Reason"]) == ("PENDING", "BeginTime")
                          or info["JobState"] in FINISHED, timeout=60, log=run.log)
     assert (pending["JobState"], pending["Restarts"]) == ("PENDING", "1")
+    (run.out / "release").touch()  # the requeued run passes step 6
     # Not "now": slurmd refuses a job whose new credential dates from the second its old one was revoked in (the
     # job fails, "Job credential revoked"), which happens when the script requeues the job itself.
     slurm.run("scontrol", "update", f"JobId={run.job}", "StartTime=now+2")
@@ -121,13 +124,12 @@ def test_interrupted_job_continues_to_the_same_loss(slurm: Cluster, uninterrupte
 
     assert f"job {run.job} (requeued 1 times)" in text  # --open-mode=append: both attempts in one file
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at epoch \d+, step (\d+)\b", text)]
-    assert len(resumed) == 1 and 0 < resumed[0] < STEPS, text[-3000:]
     if interrupt == "SIGUSR1":
         stopped = re.findall(r"stopped by SIGUSR1 at step (\d+)", text)
-        assert [int(s) for s in stopped] == resumed  # the checkpoint written on the signal
+        assert [int(s) for s in stopped] == resumed == [6], text[-3000:]  # the checkpoint written on the signal
         assert "checkpoint written: requeueing" in text
-    else:  # no checkpoint on SIGTERM under torchrun: the last one written every 5 steps or at an epoch's end
-        assert resumed[0] % CHECKPOINT_EVERY == 0 or resumed[0] % STEPS_PER_EPOCH == 0
+    else:  # no checkpoint on SIGTERM under torchrun: the last one, written at step 5
+        assert resumed == [CHECKPOINT_EVERY], text[-3000:]
         assert "DUE TO JOB REQUEUE" in text
 
     results, expected = run.results(), uninterrupted.results()

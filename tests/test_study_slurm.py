@@ -2,7 +2,8 @@
 scripts/local_slurm.sh (tests/slurm_cluster.py), never a stand-in.
 
 One ``--smoke`` study is submitted once and serves every check: groups ``long`` (with a linear evaluation, so an
-evaluation array waits on the train array element by element) and ``twin`` (the same training config) x seeds 0, 1,
+evaluation array waits on the train array element by element, and held after step 6 until the test interrupts it)
+and ``twin`` (the same training config, not held) x seeds 0, 1,
 40 steps each with a checkpoint every 5; and ``broken`` (a dataset whose files are not there; other resources, so
 other arrays), also with a linear evaluation. While it runs, ``long__s0`` gets SIGUSR1 (what ``--signal=USR1@N``
 sends before the time limit: the run checkpoints, exits 75, and the element requeues itself) and ``long__s1`` is
@@ -39,10 +40,14 @@ from contrastlab.studies.study import Study
 STEPS, EVERY = 40, 5  # --smoke: 64 images, batch 8 -> 8 steps an epoch
 LONG = [f"train.max_steps={STEPS}", "train.epochs=5", f"train.checkpoint_every_steps={EVERY}", "monitor.knn_every=0"]
 LINEAR = {"kind": "linear", "recipe": "linear/demo_10ep"}
+# long's runs are held after step 6 (the step-5 checkpoint on disk) until the test interrupts them
+# (tests/pause_at_step.py, PAUSE_STEP=6): an observer that changes no number of the run
+HELD = [f"plugins=[{Path(__file__).with_name('pause_at_step.py')}]",
+        "observers=[progress,knn,test_accuracy,localiser,plots,pause_at_step]"]
 STUDY = {
     "name": "slurmy", "seeds": [0, 1], "overrides": LONG, "resources": {"cpus": 1, "time": "00:10:00"},
     "groups": [
-        {"name": "long", "recipe": "demo", "evaluate": ["knn", LINEAR]},
+        {"name": "long", "recipe": "demo", "overrides": HELD, "evaluate": ["knn", LINEAR]},
         {"name": "twin", "recipe": "demo"},
         {"name": "broken", "recipe": "demo", "overrides": ["data.name=cifar10", "data.root=/nonexistent/cifar"],
          "evaluate": ["knn", LINEAR], "resources": {"time": "00:05:00"}},
@@ -116,8 +121,8 @@ def submitted(slurm_cluster_session: Cluster, tmp_path_factory: pytest.TempPathF
     path = write_study(folder / "slurmy.yaml", STUDY)
     study_dir = folder / "study"
     with pytest.MonkeyPatch.context() as patch:
-        env = cluster.env(OMP_NUM_THREADS="1")  # sbatch passes this environment on to the jobs
-        for key in ("SLURM_CONF", "PYTHONPATH", "PATH", "OMP_NUM_THREADS"):
+        env = cluster.env(OMP_NUM_THREADS="1", PAUSE_STEP="6")  # sbatch passes this environment on to the jobs
+        for key in ("SLURM_CONF", "PYTHONPATH", "PATH", "OMP_NUM_THREADS", "PAUSE_STEP"):
             patch.setenv(key, env[key])
         start = time.monotonic()
         try:
@@ -133,15 +138,16 @@ def submitted(slurm_cluster_session: Cluster, tmp_path_factory: pytest.TempPathF
             run.resubmit_output = again.getvalue()
 
             first = run.element("long__s0", "train")
-            _wait_file(study_dir / "runs" / "long__s0" / "checkpoints" / "last.pt", cluster, first)
+            _wait_file(study_dir / "runs" / "long__s0" / "paused.rank0.pid", cluster, first)
             # to the element's step, as --signal=USR1@N does (`scancel --signal=USR1 A_i` is refused by SLURM 22.05,
             # "Job can not be altered now", and retried, while other elements of the array are pending)
             cluster.run("scancel", "--signal=USR1", f"{first}.0")
             second = run.element("long__s1", "train")
-            _wait_file(study_dir / "runs" / "long__s1" / "checkpoints" / "last.pt", cluster, second)
+            _wait_file(study_dir / "runs" / "long__s1" / "paused.rank0.pid", cluster, second)
             cluster.run("scontrol", "requeue", second)
-            _requeued_now(cluster, first)
-            _requeued_now(cluster, second)
+            for cell, element in (("long__s0", first), ("long__s1", second)):
+                (study_dir / "runs" / cell / "release").touch()  # the requeued run passes step 6
+                _requeued_now(cluster, element)
             _wait_all(cluster, [a["job"] for a in arrays])
             run.seconds = time.monotonic() - start
             yield run
