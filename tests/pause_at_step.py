@@ -1,4 +1,5 @@
-"""A plug-in observer for fault tests: it holds each rank after step ``PAUSE_STEP`` (default 3) of a run, writes
+"""A plug-in observer for fault tests: it holds each rank after step ``PAUSE_STEP`` (default 3; a comma-separated
+list holds at each) of a run, writes
 ``paused.rank<N>.pid`` in the run directory and waits there until the test creates ``<run directory>/release`` or
 the process receives a preemption signal (SIGUSR1, or SIGTERM outside torchrun: the trainer's handler records it).
 
@@ -27,7 +28,8 @@ def _preemption_recorded() -> bool:
 class PauseAtStep(contrastlab.Observer):
     def on_step_end(self, run, step_output) -> None:
         release = run.out / "release"
-        if run.step != int(os.environ.get("PAUSE_STEP", "3")) or release.exists():
+        steps = {int(step) for step in os.environ.get("PAUSE_STEP", "3").split(",")}
+        if run.step not in steps or release.exists():
             return
         pid = run.out / f"paused.rank{run.rank}.pid"
         Path(f"{pid}.tmp").write_text(str(os.getpid()))

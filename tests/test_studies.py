@@ -21,7 +21,6 @@ import yaml
 
 from contrastlab.cli import main
 from contrastlab.errors import ConfigError, ContrastlabError
-from contrastlab.registry import OBSERVERS
 from contrastlab.studies.cell_runner import load_study_dir
 from contrastlab.studies.cells import Stage
 from contrastlab.studies.launchers import LAUNCHERS, Launcher, register_launcher
@@ -29,6 +28,7 @@ from contrastlab.studies.launchers import local as local_launcher
 from contrastlab.studies.study import Study
 
 ROOT = Path(__file__).resolve().parent.parent
+PAUSE_PLUGIN = Path(__file__).with_name("pause_at_step.py")
 PY = sys.executable
 CL = [PY, "-m", "contrastlab"]
 
@@ -495,46 +495,33 @@ def _wait(condition, what: str, timeout: float = 180.0) -> None:
         time.sleep(0.02)
 
 
-SLOW_STEPS = """import time
-
-import contrastlab
-
-
-class SlowSteps(contrastlab.Observer):
-    def on_step_end(self, run, output):
-        time.sleep(0.15)  # a training run that lasts long enough to be stopped twice
-
-
-contrastlab.register_observer("slow_steps", lambda run: SlowSteps())
-"""
-
-
-def test_a_preempted_then_killed_training_run_resumes_and_a_failing_cell_does_not_stop_it(tmp_path):
-    epochs = 3  # --smoke: 64 images, batch 8 -> 8 steps an epoch, each at least 0.15 s (the plug-in's observer)
-    plugin = tmp_path / "slow_steps.py"
-    plugin.write_text(SLOW_STEPS)
+def test_a_preempted_then_killed_training_run_resumes_and_a_failing_cell_does_not_stop_it(tmp_path, monkeypatch):
+    epochs = 3  # --smoke: 64 images, batch 8 -> 8 steps an epoch
+    # held after steps 3 and 10 (tests/pause_at_step.py) until the test has stopped it: no race with a fast machine
+    monkeypatch.setenv("PAUSE_STEP", "3,10")
     data = {"name": "long", "seeds": [0], "groups": [
         {"name": "long", "recipe": "demo", "overrides": [f"train.epochs={epochs}", "train.max_steps=0",
-                                                         "train.checkpoint_every_steps=2", f"plugins=[{plugin}]",
-                                                         "observers=[progress,knn,slow_steps]"],
+                                                         "train.checkpoint_every_steps=2", f"plugins=[{PAUSE_PLUGIN}]",
+                                                         "observers=[progress,knn,pause_at_step]"],
          "evaluate": ["knn", {"kind": "linear", "recipe": "linear/demo_10ep"}]},
         # loads (the config is valid) and fails when it runs: the dataset's files are not there
         {"name": "broken", "recipe": "demo", "overrides": ["data.name=cifar10", "data.root=/nonexistent/cifar"]}]}
     study = Study.from_dict(data, dir=tmp_path / "long")
     study.prepare(smoke=True)
     cell = study.cell("long__s0", smoke=True)
-    log, last = study.log_path(cell.id, "train"), cell.run_dir / "checkpoints" / "last.pt"
+    log, paused = study.log_path(cell.id, "train"), cell.run_dir / "paused.rank0.pid"
     runner = subprocess.Popen([*CL, "study", "run-cell", str(study.dir), cell.id])
-    _wait(last.is_file, "the first checkpoint")
+    _wait(paused.is_file, "the run held at step 3")
+    paused.unlink()
     runner.send_signal(signal.SIGTERM)  # what a scheduler sends before it stops a job: passed on to the trainer
     assert runner.wait(timeout=120) == 75
     state = study.read_state(cell.id)
     assert state["state"] == "pending" and "SIGTERM" in state["reason"] and not cell.stages[0].done()
 
     runner = subprocess.Popen([*CL, "study", "run-cell", str(study.dir), cell.id])
-    _wait(lambda: log.read_text().count("resumed from") == 1, "the resumed run")
+    _wait(paused.is_file, "the resumed run held at step 10")
     trainer = json.loads((cell.run_dir / "run.lock").read_text())["pid"]
-    assert trainer != runner.pid
+    assert trainer != runner.pid and trainer == int(paused.read_text())
     runner.kill()  # the runner dies first (a node lost), then its trainer
     runner.wait()
     os.kill(trainer, signal.SIGKILL)
@@ -543,21 +530,21 @@ def test_a_preempted_then_killed_training_run_resumes_and_a_failing_cell_does_no
     _wait(lambda: not pid_alive(trainer), "the trainer to die", timeout=30)
     status = study.status()[0]
     assert status.state == "interrupted" and status.pid == runner.pid and not cell.stages[0].done()
+    (cell.run_dir / "release").touch()
 
     assert study.run(smoke=True) == 1  # the broken cell
     results = json.loads(cell.stages[0].output.read_text())
     assert results["steps"] == epochs * 8 and results["epochs"] == epochs
     resumed = re.findall(r"resumed from \S+ at epoch (\d+), step (\d+)", log.read_text())
-    assert len(resumed) == 2 and 0 < int(resumed[0][1]) <= int(resumed[1][1]) < epochs * 8
+    assert resumed == [("0", "3"), ("1", "8")]  # the checkpoint of the SIGTERM, then epoch 1's (held at step 10)
     linear = json.loads((cell.run_dir / "eval_linear_demo.json").read_text())
-    assert 0 <= linear["top1"] <= 100 and linear["epochs"] == 1 and linear["checkpoint"] == str(last)
+    assert 0 <= linear["top1"] <= 100 and linear["epochs"] == 1 and linear["checkpoint"] == str(cell.run_dir / "checkpoints" / "last.pt")
     states = {s.cell: s for s in study.status()}
     assert states["long__s0"].state == "done" and study.read_state(cell.id)["state"] == "done"
     broken = states["broken__s0"]
     assert broken.state == "failed" and broken.stage == "train" and "exited with status 2" in broken.reason
     assert "/nonexistent/cifar" in broken.reason and broken.reason.split(": ", 1)[1] in Path(broken.log).read_text()
     assert broken.log in broken.describe()
-    OBSERVERS.unregister("slow_steps")
 
 
 # ------------------------------------------------------------------------------------------- README
