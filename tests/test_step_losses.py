@@ -14,7 +14,9 @@ loss differs by up to a few percent).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 
 import pytest
 from step_losses import CASES, PIPELINES, REFERENCE, machine, probe
@@ -25,15 +27,24 @@ RECORDED = json.loads(REFERENCE.read_text())
 VIEW_SUM_TOLERANCE = {"rel": 1e-6, "abs": 1e-3}  # a sum of ~10^3 values in [-3, 3]; a moved box changes it by > 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def probes(tmp_path_factory):
-    """Each case's probe, run once for the module's tests."""
-    found: dict[tuple[str, str], dict] = {}
+    """Each case's probe, run once per test session: under pytest-xdist the first worker that needs it runs it and
+    writes its record, and a worker that needs it meanwhile waits for that record (a case's first-step and
+    trajectory tests often run on different workers). A session is one set of kernels: `make test`'s second pass
+    probes again."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "step-probes"
+    shared.mkdir(exist_ok=True)
 
     def get(case: str, pipeline: str) -> dict:
-        if (case, pipeline) not in found:
-            found[case, pipeline] = probe(case, pipeline, tmp_path_factory.mktemp(f"{case}_{pipeline}") / "run")
-        return found[case, pipeline]
+        record = shared / f"{case}_{pipeline}.json"
+        with open(shared / f"{case}_{pipeline}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not record.is_file():
+                got = probe(case, pipeline, shared / f"{case}_{pipeline}" / "run")
+                record.write_text(json.dumps(got))
+        return json.loads(record.read_text())  # floats round-trip exactly through JSON
 
     return get
 
