@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +48,10 @@ def submit_train(cluster: Cluster, folder: Path, *overrides: str, **env: str) ->
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster_session: Cluster, tmp_path_factory: pytest.TempPathFactory) -> TrainJob:
+def uninterrupted(slurm_cluster_session: Cluster, session_folder: Path) -> TrainJob:
     """The run every interrupted one is compared with, trained to the end by one train.sbatch job: once per test
     session, whichever xdist worker needs it first (the others wait for it and read its record)."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "slurm-uninterrupted"
+    folder = session_folder / "slurm-uninterrupted"
     folder.mkdir(exist_ok=True)
     record = folder / "job.json"
     with open(folder / "lock", "w") as lock:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 
 import pytest
 from step_losses import CASES, PIPELINES, REFERENCE, machine, probe
@@ -28,13 +27,12 @@ VIEW_SUM_TOLERANCE = {"rel": 1e-6, "abs": 1e-3}  # a sum of ~10^3 values in [-3,
 
 
 @pytest.fixture(scope="session")
-def probes(tmp_path_factory):
+def probes(session_folder):
     """Each case's probe, run once per test session: under pytest-xdist the first worker that needs it runs it and
     writes its record, and a worker that needs it meanwhile waits for that record (a case's first-step and
     trajectory tests often run on different workers). A session is one set of kernels: `make test`'s second pass
     probes again."""
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "step-probes"
+    shared = session_folder / "step-probes"
     shared.mkdir(exist_ok=True)
 
     def get(case: str, pipeline: str) -> dict:

@@ -67,8 +67,8 @@ from contrastlab.studies.spec import (
 STUDY_FILES = Path(__file__).parent / "files"
 """The shipped study files (``contrastlab study list``)."""
 
-SMOKE_EVAL_OVERRIDES = {"linear": ["linear.epochs=1", "linear.max_train=256", "linear.max_test=256"], "finetune": ["finetune.epochs=1", "finetune.batch_size=16",
-                                                                      "finetune.warmup_epochs=0"]}
+SMOKE_EVAL_OVERRIDES = {"linear": ["linear.epochs=1", "linear.max_train=256", "linear.max_test=256"],
+                        "finetune": ["finetune.epochs=1", "finetune.batch_size=16", "finetune.warmup_epochs=0"]}
 """Overrides an evaluation stage gets under ``--smoke`` (the checkpoint's own config is already a smoke config; a
 protocol recipe brings its own epochs)."""
 
