@@ -20,7 +20,7 @@ import json
 import pytest
 from step_losses import CASES, PIPELINES, REFERENCE, machine, probe
 
-pytestmark = pytest.mark.numerics  # `make test` runs these again with torch's scalar kernels
+pytestmark = pytest.mark.numerics  # `make test` runs these on torch's scalar kernels
 
 RECORDED = json.loads(REFERENCE.read_text())
 VIEW_SUM_TOLERANCE = {"rel": 1e-6, "abs": 1e-3}  # a sum of ~10^3 values in [-3, 3]; a moved box changes it by > 1
@@ -30,8 +30,7 @@ VIEW_SUM_TOLERANCE = {"rel": 1e-6, "abs": 1e-3}  # a sum of ~10^3 values in [-3,
 def probes(session_folder):
     """Each case's probe, run once per test session: under pytest-xdist the first worker that needs it runs it and
     writes its record, and a worker that needs it meanwhile waits for that record (a case's first-step and
-    trajectory tests often run on different workers). A session is one set of kernels: `make test`'s second pass
-    probes again."""
+    trajectory tests often run on different workers). A session is one set of kernels."""
     shared = session_folder / "step-probes"
     shared.mkdir(exist_ok=True)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contrastlab.cli import _load, main
-from contrastlab.config.load import dump_config, load_config, recipe_names
+from contrastlab.config.load import config_to_dict, load_config, recipe_names
 from contrastlab.engine.checkpoint import load_checkpoint
 from contrastlab.engine.trainer import Trainer, train
 
@@ -42,22 +42,25 @@ ARCH_FAMILY = {arch: family[0] for family in SAME_CODE_ARCHS for arch in family}
 ARCH_SIZE_ORDER = {arch: i for family in SAME_CODE_ARCHS for i, arch in enumerate(family)}
 
 
-def _smoke_configuration(recipe: str) -> str:
-    """The resolved config ``--smoke`` runs for ``recipe`` (YAML), without its description, run directory, the
-    :data:`RATE_ONLY` values and the size of a :data:`SAME_CODE_ARCHS` backbone."""
+def _smoke_configuration(recipe: str) -> tuple[str, str]:
+    """The resolved config ``--smoke`` runs for ``recipe`` (every key, the method's defaults included, as sorted
+    JSON), without its description, run directory, the :data:`RATE_ONLY` values and the size of a
+    :data:`SAME_CODE_ARCHS` backbone; and the backbone it names."""
     cfg = _load(recipe, ["out=SMOKE", "observers=[progress,knn,test_accuracy,localiser]"], smoke=True)
+    arch = cfg.model.arch
     cfg.description = ""
     for section, key in RATE_ONLY:
         setattr(getattr(cfg, section), key, None)
-    cfg.model.arch = ARCH_FAMILY.get(cfg.model.arch, cfg.model.arch)
-    return dump_config(cfg)
+    cfg.model.arch = ARCH_FAMILY.get(arch, arch)
+    return json.dumps(config_to_dict(cfg, method_defaults=True), sort_keys=True, default=repr), arch
 
 
 SMOKE_GROUPS: dict[str, list[str]] = {}
 _SIZE_RANK: dict[str, int] = {}
 for _recipe in TRAIN_RECIPES:
-    SMOKE_GROUPS.setdefault(_smoke_configuration(_recipe), []).append(_recipe)
-    _SIZE_RANK[_recipe] = ARCH_SIZE_ORDER.get(load_config(_recipe).model.arch, 0)
+    _conf, _arch = _smoke_configuration(_recipe)
+    SMOKE_GROUPS.setdefault(_conf, []).append(_recipe)
+    _SIZE_RANK[_recipe] = ARCH_SIZE_ORDER.get(_arch, 0)
 SMOKE_GROUPS = {conf: sorted(group, key=_SIZE_RANK.get) for conf, group in SMOKE_GROUPS.items()}  # smallest first
 
 
@@ -67,7 +70,7 @@ def test_every_recipe_has_its_smoke_configuration_run():
     each group is trained below."""
     assert sorted(r for group in SMOKE_GROUPS.values() for r in group) == sorted(TRAIN_RECIPES)
     for group in SMOKE_GROUPS.values():
-        assert len({_smoke_configuration(r) for r in group}) == 1
+        assert len({_smoke_configuration(r)[0] for r in group}) == 1
 
 
 @pytest.mark.parametrize("recipe", [group[0] for group in SMOKE_GROUPS.values()])
