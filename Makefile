@@ -20,12 +20,14 @@ demo: $(STAMP)
 # The suite runs in up to 4 worker processes (pytest-xdist), one torch thread each; `.venv/bin/python -m pytest` runs it in one process.
 # The tests marked `numerics` (float results compared with numbers recorded on other machines) run on torch's scalar
 # kernels, as on a CPU with other vector units than the one that recorded them: a test that holds on one CPU's rounding
-# only fails here. (`.venv/bin/python -m pytest` runs them on this CPU's own kernels.)
+# only fails here. (`.venv/bin/python -m pytest` runs them on this CPU's own kernels.) That pass collects only the test
+# files that mark tests `numerics` (tests/test_docs.py checks that it finds them all).
 PYTEST := $(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
+NUMERICS_FILES := $(shell grep -l 'mark\.numerics' tests/test_*.py)
 test: $(STAMP)
 	@$(PY) tests/step_losses.py --machine
 	$(PYTEST) -m "not numerics"
-	ATEN_CPU_CAPABILITY=default $(PYTEST) -m numerics
+	ATEN_CPU_CAPABILITY=default $(PYTEST) -m numerics $(NUMERICS_FILES)
 
 clean:
 	rm -rf $(VENV) runs

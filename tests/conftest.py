@@ -54,6 +54,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[slurm_cluster.SESSION_VARIABLE] = str(os.getpid())
 
 
+NUMERICS_FILES = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Before ``-m`` deselects any: the files that hold tests marked ``numerics`` (test_docs checks that `make
+    test`'s numerics pass collects them all)."""
+    config.stash[NUMERICS_FILES] = {Path(item.path).resolve() for item in items if item.get_closest_marker("numerics")}
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """After every worker has finished: stop the local SLURM cluster if this session started it and no other
     test session still uses it."""

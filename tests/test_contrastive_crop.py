@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import start_ranks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -627,7 +627,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_localise_restores_dataset_order_on_every_rank(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    start_ranks(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     reference = localise(_extractor(), IndexedImages(_ddp_images()), THRESHOLD, batch_size=N_DDP)
     assert reference.shape == (N_DDP, 4)

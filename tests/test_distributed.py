@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import start_ranks
 
 from contrastlab.engine.distributed import broadcast_ignored_buffers, wrap_ddp
 from contrastlab.memory import FeatureQueue
@@ -221,7 +221,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    start_ranks(_worker, (str(tmp / "init"), str(tmp)), WORLD)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 

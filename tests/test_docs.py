@@ -66,3 +66,17 @@ def test_the_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert 0.0 <= namespace["results"]["knn_top1"] <= 100.0 and namespace["results"]["steps"] == 20
     assert "kNN top-1" in capsys.readouterr().out
     assert (tmp_path / "runs" / "notebook" / "results.json").is_file()
+
+
+def test_make_tests_numerics_pass_collects_every_file_with_a_numerics_test(request):
+    """`make test` runs the tests marked `numerics` in a pass that collects only the files the Makefile finds by
+    grepping for the marker: a test marked another way would run in neither pass."""
+    from conftest import NUMERICS_FILES
+
+    marked = request.config.stash[NUMERICS_FILES]  # seen before -m deselected them
+    if not marked:
+        pytest.skip("this session collected no test marked numerics")
+    pattern = re.search(r"grep -l '(.+?)' tests/test_\*\.py", (ROOT / "Makefile").read_text())
+    assert pattern, "the Makefile no longer finds the numerics files with grep -l '...' tests/test_*.py"
+    found = {p.resolve() for p in (ROOT / "tests").glob("test_*.py") if re.search(pattern[1], p.read_text())}
+    assert marked <= found, sorted(map(str, marked - found))
