@@ -547,6 +547,44 @@ def test_a_preempted_then_killed_training_run_resumes_and_a_failing_cell_does_no
     assert broken.log in broken.describe()
 
 
+def test_a_signal_while_the_stage_starts_is_passed_on_and_the_reason_says_nothing_was_saved(tmp_path):
+    """SIGTERM to the runner just after it starts the stage's process, long before the trainer has imported torch
+    and installed its handler: the stage dies of it, the cell is pending, and its reason says the stage ended
+    before it saved its state (so the rerun starts afresh), not that it checkpointed."""
+    study = Study.from_dict({"name": "early", "seeds": [0], "groups": [{"name": "g", "recipe": "demo"}]},
+                            dir=tmp_path / "early")
+    study.prepare(smoke=True)
+    cell = study.cell("g__s0", smoke=True)
+    log = study.log_path(cell.id, "train")
+    runner = subprocess.Popen([*CL, "study", "run-cell", str(study.dir), cell.id])
+    _wait(lambda: log.is_file() and log.read_bytes().count(b"\n") >= 2, "the stage's header in its log")
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=120) == 75
+    state = study.read_state(cell.id)
+    assert state["state"] == "pending" and state["reason"].startswith("train stopped on SIGTERM (was killed by SIGTERM"), state
+    assert "before it saved its state" in state["reason"] and not (cell.run_dir / "checkpoints").exists()
+
+
+def test_a_preemption_signal_that_comes_before_the_stage_process_exists_is_sent_once_it_does(tmp_path):
+    """The window between the runner's log header and the stage's process: the signal is recorded, then passed on
+    as soon as the process exists, once."""
+    from contrastlab.studies.cell_runner import _Signals
+
+    study = Study.from_dict({"name": "w", "seeds": [0], "groups": [{"name": "g", "recipe": "demo"}]}, dir=tmp_path)
+    signals = _Signals()
+    signals.stage = study.cell("g__s0", smoke=True).stages[0]
+    signals._forward(signal.SIGTERM, None)  # the handler, called before the process exists: nothing to send to
+    assert signals.preempted == "SIGTERM"
+    signals.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        signals.pass_on()
+        assert signals.proc.wait(timeout=30) == -signal.SIGTERM
+        signals.pass_on()  # nothing left to pass on (the process has ended, and the signal was sent)
+    finally:
+        signals.proc.kill()
+        signals.proc.wait()
+
+
 # ------------------------------------------------------------------------------------------- README
 
 

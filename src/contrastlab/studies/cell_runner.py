@@ -109,12 +109,20 @@ class _Signals:
         self.preempted = ""
         self.interrupted = False
         self._previous: dict[int, object] = {}
+        self._signum = 0  # the last preemption signal, until it has been passed on
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self.preempted = signal.Signals(signum).name
-        proc, stage = self.proc, self.stage
-        if proc is None or proc.poll() is not None or stage is None:
+        self._signum = signum
+        self.pass_on()
+
+    def pass_on(self) -> None:
+        """Send the stage the preemption signal that came and was not passed on yet: called by the handler, and
+        once the stage's process exists (a signal may come while it is being started)."""
+        proc, stage, signum = self.proc, self.stage, self._signum
+        if not signum or proc is None or proc.poll() is not None or stage is None:
             return
+        self._signum = 0
         if stage.processes > 1 or stage.nodes > 1:  # torchrun: its workers checkpoint on SIGUSR1
             for child in _children(proc.pid):
                 try:
@@ -220,6 +228,7 @@ def _start(study: Study, cell: Cell, stage: Stage, log: Path) -> tuple[int, int,
         # preexec_fn: the runner starts no threads, and the child only sets a signal's disposition before exec
         signals.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         preexec_fn=_ignore_sigusr1 if torchrun else None)  # noqa: PLW1509
+        signals.pass_on()  # a SIGTERM / SIGUSR1 that came while the process was being started
         returncode = signals.proc.wait()
     return returncode, start, signals
 
@@ -257,8 +266,13 @@ def _run_stage(study: Study, cell: Cell, stage: Stage, launcher: str) -> int:
         return 0
     if _preempted(returncode, signals):
         why = signals.preempted or ("SIGINT" if signals.interrupted else "a preemption signal")
+        if returncode == EXIT_PREEMPTED:
+            how = f"{_exit_reason(returncode)}; the next run resumes it"
+        else:  # the signal came before the stage could save its state (it was still starting, or ignores signals)
+            how = (f"{_exit_reason(returncode)} before it saved its state; the next run resumes it from its last "
+                   "checkpoint, or starts it afresh if there is none")
         study.write_state(cell.id, "pending", stage=stage.name, log=log, launcher=launcher,
-                          reason=f"{stage.name} stopped on {why} ({_exit_reason(returncode)}); the next run resumes it")
+                          reason=f"{stage.name} stopped on {why} ({how})")
         print(f"{cell.id}: {stage.name} stopped on {why}; run again to resume", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     if returncode == 0:
