@@ -180,9 +180,10 @@ def test_folder_layout_errors(tmp_path, layout):
 
 
 def test_a_model_too_big_for_memory_is_a_clear_error(tmp_path, capsys):
-    """model.width beyond its range is refused; within it, a model the machine cannot hold (here: 2 GB of address
-    space beyond what the subprocess has mapped once the trainer is imported, a real allocation failure) stops
-    with the model settings named, exit code 2."""
+    """model.width beyond its range is refused; within it, a model the machine cannot hold (here: 768 MB of address
+    space beyond what the subprocess has mapped once the trainer is imported, a real allocation failure: the
+    ResNet-20 at width 64 needs 4.4 GB, and one of its second stage's 151 MB layers is refused) stops with the model
+    settings named, exit code 2."""
     assert main(["train", "demo", "--show", "model.width=65"]) == 2
     assert "model.width must be in (0, 64]" in capsys.readouterr().err
     resource = pytest.importorskip("resource")
@@ -192,7 +193,7 @@ def test_a_model_too_big_for_memory_is_a_clear_error(tmp_path, capsys):
               "import contrastlab.engine.trainer\n"
               "from contrastlab.cli import main\n"
               "mapped = next(int(line.split()[1]) << 10 for line in open('/proc/self/status') if line.startswith('VmSize:'))\n"
-              "resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), mapped + (2 << 30)))\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (mapped + (768 << 20), mapped + (768 << 20)))\n"
               f"sys.exit(main(['train', 'demo', '--smoke', 'out={tmp_path / 'run'}', 'model.width=64', "
               "'observers=[progress,knn,test_accuracy,localiser]']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
