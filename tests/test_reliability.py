@@ -119,6 +119,38 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_75(reference, tmp_path):
     _assert_same_run(reference, out)
 
 
+_SIGNALS_AFTER_THE_CONTEXT = """
+import os, signal
+from contrastlab.engine.preemption import PreemptionSignals
+
+with PreemptionSignals() as signals:  # nothing recorded: the default handlers come back
+    pass
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+def own(signum, frame):
+    pass
+
+signal.signal(signal.SIGTERM, own)
+with PreemptionSignals() as signals:
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert signals.requested and signals.signal_name == "SIGUSR1"
+assert signal.getsignal(signal.SIGTERM) is own  # a handler of the caller's comes back
+assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # a default one does not: the process is stopping
+os.kill(os.getpid(), signal.SIGUSR1)  # a second copy, as SLURM and a study's cell runner both send it
+print("still here")
+"""
+
+
+def test_a_second_copy_of_the_preemption_signal_does_not_end_the_process_before_it_reports():
+    """After a recorded preemption signal, the trainer's handlers go, but a signal whose handler was the default is
+    ignored instead of ending the process: the copy SLURM sends to every process of the step, and the one the
+    study's cell runner passes on, must not kill the trainer between its checkpoint and its exit status 75."""
+    done = subprocess.run([sys.executable, "-c", _SIGNALS_AFTER_THE_CONTEXT], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "still here"
+
+
 def test_views_do_not_depend_on_the_number_of_workers(reference, tmp_path):
     train(_tiny(tmp_path, "data.workers=2"), quiet=True)
     _assert_same_run(reference, tmp_path)

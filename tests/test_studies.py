@@ -547,10 +547,10 @@ def test_a_preempted_then_killed_training_run_resumes_and_a_failing_cell_does_no
     assert broken.log in broken.describe()
 
 
-def test_a_signal_while_the_stage_starts_is_passed_on_and_the_reason_says_nothing_was_saved(tmp_path):
+def test_a_signal_while_the_stage_starts_is_passed_on_and_the_reason_says_how_it_ended(tmp_path):
     """SIGTERM to the runner just after it starts the stage's process, long before the trainer has imported torch
-    and installed its handler: the stage dies of it, the cell is pending, and its reason says the stage ended
-    before it saved its state (so the rerun starts afresh), not that it checkpointed."""
+    and installed its handler: the stage dies of it, the cell is pending, and its reason says how the stage ended
+    and that the rerun starts from the last checkpoint if any (here none), not that it exited after checkpointing."""
     study = Study.from_dict({"name": "early", "seeds": [0], "groups": [{"name": "g", "recipe": "demo"}]},
                             dir=tmp_path / "early")
     study.prepare(smoke=True)
@@ -562,7 +562,7 @@ def test_a_signal_while_the_stage_starts_is_passed_on_and_the_reason_says_nothin
     assert runner.wait(timeout=120) == 75
     state = study.read_state(cell.id)
     assert state["state"] == "pending" and state["reason"].startswith("train stopped on SIGTERM (was killed by SIGTERM"), state
-    assert "before it saved its state" in state["reason"] and not (cell.run_dir / "checkpoints").exists()
+    assert "or starts it afresh if there is none" in state["reason"] and not (cell.run_dir / "checkpoints").exists()
 
 
 def test_a_preemption_signal_that_comes_before_the_stage_process_exists_is_sent_once_it_does(tmp_path):

@@ -34,6 +34,11 @@ class PreemptedError(ContrastlabError):
 class PreemptionSignals:
     """Context manager that records SIGTERM / SIGUSR1 instead of dying, and restores the old handlers.
 
+    Once a signal has been recorded, a signal whose old handler was the default (which ends the process) is ignored
+    from then on instead: the process is being stopped by it, and SLURM sends it to every process of a job step while
+    a study's cell runner passes it on too, so a second copy could otherwise end the process after the checkpoint but
+    before it reports it and exits with :data:`EXIT_PREEMPTED`.
+
     Outside the main thread (where Python cannot install handlers) it records nothing.
 
     Example:
@@ -59,5 +64,7 @@ class PreemptionSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
+            if self.requested and handler == signal.SIG_DFL:
+                handler = signal.SIG_IGN
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
