@@ -46,6 +46,22 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _stopped_agents_logs(agents: list[subprocess.Popen]) -> str:
+    """Stop the torchrun agents and return the end of each one's output. SIGTERM, not SIGKILL: an agent stops its
+    workers on SIGTERM, and they hold its output pipes too (each runs in a session of its own)."""
+    for agent in agents:
+        agent.terminate()
+    logs = []
+    for node, agent in enumerate(agents):
+        try:
+            tail = "".join(agent.communicate(timeout=60))[-5000:]
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            tail = "(its output pipes were still held 60 s after SIGTERM)"
+        logs.append(f"node {node} (exit status {agent.wait()}):\n{tail}")
+    return "\n".join(logs)
+
+
 def test_two_nodes_match_one_process_and_a_killed_node_resumes_exactly(tmp_path):
     reference = tmp_path / "one_process"
     train(load_config("demo", [f"out={reference}", *RUN]), quiet=True)
@@ -60,6 +76,8 @@ def test_two_nodes_match_one_process_and_a_killed_node_resumes_exactly(tmp_path)
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     try:
         outputs = [agent.communicate(timeout=240) for agent in agents]
+    except subprocess.TimeoutExpired:  # say where each node was
+        pytest.fail("the torchrun agents had not both finished after 240 s\n" + _stopped_agents_logs(agents))
     finally:
         for agent in agents:
             if agent.poll() is None:
