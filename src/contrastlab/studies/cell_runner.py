@@ -266,11 +266,9 @@ def _run_stage(study: Study, cell: Cell, stage: Stage, launcher: str) -> int:
         return 0
     if _preempted(returncode, signals):
         why = signals.preempted or ("SIGINT" if signals.interrupted else "a preemption signal")
-        if returncode == EXIT_PREEMPTED:
-            how = f"{_exit_reason(returncode)}; the next run resumes it"
-        else:  # e.g. the signal came while the stage was still starting, before it could save its state
-            how = (f"{_exit_reason(returncode)}; the next run resumes it from its last checkpoint, or starts it "
-                   "afresh if there is none")
+        how = f"{_exit_reason(returncode)}; the next run resumes it"
+        if returncode != EXIT_PREEMPTED:  # e.g. the signal came while the stage was still starting, before it saved
+            how += " from its last checkpoint, or starts it afresh if there is none"
         study.write_state(cell.id, "pending", stage=stage.name, log=log, launcher=launcher,
                           reason=f"{stage.name} stopped on {why} ({how})")
         print(f"{cell.id}: {stage.name} stopped on {why}; run again to resume", file=sys.stderr, flush=True)
