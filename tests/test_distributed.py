@@ -330,3 +330,38 @@ def test_mocov3_two_ranks_equal_single_process_on_the_global_batch(ranks: list[d
     for a, b, p in zip(ranks[0]["mocov3_params"], ranks[1]["mocov3_params"], single.parameters()):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+_EXIT_PROBE = """
+import atexit, os, sys
+import torch.distributed as td
+atexit.register(lambda: print("group alive at exit:", td.is_initialized(), flush=True))  # runs after contrastlab's
+from contrastlab.engine.distributed import init_distributed, leave_group_at_exit
+init_distributed("cpu")
+td.barrier()
+if os.environ["RANK"] == "1":
+    raise RuntimeError("an unhandled error")
+if os.environ["RANK"] == "2":
+    leave_group_at_exit()
+"""
+
+
+def test_a_rank_destroys_its_process_group_when_it_ends_cleanly_only(tmp_path: Path) -> None:
+    """Three ranks formed by ``init_distributed``: the one that ends normally has destroyed its group by the time the
+    interpreter finalises; after an unhandled exception, or when told to leave it (an interrupt), the group is kept."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _EXIT_PROBE], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 0, outs[0][1][-2000:]
+    assert "group alive at exit: False" in outs[0][0]
+    assert "group alive at exit: True" in outs[1][0] and "an unhandled error" in outs[1][1]
+    assert "group alive at exit: True" in outs[2][0]

@@ -593,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("contrastlab: interrupted", file=sys.stderr)
+        distributed = sys.modules.get("contrastlab.engine.distributed")  # loaded when a process group may exist
+        if distributed is not None:
+            distributed.leave_group_at_exit()
         return 130
     except BrokenPipeError:  # the reader of our output went away (`contrastlab recipes | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
