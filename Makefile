@@ -2,6 +2,10 @@
 #   make demo   - create .venv, install contrastlab, train the demo on the embedded data
 #   make test   - create .venv, install contrastlab with test tools, run the test suite
 VENV ?= .venv
+# Python caches each module's compiled bytecode (__pycache__/, git-ignored) even where the environment sets
+# PYTHONDONTWRITEBYTECODE (some container images do): otherwise every process the suite starts (pytest workers,
+# trainers, SLURM jobs) compiles contrastlab and the test modules from source again, 4-5 s per pytest worker.
+unexport PYTHONDONTWRITEBYTECODE
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.contrastlab-installed
 
