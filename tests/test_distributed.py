@@ -13,6 +13,10 @@ The test therefore checks ``mean_s loss_s == L`` and ``grad_r / W == dL / d z_r`
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -349,11 +353,6 @@ if os.environ["RANK"] == "2":
 def test_a_rank_destroys_its_process_group_when_it_ends_cleanly_only(tmp_path: Path) -> None:
     """Three ranks formed by ``init_distributed``: the one that ends normally has destroyed its group by the time the
     interpreter finalises; after an unhandled exception, or when told to leave it (an interrupt), the group is kept."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

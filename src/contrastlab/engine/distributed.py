@@ -259,9 +259,9 @@ def _destroy_at_clean_exit() -> None:
 
     Left to interpreter shutdown, a gloo rank at times aborts as it ends ("terminate called without an active
     exception", SIGABRT; pytorch/pytorch#190489): in ``benchmarks/gloo_exit.py``, 4 of 48 ranks that ended right
-    after their collectives did, none of 48 whose group this handler destroyed. Not after an unhandled exception or an interrupt
-    (:func:`leave_group_at_exit`): with a peer stopped inside a collective, tearing the group down could wait on it,
-    which is why torchtitan destroys its group only on a clean exit (pytorch/torchtitan#1342).
+    after their collectives did, none of 48 whose group this handler destroyed. Not after an unhandled exception
+    or an interrupt (:func:`leave_group_at_exit`): with a peer stopped inside a collective, tearing the group down
+    could wait on it, which is why torchtitan destroys its group only on a clean exit (pytorch/torchtitan#1342).
     """
     if _group_left_at_exit or getattr(sys, "last_value", None) is not None:
         return
