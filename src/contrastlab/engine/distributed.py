@@ -262,6 +262,11 @@ def _destroy_at_clean_exit() -> None:
     after their collectives did, none of 48 whose group this handler destroyed. Not after an unhandled exception
     or an interrupt (:func:`leave_group_at_exit`): with a peer stopped inside a collective, tearing the group down
     could wait on it, which is why torchtitan destroys its group only on a clean exit (pytorch/torchtitan#1342).
+
+    Not a cure for a trainer's ranks: once a ``DistributedDataParallel`` has been built on the group, the group and
+    its gloo threads stay alive after ``destroy_process_group`` and a garbage collection, even with the wrapper freed
+    (torch 2.14.1), and are torn down only with the interpreter. A restarted torchrun rank was still seen to abort
+    at exit after its run finished (tests/test_multinode.py, once in a clean-clone suite run).
     """
     if _group_left_at_exit or getattr(sys, "last_value", None) is not None:
         return
