@@ -12,6 +12,7 @@ initialised, so every building block works in a single process.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 import time
@@ -263,15 +264,16 @@ def _destroy_at_clean_exit() -> None:
     or an interrupt (:func:`leave_group_at_exit`): with a peer stopped inside a collective, tearing the group down
     could wait on it, which is why torchtitan destroys its group only on a clean exit (pytorch/torchtitan#1342).
 
-    Not a cure for a trainer's ranks: once a ``DistributedDataParallel`` has been built on the group, the group and
-    its gloo threads stay alive after ``destroy_process_group`` and a garbage collection, even with the wrapper freed
-    (torch 2.14.1), and are torn down only with the interpreter. A restarted torchrun rank was still seen to abort
-    at exit after its run finished (tests/test_multinode.py, once in a clean-clone suite run).
+    The group lives on while anything holds it: a trainer's DDP model, in a reference cycle until a garbage
+    collection, kept its gloo threads running past ``destroy_process_group`` (4-5 threads at exit in a two-rank
+    training run, 1 with the collection below). torch._dynamo imported for the first time after the group is formed
+    keeps references to it for good; contrastlab imports it (through torchvision) before forming the group.
     """
     if _group_left_at_exit or getattr(sys, "last_value", None) is not None:
         return
     if is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # frees what still holds the group in a reference cycle (a trainer's DDP), so its threads end now
 
 
 def barrier() -> None:
