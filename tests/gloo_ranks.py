@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 PRELOAD = ["torch", "torch.distributed", "torchvision", "contrastlab.engine.trainer", "gloo_ranks"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous or store port of ranks started as
+    separate processes (torchrun agents, SLURM tasks, ``init_distributed``'s ``env://``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_ranks(fn: Callable[..., None], args: tuple[Any, ...], world: int) -> None:

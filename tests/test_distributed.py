@@ -14,7 +14,6 @@ The test therefore checks ``mean_s loss_s == L`` and ``grad_r / W == dL / d z_r`
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from gloo_ranks import start_ranks
+from gloo_ranks import free_port, start_ranks
 
 from contrastlab.engine.distributed import broadcast_ignored_buffers, wrap_ddp
 from contrastlab.memory import FeatureQueue
@@ -364,10 +363,7 @@ def test_a_rank_destroys_its_process_group_when_it_ends_cleanly_only(tmp_path: P
     normally has destroyed its group, and its gloo threads have ended, by the time the interpreter finalises (left to
     finalisation, gloo ranks at times abort: benchmarks/gloo_exit.py); after an unhandled exception, or when told to
     leave it (an interrupt), the group is kept."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", _EXIT_PROBE], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]

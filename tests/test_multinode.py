@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import multinode_worker  # noqa: F401 - registers the bn_free_test backbone in this process too
 import pytest
 import torch
+from gloo_ranks import free_port
 
 from contrastlab.config.load import load_config
 from contrastlab.engine.checkpoint import load_checkpoint
@@ -34,12 +34,6 @@ RUN = [
     "train.checkpoint_every_steps=2", "train.log_every=1000", "monitor.knn_every=0", "monitor.max_bank=32",
     "monitor.max_test=16", "monitor.knn_k=5", "observers=[knn]",
 ]  # 32 images, global batch 8 (4 classes x 2): 4 steps an epoch, 8 in all
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run: Path) -> list[float]:
@@ -66,7 +60,7 @@ def test_two_nodes_match_one_process_and_a_killed_node_resumes_exactly(tmp_path)
     reference = tmp_path / "one_process"
     train(load_config("demo", [f"out={reference}", *RUN]), quiet=True)
 
-    out, port = tmp_path / "two_nodes", _free_port()
+    out, port = tmp_path / "two_nodes", free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONTRASTLAB_TEST_KILL": "1",
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
     agents = [subprocess.Popen(

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gloo_ranks import free_port
 from slurm_cluster import FINISHED, Cluster
 
 from contrastlab.cli import main
@@ -333,10 +333,7 @@ def test_a_cell_on_two_nodes_runs_one_runner_a_node(tmp_path: Path):
                 "train.precision=fp32"]}]}
     study = Study.from_dict(data, dir=tmp_path / "two")
     study.prepare()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SLURM_JOB_ID": "7", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "SLURM_JOB_ID": "7", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "contrastlab", "study", "run-cell", str(study.dir), "tr__s0", "--stage", "train"]
     runners = [subprocess.Popen(argv, env={**env, "SLURM_PROCID": str(rank)}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]

@@ -271,8 +271,7 @@ def _destroy_at_clean_exit() -> None:
     """
     if _group_left_at_exit or getattr(sys, "last_value", None) is not None:
         return
-    if is_initialized():
-        dist.destroy_process_group()
+    destroy()
     gc.collect()  # frees what still holds the group in a reference cycle (a trainer's DDP), so its threads end now
 
 
